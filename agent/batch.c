@@ -1,0 +1,513 @@
+/*
+ * Event storage and per-range statement inputs. The SQL here mirrors what
+ * MLflow's SqlAlchemyStore writes (reference/mlflow-schema.md §3): runs as
+ * create_run fills them, tags upserted with last-wins, params immutable,
+ * metrics deduplicated on the full primary key, latest_metrics by the strict
+ * (step, timestamp, value) rule with keys locked in one global order.
+ */
+#include "batch.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *run_status_name(int status)
+{
+    static const char *const names[] = {"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"};
+    return status >= 0 && status <= RUN_KILLED ? names[status] : "RUNNING";
+}
+
+void batch_init(struct batch *b)
+{
+    memset(b, 0, sizeof *b);
+}
+
+void batch_free(struct batch *b)
+{
+    free(b->evs);
+    free(b->arena);
+    batch_init(b);
+}
+
+size_t batch_bytes(const struct batch *b)
+{
+    return b->cap * sizeof(struct ev) + b->acap + sizeof *b;
+}
+
+struct ev *batch_push(struct batch *b, int kind)
+{
+    if (b->n == b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 256;
+        struct ev *evs = realloc(b->evs, cap * sizeof *evs);
+        if (evs == NULL)
+            return NULL;
+        b->evs = evs;
+        b->cap = cap;
+    }
+    struct ev *ev = &b->evs[b->n++];
+    memset(ev, 0, sizeof *ev);
+    ev->kind = (uint8_t)kind;
+    if (kind == EV_METRIC)
+        b->n_metrics++;
+    return ev;
+}
+
+int batch_str(struct batch *b, const char *s, size_t len, struct sref *out)
+{
+    if (len > UINT32_MAX || b->alen + len > UINT32_MAX)
+        return -ENOMEM;
+    if (b->alen + len > b->acap) {
+        size_t cap = b->acap ? b->acap : 16384;
+        while (cap < b->alen + len)
+            cap *= 2;
+        char *a = realloc(b->arena, cap);
+        if (a == NULL)
+            return -ENOMEM;
+        b->arena = a;
+        b->acap = cap;
+    }
+    memcpy(b->arena + b->alen, s, len);
+    out->off = (uint32_t)b->alen;
+    out->len = (uint32_t)len;
+    b->alen += len;
+    return 0;
+}
+
+/* ---- SQL ---------------------------------------------------------------- */
+
+/*
+ * The staging table is temporary and emptied at commit, so no state crosses
+ * a transaction: each transaction creates it if its server session lacks it,
+ * which keeps PgBouncer's transaction pooling safe.
+ */
+const char batch_sql_begin_copy[] =
+    "BEGIN;"
+    "SET LOCAL client_min_messages = warning;"
+    "CREATE TEMP TABLE IF NOT EXISTS trackd_stage_metrics ("
+    " key text, value float8, \"timestamp\" int8, run_uuid text, step int8, is_nan bool,"
+    " ord int4) ON COMMIT DELETE ROWS;"
+    "COPY trackd_stage_metrics FROM STDIN (FORMAT binary)";
+
+/* Experiment ids come from MLflow's sequence only when the name is new. */
+const char batch_sql_experiments[] =
+    "WITH want AS (SELECT DISTINCT unnest($1::text[]) AS name),"
+    " missing AS (SELECT w.name FROM want w WHERE NOT EXISTS"
+    "  (SELECT 1 FROM experiments e WHERE e.name = w.name AND e.workspace = 'default')),"
+    " ids AS (SELECT name, nextval('experiments_experiment_id_seq') AS id FROM missing)"
+    " INSERT INTO experiments (experiment_id, name, artifact_location, lifecycle_stage,"
+    "  creation_time, last_update_time, workspace)"
+    " SELECT id, name, $2 || id, 'active', $3::int8, $3::int8, 'default' FROM ids"
+    " ON CONFLICT DO NOTHING";
+
+/* As SqlAlchemyStore.create_run: artifact_uri = <location>/<run>/artifacts. */
+const char batch_sql_runs[] =
+    "INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id,"
+    " status, start_time, end_time, source_version, lifecycle_stage, artifact_uri,"
+    " experiment_id, deleted_time)"
+    " SELECT r.id, r.name, 'UNKNOWN', '', '', r.uid, 'RUNNING', r.st, NULL, '', 'active',"
+    "  e.artifact_location || CASE WHEN right(e.artifact_location, 1) = '/' THEN '' ELSE '/'"
+    "  END || r.id || '/artifacts', e.experiment_id, NULL"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])"
+    "  AS r(id, name, uid, st, exp)"
+    " JOIN experiments e ON e.name = r.exp AND e.workspace = 'default'"
+    " ON CONFLICT (run_uuid) DO NOTHING";
+
+const char batch_sql_tags[] =
+    "INSERT INTO tags (key, value, run_uuid)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ORDER BY 3, 1"
+    " ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value";
+
+/* set_tag("mlflow.runName") renames the run too, as update_run_info does. */
+const char batch_sql_renames[] =
+    "UPDATE runs SET name = t.value FROM unnest($1::text[], $2::text[]) AS t(run, value)"
+    " WHERE runs.run_uuid = t.run";
+
+/*
+ * Inserts new params and returns, by ord, those whose stored value differs:
+ * the CTE's snapshot predates its own insert, so only earlier rows are seen.
+ */
+const char batch_sql_params[] =
+    "WITH i AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[])"
+    "  AS u(key, value, run_uuid, ord)),"
+    " ins AS (INSERT INTO params (key, value, run_uuid)"
+    "  SELECT key, value, run_uuid FROM i ORDER BY run_uuid, key"
+    "  ON CONFLICT (key, run_uuid) DO NOTHING)"
+    " SELECT i.ord, p.value FROM i JOIN params p ON p.key = i.key AND p.run_uuid = i.run_uuid"
+    " WHERE p.value <> i.value ORDER BY i.ord";
+
+const char batch_sql_metrics[] =
+    "INSERT INTO metrics (key, value, \"timestamp\", run_uuid, step, is_nan)"
+    " SELECT key, value, \"timestamp\", run_uuid, step, is_nan FROM trackd_stage_metrics"
+    " ON CONFLICT DO NOTHING";
+
+/*
+ * One row per (run, key): the largest (step, timestamp, value), earliest
+ * arrival among equals, replaces the stored row only if strictly greater.
+ */
+const char batch_sql_latest[] =
+    "INSERT INTO latest_metrics (key, value, \"timestamp\", step, is_nan, run_uuid)"
+    " SELECT key, value, \"timestamp\", step, is_nan, run_uuid FROM ("
+    "  SELECT DISTINCT ON (run_uuid, key) * FROM trackd_stage_metrics"
+    "  ORDER BY run_uuid, key, step DESC, \"timestamp\" DESC, value DESC, ord) s"
+    " ORDER BY run_uuid, key"
+    " ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value,"
+    "  \"timestamp\" = EXCLUDED.\"timestamp\", step = EXCLUDED.step, is_nan = EXCLUDED.is_nan"
+    " WHERE (EXCLUDED.step, EXCLUDED.\"timestamp\", EXCLUDED.value)"
+    "  > (latest_metrics.step, latest_metrics.\"timestamp\", latest_metrics.value)";
+
+const char batch_sql_end_runs[] =
+    "UPDATE runs SET status = t.status, end_time = t.et"
+    " FROM unnest($1::text[], $2::text[], $3::int8[]) AS t(run, status, et)"
+    " WHERE runs.run_uuid = t.run";
+
+/* ---- array literals ---------------------------------------------------- */
+
+int batch_array_append(struct proto_buf *arr, const char *s, size_t len)
+{
+    /* Worst case every byte is escaped, plus separator and quotes. */
+    if (proto_buf_reserve(arr, 2 * len + 4) != 0)
+        return -ENOMEM;
+    uint8_t *p = arr->data + arr->len;
+    *p++ = arr->len == 0 ? '{' : ',';
+    *p++ = '"';
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] == '"' || s[i] == '\\')
+            *p++ = '\\';
+        *p++ = (uint8_t)s[i];
+    }
+    *p++ = '"';
+    arr->len = (size_t)(p - arr->data);
+    return 0;
+}
+
+int batch_array_finish(struct proto_buf *arr)
+{
+    if (proto_buf_reserve(arr, 3) != 0)
+        return -ENOMEM;
+    if (arr->len == 0)
+        arr->data[arr->len++] = '{';
+    arr->data[arr->len++] = '}';
+    arr->data[arr->len] = '\0';
+    return 0;
+}
+
+static int array_int(struct proto_buf *arr, int64_t v)
+{
+    char tmp[24];
+    int n = snprintf(tmp, sizeof tmp, "%" PRId64, v);
+    return batch_array_append(arr, tmp, (size_t)n);
+}
+
+/* ---- binary COPY -------------------------------------------------------- */
+
+static void be16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static void be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static void be64(uint8_t *p, uint64_t v)
+{
+    be32(p, (uint32_t)(v >> 32));
+    be32(p + 4, (uint32_t)v);
+}
+
+static int copy_header(struct proto_buf *c)
+{
+    static const uint8_t sig[19] = {'P', 'G', 'C', 'O', 'P', 'Y', '\n', 0xff, '\r', '\n', 0};
+    if (proto_buf_reserve(c, sizeof sig) != 0)
+        return -ENOMEM;
+    memcpy(c->data + c->len, sig, sizeof sig); /* signature, flags 0, extension 0 */
+    c->len += sizeof sig;
+    return 0;
+}
+
+/* One staging row: key, value, timestamp, run_uuid, step, is_nan, ord. */
+static int copy_row(struct proto_buf *c, const struct batch *b, const struct ev *ev, uint32_t ord)
+{
+    size_t need = 2 + (4 + ev->a.len) + 12 + 12 + (4 + PROTO_RUN_ID_LEN) + 12 + 5 + 8;
+    if (proto_buf_reserve(c, need) != 0)
+        return -ENOMEM;
+    uint8_t *p = c->data + c->len;
+    uint64_t bits;
+    be16(p, 7), p += 2;
+    be32(p, ev->a.len), p += 4;
+    memcpy(p, batch_sptr(b, ev->a), ev->a.len), p += ev->a.len;
+    memcpy(&bits, &ev->value, sizeof bits);
+    be32(p, 8), be64(p + 4, bits), p += 12;
+    be32(p, 8), be64(p + 4, (uint64_t)ev->ts), p += 12;
+    be32(p, PROTO_RUN_ID_LEN), p += 4;
+    memcpy(p, ev->run_id, PROTO_RUN_ID_LEN), p += PROTO_RUN_ID_LEN;
+    be32(p, 8), be64(p + 4, (uint64_t)ev->step), p += 12;
+    be32(p, 1), p[4] = ev->is_nan ? 1 : 0, p += 5;
+    be32(p, 4), be32(p + 4, ord), p += 8;
+    c->len = (size_t)(p - c->data);
+    return 0;
+}
+
+static int copy_trailer(struct proto_buf *c)
+{
+    if (proto_buf_reserve(c, 2) != 0)
+        return -ENOMEM;
+    be16(c->data + c->len, 0xffff);
+    c->len += 2;
+    return 0;
+}
+
+/* ---- de-duplication within a range ------------------------------------- */
+
+/* Open addressing over event indexes, keyed by (run, key string). */
+struct dedup {
+    size_t *slot; /* event index + 1; 0 = empty */
+    size_t mask;
+};
+
+static uint64_t hash_bytes(uint64_t h, const void *p, size_t n)
+{
+    const uint8_t *s = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ s[i]) * 0x100000001b3ull; /* FNV-1a */
+    return h;
+}
+
+static int dedup_init(struct dedup *d, size_t n)
+{
+    size_t cap = 16;
+    while (cap < n * 2)
+        cap *= 2;
+    d->slot = calloc(cap, sizeof *d->slot);
+    d->mask = cap - 1;
+    return d->slot ? 0 : -ENOMEM;
+}
+
+enum dedup_by { BY_NAME, BY_RUN, BY_RUN_KEY };
+
+static bool same_identity(const struct batch *b, const struct ev *x, const struct ev *y,
+                          enum dedup_by by)
+{
+    if (by != BY_NAME && memcmp(x->run_id, y->run_id, PROTO_RUN_ID_LEN) != 0)
+        return false;
+    if (by == BY_RUN)
+        return true;
+    return x->a.len == y->a.len && memcmp(batch_sptr(b, x->a), batch_sptr(b, y->a), x->a.len) == 0;
+}
+
+/*
+ * Returns the slot for event i's identity: *found is the earlier event index
+ * with the same identity, or SIZE_MAX when i is the first. A table is only
+ * ever used with one `by`, so stored events are comparable.
+ */
+static size_t *dedup_find(struct dedup *d, const struct batch *b, size_t i, enum dedup_by by,
+                          size_t *found)
+{
+    const struct ev *ev = &b->evs[i];
+    uint64_t h = 0xcbf29ce484222325ull;
+    if (by != BY_NAME)
+        h = hash_bytes(h, ev->run_id, PROTO_RUN_ID_LEN);
+    if (by != BY_RUN)
+        h = hash_bytes(h, batch_sptr(b, ev->a), ev->a.len);
+    for (size_t pos = h & d->mask;; pos = (pos + 1) & d->mask) {
+        if (d->slot[pos] == 0) {
+            *found = SIZE_MAX;
+            return &d->slot[pos];
+        }
+        size_t j = d->slot[pos] - 1;
+        if (same_identity(b, &b->evs[j], ev, by)) {
+            *found = j;
+            return &d->slot[pos];
+        }
+    }
+}
+
+/* ---- building ------------------------------------------------------------ */
+
+#define SQL_BUFS(s)                                                                                \
+    &(s)->exp_names, &(s)->run_ids, &(s)->run_names, &(s)->run_users, &(s)->run_starts,            \
+        &(s)->run_exps, &(s)->tag_keys, &(s)->tag_values, &(s)->tag_runs, &(s)->rename_runs,       \
+        &(s)->rename_values, &(s)->param_keys, &(s)->param_values, &(s)->param_runs,               \
+        &(s)->param_ords, &(s)->end_runs, &(s)->end_statuses, &(s)->end_times, &(s)->copy
+
+void batch_sql_init(struct batch_sql *s)
+{
+    memset(s, 0, sizeof *s);
+    struct proto_buf *bufs[] = {SQL_BUFS(s)};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        proto_buf_init(bufs[i], SIZE_MAX / 4);
+}
+
+void batch_sql_free(struct batch_sql *s)
+{
+    struct proto_buf *bufs[] = {SQL_BUFS(s)};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        proto_buf_free(bufs[i]);
+    free(s->rejected);
+    batch_sql_init(s);
+}
+
+static int reject(struct batch_sql *s, struct batch *b, size_t i)
+{
+    size_t *r = realloc(s->rejected, (s->n_rejected + 1) * sizeof *r);
+    if (r == NULL)
+        return -ENOMEM;
+    s->rejected = r;
+    s->rejected[s->n_rejected++] = i;
+    b->evs[i].flags |= EV_REJECTED;
+    return 0;
+}
+
+#define RUN_NAME_TAG "mlflow.runName"
+
+static bool is_run_name_tag(const struct batch *b, const struct ev *ev)
+{
+    return ev->a.len == sizeof RUN_NAME_TAG - 1 &&
+           memcmp(batch_sptr(b, ev->a), RUN_NAME_TAG, ev->a.len) == 0;
+}
+
+int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
+{
+    struct dedup tags = {0}, params = {0}, ends = {0}, exps = {0};
+    size_t *tag_win = NULL, *end_win = NULL;
+    int rc = -ENOMEM;
+
+    batch_sql_free(s);
+    size_t n = hi - lo;
+    if (dedup_init(&tags, n) || dedup_init(&params, n) || dedup_init(&ends, n) ||
+        dedup_init(&exps, n))
+        goto out;
+    tag_win = malloc((n + 1) * sizeof *tag_win);
+    end_win = malloc((n + 1) * sizeof *end_win);
+    if (tag_win == NULL || end_win == NULL)
+        goto out;
+
+    /* Pass 1: which tag and end_run events win (the last per identity). */
+    for (size_t i = lo; i < hi; i++) {
+        struct ev *ev = &b->evs[i];
+        size_t prev, *slot;
+        tag_win[i - lo] = end_win[i - lo] = 0;
+        if (ev->flags & EV_REJECTED)
+            continue;
+        if (ev->kind == EV_TAG) {
+            slot = dedup_find(&tags, b, i, BY_RUN_KEY, &prev);
+            if (prev != SIZE_MAX)
+                tag_win[prev - lo] = 0;
+            *slot = i + 1;
+            tag_win[i - lo] = 1;
+        } else if (ev->kind == EV_END_RUN) {
+            slot = dedup_find(&ends, b, i, BY_RUN, &prev);
+            if (prev != SIZE_MAX)
+                end_win[prev - lo] = 0;
+            *slot = i + 1;
+            end_win[i - lo] = 1;
+        }
+    }
+
+    /* Pass 2: emit in arrival order. */
+    uint32_t ord = 0;
+    for (size_t i = lo; i < hi; i++) {
+        struct ev *ev = &b->evs[i];
+        if (ev->flags & EV_REJECTED)
+            continue;
+        const char *a = batch_sptr(b, ev->a);
+        switch (ev->kind) {
+        case EV_EXPERIMENT:
+        case EV_START_RUN: {
+            size_t prev, *slot = dedup_find(&exps, b, i, BY_NAME, &prev);
+            if (prev == SIZE_MAX) {
+                *slot = i + 1;
+                if (batch_array_append(&s->exp_names, a, ev->a.len))
+                    goto out;
+                s->n_exps++;
+            }
+            if (ev->kind == EV_START_RUN) {
+                if (batch_array_append(&s->run_ids, ev->run_id, PROTO_RUN_ID_LEN) ||
+                    batch_array_append(&s->run_names, batch_sptr(b, ev->b), ev->b.len) ||
+                    batch_array_append(&s->run_users, batch_sptr(b, ev->c), ev->c.len) ||
+                    array_int(&s->run_starts, ev->ts) ||
+                    batch_array_append(&s->run_exps, a, ev->a.len))
+                    goto out;
+                s->n_runs++;
+            }
+            break;
+        }
+        case EV_TAG:
+            if (!tag_win[i - lo])
+                break;
+            if (batch_array_append(&s->tag_keys, a, ev->a.len) ||
+                batch_array_append(&s->tag_values, batch_sptr(b, ev->b), ev->b.len) ||
+                batch_array_append(&s->tag_runs, ev->run_id, PROTO_RUN_ID_LEN))
+                goto out;
+            s->n_tags++;
+            if (is_run_name_tag(b, ev)) {
+                if (batch_array_append(&s->rename_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
+                    batch_array_append(&s->rename_values, batch_sptr(b, ev->b), ev->b.len))
+                    goto out;
+                s->n_renames++;
+            }
+            break;
+        case EV_PARAM: {
+            size_t prev, *slot = dedup_find(&params, b, i, BY_RUN_KEY, &prev);
+            if (prev != SIZE_MAX) {
+                const struct ev *first = &b->evs[prev];
+                bool same = first->b.len == ev->b.len &&
+                            memcmp(batch_sptr(b, first->b), batch_sptr(b, ev->b), ev->b.len) == 0;
+                if (!same && reject(s, b, i))
+                    goto out;
+                break; /* the same value again is a no-op, as in MLflow */
+            }
+            *slot = i + 1;
+            if (batch_array_append(&s->param_keys, a, ev->a.len) ||
+                batch_array_append(&s->param_values, batch_sptr(b, ev->b), ev->b.len) ||
+                batch_array_append(&s->param_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
+                array_int(&s->param_ords, (int64_t)i))
+                goto out;
+            s->n_params++;
+            break;
+        }
+        case EV_METRIC:
+            if (s->n_metrics == 0 && copy_header(&s->copy))
+                goto out;
+            if (copy_row(&s->copy, b, ev, ord++))
+                goto out;
+            s->n_metrics++;
+            break;
+        case EV_END_RUN:
+            if (!end_win[i - lo])
+                break;
+            if (batch_array_append(&s->end_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
+                batch_array_append(&s->end_statuses, run_status_name(ev->status),
+                                   strlen(run_status_name(ev->status))) ||
+                array_int(&s->end_times, ev->ts))
+                goto out;
+            s->n_ends++;
+            break;
+        }
+    }
+    if (s->n_metrics && copy_trailer(&s->copy))
+        goto out;
+    {
+        struct proto_buf *arrays[] = {SQL_BUFS(s)};
+        /* Every buffer but the COPY stream is a text array literal. */
+        for (size_t k = 0; k + 1 < sizeof arrays / sizeof arrays[0]; k++)
+            if (batch_array_finish(arrays[k]))
+                goto out;
+    }
+    rc = 0;
+out:
+    free(tags.slot);
+    free(params.slot);
+    free(ends.slot);
+    free(exps.slot);
+    free(tag_win);
+    free(end_win);
+    return rc;
+}

@@ -1,0 +1,128 @@
+/*
+ * Batches of validated events and the statement payloads built from them.
+ * A batch holds events in arrival order with their strings in one arena; the
+ * writer commits any contiguous range of it as one transaction, which is what
+ * lets it split a failing batch without reordering a run's start before its
+ * metrics. Everything here is plain data and plain functions, tested without
+ * a loop or a database.
+ */
+#ifndef TRACKD_BATCH_H
+#define TRACKD_BATCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "trackd_proto.h"
+
+/* A string stored in a batch's arena. */
+struct sref {
+    uint32_t off;
+    uint32_t len;
+};
+
+enum ev_kind { EV_EXPERIMENT, EV_START_RUN, EV_METRIC, EV_PARAM, EV_TAG, EV_END_RUN };
+
+enum ev_flag {
+    EV_REJECTED = 1 /* resolved as an error; skipped by later attempts */
+};
+
+enum run_status { RUN_RUNNING, RUN_SCHEDULED, RUN_FINISHED, RUN_FAILED, RUN_KILLED };
+
+const char *run_status_name(int status);
+
+struct ev {
+    uint8_t kind;
+    uint8_t flags;
+    uint8_t is_nan;
+    uint8_t status;  /* EV_END_RUN */
+    uint32_t conn_id; /* origin, for errors; 0 once the client is gone */
+    uint64_t seq;     /* origin frame */
+    uint64_t serial;  /* agent-wide arrival order */
+    char run_id[PROTO_RUN_ID_LEN];
+    struct sref a;    /* experiment name | metric/param/tag key | run: experiment */
+    struct sref b;    /* param/tag value | run: name */
+    struct sref c;    /* run: user */
+    double value;     /* metric, sanitised */
+    int64_t ts;       /* metric timestamp | run start | run end */
+    int64_t step;
+};
+
+struct batch {
+    struct ev *evs;
+    size_t n;
+    size_t cap;
+    char *arena;
+    size_t alen;
+    size_t acap;
+    size_t n_metrics;
+    uint64_t opened_ms;
+    struct batch *next; /* writer queue link */
+};
+
+void batch_init(struct batch *b);
+void batch_free(struct batch *b);
+/* Memory the batch holds, for the pending-bytes bound. */
+size_t batch_bytes(const struct batch *b);
+/* Appends a zeroed event and returns it, or NULL when out of memory. */
+struct ev *batch_push(struct batch *b, int kind);
+/* Copies s into the arena; returns -ENOMEM. The event pointer may move: call before batch_push. */
+int batch_str(struct batch *b, const char *s, size_t len, struct sref *out);
+static inline const char *batch_sptr(const struct batch *b, struct sref s)
+{
+    return b->arena + s.off;
+}
+
+/*
+ * The statement inputs for one range of a batch. Array parameters are text
+ * literals ("{...}", NUL-terminated); copy is a binary COPY stream for the
+ * staging table. Rejections found while building (a param logged twice in
+ * the range with different values) are flagged on the events and listed.
+ */
+struct batch_sql {
+    struct proto_buf exp_names;
+    size_t n_exps;
+
+    struct proto_buf run_ids, run_names, run_users, run_starts, run_exps;
+    size_t n_runs;
+
+    struct proto_buf tag_keys, tag_values, tag_runs;
+    size_t n_tags;
+    struct proto_buf rename_runs, rename_values;
+    size_t n_renames;
+
+    struct proto_buf param_keys, param_values, param_runs, param_ords;
+    size_t n_params;
+
+    struct proto_buf end_runs, end_statuses, end_times;
+    size_t n_ends;
+
+    struct proto_buf copy;
+    size_t n_metrics;
+
+    size_t *rejected; /* event indexes flagged while building */
+    size_t n_rejected;
+};
+
+void batch_sql_init(struct batch_sql *s);
+void batch_sql_free(struct batch_sql *s);
+/* Builds the inputs for events [lo, hi) of b, skipping rejected ones. */
+int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s);
+
+/* SQL texts the writer sends; $n match the batch_sql arrays above. */
+extern const char batch_sql_begin_copy[];
+extern const char batch_sql_experiments[]; /* $1 names, $2 artifact root with '/', $3 now ms */
+extern const char batch_sql_runs[];
+extern const char batch_sql_tags[];
+extern const char batch_sql_renames[];
+extern const char batch_sql_params[];
+extern const char batch_sql_metrics[];
+extern const char batch_sql_latest[];
+extern const char batch_sql_end_runs[];
+
+/* Appends s as one element of a text array literal (quoted and escaped). */
+int batch_array_append(struct proto_buf *arr, const char *s, size_t len);
+/* Closes a text array literal: "{" ... "}" and a NUL. */
+int batch_array_finish(struct proto_buf *arr);
+
+#endif

@@ -1,0 +1,421 @@
+/*
+ * Per-connection I/O and protocol state. Reads land in the connection's
+ * proto_reader, so a frame split at any byte is reassembled without copies;
+ * a malformed frame gets one ERROR frame and the connection is closed, while
+ * a bad event inside a good frame only costs that event. Outgoing frames are
+ * bounded per connection: a client that never reads loses its error reports
+ * (counted), not the agent's memory.
+ */
+#define _GNU_SOURCE /* struct ucred */
+#include "conn.h"
+
+#include <errno.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "config.h"
+#include "ingest.h"
+#include "log.h"
+#include "stats.h"
+
+#define READ_CHUNK (64 * 1024)
+#define MAX_OUT_BYTES (4u * 1024u * 1024u)
+
+extern const char trackd_version[];
+
+struct out_req {
+    uv_write_t req;
+    struct conn *c;
+    struct proto_buf buf;
+};
+
+static void conn_close(struct conn *c);
+
+void conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
+                      struct ingest *ingest)
+{
+    memset(s, 0, sizeof *s);
+    s->loop = loop;
+    s->cfg = cfg;
+    s->ingest = ingest;
+    s->next_id = 1;
+}
+
+static void set_state(struct conn *c, enum conn_state st)
+{
+    static const char *const names[] = {"hello", "open", "closing"};
+    if (c->state != st)
+        log_debug("[conn %u] %s -> %s", c->id, names[c->state], names[st]);
+    c->state = st;
+}
+
+struct conn *conn_find(struct conn_server *s, uint32_t id)
+{
+    for (struct conn *c = s->head; c; c = c->next)
+        if (c->id == id)
+            return c;
+    return NULL;
+}
+
+/* ---- writing ------------------------------------------------------------- */
+
+static void write_cb(uv_write_t *req, int status)
+{
+    struct out_req *o = req->data;
+    struct conn *c = o->c;
+    c->out_bytes -= o->buf.len;
+    proto_buf_free(&o->buf);
+    free(o);
+    if (status < 0 && status != UV_ECANCELED)
+        log_debug("[conn %u] write failed: %s", c->id, uv_strerror(status));
+    if (c->state == CONN_CLOSING && c->out_bytes == 0)
+        conn_close(c);
+}
+
+/* Takes pb's bytes and writes them; returns false (and frees) when over the bound. */
+static bool send_buf(struct conn *c, struct proto_buf *pb)
+{
+    if (uv_is_closing((uv_handle_t *)&c->pipe) || c->out_bytes + pb->len > MAX_OUT_BYTES) {
+        proto_buf_free(pb);
+        return false;
+    }
+    struct out_req *o = malloc(sizeof *o);
+    if (o == NULL) {
+        proto_buf_free(pb);
+        return false;
+    }
+    o->c = c;
+    o->buf = *pb;
+    o->req.data = o;
+    uv_buf_t b = uv_buf_init((char *)o->buf.data, (unsigned)o->buf.len);
+    c->out_bytes += o->buf.len;
+    if (uv_write(&o->req, (uv_stream_t *)&c->pipe, &b, 1, write_cb) != 0) {
+        c->out_bytes -= o->buf.len;
+        proto_buf_free(&o->buf);
+        free(o);
+        return false;
+    }
+    return true;
+}
+
+void conn_send_error(struct conn *c, uint64_t about_seq, uint32_t code, const char *message)
+{
+    struct proto_buf pb;
+    proto_buf_init(&pb, 0);
+    struct proto_str m = {message, (uint32_t)strlen(message)};
+    if (proto_encode_error(&pb, 0, about_seq, code, m) == 0 && send_buf(c, &pb)) {
+        c->errors_sent++;
+        stats.errors_to_clients++;
+    } else {
+        stats.errors_undeliverable++;
+    }
+}
+
+void conn_send_flushed(struct conn *c, uint64_t flush_seq)
+{
+    struct proto_buf pb;
+    proto_buf_init(&pb, 0);
+    if (proto_encode_flushed(&pb, 0, flush_seq, c->errors_sent) != 0 || !send_buf(c, &pb))
+        log_limited(LOG_WARN, "[conn %u] cannot queue the flushed reply (client not reading)",
+                    c->id);
+}
+
+static void send_stats(struct conn *c, uint64_t seq)
+{
+    size_t n = stats_count();
+    uint64_t values[128];
+    if (n > sizeof values / sizeof values[0])
+        n = sizeof values / sizeof values[0];
+    stats_values(values);
+    struct proto_buf pb;
+    proto_buf_init(&pb, 0);
+    if (proto_encode_stats_reply(&pb, seq, stats_names(), values, n) == 0)
+        send_buf(c, &pb);
+}
+
+/* Reports a protocol violation and closes once the report is written. */
+static void protocol_error(struct conn *c, uint64_t seq, const char *what)
+{
+    stats.rejected_protocol++;
+    log_limited(LOG_WARN, "[conn %u] pid %d uid %u: %s; closing", c->id, (int)c->pid,
+                (unsigned)c->uid, what);
+    conn_send_error(c, seq, PROTO_ERR_PROTOCOL, what);
+    uv_read_stop((uv_stream_t *)&c->pipe);
+    c->reading = false;
+    set_state(c, CONN_CLOSING);
+    if (c->out_bytes == 0)
+        conn_close(c);
+}
+
+/* ---- reading ------------------------------------------------------------- */
+
+static void copy_str(char *dst, size_t cap, struct proto_str s)
+{
+    size_t n = s.len < cap - 1 ? s.len : cap - 1;
+    memcpy(dst, s.ptr, n);
+    dst[n] = '\0';
+}
+
+static void on_hello(struct conn *c, const struct proto_msg *m)
+{
+    copy_str(c->program, sizeof c->program, m->u.hello.program);
+    copy_str(c->source_name, sizeof c->source_name, m->u.hello.source_name);
+    copy_str(c->source_type, sizeof c->source_type, m->u.hello.source_type);
+    log_info("[conn %u] hello from pid %u (%s), uid %u (%s), protocol %u", c->id,
+             m->u.hello.pid, c->program, (unsigned)c->uid, c->user, m->u.hello.version);
+    set_state(c, CONN_OPEN);
+    struct proto_buf pb;
+    proto_buf_init(&pb, 0);
+    struct proto_str v = {trackd_version, (uint32_t)strlen(trackd_version)};
+    if (proto_encode_welcome(&pb, 0, v, c->srv->cfg->max_frame_bytes, c->id) == 0)
+        send_buf(c, &pb);
+}
+
+static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t *body)
+{
+    struct proto_msg m;
+    int rc = proto_msg_decode(h, body, &m);
+    if (rc != 0) {
+        char what[160];
+        snprintf(what, sizeof what, "bad %s frame %llu: %s", proto_kind_name(h->kind),
+                 (unsigned long long)h->seq, proto_strerror(rc));
+        protocol_error(c, h->seq, what);
+        return;
+    }
+    if (m.kind == PROTO_STATS) {
+        send_stats(c, m.seq);
+        return;
+    }
+    if (c->state == CONN_HELLO) {
+        if (m.kind != PROTO_HELLO)
+            protocol_error(c, h->seq, "the first frame must be hello");
+        else
+            on_hello(c, &m);
+        return;
+    }
+    switch (m.kind) {
+    case PROTO_HELLO:
+        protocol_error(c, h->seq, "hello sent twice");
+        return;
+    case PROTO_FLUSH:
+        ingest_flush(c->srv->ingest, c->id, m.seq);
+        return;
+    case PROTO_WELCOME:
+    case PROTO_FLUSHED:
+    case PROTO_ERROR:
+    case PROTO_STATS_REPLY:
+        protocol_error(c, h->seq, "message kind is sent by the agent, not by clients");
+        return;
+    default: {
+        struct ingest_origin o = {c->id, c->user, c->source_name, c->source_type};
+        ingest_message(c->srv->ingest, &o, &m);
+        return;
+    }
+    }
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    struct conn *c = h->data;
+    uint8_t *p;
+    size_t n;
+    (void)suggested;
+    if (proto_reader_space(&c->reader, READ_CHUNK, &p, &n) != 0) {
+        buf->base = NULL;
+        buf->len = 0;
+        return;
+    }
+    buf->base = (char *)p;
+    buf->len = n;
+}
+
+static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct conn *c = s->data;
+    (void)buf;
+    if (nread < 0) {
+        if (nread != UV_EOF)
+            log_debug("[conn %u] read error: %s", c->id, uv_strerror((int)nread));
+        else if (proto_reader_pending(&c->reader) > 0)
+            log_limited(LOG_WARN, "[conn %u] closed mid-frame (%zu bytes of a partial frame dropped)",
+                        c->id, proto_reader_pending(&c->reader));
+        conn_close(c);
+        return;
+    }
+    if (nread == 0)
+        return;
+    if (buf->base == NULL) {
+        protocol_error(c, 0, "out of memory for the frame");
+        return;
+    }
+    proto_reader_commit(&c->reader, (size_t)nread);
+    stats.bytes_received += (uint64_t)nread;
+    for (;;) {
+        struct proto_header h;
+        const uint8_t *body;
+        int rc = proto_reader_next(&c->reader, &h, &body);
+        if (rc == 0)
+            break;
+        if (rc < 0) {
+            char what[160];
+            snprintf(what, sizeof what, "bad frame header: %s (limit %u bytes)",
+                     proto_strerror(rc), c->srv->cfg->max_frame_bytes);
+            protocol_error(c, 0, what);
+            return;
+        }
+        stats.frames_received++;
+        dispatch(c, &h, body);
+        if (c->state == CONN_CLOSING)
+            return;
+    }
+}
+
+static void start_reading(struct conn *c)
+{
+    if (!c->reading && c->state != CONN_CLOSING && !uv_is_closing((uv_handle_t *)&c->pipe)) {
+        if (uv_read_start((uv_stream_t *)&c->pipe, alloc_cb, read_cb) == 0)
+            c->reading = true;
+    }
+}
+
+static void stop_reading(struct conn *c)
+{
+    if (c->reading) {
+        uv_read_stop((uv_stream_t *)&c->pipe);
+        c->reading = false;
+    }
+}
+
+void conn_pause_all(struct conn_server *s, bool pause)
+{
+    s->paused = pause;
+    for (struct conn *c = s->head; c; c = c->next) {
+        if (pause)
+            stop_reading(c);
+        else if (!s->draining)
+            start_reading(c);
+    }
+}
+
+void conn_drain_all(struct conn_server *s)
+{
+    s->draining = true;
+    for (struct conn *c = s->head; c; c = c->next)
+        stop_reading(c);
+}
+
+/* ---- lifecycle ------------------------------------------------------------- */
+
+static void close_cb(uv_handle_t *h)
+{
+    struct conn *c = h->data;
+    proto_reader_free(&c->reader);
+    free(c);
+}
+
+static void conn_close(struct conn *c)
+{
+    if (uv_is_closing((uv_handle_t *)&c->pipe))
+        return;
+    struct conn_server *s = c->srv;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->head = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    s->count--;
+    stats.connections_current = s->count;
+    ingest_forget_conn(s->ingest, c->id);
+    log_debug("[conn %u] closed", c->id);
+    uv_close((uv_handle_t *)&c->pipe, close_cb);
+}
+
+void conn_close_all(struct conn_server *s)
+{
+    while (s->head)
+        conn_close(s->head);
+}
+
+static void lookup_user(uid_t uid, char *out, size_t n)
+{
+    /* NSS may block (LDAP); the last answer is cached for the common single-user node. */
+    static uid_t cached_uid = (uid_t)-1;
+    static char cached[64];
+    if (uid == cached_uid) {
+        snprintf(out, n, "%s", cached);
+        return;
+    }
+    struct passwd pw, *res = NULL;
+    char buf[1024];
+    if (getpwuid_r(uid, &pw, buf, sizeof buf, &res) == 0 && res)
+        snprintf(out, n, "%s", res->pw_name);
+    else
+        snprintf(out, n, "%u", (unsigned)uid);
+    cached_uid = uid;
+    snprintf(cached, sizeof cached, "%s", out);
+}
+
+static void refuse_cb(uv_handle_t *h)
+{
+    free(h);
+}
+
+void conn_accept(struct conn_server *s, uv_stream_t *listener)
+{
+    if (s->count >= s->cfg->max_connections || s->draining) {
+        uv_pipe_t *p = malloc(sizeof *p);
+        if (p && uv_pipe_init(s->loop, p, 0) == 0) {
+            uv_accept(listener, (uv_stream_t *)p);
+            uv_close((uv_handle_t *)p, refuse_cb);
+        } else {
+            free(p);
+        }
+        stats.connections_rejected++;
+        log_limited(LOG_WARN, "[listener] refused a connection: %s",
+                    s->draining ? "shutting down" : "max_connections reached");
+        return;
+    }
+    struct conn *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return;
+    if (uv_pipe_init(s->loop, &c->pipe, 0) != 0) {
+        free(c);
+        return;
+    }
+    c->pipe.data = c;
+    c->srv = s;
+    c->id = s->next_id++;
+    if (s->next_id == 0)
+        s->next_id = 1;
+    proto_reader_init(&c->reader, s->cfg->max_frame_bytes);
+    c->next = s->head;
+    if (s->head)
+        s->head->prev = c;
+    s->head = c;
+    s->count++;
+    stats.connections_current = s->count;
+    stats.connections_accepted++;
+    if (uv_accept(listener, (uv_stream_t *)&c->pipe) != 0) {
+        conn_close(c);
+        return;
+    }
+    uv_os_fd_t fd;
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (uv_fileno((uv_handle_t *)&c->pipe, &fd) != 0 ||
+        getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+        log_warn("[conn %u] cannot read peer credentials; closing", c->id);
+        conn_close(c);
+        return;
+    }
+    c->uid = cred.uid;
+    c->pid = cred.pid;
+    lookup_user(cred.uid, c->user, sizeof c->user);
+    log_debug("[conn %u] accepted pid %d uid %u", c->id, (int)c->pid, (unsigned)c->uid);
+    if (!s->paused)
+        start_reading(c);
+}

@@ -1,0 +1,72 @@
+/*
+ * Client connections: one per shim (training process) or `trackd stats`.
+ * Each reads frames incrementally, requires a hello first, hands messages to
+ * ingest, and writes welcome, flushed, error and stats frames back. The
+ * peer's uid (SO_PEERCRED), not its word, names the run's user.
+ */
+#ifndef TRACKD_CONN_H
+#define TRACKD_CONN_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <uv.h>
+
+#include "trackd_proto.h"
+
+struct trackd_config;
+struct ingest;
+
+enum conn_state {
+    CONN_HELLO,  /* waiting for the client's hello */
+    CONN_OPEN,   /* accepting messages */
+    CONN_CLOSING /* error sent or peer gone; closing once writes finish */
+};
+
+struct conn_server;
+
+struct conn {
+    uv_pipe_t pipe;
+    uint32_t id;
+    enum conn_state state;
+    struct conn_server *srv;
+    uid_t uid;
+    pid_t pid;
+    char user[64];
+    char program[128];
+    char source_name[256];
+    char source_type[16];
+    struct proto_reader reader;
+    bool reading;
+    size_t out_bytes; /* queued for writing */
+    uint64_t errors_sent;
+    struct conn *prev, *next;
+};
+
+/* The set of live connections and what they share. */
+struct conn_server {
+    uv_loop_t *loop;
+    const struct trackd_config *cfg;
+    struct ingest *ingest;
+    struct conn *head;
+    size_t count;
+    uint32_t next_id;
+    bool paused;   /* backpressure: no socket is read */
+    bool draining; /* shutdown: no new messages */
+};
+
+void conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
+                      struct ingest *ingest);
+/* Accepts one pending connection from listener (or refuses it at the limit). */
+void conn_accept(struct conn_server *s, uv_stream_t *listener);
+struct conn *conn_find(struct conn_server *s, uint32_t id);
+/* Queues an ERROR frame; counted as undeliverable if the client's queue is full. */
+void conn_send_error(struct conn *c, uint64_t about_seq, uint32_t code, const char *message);
+void conn_send_flushed(struct conn *c, uint64_t flush_seq);
+/* Stops (true) or resumes (false) reading every connection. */
+void conn_pause_all(struct conn_server *s, bool pause);
+/* Stops reading for good (shutdown): later bytes are not accepted. */
+void conn_drain_all(struct conn_server *s);
+void conn_close_all(struct conn_server *s);
+
+#endif

@@ -1,0 +1,501 @@
+/*
+ * Validation into events, batch cutting and flush barriers. Every check
+ * MLflow makes before writing is made here, per event, so one bad key costs
+ * one error frame and never the rest of its frame or batch. start_run is
+ * expanded into the run row plus the tags MLflow's client and store add
+ * (mlflow.runName, mlflow.user, mlflow.source.name/type).
+ */
+#include "ingest.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "config.h"
+#include "log.h"
+#include "stats.h"
+#include "validate.h"
+#include "writer.h"
+
+#define MAX_WAITERS 65536
+
+static void age_cb(uv_timer_t *t);
+
+int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *cfg,
+                struct writer *writer, const struct ingest_cbs *cbs, void *ctx)
+{
+    memset(in, 0, sizeof *in);
+    in->loop = loop;
+    in->cfg = cfg;
+    in->writer = writer;
+    in->cbs = *cbs;
+    in->ctx = ctx;
+    in->next_serial = 1;
+    uv_timer_init(loop, &in->age_timer);
+    in->age_timer.data = in;
+    return 0;
+}
+
+size_t ingest_pending_bytes(const struct ingest *in)
+{
+    return in->queued_bytes + (in->open ? batch_bytes(in->open) : 0);
+}
+
+bool ingest_drained(const struct ingest *in)
+{
+    return (in->open == NULL || in->open->n == 0) && writer_idle(in->writer);
+}
+
+static void update_gauges(struct ingest *in)
+{
+    stats.queue_bytes = ingest_pending_bytes(in);
+    stats.queue_events = in->next_serial - 1 - in->done_serial;
+}
+
+static void check_pressure(struct ingest *in)
+{
+    size_t pending = ingest_pending_bytes(in);
+    update_gauges(in);
+    if (!in->paused && pending >= in->cfg->max_pending_bytes) {
+        in->paused = true;
+        stats.backpressure_pauses++;
+        log_limited(LOG_WARN,
+                    "[ingest] %zu bytes pending (limit %llu): pausing clients until the database "
+                    "catches up",
+                    pending, (unsigned long long)in->cfg->max_pending_bytes);
+        in->cbs.pause(in->ctx, true);
+    } else if (in->paused && pending < in->cfg->max_pending_bytes / 2) {
+        in->paused = false;
+        log_info("[ingest] %zu bytes pending: resuming clients", pending);
+        in->cbs.pause(in->ctx, false);
+    }
+}
+
+void ingest_cut(struct ingest *in)
+{
+    uv_timer_stop(&in->age_timer);
+    in->age_due = false;
+    struct batch *b = in->open;
+    if (b == NULL || b->n == 0)
+        return;
+    in->open = NULL;
+    in->queued_bytes += batch_bytes(b);
+    writer_submit(in->writer, b);
+}
+
+static void age_cb(uv_timer_t *t)
+{
+    struct ingest *in = t->data;
+    /* While the writer is busy, let the batch grow: larger transactions drain faster. */
+    if (writer_idle(in->writer))
+        ingest_cut(in);
+    else
+        in->age_due = true;
+}
+
+void ingest_batch_done(struct ingest *in, struct batch *b)
+{
+    size_t bytes = batch_bytes(b);
+    in->queued_bytes -= bytes < in->queued_bytes ? bytes : in->queued_bytes;
+    if (b->n > 0 && b->evs[b->n - 1].serial > in->done_serial)
+        in->done_serial = b->evs[b->n - 1].serial;
+    batch_free(b);
+    free(b);
+
+    size_t keep = 0;
+    for (size_t i = 0; i < in->nwaiters; i++) {
+        struct flush_waiter *fw = &in->waiters[i];
+        if (fw->serial <= in->done_serial)
+            in->cbs.flushed(in->ctx, fw->conn_id, fw->flush_seq);
+        else
+            in->waiters[keep++] = *fw;
+    }
+    in->nwaiters = keep;
+    if (writer_idle(in->writer) && (in->age_due || in->nwaiters > 0))
+        ingest_cut(in);
+    check_pressure(in);
+}
+
+void ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq)
+{
+    stats.flushes++;
+    uint64_t target = in->next_serial - 1;
+    if (target <= in->done_serial) {
+        in->cbs.flushed(in->ctx, conn_id, flush_seq);
+        return;
+    }
+    if (in->nwaiters == in->capwaiters) {
+        size_t cap = in->capwaiters ? in->capwaiters * 2 : 16;
+        struct flush_waiter *w = cap <= MAX_WAITERS ? realloc(in->waiters, cap * sizeof *w) : NULL;
+        if (w == NULL) {
+            in->cbs.error(in->ctx, conn_id, flush_seq, PROTO_ERR_PROTOCOL,
+                          "too many flush requests outstanding");
+            return;
+        }
+        in->waiters = w;
+        in->capwaiters = cap;
+    }
+    in->waiters[in->nwaiters++] = (struct flush_waiter){conn_id, flush_seq, target};
+    ingest_cut(in);
+}
+
+void ingest_forget_conn(struct ingest *in, uint32_t conn_id)
+{
+    size_t keep = 0;
+    for (size_t i = 0; i < in->nwaiters; i++)
+        if (in->waiters[i].conn_id != conn_id)
+            in->waiters[keep++] = in->waiters[i];
+    in->nwaiters = keep;
+}
+
+void ingest_close(struct ingest *in)
+{
+    if (in->open) {
+        batch_free(in->open);
+        free(in->open);
+        in->open = NULL;
+    }
+    free(in->waiters);
+    in->waiters = NULL;
+    in->nwaiters = in->capwaiters = 0;
+    uv_timer_stop(&in->age_timer);
+    uv_close((uv_handle_t *)&in->age_timer, NULL);
+}
+
+/* ---- validation into events -------------------------------------------- */
+
+static uint64_t *reject_counter(int code)
+{
+    switch (code) {
+    case PROTO_ERR_BAD_UTF8: return &stats.rejected_bad_utf8;
+    case PROTO_ERR_BAD_KEY: return &stats.rejected_bad_key;
+    case PROTO_ERR_KEY_TOO_LONG: return &stats.rejected_key_too_long;
+    case PROTO_ERR_VALUE_TOO_LONG: return &stats.rejected_value_too_long;
+    case PROTO_ERR_BAD_RUN_ID: return &stats.rejected_bad_run_id;
+    case PROTO_ERR_BAD_TIMESTAMP: return &stats.rejected_bad_timestamp;
+    case PROTO_ERR_BAD_STATUS: return &stats.rejected_bad_status;
+    case PROTO_ERR_BAD_NAME:
+    case PROTO_ERR_RUN_NAME_CONFLICT: return &stats.rejected_bad_name;
+    default: return &stats.rejected_protocol;
+    }
+}
+
+/* Per-message context: where errors go and the batch being filled. */
+struct mctx {
+    struct ingest *in;
+    const struct ingest_origin *o;
+    uint64_t seq;
+    struct batch *b;
+    int rc;
+};
+
+static void fail(struct mctx *m, uint32_t code, const char *message)
+{
+    (*reject_counter((int)code))++;
+    log_limited(LOG_DEBUG, "[conn %u] rejected event of frame %llu: %s", m->o->conn_id,
+                (unsigned long long)m->seq, message);
+    m->in->cbs.error(m->in->ctx, m->o->conn_id, m->seq, code, message);
+}
+
+static void fail_v(struct mctx *m, const struct validate_error *e)
+{
+    fail(m, (uint32_t)e->code, e->message);
+}
+
+static struct batch *open_batch(struct ingest *in)
+{
+    if (in->open == NULL) {
+        in->open = malloc(sizeof *in->open);
+        if (in->open == NULL)
+            return NULL;
+        batch_init(in->open);
+    }
+    if (in->open->n == 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        in->open->opened_ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+        uv_timer_start(&in->age_timer, age_cb, in->cfg->batch_max_age_ms, 0);
+    }
+    return in->open;
+}
+
+/* Appends an event with up to three strings; NULL on out of memory. */
+static struct ev *add_ev(struct mctx *m, int kind, const char *run_id, struct proto_str a,
+                         struct proto_str b, struct proto_str c)
+{
+    struct batch *bt = m->b;
+    struct sref sa = {0}, sb = {0}, sc = {0};
+    if (batch_str(bt, a.ptr, a.len, &sa) || batch_str(bt, b.ptr, b.len, &sb) ||
+        batch_str(bt, c.ptr, c.len, &sc)) {
+        m->rc = -ENOMEM;
+        return NULL;
+    }
+    struct ev *ev = batch_push(bt, kind);
+    if (ev == NULL) {
+        m->rc = -ENOMEM;
+        return NULL;
+    }
+    ev->conn_id = m->o->conn_id;
+    ev->seq = m->seq;
+    ev->serial = m->in->next_serial++;
+    if (run_id)
+        memcpy(ev->run_id, run_id, PROTO_RUN_ID_LEN);
+    ev->a = sa;
+    ev->b = sb;
+    ev->c = sc;
+    stats.events_received++;
+    return ev;
+}
+
+static struct proto_str pstr(const char *s)
+{
+    return (struct proto_str){s, (uint32_t)strlen(s)};
+}
+
+static const struct proto_str none = {"", 0};
+
+static bool check_run_id(struct mctx *m, struct proto_str id)
+{
+    struct validate_error e;
+    if (validate_run_id(id.ptr, id.len, &e) != 0) {
+        fail_v(m, &e);
+        return false;
+    }
+    return true;
+}
+
+/* A tag or param after MLflow's key rule and value limit (values are truncated). */
+static bool check_kv(struct mctx *m, bool is_param, struct proto_kv *kv)
+{
+    struct validate_error e;
+    size_t keep = kv->value.len;
+    if (validate_key(is_param ? "param" : "tag", kv->key.ptr, kv->key.len, &e) != 0) {
+        fail_v(m, &e);
+        return false;
+    }
+    int rc = is_param ? validate_param_value(kv->key.ptr, kv->key.len, kv->value.ptr,
+                                             kv->value.len, &keep, &e)
+                      : validate_tag_value(kv->key.ptr, kv->key.len, kv->value.ptr,
+                                           kv->value.len, &keep, &e);
+    if (rc != 0) {
+        fail_v(m, &e);
+        return false;
+    }
+    kv->value.len = (uint32_t)keep;
+    return true;
+}
+
+static void add_tag(struct mctx *m, const char *run_id, struct proto_str k, struct proto_str v)
+{
+    add_ev(m, EV_TAG, run_id, k, v, none);
+}
+
+static bool str_eq(struct proto_str s, const char *lit)
+{
+    return s.len == strlen(lit) && memcmp(s.ptr, lit, s.len) == 0;
+}
+
+static void do_start_run(struct mctx *m, const struct proto_msg *msg)
+{
+    struct validate_error e;
+    const char *run_id = msg->u.start_run.run_id.ptr;
+    struct proto_str exp = msg->u.start_run.experiment;
+    struct proto_str name = msg->u.start_run.run_name;
+    bool has_name = msg->u.start_run.has_run_name && name.len > 0;
+
+    if (!check_run_id(m, msg->u.start_run.run_id))
+        return;
+    if (validate_experiment_name(exp.ptr, exp.len, &e) != 0) {
+        fail_v(m, &e);
+        return;
+    }
+    if (validate_timestamp(msg->u.start_run.start_time, &e) != 0) {
+        fail_v(m, &e);
+        return;
+    }
+    /* First pass over tags: validity and the name they carry. */
+    struct proto_iter it = msg->u.start_run.tags;
+    struct proto_kv kv;
+    struct proto_str tag_name = {NULL, 0};
+    bool has_tag_name = false, has_src_name = false, has_src_type = false;
+    while (proto_iter_next_kv(&it, &kv)) {
+        if (!check_kv(m, false, &kv))
+            return; /* a run is all or nothing: a half-tagged run would mislead */
+        if (str_eq(kv.key, "mlflow.runName")) {
+            tag_name = kv.value;
+            has_tag_name = true;
+        }
+        has_src_name |= str_eq(kv.key, "mlflow.source.name");
+        has_src_type |= str_eq(kv.key, "mlflow.source.type");
+    }
+    if (has_name && has_tag_name &&
+        (name.len != tag_name.len || memcmp(name.ptr, tag_name.ptr, name.len) != 0)) {
+        char msgbuf[700];
+        snprintf(msgbuf, sizeof msgbuf,
+                 "Both 'run_name' argument and 'mlflow.runName' tag are specified, but with "
+                 "different values (run_name='%.*s', mlflow.runName='%.*s').",
+                 (int)(name.len > 250 ? 250 : name.len), name.ptr,
+                 (int)(tag_name.len > 250 ? 250 : tag_name.len), tag_name.ptr);
+        fail(m, PROTO_ERR_RUN_NAME_CONFLICT, msgbuf);
+        return;
+    }
+    char random_name[32];
+    if (!has_name && has_tag_name) {
+        name = tag_name;
+        has_name = true;
+    }
+    if (!has_name) {
+        ingest_random_run_name(random_name, sizeof random_name);
+        name = pstr(random_name);
+    }
+    if (validate_run_name(name.ptr, name.len, &e) != 0) {
+        fail_v(m, &e);
+        return;
+    }
+    struct proto_str user = pstr(m->o->user);
+    struct ev *run = add_ev(m, EV_START_RUN, run_id, exp, name, user);
+    if (run == NULL)
+        return;
+    run->ts = msg->u.start_run.start_time;
+
+    it = msg->u.start_run.tags;
+    while (proto_iter_next_kv(&it, &kv)) {
+        check_kv(m, false, &kv); /* truncates as the first pass did */
+        /* The user is who the socket says, not what the client claims. */
+        if (str_eq(kv.key, "mlflow.user"))
+            continue;
+        add_tag(m, run_id, kv.key, kv.value);
+    }
+    if (!has_tag_name)
+        add_tag(m, run_id, pstr("mlflow.runName"), name);
+    add_tag(m, run_id, pstr("mlflow.user"), user);
+    if (!has_src_name && m->o->source_name[0])
+        add_tag(m, run_id, pstr("mlflow.source.name"), pstr(m->o->source_name));
+    if (!has_src_type && m->o->source_type[0])
+        add_tag(m, run_id, pstr("mlflow.source.type"), pstr(m->o->source_type));
+}
+
+static void do_point(struct mctx *m, const char *run_id, const struct proto_point *p)
+{
+    struct validate_error e;
+    if (validate_key("metric", p->key.ptr, p->key.len, &e) != 0 ||
+        validate_timestamp(p->timestamp, &e) != 0) {
+        fail_v(m, &e);
+        return;
+    }
+    struct ev *ev = add_ev(m, EV_METRIC, run_id, p->key, none, none);
+    if (ev == NULL)
+        return;
+    struct validate_metric_value v = validate_metric_sanitize(p->value);
+    ev->value = v.value;
+    ev->is_nan = v.is_nan;
+    ev->ts = p->timestamp;
+    ev->step = p->step;
+}
+
+static void do_kvs(struct mctx *m, const struct proto_msg *msg)
+{
+    bool is_param = msg->kind == PROTO_PARAMS;
+    if (!check_run_id(m, msg->u.kvs.run_id))
+        return;
+    struct proto_iter it = msg->u.kvs.kvs;
+    struct proto_kv kv;
+    while (m->rc == 0 && proto_iter_next_kv(&it, &kv)) {
+        if (!check_kv(m, is_param, &kv))
+            continue;
+        add_ev(m, is_param ? EV_PARAM : EV_TAG, msg->u.kvs.run_id.ptr, kv.key, kv.value, none);
+    }
+}
+
+static void do_end_run(struct mctx *m, const struct proto_msg *msg)
+{
+    struct validate_error e;
+    if (!check_run_id(m, msg->u.end_run.run_id))
+        return;
+    struct proto_str st = msg->u.end_run.status;
+    if (validate_status(st.ptr, st.len, &e) != 0 ||
+        validate_timestamp(msg->u.end_run.end_time, &e) != 0) {
+        fail_v(m, &e);
+        return;
+    }
+    static const char *const names[] = {"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"};
+    struct ev *ev = add_ev(m, EV_END_RUN, msg->u.end_run.run_id.ptr, none, none, none);
+    if (ev == NULL)
+        return;
+    for (uint8_t i = 0; i < 5; i++)
+        if (str_eq(st, names[i]))
+            ev->status = i;
+    ev->ts = msg->u.end_run.end_time;
+}
+
+int ingest_message(struct ingest *in, const struct ingest_origin *o, const struct proto_msg *msg)
+{
+    struct mctx m = {in, o, msg->seq, open_batch(in), 0};
+    struct validate_error e;
+    if (m.b == NULL) {
+        fail(&m, PROTO_ERR_SHUTDOWN, "agent out of memory");
+        return -ENOMEM;
+    }
+    switch (msg->kind) {
+    case PROTO_EXPERIMENT:
+        if (validate_experiment_name(msg->u.experiment.name.ptr, msg->u.experiment.name.len, &e))
+            fail_v(&m, &e);
+        else
+            add_ev(&m, EV_EXPERIMENT, NULL, msg->u.experiment.name, none, none);
+        break;
+    case PROTO_START_RUN:
+        do_start_run(&m, msg);
+        break;
+    case PROTO_METRIC:
+        if (check_run_id(&m, msg->u.metric.run_id))
+            do_point(&m, msg->u.metric.run_id.ptr, &msg->u.metric.point);
+        break;
+    case PROTO_METRICS: {
+        if (!check_run_id(&m, msg->u.metrics.run_id))
+            break;
+        struct proto_iter it = msg->u.metrics.points;
+        struct proto_point p;
+        while (m.rc == 0 && proto_iter_next_point(&it, &p))
+            do_point(&m, msg->u.metrics.run_id.ptr, &p);
+        break;
+    }
+    case PROTO_PARAMS:
+    case PROTO_TAGS:
+        do_kvs(&m, msg);
+        break;
+    case PROTO_END_RUN:
+        do_end_run(&m, msg);
+        break;
+    default:
+        fail(&m, PROTO_ERR_PROTOCOL, "message kind not accepted from clients");
+        break;
+    }
+    if (m.rc != 0)
+        fail(&m, PROTO_ERR_SHUTDOWN, "agent out of memory; event dropped");
+    struct batch *b = in->open;
+    if (b->n >= in->cfg->batch_max_rows || batch_bytes(b) >= in->cfg->batch_max_bytes)
+        ingest_cut(in);
+    else if (b->n == 0)
+        uv_timer_stop(&in->age_timer);
+    check_pressure(in);
+    return m.rc;
+}
+
+void ingest_random_run_name(char *out, size_t len)
+{
+    static const char *const adjectives[] = {
+        "able",   "brave", "calm",  "clever", "bold",  "bright", "eager", "gentle",
+        "happy",  "keen",  "lucky", "merry",  "noble", "quick",  "quiet", "sharp",
+        "silent", "swift", "tidy",  "vivid",  "wise",  "zesty",  "amber", "polite",
+    };
+    static const char *const nouns[] = {
+        "ant",  "bass", "bat",  "bear", "bird", "carp", "cat",  "colt", "crab", "deer",
+        "dove", "duck", "eel",  "elk",  "fish", "fox",  "frog", "goat", "hare", "hawk",
+        "lark", "lion", "mole", "moth", "newt", "owl",  "ram",  "seal", "slug", "wolf",
+    };
+    unsigned r = (unsigned)rand();
+    snprintf(out, len, "%s-%s-%u", adjectives[r % 24], nouns[(r / 24) % 30],
+             (unsigned)rand() % 1000);
+}

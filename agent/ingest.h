@@ -1,0 +1,88 @@
+/*
+ * Ingest: turns decoded client messages into validated events in the open
+ * batch, cuts batches (by rows, bytes, age, or a flush) and hands them to the
+ * writer, and answers flush barriers once everything accepted before them is
+ * committed or rejected. It also owns the pending-memory bound: above it,
+ * clients are paused (their sockets are not read) until the writer catches up.
+ */
+#ifndef TRACKD_INGEST_H
+#define TRACKD_INGEST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "batch.h"
+#include "trackd_proto.h"
+
+struct trackd_config;
+struct writer;
+
+struct ingest_cbs {
+    /* Stop (true) or resume (false) reading every client socket. */
+    void (*pause)(void *ctx, bool pause);
+    /* Everything conn_id sent before flush_seq is committed or rejected. */
+    void (*flushed)(void *ctx, uint32_t conn_id, uint64_t flush_seq);
+    /* An event of frame seq from conn_id will not be written. */
+    void (*error)(void *ctx, uint32_t conn_id, uint64_t seq, uint32_t code, const char *message);
+};
+
+/* Who sent a message; strings are borrowed for the call. */
+struct ingest_origin {
+    uint32_t conn_id;
+    const char *user;        /* from the peer's uid */
+    const char *source_name; /* from the client's hello */
+    const char *source_type;
+};
+
+struct flush_waiter {
+    uint32_t conn_id;
+    uint64_t flush_seq;
+    uint64_t serial; /* done when done_serial reaches it */
+};
+
+struct ingest {
+    uv_loop_t *loop;
+    const struct trackd_config *cfg;
+    struct writer *writer;
+    struct ingest_cbs cbs;
+    void *ctx;
+
+    struct batch *open;     /* events not yet handed to the writer; owned */
+    uv_timer_t age_timer;
+    bool age_due;           /* the open batch is old enough; cut when the writer is free */
+    uint64_t next_serial;   /* serial of the next accepted event */
+    uint64_t done_serial;   /* every event with a serial <= this is finished */
+    size_t queued_bytes;    /* batches with the writer */
+    bool paused;
+
+    struct flush_waiter *waiters;
+    size_t nwaiters;
+    size_t capwaiters;
+};
+
+int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *cfg,
+                struct writer *writer, const struct ingest_cbs *cbs, void *ctx);
+/*
+ * Validates msg and appends its events to the open batch. Invalid parts are
+ * reported through cbs.error and counted; the rest is kept. Returns 0, or
+ * -ENOMEM when the event could not be stored (also reported).
+ */
+int ingest_message(struct ingest *in, const struct ingest_origin *o, const struct proto_msg *msg);
+/* Registers a barrier for everything accepted so far. */
+void ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq);
+/* Hands the open batch to the writer now. */
+void ingest_cut(struct ingest *in);
+/* Writer callback: b is finished; frees it and answers satisfied barriers. */
+void ingest_batch_done(struct ingest *in, struct batch *b);
+size_t ingest_pending_bytes(const struct ingest *in);
+bool ingest_drained(const struct ingest *in);
+/* Drops barriers of a closed connection. */
+void ingest_forget_conn(struct ingest *in, uint32_t conn_id);
+void ingest_close(struct ingest *in);
+
+/* Fills out (>= 24 bytes) with an adjective-noun-number name like MLflow's. */
+void ingest_random_run_name(char *out, size_t len);
+
+#endif

@@ -1,0 +1,55 @@
+/*
+ * Log sink. Lines go to stderr, which systemd and the test harness both
+ * capture; a single fprintf per line keeps lines whole across threads.
+ */
+#include "log.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <time.h>
+
+int log_level_current = LOG_INFO;
+
+static const char *const level_names[] = {"ERROR", "WARN", "INFO", "DEBUG"};
+
+void log_set_level(int level)
+{
+    log_level_current = level;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void log_write(int level, const char *fmt, ...)
+{
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+
+    struct timespec ts;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    fprintf(stderr, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s %s\n", tm.tm_year + 1900,
+            tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
+            level_names[level < 0 ? 0 : level > 3 ? 3 : level], msg);
+}
+
+int64_t log_ratelimit(int64_t *last_ms, int64_t *suppressed, int64_t interval_ms)
+{
+    int64_t now = now_ms();
+    if (*last_ms != 0 && now - *last_ms < interval_ms) {
+        (*suppressed)++;
+        return -1;
+    }
+    *last_ms = now;
+    int64_t held = *suppressed;
+    *suppressed = 0;
+    return held;
+}

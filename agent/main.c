@@ -1,0 +1,361 @@
+/*
+ * The trackd binary: command line, configuration, the start-up schema check,
+ * wiring of listener -> conn -> ingest -> writer on one libuv loop, signals
+ * and clean shutdown, and the `trackd stats` client.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "config.h"
+#include "conn.h"
+#include "ingest.h"
+#include "listener.h"
+#include "log.h"
+#include "pgconn.h"
+#include "stats.h"
+#include "trackd_proto.h"
+#include "writer.h"
+
+#ifndef TRACKD_VERSION
+#define TRACKD_VERSION "0.1.0"
+#endif
+
+const char trackd_version[] = TRACKD_VERSION;
+
+extern char **environ;
+
+struct agent {
+    uv_loop_t loop;
+    struct trackd_config cfg;
+    struct writer writer;
+    struct ingest ingest;
+    struct conn_server conns;
+    struct listener listener;
+    uv_signal_t sigterm, sigint;
+    uv_timer_t tick;     /* 1 s: rates and uptime */
+    uv_timer_t shutdown; /* polls for drain until the grace period ends */
+    uint64_t started_ms;
+    uint64_t shutdown_deadline_ms;
+    uint64_t last_committed;
+    bool stopping;
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: trackd [--config FILE]              run the agent in the foreground\n"
+            "       trackd --check-config [FILE]        validate a configuration and exit\n"
+            "       trackd stats [--socket PATH | --config FILE]\n"
+            "                                           print a running agent's counters\n"
+            "       trackd --help | --version\n"
+            "\n"
+            "Every configuration key can be overridden by TRACKD_<SECTION>_<KEY>, e.g.\n"
+            "TRACKD_POSTGRES_DSN or TRACKD_AGENT_SOCKET. See agent.toml.example.\n");
+}
+
+/* ---- callbacks wiring the modules together -------------------------------- */
+
+static void on_reject(void *ctx, const struct batch *b, const struct ev *ev, uint32_t code,
+                      const char *message)
+{
+    struct agent *a = ctx;
+    (void)b;
+    struct conn *c = conn_find(&a->conns, ev->conn_id);
+    if (c)
+        conn_send_error(c, ev->seq, code, message);
+    else
+        stats.errors_undeliverable++;
+}
+
+static void on_batch_done(void *ctx, struct batch *b)
+{
+    struct agent *a = ctx;
+    ingest_batch_done(&a->ingest, b);
+}
+
+static void on_pause(void *ctx, bool pause)
+{
+    struct agent *a = ctx;
+    conn_pause_all(&a->conns, pause);
+}
+
+static void on_flushed(void *ctx, uint32_t conn_id, uint64_t flush_seq)
+{
+    struct agent *a = ctx;
+    struct conn *c = conn_find(&a->conns, conn_id);
+    if (c)
+        conn_send_flushed(c, flush_seq);
+}
+
+static void on_error(void *ctx, uint32_t conn_id, uint64_t seq, uint32_t code, const char *msg)
+{
+    struct agent *a = ctx;
+    struct conn *c = conn_find(&a->conns, conn_id);
+    if (c)
+        conn_send_error(c, seq, code, msg);
+    else
+        stats.errors_undeliverable++;
+}
+
+/* ---- lifecycle ------------------------------------------------------------- */
+
+static void writer_closed(struct writer *w)
+{
+    (void)w;
+}
+
+static void finish(struct agent *a)
+{
+    uint64_t left = stats.queue_events;
+    if (!ingest_drained(&a->ingest))
+        log_warn("[agent] shutdown grace of %u ms ended with %llu events not written",
+                 a->cfg.shutdown_grace_ms, (unsigned long long)left);
+    ingest_cut(&a->ingest);
+    conn_close_all(&a->conns);
+    writer_close(&a->writer, writer_closed);
+    ingest_close(&a->ingest);
+    uv_timer_stop(&a->tick);
+    uv_timer_stop(&a->shutdown);
+    uv_close((uv_handle_t *)&a->tick, NULL);
+    uv_close((uv_handle_t *)&a->shutdown, NULL);
+    uv_close((uv_handle_t *)&a->sigterm, NULL);
+    uv_close((uv_handle_t *)&a->sigint, NULL);
+}
+
+static void shutdown_tick(uv_timer_t *t)
+{
+    struct agent *a = t->data;
+    ingest_cut(&a->ingest);
+    if (ingest_drained(&a->ingest) || uv_now(&a->loop) >= a->shutdown_deadline_ms) {
+        log_info("[agent] drained: %llu events committed in total",
+                 (unsigned long long)stats.events_committed);
+        finish(a);
+    }
+}
+
+static void on_signal(uv_signal_t *s, int signum)
+{
+    struct agent *a = s->data;
+    if (a->stopping) {
+        log_warn("[agent] second signal: stopping without waiting for the database");
+        a->shutdown_deadline_ms = 0;
+        return;
+    }
+    a->stopping = true;
+    log_info("[agent] %s: no new connections; writing buffered events (up to %u ms)",
+             signum == SIGTERM ? "SIGTERM" : "SIGINT", a->cfg.shutdown_grace_ms);
+    listener_close(&a->listener);
+    conn_drain_all(&a->conns);
+    ingest_cut(&a->ingest);
+    a->shutdown_deadline_ms = uv_now(&a->loop) + a->cfg.shutdown_grace_ms;
+    uv_timer_start(&a->shutdown, shutdown_tick, 0, 20);
+}
+
+static void on_tick(uv_timer_t *t)
+{
+    struct agent *a = t->data;
+    stats.rows_per_sec = stats.events_committed - a->last_committed;
+    a->last_committed = stats.events_committed;
+    stats.uptime_s = (uv_now(&a->loop) - a->started_ms) / 1000;
+}
+
+static int load_config(struct trackd_config *cfg, const char *path)
+{
+    struct config_error err;
+    char line[1024];
+    config_init(cfg);
+    if (path && config_load_file(cfg, path, &err) != 0) {
+        config_format_error(&err, line, sizeof line);
+        fprintf(stderr, "%s\n", line);
+        return -1;
+    }
+    if (config_apply_env(cfg, environ, &err) != 0) {
+        config_format_error(&err, line, sizeof line);
+        fprintf(stderr, "%s\n", line);
+        return -1;
+    }
+    return 0;
+}
+
+static int run_agent(const char *config_path)
+{
+    static struct agent a; /* large; lives for the whole process */
+    char msg[1024];
+    if (load_config(&a.cfg, config_path) != 0)
+        return 2;
+    log_set_level(a.cfg.log_level);
+    signal(SIGPIPE, SIG_IGN);
+    srand((unsigned)time(NULL) ^ (unsigned)getpid());
+    log_info("[agent] trackd %s starting (config %s)", trackd_version,
+             config_path ? config_path : "built-in defaults");
+
+    if (pgconn_check_schema(&a.cfg, msg, sizeof msg) != 0) {
+        log_error("[agent] %s", msg);
+        config_free(&a.cfg);
+        return 1;
+    }
+
+    uv_loop_init(&a.loop);
+    a.started_ms = uv_now(&a.loop);
+    struct writer_cbs wcbs = {on_reject, on_batch_done};
+    struct ingest_cbs icbs = {on_pause, on_flushed, on_error};
+    if (writer_init(&a.writer, &a.loop, &a.cfg, &wcbs, &a) != 0)
+        return 1;
+    ingest_init(&a.ingest, &a.loop, &a.cfg, &a.writer, &icbs, &a);
+    conn_server_init(&a.conns, &a.loop, &a.cfg, &a.ingest);
+    if (listener_start(&a.listener, &a.loop, &a.cfg, &a.conns, msg, sizeof msg) != 0) {
+        log_error("[agent] %s", msg);
+        writer_close(&a.writer, writer_closed);
+        ingest_close(&a.ingest);
+        uv_run(&a.loop, UV_RUN_DEFAULT);
+        uv_loop_close(&a.loop);
+        config_free(&a.cfg);
+        return 1;
+    }
+    uv_signal_init(&a.loop, &a.sigterm);
+    uv_signal_init(&a.loop, &a.sigint);
+    a.sigterm.data = a.sigint.data = &a;
+    uv_signal_start(&a.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&a.sigint, on_signal, SIGINT);
+    uv_timer_init(&a.loop, &a.tick);
+    uv_timer_init(&a.loop, &a.shutdown);
+    a.tick.data = a.shutdown.data = &a;
+    uv_timer_start(&a.tick, on_tick, 1000, 1000);
+    log_info("[agent] ready");
+
+    uv_run(&a.loop, UV_RUN_DEFAULT);
+    int rc = uv_loop_close(&a.loop);
+    if (rc != 0)
+        log_warn("[agent] loop closed with handles open: %s", uv_strerror(rc));
+    log_info("[agent] stopped");
+    config_free(&a.cfg);
+    return 0;
+}
+
+/* ---- `trackd stats` --------------------------------------------------------- */
+
+static int read_frame(int fd, struct proto_reader *r, struct proto_header *h,
+                      const uint8_t **body, int timeout_ms)
+{
+    for (;;) {
+        int rc = proto_reader_next(r, h, body);
+        if (rc != 0)
+            return rc;
+        struct pollfd p = {fd, POLLIN, 0};
+        if (poll(&p, 1, timeout_ms) <= 0)
+            return -ETIMEDOUT;
+        uint8_t *space;
+        size_t n;
+        if (proto_reader_space(r, 65536, &space, &n) != 0)
+            return -ENOMEM;
+        ssize_t got = read(fd, space, n);
+        if (got <= 0)
+            return -ECONNRESET;
+        proto_reader_commit(r, (size_t)got);
+    }
+}
+
+static int run_stats(const char *socket_path)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", socket_path);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        fprintf(stderr, "trackd stats: cannot connect to %s: %s (is the agent running?)\n",
+                socket_path, strerror(errno));
+        return 1;
+    }
+    struct proto_buf out;
+    proto_buf_init(&out, 0);
+    proto_encode_empty(&out, 1, PROTO_STATS);
+    if (write(fd, out.data, out.len) != (ssize_t)out.len) {
+        fprintf(stderr, "trackd stats: write failed: %s\n", strerror(errno));
+        return 1;
+    }
+    proto_buf_free(&out);
+    struct proto_reader r;
+    proto_reader_init(&r, PROTO_MAX_BODY_HARD);
+    struct proto_header h;
+    const uint8_t *body;
+    struct proto_msg m;
+    int rc = read_frame(fd, &r, &h, &body, 5000);
+    if (rc != 1 || proto_msg_decode(&h, body, &m) != 0 || m.kind != PROTO_STATS_REPLY) {
+        fprintf(stderr, "trackd stats: no valid reply from %s (%s)\n", socket_path,
+                rc < 0 ? strerror(-rc) : "bad frame");
+        proto_reader_free(&r);
+        close(fd);
+        return 1;
+    }
+    struct proto_str name;
+    uint64_t value;
+    while (proto_iter_next_stat(&m.u.stats.pairs, &name, &value))
+        printf("%-24.*s %llu\n", (int)name.len, name.ptr, (unsigned long long)value);
+    proto_reader_free(&r);
+    close(fd);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *config_path = NULL, *socket_path = NULL;
+    bool check = false, stats_cmd = false;
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (strcmp(arg, "--version") == 0) {
+            printf("trackd %s (protocol %d, libuv %s, libpq %d)\n", trackd_version,
+                   PROTO_VERSION, uv_version_string(), PQlibVersion());
+            return 0;
+        } else if (strcmp(arg, "--config") == 0 || strcmp(arg, "-c") == 0) {
+            if (++i >= argc) {
+                fprintf(stderr, "trackd: --config needs a file\n");
+                return 2;
+            }
+            config_path = argv[i];
+        } else if (strcmp(arg, "--check-config") == 0) {
+            check = true;
+            if (i + 1 < argc && argv[i + 1][0] != '-')
+                config_path = argv[++i];
+        } else if (strcmp(arg, "--socket") == 0 && i + 1 < argc) {
+            socket_path = argv[++i];
+        } else if (strcmp(arg, "stats") == 0) {
+            stats_cmd = true;
+        } else {
+            fprintf(stderr, "trackd: unknown argument '%s'\n", arg);
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (check) {
+        struct trackd_config cfg;
+        if (load_config(&cfg, config_path) != 0)
+            return 1;
+        printf("%s: configuration OK\n", config_path ? config_path : "(defaults)");
+        config_free(&cfg);
+        return 0;
+    }
+    if (stats_cmd) {
+        if (socket_path)
+            return run_stats(socket_path);
+        struct trackd_config cfg;
+        if (load_config(&cfg, config_path) != 0)
+            return 1;
+        int rc = run_stats(cfg.socket_path);
+        config_free(&cfg);
+        return rc;
+    }
+    return run_agent(config_path);
+}

@@ -1,0 +1,194 @@
+/*
+ * Connection parameters, SQLSTATE classes and the start-up schema check.
+ * MLflow owns the DDL: trackd only reads alembic_version and
+ * information_schema here, and refuses a database it was not tested with
+ * rather than writing rows MLflow might read differently.
+ */
+#include "pgconn.h"
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "config.h"
+#include "log.h"
+
+const char *const pgconn_tested_revisions[] = {
+    "dc11669786a5", /* MLflow 3.17.x */
+    NULL,
+};
+
+/* Every column the writer names, per table. */
+static const char *const required_columns[][2] = {
+    {"experiments", "experiment_id"}, {"experiments", "name"},
+    {"experiments", "artifact_location"}, {"experiments", "lifecycle_stage"},
+    {"experiments", "creation_time"}, {"experiments", "last_update_time"},
+    {"experiments", "workspace"},
+    {"runs", "run_uuid"}, {"runs", "name"}, {"runs", "source_type"}, {"runs", "source_name"},
+    {"runs", "entry_point_name"}, {"runs", "user_id"}, {"runs", "status"},
+    {"runs", "start_time"}, {"runs", "end_time"}, {"runs", "source_version"},
+    {"runs", "lifecycle_stage"}, {"runs", "artifact_uri"}, {"runs", "experiment_id"},
+    {"runs", "deleted_time"},
+    {"tags", "key"}, {"tags", "value"}, {"tags", "run_uuid"},
+    {"params", "key"}, {"params", "value"}, {"params", "run_uuid"},
+    {"metrics", "key"}, {"metrics", "value"}, {"metrics", "timestamp"},
+    {"metrics", "run_uuid"}, {"metrics", "step"}, {"metrics", "is_nan"},
+    {"latest_metrics", "key"}, {"latest_metrics", "value"}, {"latest_metrics", "timestamp"},
+    {"latest_metrics", "step"}, {"latest_metrics", "is_nan"}, {"latest_metrics", "run_uuid"},
+};
+
+int pgconn_params_init(struct pgconn_params *p, const struct trackd_config *cfg, char *msg,
+                       size_t msglen)
+{
+    size_t n = 0;
+    memset(p, 0, sizeof *p);
+    p->keys[n] = "dbname";
+    p->values[n++] = cfg->pg_dsn;
+    p->keys[n] = "fallback_application_name";
+    p->values[n++] = "trackd";
+    if (cfg->pg_password_file && cfg->pg_password_file[0]) {
+        FILE *f = fopen(cfg->pg_password_file, "r");
+        if (f == NULL) {
+            int e = errno;
+            snprintf(msg, msglen, "cannot read [postgres] password_file %s: %s",
+                     cfg->pg_password_file, strerror(e));
+            return -e;
+        }
+        if (fgets(p->password, sizeof p->password, f) == NULL)
+            p->password[0] = '\0';
+        fclose(f);
+        p->password[strcspn(p->password, "\r\n")] = '\0';
+        p->keys[n] = "password";
+        p->values[n++] = p->password;
+    }
+    p->keys[n] = NULL;
+    p->values[n] = NULL;
+    return 0;
+}
+
+void pgconn_params_clear(struct pgconn_params *p)
+{
+    volatile char *s = p->password;
+    for (size_t i = 0; i < sizeof p->password; i++)
+        s[i] = 0;
+}
+
+enum pgconn_class pgconn_classify(const char *sqlstate)
+{
+    if (sqlstate == NULL || strlen(sqlstate) != 5)
+        return PGCONN_RETRY;
+    if (strncmp(sqlstate, "08", 2) == 0 || strcmp(sqlstate, "40001") == 0 ||
+        strcmp(sqlstate, "40P01") == 0 || strncmp(sqlstate, "57P", 3) == 0 ||
+        strncmp(sqlstate, "53", 2) == 0 || strcmp(sqlstate, "55P03") == 0 ||
+        strcmp(sqlstate, "25006") == 0 /* read-only transaction: a standby */)
+        return PGCONN_RETRY;
+    if (strncmp(sqlstate, "22", 2) == 0 || strncmp(sqlstate, "23", 2) == 0)
+        return PGCONN_ISOLATE;
+    return PGCONN_UNKNOWN;
+}
+
+void pgconn_notice(void *arg, const char *message)
+{
+    (void)arg;
+    log_debug("[postgres] %.*s", (int)strcspn(message, "\n"), message);
+}
+
+static bool revision_allowed(const struct trackd_config *cfg, const char *rev)
+{
+    for (size_t i = 0; pgconn_tested_revisions[i]; i++)
+        if (strcmp(pgconn_tested_revisions[i], rev) == 0)
+            return true;
+    const char *list = cfg->allowed_revisions ? cfg->allowed_revisions : "";
+    size_t rl = strlen(rev);
+    while (*list) {
+        list += strspn(list, " ,");
+        size_t n = strcspn(list, " ,");
+        if (n == rl && strncmp(list, rev, n) == 0)
+            return true;
+        list += n;
+    }
+    return false;
+}
+
+static int check_on(PGconn *c, const struct trackd_config *cfg, char *msg, size_t msglen)
+{
+    int rc = -1;
+    PGresult *r = PQexec(c, "SELECT to_regclass('alembic_version') IS NOT NULL");
+    if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+        snprintf(msg, msglen, "schema check failed: %s", PQerrorMessage(c));
+        goto out;
+    }
+    if (strcmp(PQgetvalue(r, 0, 0), "t") != 0) {
+        snprintf(msg, msglen,
+                 "database %s has no MLflow schema (table alembic_version is missing). "
+                 "Initialise it with MLflow once, e.g. `mlflow server --backend-store-uri "
+                 "postgresql://...` or `mlflow db upgrade` followed by one start of the server; "
+                 "trackd never creates MLflow's tables",
+                 PQdb(c));
+        goto out;
+    }
+    PQclear(r);
+    r = PQexec(c, "SELECT version_num FROM alembic_version");
+    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+        snprintf(msg, msglen,
+                 "alembic_version must hold exactly one row (found %d); the MLflow schema is "
+                 "incomplete: run `mlflow db upgrade` on it",
+                 PQresultStatus(r) == PGRES_TUPLES_OK ? PQntuples(r) : -1);
+        goto out;
+    }
+    const char *rev = PQgetvalue(r, 0, 0);
+    if (!revision_allowed(cfg, rev)) {
+        snprintf(msg, msglen,
+                 "MLflow schema revision %s is not one trackd is tested with (tested: %s). "
+                 "Upgrade or downgrade the database with the matching MLflow release, or add the "
+                 "revision to [mlflow] allowed_revisions after checking it",
+                 rev, pgconn_tested_revisions[0]);
+        goto out;
+    }
+    log_info("[postgres] MLflow schema revision %s", rev);
+    PQclear(r);
+    r = PQexec(c, "SELECT table_name || '.' || column_name FROM information_schema.columns"
+                  " WHERE table_schema = current_schema()");
+    if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+        snprintf(msg, msglen, "cannot read information_schema.columns: %s", PQerrorMessage(c));
+        goto out;
+    }
+    for (size_t i = 0; i < sizeof required_columns / sizeof required_columns[0]; i++) {
+        char want[128];
+        snprintf(want, sizeof want, "%s.%s", required_columns[i][0], required_columns[i][1]);
+        bool found = false;
+        for (int row = 0; row < PQntuples(r) && !found; row++)
+            found = strcmp(PQgetvalue(r, row, 0), want) == 0;
+        if (!found) {
+            snprintf(msg, msglen,
+                     "column %s is missing from the MLflow schema; the database was not "
+                     "initialised by a supported MLflow release (run `mlflow db upgrade`)",
+                     want);
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    PQclear(r);
+    return rc;
+}
+
+int pgconn_check_schema(const struct trackd_config *cfg, char *msg, size_t msglen)
+{
+    struct pgconn_params p;
+    if (pgconn_params_init(&p, cfg, msg, msglen) != 0)
+        return -1;
+    PGconn *c = PQconnectdbParams(p.keys, p.values, 1);
+    pgconn_params_clear(&p);
+    int rc = -1;
+    if (PQstatus(c) != CONNECTION_OK) {
+        snprintf(msg, msglen, "cannot connect to PostgreSQL: %.*s", (int)strcspn(PQerrorMessage(c), "\n"),
+                 PQerrorMessage(c));
+    } else {
+        PQsetNoticeProcessor(c, pgconn_notice, NULL);
+        rc = check_on(c, cfg, msg, msglen);
+    }
+    PQfinish(c);
+    return rc;
+}

@@ -1,0 +1,65 @@
+/*
+ * Agent counters. Everything the agent accepts, writes, rejects or drops is
+ * counted here, on the loop thread only (no atomics needed), and served to
+ * `trackd stats` over the socket as a flat name -> integer list.
+ */
+#ifndef TRACKD_STATS_H
+#define TRACKD_STATS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* X-macro: one line per counter, so the struct and the names cannot drift. */
+#define STATS_COUNTERS(X)                                                                          \
+    X(connections_accepted)                                                                        \
+    X(connections_current)                                                                         \
+    X(connections_rejected)                                                                        \
+    X(frames_received)                                                                             \
+    X(bytes_received)                                                                              \
+    X(events_received)                                                                             \
+    X(events_committed)                                                                            \
+    X(metrics_committed)                                                                           \
+    X(params_committed)                                                                            \
+    X(tags_committed)                                                                              \
+    X(runs_committed)                                                                              \
+    X(rejected_protocol)                                                                           \
+    X(rejected_bad_utf8)                                                                           \
+    X(rejected_bad_key)                                                                            \
+    X(rejected_key_too_long)                                                                       \
+    X(rejected_value_too_long)                                                                     \
+    X(rejected_bad_run_id)                                                                         \
+    X(rejected_bad_timestamp)                                                                      \
+    X(rejected_bad_status)                                                                         \
+    X(rejected_bad_name)                                                                           \
+    X(rejected_param_changed)                                                                      \
+    X(rejected_database)                                                                           \
+    X(batches_committed)                                                                           \
+    X(batches_failed)                                                                              \
+    X(batch_splits)                                                                                \
+    X(db_retries)                                                                                  \
+    X(db_connects)                                                                                 \
+    X(db_rtt_us_last)                                                                              \
+    X(db_rtt_us_max)                                                                               \
+    X(queue_events)                                                                                \
+    X(queue_bytes)                                                                                 \
+    X(backpressure_pauses)                                                                         \
+    X(errors_to_clients)                                                                           \
+    X(errors_undeliverable)                                                                        \
+    X(rows_per_sec)                                                                                \
+    X(flushes)                                                                                     \
+    X(uptime_s)
+
+struct stats {
+#define STATS_FIELD(name) uint64_t name;
+    STATS_COUNTERS(STATS_FIELD)
+#undef STATS_FIELD
+};
+
+extern struct stats stats;
+
+/* Names in struct order; values_out must hold stats_count() entries. */
+size_t stats_count(void);
+const char *const *stats_names(void);
+void stats_values(uint64_t *values_out);
+
+#endif

@@ -1,0 +1,781 @@
+/*
+ * Writer state machine. All libpq calls are non-blocking: the socket is
+ * watched with uv_poll and every state reads what has arrived, sends what it
+ * can, and returns to the loop. One range of one batch is in flight at a
+ * time, so commits happen in arrival order and a flush barrier only needs
+ * the position of the last finished batch.
+ */
+#include "writer.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "config.h"
+#include "log.h"
+#include "stats.h"
+
+#define COPY_CHUNK (64 * 1024)
+#define BACKOFF_MIN_MS 100
+#define BACKOFF_MAX_MS 10000
+#define UNKNOWN_RETRIES 3
+
+enum stmt {
+    STMT_EXPS,
+    STMT_RUNS,
+    STMT_TAGS,
+    STMT_RENAMES,
+    STMT_PARAMS,
+    STMT_METRICS,
+    STMT_LATEST,
+    STMT_ENDS,
+    STMT_COMMIT,
+    STMT_COUNT
+};
+
+static void drive(struct writer *w);
+static void start_next(struct writer *w);
+static int push_range(struct writer *w, size_t lo, size_t hi);
+static void connect_start(struct writer *w);
+
+const char *writer_state_name(enum writer_state s)
+{
+    static const char *const names[] = {"disconnected", "connecting", "idle",     "txn_start",
+                                        "copy_data",    "pipeline",   "rollback", "backoff",
+                                        "closing"};
+    return names[s];
+}
+
+static void set_state(struct writer *w, enum writer_state s)
+{
+    if (w->state != s)
+        log_debug("[writer] %s -> %s", writer_state_name(w->state), writer_state_name(s));
+    w->state = s;
+}
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* ---- socket watching ----------------------------------------------------- */
+
+static void poll_closed_cb(uv_handle_t *h)
+{
+    free(h);
+}
+
+static void poll_stop(struct writer *w)
+{
+    if (w->poll) {
+        uv_close((uv_handle_t *)w->poll, poll_closed_cb);
+        w->poll = NULL;
+    }
+    w->poll_fd = -1;
+    w->poll_events = 0;
+}
+
+static void on_poll(uv_poll_t *h, int status, int events);
+
+/* Watches fd for events, re-creating the handle when libpq changed sockets. */
+static void poll_watch(struct writer *w, int fd, int events)
+{
+    if (w->poll && w->poll_fd != fd)
+        poll_stop(w);
+    if (w->poll == NULL) {
+        w->poll = malloc(sizeof *w->poll);
+        if (w->poll == NULL || uv_poll_init(w->loop, w->poll, fd) != 0) {
+            free(w->poll);
+            w->poll = NULL;
+            log_error("[writer] cannot watch the PostgreSQL socket");
+            return;
+        }
+        w->poll->data = w;
+        w->poll_fd = fd;
+        w->poll_events = 0;
+    }
+    if (events != w->poll_events) {
+        uv_poll_start(w->poll, events, on_poll);
+        w->poll_events = events;
+    }
+}
+
+/* Sends buffered output; watches for writability while libpq has more. */
+static int flush_out(struct writer *w)
+{
+    int r = PQflush(w->pg);
+    if (r < 0)
+        return -1;
+    poll_watch(w, PQsocket(w->pg), UV_READABLE | (r == 1 ? UV_WRITABLE : 0));
+    return 0;
+}
+
+/* ---- connection ---------------------------------------------------------- */
+
+static void backoff_cb(uv_timer_t *t)
+{
+    struct writer *w = t->data;
+    if (w->state == W_BACKOFF) {
+        if (w->pg == NULL)
+            connect_start(w);
+        else {
+            set_state(w, W_IDLE);
+            start_next(w);
+        }
+    } else if (w->state == W_CONNECTING) {
+        log_limited(LOG_WARN, "[writer] connecting to PostgreSQL timed out after %u ms",
+                    w->cfg->pg_connect_timeout_ms);
+        PQfinish(w->pg);
+        w->pg = NULL;
+        poll_stop(w);
+        w->attempts++;
+        set_state(w, W_BACKOFF);
+        uv_timer_start(&w->timer, backoff_cb, BACKOFF_MAX_MS / 4, 0);
+    }
+}
+
+static uint64_t backoff_ms(unsigned attempts)
+{
+    uint64_t ms = BACKOFF_MIN_MS;
+    for (unsigned i = 0; i < attempts && ms < BACKOFF_MAX_MS; i++)
+        ms *= 2;
+    if (ms > BACKOFF_MAX_MS)
+        ms = BACKOFF_MAX_MS;
+    /* Jitter keeps a fleet of agents from reconnecting in step. */
+    return ms / 2 + (uint64_t)rand() % (ms / 2 + 1);
+}
+
+static void backoff(struct writer *w)
+{
+    set_state(w, W_BACKOFF);
+    uv_timer_start(&w->timer, backoff_cb, backoff_ms(w->attempts), 0);
+    w->attempts++;
+}
+
+/* The in-flight range goes back on the stack to be tried again. */
+static void requeue_current(struct writer *w)
+{
+    if (w->head && w->cur.hi > w->cur.lo) {
+        /* Popped from the stack, so a slot is free. */
+        if (push_range(w, w->cur.lo, w->cur.hi) != 0)
+            log_error("[writer] out of memory re-queueing a range");
+        w->cur.lo = w->cur.hi = 0;
+    }
+}
+
+static void conn_lost(struct writer *w, const char *what)
+{
+    const char *err = w->pg ? PQerrorMessage(w->pg) : "";
+    log_limited(LOG_WARN, "[writer] PostgreSQL connection lost during %s: %.*s; retrying", what,
+                (int)strcspn(err, "\n"), err);
+    stats.db_retries++;
+    requeue_current(w);
+    if (w->pg)
+        PQfinish(w->pg);
+    w->pg = NULL;
+    poll_stop(w);
+    backoff(w);
+}
+
+static void connect_poll(struct writer *w)
+{
+    PostgresPollingStatusType r = PQconnectPoll(w->pg);
+    switch (r) {
+    case PGRES_POLLING_OK:
+        uv_timer_stop(&w->timer);
+        stats.db_connects++;
+        PQsetNoticeProcessor(w->pg, pgconn_notice, NULL);
+        if (PQsetnonblocking(w->pg, 1) != 0) {
+            conn_lost(w, "connect");
+            return;
+        }
+        log_info("[writer] connected to PostgreSQL %s (server %d)", PQdb(w->pg),
+                 PQserverVersion(w->pg));
+        w->attempts = 0;
+        poll_watch(w, PQsocket(w->pg), UV_READABLE);
+        set_state(w, W_IDLE);
+        start_next(w);
+        return;
+    case PGRES_POLLING_READING:
+        poll_watch(w, PQsocket(w->pg), UV_READABLE);
+        return;
+    case PGRES_POLLING_WRITING:
+        poll_watch(w, PQsocket(w->pg), UV_WRITABLE);
+        return;
+    default:
+        uv_timer_stop(&w->timer);
+        conn_lost(w, "connect");
+        return;
+    }
+}
+
+static void connect_start(struct writer *w)
+{
+    set_state(w, W_CONNECTING);
+    w->pg = PQconnectStartParams(w->params.keys, w->params.values, 1);
+    if (w->pg == NULL || PQstatus(w->pg) == CONNECTION_BAD) {
+        conn_lost(w, "connect");
+        return;
+    }
+    uv_timer_start(&w->timer, backoff_cb, w->cfg->pg_connect_timeout_ms, 0);
+    /* libpq: behave as if PQconnectPoll had returned PGRES_POLLING_WRITING. */
+    poll_watch(w, PQsocket(w->pg), UV_WRITABLE);
+}
+
+/* ---- transaction steps ----------------------------------------------------- */
+
+static const char *const stmt_names[] = {"experiments", "runs", "tags", "run names", "params",
+                                         "metrics", "latest_metrics", "end runs", "commit"};
+
+static void record_failure(struct writer *w, const PGresult *res)
+{
+    if (w->failed)
+        return;
+    w->failed = true;
+    const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *d = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
+    snprintf(w->fail_state, sizeof w->fail_state, "%s", st ? st : "");
+    const char *where = w->state == W_PIPELINE && w->stmt_index < w->pending_results
+                            ? stmt_names[w->stmts[w->stmt_index]]
+                            : w->sql.n_metrics ? "begin/copy" : "begin";
+    snprintf(w->fail_msg, sizeof w->fail_msg, "%s (in %s)%s%s", m ? m : PQresultErrorMessage(res),
+             where, d ? ": " : "", d ? d : "");
+}
+
+static void clear_param_changes(struct writer *w)
+{
+    for (size_t i = 0; i < w->n_param_changed; i++)
+        free(w->param_old[i]);
+    free(w->param_changed);
+    free(w->param_old);
+    w->param_changed = NULL;
+    w->param_old = NULL;
+    w->n_param_changed = 0;
+}
+
+static void send_rollback(struct writer *w)
+{
+    set_state(w, W_ROLLBACK);
+    if (!PQsendQuery(w->pg, "ROLLBACK") || flush_out(w) != 0)
+        conn_lost(w, "rollback");
+}
+
+static int send_stmt(struct writer *w, enum stmt which, const char *sql, int n,
+                     const char *const *values)
+{
+    if (!PQsendQueryParams(w->pg, sql, n, NULL, values, NULL, NULL, 0))
+        return -1;
+    w->stmts[w->pending_results++] = (uint8_t)which;
+    return 0;
+}
+
+#define BUFSTR(buf) ((const char *)(buf).data)
+
+/* Sends every statement of the range and COMMIT in one pipeline. */
+static void send_pipeline(struct writer *w)
+{
+    struct batch_sql *s = &w->sql;
+    char now[24];
+    snprintf(now, sizeof now, "%" PRId64, wall_ms());
+    int rc = 0;
+
+    if (!PQenterPipelineMode(w->pg)) {
+        conn_lost(w, "pipeline");
+        return;
+    }
+    w->pending_results = 0;
+    w->stmt_index = 0;
+    if (s->n_exps) {
+        const char *v[] = {BUFSTR(s->exp_names), w->artifact_root, now};
+        rc |= send_stmt(w, STMT_EXPS, batch_sql_experiments, 3, v);
+    }
+    if (s->n_runs) {
+        const char *v[] = {BUFSTR(s->run_ids), BUFSTR(s->run_names), BUFSTR(s->run_users),
+                           BUFSTR(s->run_starts), BUFSTR(s->run_exps)};
+        rc |= send_stmt(w, STMT_RUNS, batch_sql_runs, 5, v);
+    }
+    if (s->n_tags) {
+        const char *v[] = {BUFSTR(s->tag_keys), BUFSTR(s->tag_values), BUFSTR(s->tag_runs)};
+        rc |= send_stmt(w, STMT_TAGS, batch_sql_tags, 3, v);
+    }
+    if (s->n_renames) {
+        const char *v[] = {BUFSTR(s->rename_runs), BUFSTR(s->rename_values)};
+        rc |= send_stmt(w, STMT_RENAMES, batch_sql_renames, 2, v);
+    }
+    if (s->n_params) {
+        const char *v[] = {BUFSTR(s->param_keys), BUFSTR(s->param_values),
+                           BUFSTR(s->param_runs), BUFSTR(s->param_ords)};
+        rc |= send_stmt(w, STMT_PARAMS, batch_sql_params, 4, v);
+    }
+    if (s->n_metrics) {
+        rc |= send_stmt(w, STMT_METRICS, batch_sql_metrics, 0, NULL);
+        rc |= send_stmt(w, STMT_LATEST, batch_sql_latest, 0, NULL);
+    }
+    if (s->n_ends) {
+        const char *v[] = {BUFSTR(s->end_runs), BUFSTR(s->end_statuses), BUFSTR(s->end_times)};
+        rc |= send_stmt(w, STMT_ENDS, batch_sql_end_runs, 3, v);
+    }
+    rc |= send_stmt(w, STMT_COMMIT, "COMMIT", 0, NULL);
+    if (rc != 0 || !PQpipelineSync(w->pg) || flush_out(w) != 0) {
+        conn_lost(w, "pipeline");
+        return;
+    }
+    w->sync_sent_us = mono_us();
+    set_state(w, W_PIPELINE);
+}
+
+static void send_copy(struct writer *w)
+{
+    struct proto_buf *c = &w->sql.copy;
+    while (w->copy_sent < c->len) {
+        size_t n = c->len - w->copy_sent;
+        if (n > COPY_CHUNK)
+            n = COPY_CHUNK;
+        int r = PQputCopyData(w->pg, (const char *)c->data + w->copy_sent, (int)n);
+        if (r < 0) {
+            conn_lost(w, "copy");
+            return;
+        }
+        if (r == 0) {
+            poll_watch(w, PQsocket(w->pg), UV_READABLE | UV_WRITABLE);
+            return;
+        }
+        w->copy_sent += n;
+    }
+    int r = PQputCopyEnd(w->pg, NULL);
+    if (r < 0) {
+        conn_lost(w, "copy");
+        return;
+    }
+    if (r == 0) {
+        poll_watch(w, PQsocket(w->pg), UV_READABLE | UV_WRITABLE);
+        return;
+    }
+    set_state(w, W_TXN_START);
+    if (flush_out(w) != 0)
+        conn_lost(w, "copy");
+}
+
+static void start_range(struct writer *w)
+{
+    w->failed = false;
+    w->fail_state[0] = '\0';
+    w->copy_sent = 0;
+    clear_param_changes(w);
+    set_state(w, W_TXN_START);
+    const char *q = w->sql.n_metrics ? batch_sql_begin_copy : "BEGIN";
+    if (!PQsendQuery(w->pg, q) || flush_out(w) != 0)
+        conn_lost(w, "begin");
+}
+
+static bool range_has_work(const struct batch *b, struct range r)
+{
+    for (size_t i = r.lo; i < r.hi; i++)
+        if (!(b->evs[i].flags & EV_REJECTED))
+            return true;
+    return false;
+}
+
+static void reject_ev(struct writer *w, size_t i, uint32_t code, const char *msg)
+{
+    struct ev *ev = &w->head->evs[i];
+    ev->flags |= EV_REJECTED;
+    w->cbs.reject(w->ctx, w->head, ev, code, msg);
+}
+
+static void param_changed_message(struct writer *w, size_t i, const char *old, char *out,
+                                  size_t n)
+{
+    const struct batch *b = w->head;
+    const struct ev *ev = &b->evs[i];
+    snprintf(out, n,
+             "Changing param values is not allowed. Param with key='%.*s' was already logged "
+             "with value='%.*s' for run ID='%.*s'. Attempted logging new value '%.*s'.",
+             (int)ev->a.len, batch_sptr(b, ev->a), 200, old, PROTO_RUN_ID_LEN, ev->run_id,
+             (int)(ev->b.len > 200 ? 200 : ev->b.len), batch_sptr(b, ev->b));
+}
+
+/* Rejections the range build found (same param twice with different values). */
+static void report_build_rejects(struct writer *w)
+{
+    struct batch *b = w->head;
+    for (size_t k = 0; k < w->sql.n_rejected; k++) {
+        size_t i = w->sql.rejected[k];
+        struct ev *ev = &b->evs[i];
+        /* Find the first value for the message. */
+        const char *old = "";
+        size_t oldlen = 0;
+        for (size_t j = w->cur.lo; j < i; j++) {
+            const struct ev *o = &b->evs[j];
+            if (o->kind == EV_PARAM && o->a.len == ev->a.len &&
+                memcmp(o->run_id, ev->run_id, PROTO_RUN_ID_LEN) == 0 &&
+                memcmp(batch_sptr(b, o->a), batch_sptr(b, ev->a), ev->a.len) == 0) {
+                old = batch_sptr(b, o->b);
+                oldlen = o->b.len;
+                break;
+            }
+        }
+        char oldz[201];
+        snprintf(oldz, sizeof oldz, "%.*s", (int)(oldlen > 200 ? 200 : oldlen), old);
+        char msg[1024];
+        param_changed_message(w, i, oldz, msg, sizeof msg);
+        stats.rejected_param_changed++;
+        w->cbs.reject(w->ctx, b, ev, PROTO_ERR_PARAM_CHANGED, msg);
+    }
+}
+
+static void batch_finished(struct writer *w)
+{
+    struct batch *b = w->head;
+    w->head = b->next;
+    if (w->head == NULL)
+        w->tail = NULL;
+    w->queued--;
+    b->next = NULL;
+    w->nstack = 0;
+    w->head_started = false;
+    w->cur.lo = w->cur.hi = 0;
+    stats.batches_committed++;
+    w->cbs.batch_done(w->ctx, b);
+}
+
+static int push_range(struct writer *w, size_t lo, size_t hi)
+{
+    if (w->nstack == w->capstack) {
+        size_t cap = w->capstack ? w->capstack * 2 : 64;
+        struct range *r = realloc(w->stack, cap * sizeof *r);
+        if (r == NULL)
+            return -ENOMEM;
+        w->stack = r;
+        w->capstack = cap;
+    }
+    w->stack[w->nstack++] = (struct range){lo, hi};
+    return 0;
+}
+
+/* Picks the next range of the head batch (or the next batch) and starts it. */
+static void start_next(struct writer *w)
+{
+    while (w->state == W_IDLE && w->head) {
+        if (!w->head_started) {
+            w->head_started = true;
+            if (w->head->n && push_range(w, 0, w->head->n) != 0) {
+                w->head_started = false;
+                backoff(w);
+                return;
+            }
+        }
+        if (w->nstack == 0) {
+            batch_finished(w);
+            continue;
+        }
+        w->cur = w->stack[--w->nstack];
+        if (!range_has_work(w->head, w->cur))
+            continue;
+        if (batch_sql_build(w->head, w->cur.lo, w->cur.hi, &w->sql) != 0) {
+            log_error("[writer] out of memory building statements; retrying");
+            requeue_current(w);
+            backoff(w);
+            return;
+        }
+        report_build_rejects(w);
+        if (!range_has_work(w->head, w->cur))
+            continue;
+        start_range(w);
+        return;
+    }
+}
+
+static void count_committed(struct writer *w)
+{
+    const struct batch *b = w->head;
+    for (size_t i = w->cur.lo; i < w->cur.hi; i++) {
+        const struct ev *ev = &b->evs[i];
+        if (ev->flags & EV_REJECTED)
+            continue;
+        stats.events_committed++;
+        switch (ev->kind) {
+        case EV_METRIC: stats.metrics_committed++; break;
+        case EV_PARAM: stats.params_committed++; break;
+        case EV_TAG: stats.tags_committed++; break;
+        case EV_START_RUN: stats.runs_committed++; break;
+        default: break;
+        }
+    }
+}
+
+static void range_committed(struct writer *w)
+{
+    for (size_t k = 0; k < w->n_param_changed; k++) {
+        char msg[1024];
+        param_changed_message(w, w->param_changed[k], w->param_old[k], msg, sizeof msg);
+        stats.rejected_param_changed++;
+        reject_ev(w, w->param_changed[k], PROTO_ERR_PARAM_CHANGED, msg);
+    }
+    clear_param_changes(w);
+    count_committed(w);
+    w->attempts = 0;
+    w->unknown_failures = 0;
+    w->cur.lo = w->cur.hi = 0;
+    set_state(w, W_IDLE);
+    start_next(w);
+}
+
+/* Decides what a failed range becomes: a retry, two halves, or a rejection. */
+static void range_failed(struct writer *w)
+{
+    enum pgconn_class cls = pgconn_classify(w->fail_state);
+    stats.batches_failed++;
+    if (cls == PGCONN_UNKNOWN && ++w->unknown_failures <= UNKNOWN_RETRIES) {
+        log_limited(LOG_ERROR, "[writer] unexpected database error %s: %s; retrying",
+                    w->fail_state, w->fail_msg);
+        cls = PGCONN_RETRY;
+    }
+    if (cls == PGCONN_RETRY) {
+        log_limited(LOG_WARN, "[writer] transaction failed (%s: %s); retrying", w->fail_state,
+                    w->fail_msg);
+        stats.db_retries++;
+        requeue_current(w);
+        backoff(w);
+        return;
+    }
+    w->unknown_failures = 0;
+    size_t lo = w->cur.lo, hi = w->cur.hi;
+    w->cur.lo = w->cur.hi = 0;
+    if (hi - lo == 1) {
+        char msg[700];
+        snprintf(msg, sizeof msg, "PostgreSQL rejected the event (SQLSTATE %s): %s",
+                 w->fail_state, w->fail_msg);
+        log_limited(LOG_WARN, "[writer] %s", msg);
+        stats.rejected_database++;
+        reject_ev(w, lo, PROTO_ERR_DATABASE, msg);
+    } else {
+        /* The first half goes on top so arrival order is kept. */
+        size_t mid = lo + (hi - lo) / 2;
+        stats.batch_splits++;
+        if (push_range(w, mid, hi) != 0 || push_range(w, lo, mid) != 0) {
+            w->cur = (struct range){lo, hi};
+            requeue_current(w);
+            backoff(w);
+            return;
+        }
+    }
+    set_state(w, W_IDLE);
+    start_next(w);
+}
+
+static void note_param_changes(struct writer *w, const PGresult *res)
+{
+    int n = PQntuples(res);
+    if (n == 0)
+        return;
+    w->param_changed = calloc((size_t)n, sizeof *w->param_changed);
+    w->param_old = calloc((size_t)n, sizeof *w->param_old);
+    if (w->param_changed == NULL || w->param_old == NULL)
+        return; /* the change still does not overwrite; only the report is lost */
+    for (int r = 0; r < n; r++) {
+        size_t i = (size_t)strtoull(PQgetvalue(res, r, 0), NULL, 10);
+        if (i < w->cur.lo || i >= w->cur.hi)
+            continue;
+        w->param_old[w->n_param_changed] = strndup(PQgetvalue(res, r, 1), 200);
+        w->param_changed[w->n_param_changed++] = i;
+    }
+}
+
+/* Reads every result that has arrived and advances the state. */
+static void drive(struct writer *w)
+{
+    while (w->pg && !PQisBusy(w->pg)) {
+        enum writer_state st = w->state;
+        if (st != W_TXN_START && st != W_PIPELINE && st != W_ROLLBACK)
+            return;
+        PGresult *res = PQgetResult(w->pg);
+        if (st == W_PIPELINE) {
+            if (res == NULL) {
+                /* End of one statement's results. */
+                if (w->stmt_index >= w->pending_results)
+                    return;
+                w->stmt_index++;
+                continue;
+            }
+            ExecStatusType t = PQresultStatus(res);
+            if (t == PGRES_PIPELINE_SYNC) {
+                PQclear(res);
+                uint64_t rtt = mono_us() - w->sync_sent_us;
+                stats.db_rtt_us_last = rtt;
+                if (rtt > stats.db_rtt_us_max)
+                    stats.db_rtt_us_max = rtt;
+                if (!PQexitPipelineMode(w->pg)) {
+                    conn_lost(w, "pipeline exit");
+                    return;
+                }
+                if (w->failed)
+                    send_rollback(w);
+                else
+                    range_committed(w);
+                continue;
+            }
+            if (t == PGRES_FATAL_ERROR)
+                record_failure(w, res);
+            else if (t == PGRES_TUPLES_OK && PQnfields(res) == 2 && !w->failed)
+                note_param_changes(w, res);
+            PQclear(res);
+            continue;
+        }
+        if (res == NULL) {
+            /* The simple query is complete. */
+            if (st == W_ROLLBACK) {
+                set_state(w, W_IDLE);
+                range_failed(w);
+            } else if (w->failed) {
+                send_rollback(w);
+            } else {
+                send_pipeline(w);
+            }
+            continue;
+        }
+        ExecStatusType t = PQresultStatus(res);
+        if (t == PGRES_COPY_IN) {
+            PQclear(res);
+            set_state(w, W_COPY_DATA);
+            send_copy(w);
+            return;
+        }
+        if (t == PGRES_FATAL_ERROR && st != W_ROLLBACK)
+            record_failure(w, res);
+        PQclear(res);
+    }
+}
+
+static void on_poll(uv_poll_t *h, int status, int events)
+{
+    struct writer *w = h->data;
+    if (w->poll != h)
+        return;
+    if (w->state == W_CONNECTING) {
+        connect_poll(w);
+        return;
+    }
+    if (w->pg == NULL)
+        return;
+    if (status < 0) {
+        conn_lost(w, writer_state_name(w->state));
+        return;
+    }
+    if (events & UV_WRITABLE) {
+        if (w->state == W_COPY_DATA) {
+            send_copy(w);
+            if (w->state != W_TXN_START)
+                return;
+        } else if (flush_out(w) != 0) {
+            conn_lost(w, writer_state_name(w->state));
+            return;
+        }
+    }
+    if (events & UV_READABLE) {
+        if (!PQconsumeInput(w->pg)) {
+            conn_lost(w, writer_state_name(w->state));
+            return;
+        }
+        if (w->state == W_IDLE) {
+            /* Nothing is in flight: readable here means the server hung up. */
+            if (PQstatus(w->pg) == CONNECTION_BAD)
+                conn_lost(w, "idle");
+            return;
+        }
+    }
+    drive(w);
+}
+
+/* ---- public -------------------------------------------------------------- */
+
+int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *cfg,
+                const struct writer_cbs *cbs, void *ctx)
+{
+    memset(w, 0, sizeof *w);
+    w->loop = loop;
+    w->cfg = cfg;
+    w->cbs = *cbs;
+    w->ctx = ctx;
+    w->poll_fd = -1;
+    batch_sql_init(&w->sql);
+    /* MLflow's append_to_uri_path: exactly one '/' between root and id. */
+    size_t rl = strlen(cfg->artifact_root);
+    snprintf(w->artifact_root, sizeof w->artifact_root, "%s%s", cfg->artifact_root,
+             rl && cfg->artifact_root[rl - 1] == '/' ? "" : "/");
+    char msg[512];
+    if (pgconn_params_init(&w->params, cfg, msg, sizeof msg) != 0) {
+        log_error("[writer] %s", msg);
+        return -EINVAL;
+    }
+    uv_timer_init(loop, &w->timer);
+    w->timer.data = w;
+    connect_start(w);
+    return 0;
+}
+
+void writer_submit(struct writer *w, struct batch *b)
+{
+    b->next = NULL;
+    if (w->tail)
+        w->tail->next = b;
+    else
+        w->head = b;
+    w->tail = b;
+    w->queued++;
+    if (w->state == W_IDLE)
+        start_next(w);
+}
+
+bool writer_idle(const struct writer *w)
+{
+    return w->head == NULL;
+}
+
+static void timer_closed_cb(uv_handle_t *h)
+{
+    struct writer *w = h->data;
+    if (w->closed_cb)
+        w->closed_cb(w);
+}
+
+void writer_close(struct writer *w, void (*closed)(struct writer *))
+{
+    set_state(w, W_CLOSING);
+    w->closed_cb = closed;
+    while (w->head) {
+        struct batch *b = w->head;
+        for (size_t i = 0; i < b->n; i++)
+            if (!(b->evs[i].flags & EV_REJECTED))
+                w->cbs.reject(w->ctx, b, &b->evs[i], PROTO_ERR_SHUTDOWN,
+                              "the agent stopped before this event was written");
+        w->head = b->next;
+        w->cbs.batch_done(w->ctx, b);
+    }
+    w->tail = NULL;
+    w->queued = 0;
+    if (w->pg)
+        PQfinish(w->pg);
+    w->pg = NULL;
+    poll_stop(w);
+    clear_param_changes(w);
+    batch_sql_free(&w->sql);
+    free(w->stack);
+    w->stack = NULL;
+    pgconn_params_clear(&w->params);
+    uv_timer_stop(&w->timer);
+    uv_close((uv_handle_t *)&w->timer, timer_closed_cb);
+}

@@ -1,0 +1,98 @@
+/*
+ * The database writer: one non-blocking libpq connection driven by uv_poll,
+ * committing queued batches one transaction per range: COPY of metric rows
+ * into a staging table, then the run, tag, param, metric, latest_metrics and
+ * end-run statements in one pipeline. SQLSTATE classes decide between retry
+ * (with backoff, reconnecting if needed) and splitting the range until the
+ * rows the database rejects are isolated.
+ */
+#ifndef TRACKD_WRITER_H
+#define TRACKD_WRITER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "batch.h"
+#include "pgconn.h"
+
+struct trackd_config;
+
+struct writer_cbs {
+    /* An event will not be written; code is a proto_error_code. */
+    void (*reject)(void *ctx, const struct batch *b, const struct ev *ev, uint32_t code,
+                   const char *message);
+    /* Every event of b is committed or rejected; the callee takes b back. */
+    void (*batch_done)(void *ctx, struct batch *b);
+};
+
+enum writer_state {
+    W_DISCONNECTED,
+    W_CONNECTING,
+    W_IDLE,
+    W_TXN_START,  /* BEGIN (and COPY start / end) results pending */
+    W_COPY_DATA,  /* streaming COPY rows */
+    W_PIPELINE,   /* statements and COMMIT sent, results pending */
+    W_ROLLBACK,
+    W_BACKOFF,
+    W_CLOSING
+};
+
+struct range {
+    size_t lo;
+    size_t hi;
+};
+
+struct writer {
+    uv_loop_t *loop;
+    const struct trackd_config *cfg;
+    struct writer_cbs cbs;
+    void *ctx;
+    enum writer_state state;
+
+    PGconn *pg;
+    uv_poll_t *poll; /* owned; freed in its close callback */
+    int poll_fd;
+    int poll_events;
+    uv_timer_t timer; /* backoff and connect timeout */
+    struct pgconn_params params;
+    char artifact_root[512];
+
+    struct batch *head, *tail; /* queue; head is in progress */
+    size_t queued;
+    struct range *stack; /* ranges still to commit for head, top last */
+    size_t nstack, capstack;
+    bool head_started; /* the head batch's first range was pushed */
+    struct range cur;
+    struct batch_sql sql;
+    size_t copy_sent;
+    int pending_results; /* statements sent in the pipeline */
+    uint8_t stmts[16];   /* which statement each is (enum stmt in writer.c) */
+    int stmt_index;
+    bool failed;
+    char fail_state[6];
+    char fail_msg[512];
+    size_t *param_changed; /* event indexes, reported after COMMIT succeeds */
+    char **param_old;
+    size_t n_param_changed;
+    unsigned attempts;   /* consecutive failures, for backoff */
+    unsigned unknown_failures;
+    uint64_t sync_sent_us;
+    void (*closed_cb)(struct writer *);
+};
+
+int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *cfg,
+                const struct writer_cbs *cbs, void *ctx);
+/* Queues b (takes ownership) and starts work if idle. */
+void writer_submit(struct writer *w, struct batch *b);
+/* True when nothing is queued or in flight. */
+bool writer_idle(const struct writer *w);
+const char *writer_state_name(enum writer_state s);
+/*
+ * Stops: closes the connection and handles; batches still queued are
+ * handed back through batch_done with their events unwritten first being
+ * rejected with PROTO_ERR_SHUTDOWN. closed runs once every handle is closed.
+ */
+void writer_close(struct writer *w, void (*closed)(struct writer *));
+
+#endif

@@ -1,0 +1,132 @@
+/*
+ * libtrackd: log MLflow runs, params, tags and metrics through the local
+ * trackd agent without ever waiting for it.
+ *
+ * Every log call encodes the event into a bounded in-process buffer and
+ * returns; a background thread sends the buffer over the agent's Unix socket
+ * and reads the agent's replies. trackd_flush() is the barrier: it returns
+ * once everything logged before it is committed in PostgreSQL. Errors the
+ * agent reports (an invalid key, a changed param) are read with
+ * trackd_next_error(). All functions are thread-safe.
+ *
+ * Return values: 0 on success or a negative errno value:
+ *   -EINVAL     bad argument (NULL, a run id that is not 32 hex characters)
+ *   -ENOBUFS    the buffer is full and the overflow policy dropped the event
+ *   -ETIMEDOUT  trackd_flush() did not see the barrier in time
+ *   -ENOMEM     out of memory
+ */
+#ifndef TRACKD_H
+#define TRACKD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define TRACKD_API __attribute__((visibility("default")))
+#else
+#define TRACKD_API
+#endif
+
+/* The socket used when neither the options nor TRACKD_SOCKET name one. */
+#define TRACKD_DEFAULT_SOCKET "/run/trackd/trackd.sock"
+/* A run id: 32 lower-case hex characters plus the terminating NUL. */
+#define TRACKD_RUN_ID_SIZE 33
+/* Pass as a timestamp to mean "now" (epoch milliseconds at the call). */
+#define TRACKD_NOW INT64_MIN
+
+typedef struct trackd_client trackd_client;
+
+enum trackd_overflow {
+    TRACKD_DROP_NEWEST = 0, /* drop the event that does not fit and count it */
+    TRACKD_BLOCK = 1        /* wait for space up to block_timeout_ms, then drop */
+};
+
+struct trackd_options {
+    const char *socket_path;  /* NULL: $TRACKD_SOCKET, else TRACKD_DEFAULT_SOCKET */
+    size_t buffer_bytes;      /* 0: 16 MiB of encoded events */
+    int overflow;             /* enum trackd_overflow */
+    int block_timeout_ms;     /* TRACKD_BLOCK only; 0: 1000 */
+    int linger_ms;            /* how long the sender lets events accumulate; 0: 5 */
+    const char *source_name;  /* mlflow.source.name; NULL: argv[0] of this process */
+    const char *source_type;  /* mlflow.source.type; NULL: "LOCAL" */
+};
+
+struct trackd_kv {
+    const char *key;
+    const char *value;
+};
+
+struct trackd_metric {
+    const char *key;
+    double value;
+    int64_t step;
+    int64_t timestamp_ms; /* TRACKD_NOW for the time of the call */
+};
+
+struct trackd_counters {
+    uint64_t queued;       /* events accepted into the buffer */
+    uint64_t sent;         /* events written to the agent's socket */
+    uint64_t dropped;      /* events lost: buffer full, or unsent when a connection broke */
+    uint64_t errors;       /* error reports received from the agent */
+    uint64_t errors_lost;  /* error reports not kept because the error queue was full */
+    uint64_t reconnects;   /* connections made after the first */
+    uint64_t buffered_bytes;
+    int connected;         /* 1 while a connection to the agent is up */
+};
+
+struct trackd_error {
+    uint64_t seq;      /* the frame the error is about */
+    uint32_t code;     /* a wire error code, see proto/PROTOCOL.md */
+    char message[1024];
+};
+
+/* Creates a client; opts may be NULL. Succeeds even if the agent is not up yet:
+ * events are buffered and the client keeps reconnecting. */
+TRACKD_API int trackd_open(trackd_client **out, const struct trackd_options *opts);
+/* Flushes with timeout_ms (< 0: no flush), stops the sender and frees c. */
+TRACKD_API void trackd_close(trackd_client *c, int timeout_ms);
+
+/* Makes a new run id (uuid4-style lower-case hex) into out. */
+TRACKD_API int trackd_new_run_id(char out[TRACKD_RUN_ID_SIZE]);
+/* Creates the experiment if no experiment has that name. */
+TRACKD_API int trackd_create_experiment(trackd_client *c, const char *name);
+/*
+ * Starts a run in the named experiment (created if missing). run_id must be
+ * a fresh id from trackd_new_run_id(); run_name may be NULL (a random name
+ * like MLflow's), start_time_ms may be TRACKD_NOW.
+ */
+TRACKD_API int trackd_start_run(trackd_client *c, const char *run_id, const char *experiment,
+                                const char *run_name, int64_t start_time_ms,
+                                const struct trackd_kv *tags, size_t ntags);
+TRACKD_API int trackd_log_metric(trackd_client *c, const char *run_id, const char *key,
+                                 double value, int64_t step, int64_t timestamp_ms);
+TRACKD_API int trackd_log_metrics(trackd_client *c, const char *run_id,
+                                  const struct trackd_metric *metrics, size_t n);
+TRACKD_API int trackd_log_param(trackd_client *c, const char *run_id, const char *key,
+                                const char *value);
+TRACKD_API int trackd_log_params(trackd_client *c, const char *run_id,
+                                 const struct trackd_kv *params, size_t n);
+TRACKD_API int trackd_set_tag(trackd_client *c, const char *run_id, const char *key,
+                              const char *value);
+TRACKD_API int trackd_set_tags(trackd_client *c, const char *run_id, const struct trackd_kv *tags,
+                               size_t n);
+/* status: "FINISHED" (NULL), "FAILED" or "KILLED"; end_time_ms may be TRACKD_NOW. */
+TRACKD_API int trackd_end_run(trackd_client *c, const char *run_id, const char *status,
+                              int64_t end_time_ms);
+
+/* Waits until everything logged before the call is committed (timeout_ms < 0: forever). */
+TRACKD_API int trackd_flush(trackd_client *c, int timeout_ms);
+TRACKD_API void trackd_get_counters(trackd_client *c, struct trackd_counters *out);
+/* Pops the oldest error the agent reported: 1 if one was copied to out, 0 if none. */
+TRACKD_API int trackd_next_error(trackd_client *c, struct trackd_error *out);
+TRACKD_API const char *trackd_strerror(int rc);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

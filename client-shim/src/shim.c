@@ -1,0 +1,775 @@
+/*
+ * libtrackd. Log calls encode straight into `pending` under one mutex and
+ * return; consecutive points of one run share a many-points frame, so the
+ * steady-state cost of a metric is a lock, a few stores and an unlock. A
+ * sender thread owns the socket: it lets events accumulate for linger_ms,
+ * swaps the buffer out, writes it, and reads the agent's flushed and error
+ * frames. Producers wake it through an eventfd only when it sleeps idle, so
+ * a busy training loop makes no system calls for logging at all.
+ */
+#include "trackd.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "trackd_proto.h"
+
+#define DEFAULT_BUFFER (16u * 1024u * 1024u)
+#define SEND_THRESHOLD (256u * 1024u) /* send at once above this */
+#define MAX_POINTS_PER_FRAME 8192
+#define ERROR_QUEUE 256
+#define RECONNECT_MIN_MS 50
+#define RECONNECT_MAX_MS 2000
+#define CLOSE_SEND_MS 2000
+
+enum io_state { IO_DISCONNECTED, IO_CONNECTED };
+
+struct trackd_client {
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* space freed, barrier reached, sender stopped */
+    pthread_t io;
+    int wake_fd;
+    char socket_path[108];
+    char source_name[256];
+    char source_type[16];
+    char program[128];
+    size_t limit;
+    int overflow;
+    int block_timeout_ms;
+    int linger_ms;
+
+    /* Shared, under mu. */
+    struct proto_buf pending;
+    uint64_t pending_events;
+    uint64_t pending_flush_seq; /* highest flush frame in pending */
+    bool metrics_open;
+    size_t metrics_off;
+    char metrics_run[PROTO_RUN_ID_LEN];
+    uint64_t next_seq;
+    uint64_t flush_wanted; /* highest flush seq a caller waits for */
+    uint64_t flushed;      /* highest flush seq the agent answered */
+    uint64_t resend_flush; /* a flush frame lost with a broken connection */
+    bool io_idle;
+    bool stop;
+    struct trackd_counters ctr;
+    struct trackd_error errs[ERROR_QUEUE];
+    size_t err_head, err_count;
+
+    /* Sender thread only. */
+    enum io_state state;
+    int fd;
+    struct proto_reader reader;
+    struct proto_buf sendbuf;
+    unsigned reconnect_ms;
+    bool ever_connected;
+};
+
+const char *trackd_strerror(int rc)
+{
+    switch (rc) {
+    case 0: return "success";
+    case -EINVAL: return "invalid argument";
+    case -ENOBUFS: return "buffer full: event dropped";
+    case -ETIMEDOUT: return "timed out waiting for the agent";
+    case -ENOMEM: return "out of memory";
+    default: return rc < 0 ? strerror(-rc) : "unknown";
+    }
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void deadline_after(struct timespec *ts, int ms)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+static void wake(struct trackd_client *c)
+{
+    uint64_t one = 1;
+    ssize_t r = write(c->wake_fd, &one, sizeof one);
+    (void)r; /* a full counter already means "wake up" */
+}
+
+static bool run_id_ok(const char *run_id)
+{
+    return run_id && strnlen(run_id, PROTO_RUN_ID_LEN + 1) == PROTO_RUN_ID_LEN;
+}
+
+static struct proto_str S(const char *s)
+{
+    return (struct proto_str){s ? s : "", s ? (uint32_t)strlen(s) : 0};
+}
+
+/* ---- buffer admission (caller holds mu) --------------------------------- */
+
+/*
+ * Makes room for need more bytes under the overflow policy. With mu held;
+ * TRACKD_BLOCK waits on cv (releasing mu) for the sender to drain.
+ */
+static int admit(struct trackd_client *c, size_t need)
+{
+    if (c->pending.len + need <= c->limit)
+        return 0;
+    if (c->overflow == TRACKD_BLOCK) {
+        struct timespec dl;
+        deadline_after(&dl, c->block_timeout_ms);
+        wake(c);
+        while (c->pending.len + need > c->limit && !c->stop)
+            if (pthread_cond_timedwait(&c->cv, &c->mu, &dl) == ETIMEDOUT)
+                break;
+        if (c->pending.len + need <= c->limit)
+            return 0;
+    }
+    c->ctr.dropped++;
+    return -ENOBUFS;
+}
+
+/* After appending: count and wake an idle sender. Returns with mu released. */
+static int appended(struct trackd_client *c, uint64_t events)
+{
+    c->pending_events += events;
+    c->ctr.queued += events;
+    bool do_wake = c->io_idle || c->pending.len >= SEND_THRESHOLD;
+    if (do_wake)
+        c->io_idle = false;
+    pthread_mutex_unlock(&c->mu);
+    if (do_wake)
+        wake(c);
+    return 0;
+}
+
+/* Appends one non-metric frame built by fn. */
+#define APPEND_FRAME(c, need, events, expr)                                                        \
+    do {                                                                                           \
+        pthread_mutex_lock(&(c)->mu);                                                              \
+        int rc_ = admit((c), (need));                                                              \
+        if (rc_ == 0) {                                                                            \
+            uint64_t seq = (c)->next_seq++;                                                        \
+            (c)->metrics_open = false;                                                             \
+            rc_ = (expr);                                                                          \
+            if (rc_ != 0)                                                                          \
+                rc_ = -ENOMEM;                                                                     \
+        }                                                                                          \
+        if (rc_ != 0) {                                                                            \
+            pthread_mutex_unlock(&(c)->mu);                                                        \
+            return rc_;                                                                            \
+        }                                                                                          \
+        return appended((c), (events));                                                            \
+    } while (0)
+
+/* ---- public logging calls ------------------------------------------------- */
+
+int trackd_new_run_id(char out[TRACKD_RUN_ID_SIZE])
+{
+    uint8_t r[16];
+    if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r)
+        return -errno;
+    r[6] = (uint8_t)((r[6] & 0x0f) | 0x40); /* version 4 */
+    r[8] = (uint8_t)((r[8] & 0x3f) | 0x80); /* RFC 4122 variant */
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        out[2 * i] = hex[r[i] >> 4];
+        out[2 * i + 1] = hex[r[i] & 15];
+    }
+    out[32] = '\0';
+    return 0;
+}
+
+int trackd_create_experiment(trackd_client *c, const char *name)
+{
+    if (c == NULL || name == NULL)
+        return -EINVAL;
+    APPEND_FRAME(c, strlen(name) + 64, 1, proto_encode_experiment(&c->pending, seq, S(name)));
+}
+
+static size_t kvs_size(const struct trackd_kv *kv, size_t n)
+{
+    size_t s = 0;
+    for (size_t i = 0; i < n; i++)
+        s += strlen(kv[i].key ? kv[i].key : "") + strlen(kv[i].value ? kv[i].value : "") + 10;
+    return s;
+}
+
+/* Converts caller kv pairs for the encoder; NULL keys are rejected. */
+static int to_proto_kvs(const struct trackd_kv *in, size_t n, struct proto_kv **out)
+{
+    *out = NULL;
+    if (n == 0)
+        return 0;
+    struct proto_kv *kv = malloc(n * sizeof *kv);
+    if (kv == NULL)
+        return -ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        if (in[i].key == NULL || in[i].value == NULL) {
+            free(kv);
+            return -EINVAL;
+        }
+        kv[i].key = S(in[i].key);
+        kv[i].value = S(in[i].value);
+    }
+    *out = kv;
+    return 0;
+}
+
+int trackd_start_run(trackd_client *c, const char *run_id, const char *experiment,
+                     const char *run_name, int64_t start_time_ms, const struct trackd_kv *tags,
+                     size_t ntags)
+{
+    if (c == NULL || !run_id_ok(run_id) || (ntags && tags == NULL))
+        return -EINVAL;
+    struct proto_kv *kv;
+    int rc = to_proto_kvs(tags, ntags, &kv);
+    if (rc != 0)
+        return rc;
+    if (start_time_ms == TRACKD_NOW)
+        start_time_ms = now_ms();
+    struct proto_str exp = S(experiment ? experiment : "Default");
+    struct proto_str name = S(run_name);
+    size_t need = exp.len + name.len + kvs_size(tags, ntags) + 96;
+    pthread_mutex_lock(&c->mu);
+    rc = admit(c, need);
+    if (rc == 0) {
+        c->metrics_open = false;
+        rc = proto_encode_start_run(&c->pending, c->next_seq++, run_id, exp,
+                                    run_name ? &name : NULL, start_time_ms, kv, ntags)
+                 ? -ENOMEM
+                 : 0;
+    }
+    free(kv);
+    if (rc != 0) {
+        pthread_mutex_unlock(&c->mu);
+        return rc;
+    }
+    return appended(c, 1);
+}
+
+/* Adds one point to the open many-points frame of run_id, opening one if needed. */
+static int add_point(struct trackd_client *c, const char *run_id, const struct proto_point *p)
+{
+    if (!c->metrics_open || memcmp(c->metrics_run, run_id, PROTO_RUN_ID_LEN) != 0 ||
+        proto_metrics_count(&c->pending, c->metrics_off) >= MAX_POINTS_PER_FRAME) {
+        if (proto_metrics_begin(&c->pending, c->next_seq++, run_id, &c->metrics_off) != 0)
+            return -ENOMEM;
+        memcpy(c->metrics_run, run_id, PROTO_RUN_ID_LEN);
+        c->metrics_open = true;
+    }
+    return proto_metrics_add(&c->pending, c->metrics_off, p) ? -ENOMEM : 0;
+}
+
+int trackd_log_metric(trackd_client *c, const char *run_id, const char *key, double value,
+                      int64_t step, int64_t timestamp_ms)
+{
+    if (c == NULL || key == NULL || !run_id_ok(run_id))
+        return -EINVAL;
+    struct proto_point p = {S(key), value, timestamp_ms == TRACKD_NOW ? now_ms() : timestamp_ms,
+                            step};
+    pthread_mutex_lock(&c->mu);
+    int rc = admit(c, p.key.len + 96);
+    if (rc == 0)
+        rc = add_point(c, run_id, &p);
+    if (rc != 0) {
+        pthread_mutex_unlock(&c->mu);
+        return rc;
+    }
+    return appended(c, 1);
+}
+
+int trackd_log_metrics(trackd_client *c, const char *run_id, const struct trackd_metric *m,
+                       size_t n)
+{
+    if (c == NULL || !run_id_ok(run_id) || (n && m == NULL))
+        return -EINVAL;
+    size_t need = 96;
+    for (size_t i = 0; i < n; i++) {
+        if (m[i].key == NULL)
+            return -EINVAL;
+        need += strlen(m[i].key) + 32;
+    }
+    int64_t now = now_ms();
+    pthread_mutex_lock(&c->mu);
+    int rc = admit(c, need);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        struct proto_point p = {S(m[i].key), m[i].value,
+                                m[i].timestamp_ms == TRACKD_NOW ? now : m[i].timestamp_ms,
+                                m[i].step};
+        rc = add_point(c, run_id, &p);
+    }
+    if (rc != 0) {
+        pthread_mutex_unlock(&c->mu);
+        return rc;
+    }
+    return appended(c, n);
+}
+
+static int log_kvs(trackd_client *c, int kind, const char *run_id, const struct trackd_kv *in,
+                   size_t n)
+{
+    if (c == NULL || !run_id_ok(run_id) || (n && in == NULL))
+        return -EINVAL;
+    struct proto_kv *kv;
+    int rc = to_proto_kvs(in, n, &kv);
+    if (rc != 0)
+        return rc;
+    size_t need = kvs_size(in, n) + 64;
+    pthread_mutex_lock(&c->mu);
+    rc = admit(c, need);
+    if (rc == 0) {
+        c->metrics_open = false;
+        rc = proto_encode_kvs(&c->pending, c->next_seq++, kind, run_id, kv, n) ? -ENOMEM : 0;
+    }
+    free(kv);
+    if (rc != 0) {
+        pthread_mutex_unlock(&c->mu);
+        return rc;
+    }
+    return appended(c, n);
+}
+
+int trackd_log_param(trackd_client *c, const char *run_id, const char *key, const char *value)
+{
+    struct trackd_kv kv = {key, value};
+    return log_kvs(c, PROTO_PARAMS, run_id, &kv, 1);
+}
+
+int trackd_log_params(trackd_client *c, const char *run_id, const struct trackd_kv *params,
+                      size_t n)
+{
+    return log_kvs(c, PROTO_PARAMS, run_id, params, n);
+}
+
+int trackd_set_tag(trackd_client *c, const char *run_id, const char *key, const char *value)
+{
+    struct trackd_kv kv = {key, value};
+    return log_kvs(c, PROTO_TAGS, run_id, &kv, 1);
+}
+
+int trackd_set_tags(trackd_client *c, const char *run_id, const struct trackd_kv *tags, size_t n)
+{
+    return log_kvs(c, PROTO_TAGS, run_id, tags, n);
+}
+
+int trackd_end_run(trackd_client *c, const char *run_id, const char *status, int64_t end_time_ms)
+{
+    if (c == NULL || !run_id_ok(run_id))
+        return -EINVAL;
+    if (end_time_ms == TRACKD_NOW)
+        end_time_ms = now_ms();
+    struct proto_str st = S(status ? status : "FINISHED");
+    APPEND_FRAME(c, st.len + 64, 1,
+                 proto_encode_end_run(&c->pending, seq, run_id, st, end_time_ms));
+}
+
+int trackd_flush(trackd_client *c, int timeout_ms)
+{
+    if (c == NULL)
+        return -EINVAL;
+    pthread_mutex_lock(&c->mu);
+    uint64_t seq = c->next_seq++;
+    c->metrics_open = false;
+    /* The barrier frame is tiny and must not be dropped: it bypasses the bound. */
+    if (proto_encode_empty(&c->pending, seq, PROTO_FLUSH) != 0) {
+        pthread_mutex_unlock(&c->mu);
+        return -ENOMEM;
+    }
+    c->pending_flush_seq = seq;
+    if (seq > c->flush_wanted)
+        c->flush_wanted = seq;
+    c->io_idle = false;
+    pthread_mutex_unlock(&c->mu);
+    wake(c);
+
+    pthread_mutex_lock(&c->mu);
+    struct timespec dl;
+    if (timeout_ms >= 0)
+        deadline_after(&dl, timeout_ms);
+    int rc = 0;
+    while (c->flushed < seq && !c->stop) {
+        if (timeout_ms < 0) {
+            pthread_cond_wait(&c->cv, &c->mu);
+        } else if (pthread_cond_timedwait(&c->cv, &c->mu, &dl) == ETIMEDOUT) {
+            rc = c->flushed >= seq ? 0 : -ETIMEDOUT;
+            break;
+        }
+    }
+    if (c->flushed < seq && rc == 0)
+        rc = -ETIMEDOUT;
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+void trackd_get_counters(trackd_client *c, struct trackd_counters *out)
+{
+    pthread_mutex_lock(&c->mu);
+    *out = c->ctr;
+    out->buffered_bytes = c->pending.len;
+    pthread_mutex_unlock(&c->mu);
+}
+
+int trackd_next_error(trackd_client *c, struct trackd_error *out)
+{
+    pthread_mutex_lock(&c->mu);
+    int got = 0;
+    if (c->err_count > 0) {
+        *out = c->errs[c->err_head];
+        c->err_head = (c->err_head + 1) % ERROR_QUEUE;
+        c->err_count--;
+        got = 1;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return got;
+}
+
+/* ---- sender thread ---------------------------------------------------------- */
+
+static void disconnect(struct trackd_client *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    c->state = IO_DISCONNECTED;
+    proto_reader_free(&c->reader);
+    pthread_mutex_lock(&c->mu);
+    c->ctr.connected = 0;
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void handle_frame(struct trackd_client *c, const struct proto_header *h,
+                         const uint8_t *body)
+{
+    struct proto_msg m;
+    if (proto_msg_decode(h, body, &m) != 0)
+        return;
+    pthread_mutex_lock(&c->mu);
+    if (m.kind == PROTO_FLUSHED) {
+        if (m.u.flushed.flush_seq > c->flushed)
+            c->flushed = m.u.flushed.flush_seq;
+        pthread_cond_broadcast(&c->cv);
+    } else if (m.kind == PROTO_ERROR) {
+        c->ctr.errors++;
+        if (c->err_count == ERROR_QUEUE) {
+            c->ctr.errors_lost++;
+        } else {
+            struct trackd_error *e = &c->errs[(c->err_head + c->err_count++) % ERROR_QUEUE];
+            e->seq = m.u.error.about_seq;
+            e->code = m.u.error.code;
+            snprintf(e->message, sizeof e->message, "%.*s", (int)m.u.error.message.len,
+                     m.u.error.message.ptr);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* Reads what the agent sent; -1 when the connection is gone. */
+static int read_input(struct trackd_client *c)
+{
+    for (;;) {
+        uint8_t *p;
+        size_t n;
+        if (proto_reader_space(&c->reader, 65536, &p, &n) != 0)
+            return -1;
+        ssize_t got = read(c->fd, p, n);
+        if (got == 0)
+            return -1;
+        if (got < 0)
+            return errno == EAGAIN || errno == EINTR ? 0 : -1;
+        proto_reader_commit(&c->reader, (size_t)got);
+        struct proto_header h;
+        const uint8_t *body;
+        int rc;
+        while ((rc = proto_reader_next(&c->reader, &h, &body)) == 1)
+            handle_frame(c, &h, body);
+        if (rc < 0)
+            return -1;
+    }
+}
+
+static void drain_wake(struct trackd_client *c)
+{
+    uint64_t v;
+    ssize_t r = read(c->wake_fd, &v, sizeof v);
+    (void)r;
+}
+
+/* Waits up to ms for the agent or a producer; reads replies. -1: connection lost. */
+static int wait_events(struct trackd_client *c, int ms)
+{
+    struct pollfd p[2] = {{c->wake_fd, POLLIN, 0}, {c->fd, POLLIN, 0}};
+    int n = poll(p, c->fd >= 0 ? 2 : 1, ms);
+    if (n <= 0)
+        return 0;
+    if (p[0].revents & POLLIN)
+        drain_wake(c);
+    if (c->fd >= 0 && (p[1].revents & (POLLIN | POLLHUP | POLLERR)))
+        return read_input(c);
+    return 0;
+}
+
+/* Writes all of buf, reading replies meanwhile; gives up after limit_ms (< 0: never). */
+static int write_all(struct trackd_client *c, const uint8_t *buf, size_t len, int limit_ms)
+{
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    size_t off = 0;
+    while (off < len) {
+        ssize_t n = send(c->fd, buf + off, len - off, MSG_NOSIGNAL);
+        if (n > 0) {
+            off += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno != EAGAIN && errno != EINTR)
+            return -1;
+        struct pollfd p = {c->fd, POLLOUT | POLLIN, 0};
+        poll(&p, 1, 100);
+        if ((p.revents & POLLIN) && read_input(c) != 0)
+            return -1;
+        if (p.revents & (POLLERR | POLLHUP))
+            return -1;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (limit_ms >= 0 && (now.tv_sec - start.tv_sec) * 1000 +
+                                     (now.tv_nsec - start.tv_nsec) / 1000000 >
+                                 limit_ms)
+            return -1;
+    }
+    return 0;
+}
+
+/* Connects and says hello; re-sends a barrier lost with the previous connection. */
+static int try_connect(struct trackd_client *c)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, c->socket_path, sizeof sa.sun_path);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(fd);
+        return -1;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    c->fd = fd;
+    proto_reader_init(&c->reader, PROTO_MAX_BODY_HARD);
+    struct proto_buf hello;
+    proto_buf_init(&hello, 0);
+    pthread_mutex_lock(&c->mu);
+    uint64_t seq = c->next_seq++;
+    uint64_t resend = c->resend_flush > c->flushed ? c->resend_flush : 0;
+    c->resend_flush = 0;
+    pthread_mutex_unlock(&c->mu);
+    int rc = proto_encode_hello(&hello, seq, (uint32_t)getpid(), S(c->program), S(c->source_name),
+                                S(c->source_type), S("libtrackd " TRACKD_VERSION));
+    if (rc == 0 && resend)
+        rc = proto_encode_empty(&hello, resend, PROTO_FLUSH);
+    if (rc == 0)
+        rc = write_all(c, hello.data, hello.len, 1000);
+    proto_buf_free(&hello);
+    if (rc != 0) {
+        disconnect(c);
+        return -1;
+    }
+    c->state = IO_CONNECTED;
+    pthread_mutex_lock(&c->mu);
+    c->ctr.connected = 1;
+    if (c->ever_connected)
+        c->ctr.reconnects++;
+    pthread_mutex_unlock(&c->mu);
+    c->ever_connected = true;
+    c->reconnect_ms = RECONNECT_MIN_MS;
+    return 0;
+}
+
+static void *io_main(void *arg)
+{
+    struct trackd_client *c = arg;
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        bool stopping = c->stop;
+        if (c->state == IO_DISCONNECTED) {
+            if (stopping)
+                break;
+            pthread_mutex_unlock(&c->mu);
+            if (try_connect(c) != 0) {
+                wait_events(c, (int)c->reconnect_ms);
+                c->reconnect_ms = c->reconnect_ms * 2 > RECONNECT_MAX_MS ? RECONNECT_MAX_MS
+                                                                         : c->reconnect_ms * 2;
+            }
+            pthread_mutex_lock(&c->mu);
+            continue;
+        }
+        if (c->pending.len == 0) {
+            if (stopping)
+                break;
+            c->io_idle = true;
+            pthread_mutex_unlock(&c->mu);
+            int rc = wait_events(c, -1);
+            pthread_mutex_lock(&c->mu);
+            c->io_idle = false;
+            if (rc != 0) {
+                pthread_mutex_unlock(&c->mu);
+                disconnect(c);
+                pthread_mutex_lock(&c->mu);
+            }
+            continue;
+        }
+        bool urgent = stopping || c->flush_wanted > c->flushed ||
+                      c->pending.len >= SEND_THRESHOLD;
+        if (!urgent) {
+            /* Let a burst accumulate into one write. */
+            pthread_mutex_unlock(&c->mu);
+            int rc = wait_events(c, c->linger_ms);
+            pthread_mutex_lock(&c->mu);
+            if (rc != 0) {
+                pthread_mutex_unlock(&c->mu);
+                disconnect(c);
+                pthread_mutex_lock(&c->mu);
+                continue;
+            }
+        }
+        struct proto_buf tmp = c->sendbuf;
+        c->sendbuf = c->pending;
+        c->pending = tmp;
+        c->pending.len = 0;
+        uint64_t events = c->pending_events;
+        uint64_t flush_seq = c->pending_flush_seq;
+        c->pending_events = 0;
+        c->pending_flush_seq = 0;
+        c->metrics_open = false;
+        pthread_cond_broadcast(&c->cv);
+        pthread_mutex_unlock(&c->mu);
+
+        int rc = write_all(c, c->sendbuf.data, c->sendbuf.len, stopping ? CLOSE_SEND_MS : -1);
+        c->sendbuf.len = 0;
+        pthread_mutex_lock(&c->mu);
+        if (rc == 0) {
+            c->ctr.sent += events;
+        } else {
+            c->ctr.dropped += events;
+            if (flush_seq > c->resend_flush)
+                c->resend_flush = flush_seq;
+            pthread_mutex_unlock(&c->mu);
+            disconnect(c);
+            pthread_mutex_lock(&c->mu);
+        }
+    }
+    /* Whatever could not be sent is lost: count it. */
+    c->ctr.dropped += c->pending_events;
+    c->pending_events = 0;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    return NULL;
+}
+
+/* ---- open / close ------------------------------------------------------------ */
+
+static void read_argv0(char *out, size_t n)
+{
+    out[0] = '\0';
+    int fd = open("/proc/self/cmdline", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t got = read(fd, out, n - 1);
+    close(fd);
+    out[got > 0 ? (size_t)got : 0] = '\0';
+}
+
+int trackd_open(trackd_client **out, const struct trackd_options *opts)
+{
+    struct trackd_options o = {0};
+    if (out == NULL)
+        return -EINVAL;
+    if (opts)
+        o = *opts;
+    const char *path = o.socket_path ? o.socket_path : getenv("TRACKD_SOCKET");
+    if (path == NULL || path[0] == '\0')
+        path = TRACKD_DEFAULT_SOCKET;
+    struct trackd_client *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return -ENOMEM;
+    if (strlen(path) >= sizeof c->socket_path) {
+        free(c);
+        return -ENAMETOOLONG;
+    }
+    snprintf(c->socket_path, sizeof c->socket_path, "%s", path);
+    read_argv0(c->program, sizeof c->program);
+    snprintf(c->source_name, sizeof c->source_name, "%s", o.source_name ? o.source_name : c->program);
+    snprintf(c->source_type, sizeof c->source_type, "%s", o.source_type ? o.source_type : "LOCAL");
+    c->limit = o.buffer_bytes ? o.buffer_bytes : DEFAULT_BUFFER;
+    c->overflow = o.overflow;
+    c->block_timeout_ms = o.block_timeout_ms > 0 ? o.block_timeout_ms : 1000;
+    c->linger_ms = o.linger_ms > 0 ? o.linger_ms : 5;
+    c->next_seq = 1;
+    c->fd = -1;
+    c->reconnect_ms = RECONNECT_MIN_MS;
+    /* Encoding never fails on the bound: admit() enforces it with slack to spare. */
+    proto_buf_init(&c->pending, c->limit + 2 * (size_t)PROTO_MAX_BODY_HARD);
+    proto_buf_init(&c->sendbuf, c->limit + 2 * (size_t)PROTO_MAX_BODY_HARD);
+    c->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    if (c->wake_fd < 0 || pthread_mutex_init(&c->mu, NULL) != 0 ||
+        pthread_cond_init(&c->cv, &ca) != 0) {
+        int e = errno;
+        if (c->wake_fd >= 0)
+            close(c->wake_fd);
+        free(c);
+        return -(e ? e : ENOMEM);
+    }
+    pthread_condattr_destroy(&ca);
+    if (pthread_create(&c->io, NULL, io_main, c) != 0) {
+        close(c->wake_fd);
+        pthread_mutex_destroy(&c->mu);
+        pthread_cond_destroy(&c->cv);
+        free(c);
+        return -EAGAIN;
+    }
+    *out = c;
+    return 0;
+}
+
+void trackd_close(trackd_client *c, int timeout_ms)
+{
+    if (c == NULL)
+        return;
+    if (timeout_ms >= 0)
+        trackd_flush(c, timeout_ms);
+    pthread_mutex_lock(&c->mu);
+    c->stop = true;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    wake(c);
+    pthread_join(c->io, NULL);
+    if (c->fd >= 0)
+        close(c->fd);
+    proto_reader_free(&c->reader);
+    proto_buf_free(&c->pending);
+    proto_buf_free(&c->sendbuf);
+    close(c->wake_fd);
+    pthread_mutex_destroy(&c->mu);
+    pthread_cond_destroy(&c->cv);
+    free(c);
+}
