@@ -1,0 +1,624 @@
+/*
+ * Unit tests for agent/config.c: defaults, every accepted value form, the exact text of each
+ * class of error, environment overrides, DSN redaction in config_dump() and the shipped
+ * agent.toml.example. Usage: test_config [path/to/agent.toml.example]
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+
+static const char *example_path = "../agent.toml.example";
+
+/* Loads text as "t.toml" into a fresh config; returns the formatted error, or "" on success. */
+static const char *load(struct trackd_config *c, const char *text, size_t len, int *rc)
+{
+    static char buf[1024];
+    struct config_error err;
+
+    assert_int_equal(config_init(c), 0);
+    *rc = config_load_string(c, text, len, "t.toml", &err);
+    buf[0] = '\0';
+    if (*rc)
+        config_format_error(&err, buf, sizeof buf);
+    return buf;
+}
+
+/* Returns the formatted error for text, which must fail with -EINVAL. */
+static const char *load_error(const char *text)
+{
+    struct trackd_config c;
+    int rc;
+    const char *msg = load(&c, text, strlen(text), &rc);
+
+    assert_int_equal(rc, -EINVAL);
+    config_free(&c);
+    return msg;
+}
+
+/* Returns config_dump() output, owned by the caller. */
+static char *dump(const struct trackd_config *c)
+{
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+
+    assert_non_null(f);
+    config_dump(c, f);
+    assert_int_equal(fclose(f), 0);
+    return text;
+}
+
+static void test_defaults(void **state)
+{
+    struct trackd_config c;
+
+    (void)state;
+    assert_int_equal(config_init(&c), 0);
+    assert_string_equal(c.socket_path, "/run/trackd/trackd.sock");
+    assert_int_equal(c.socket_mode, 0660);
+    assert_string_equal(c.socket_group, "");
+    assert_int_equal(c.max_connections, 1024);
+    assert_int_equal(c.max_frame_bytes, 1048576);
+    assert_int_equal(c.log_level, CONFIG_LOG_INFO);
+    assert_int_equal(c.shutdown_grace_ms, 10000);
+    assert_string_equal(c.pg_dsn, "postgresql:///mlflow");
+    assert_string_equal(c.pg_password_file, "");
+    assert_int_equal(c.pg_connect_timeout_ms, 10000);
+    assert_string_equal(c.artifact_root, "mlflow-artifacts:/");
+    assert_string_equal(c.allowed_revisions, "");
+    assert_string_equal(c.journal_dir, "/var/lib/trackd/journal");
+    assert_int_equal(c.batch_max_rows, 20000);
+    assert_int_equal(c.batch_max_bytes, 8388608);
+    assert_int_equal(c.batch_max_age_ms, 100);
+    assert_int_equal(c.max_pending_bytes, 67108864);
+    config_free(&c);
+    config_free(&c); /* documented as safe */
+}
+
+static const char all_values[] =
+    "\xEF\xBB\xBF# every key, every value form\r\n"
+    "\r\n"
+    "[ agent ]   # spaces inside the brackets are allowed\r\n"
+    "socket = \"/tmp/t\\u00e9st\\t\\\"q\\\"\\\\.sock\"\r\n"
+    "socket_mode = 0o600\n"
+    "\tsocket_group = 'wheel\\n'\n"
+    "max_connections = +10\n"
+    "max_frame_bytes = 0x1_0_00\n"
+    "log_level = \"debug\"\n"
+    "shutdown_grace_ms = -0\n"
+    "[postgres]\n"
+    "dsn=\"host=db password='se cret'\"#comment right after\n"
+    "password_file = \"/etc/\xC3\xA9t\xC3\xA9\"\n"
+    "connect_timeout_ms = 1_000\n"
+    "[mlflow]\n"
+    "default_artifact_root = \"s3://b/\\U0001F600\"\n"
+    "allowed_revisions = 'a,b # not a comment'\n"
+    "[journal]\n"
+    "dir = '/j'\n"
+    "[batch]\n"
+    "max_rows = 10_000_000\n"
+    "max_bytes = 0x40000000\n"
+    "max_age_ms = 60000\n"
+    "max_pending_bytes = 17179869184"; /* no final newline */
+
+static void test_value_forms(void **state)
+{
+    struct trackd_config c;
+    int rc;
+
+    (void)state;
+    assert_string_equal(load(&c, all_values, strlen(all_values), &rc), "");
+    assert_int_equal(rc, 0);
+    assert_string_equal(c.socket_path, "/tmp/t\xC3\xA9st\t\"q\"\\.sock");
+    assert_int_equal(c.socket_mode, 0600);
+    assert_string_equal(c.socket_group, "wheel\\n");
+    assert_int_equal(c.max_connections, 10);
+    assert_int_equal(c.max_frame_bytes, 4096);
+    assert_int_equal(c.log_level, CONFIG_LOG_DEBUG);
+    assert_int_equal(c.shutdown_grace_ms, 0);
+    assert_string_equal(c.pg_dsn, "host=db password='se cret'");
+    assert_string_equal(c.pg_password_file, "/etc/\xC3\xA9t\xC3\xA9");
+    assert_int_equal(c.pg_connect_timeout_ms, 1000);
+    assert_string_equal(c.artifact_root, "s3://b/\xF0\x9F\x98\x80");
+    assert_string_equal(c.allowed_revisions, "a,b # not a comment");
+    assert_string_equal(c.journal_dir, "/j");
+    assert_int_equal(c.batch_max_rows, 10000000);
+    assert_int_equal(c.batch_max_bytes, 1073741824);
+    assert_int_equal(c.batch_max_age_ms, 60000);
+    assert_true(c.max_pending_bytes == UINT64_C(17179869184));
+    config_free(&c);
+}
+
+static void test_partial_file_keeps_defaults(void **state)
+{
+    struct trackd_config c;
+    int rc;
+    const char text[] = "[batch]\nmax_rows = 5\n\n[agent]\n";
+
+    (void)state;
+    assert_string_equal(load(&c, text, strlen(text), &rc), "");
+    assert_int_equal(c.batch_max_rows, 5);
+    assert_int_equal(c.batch_max_bytes, 8388608);
+    assert_string_equal(c.socket_path, "/run/trackd/trackd.sock");
+    config_free(&c);
+
+    assert_string_equal(load(&c, NULL, 0, &rc), "");
+    assert_int_equal(rc, 0);
+    config_free(&c);
+}
+
+struct error_case {
+    const char *text;
+    const char *want;
+};
+
+static const struct error_case error_cases[] = {
+    /* structure */
+    {"[agent]\nsockt = \"x\"\n", "t.toml:2:1: unknown key \"sockt\" in [agent]"},
+    {"[agent]\n\n      sockt = 1\n", "t.toml:3:7: unknown key \"sockt\" in [agent]"},
+    {"[agnt]\n", "t.toml:1:2: unknown section [agnt]"},
+    {"[agent]\nsocket = \"/a\"\nsocket = \"/b\"\n",
+     "t.toml:3:1: duplicate key \"socket\" in [agent]; it was already set on line 2"},
+    {"[agent]\n[batch]\n[agent]\n",
+     "t.toml:3:1: duplicate section [agent]; it was already opened on line 1"},
+    {"socket = \"/x\"\n", "t.toml:1:1: key \"socket\" must be inside a section such as [agent]"},
+    {"[agent]\nsocket \"/x\"\n", "t.toml:2:1: expected \"key = value\""},
+    {"[agent]\n= 5\n", "t.toml:2:1: expected \"key = value\""},
+    {"[agent]\nsocket.path = \"/x\"\n", "t.toml:2:7: dotted keys are not supported"},
+    {"[agent]\n\"socket\" = \"/x\"\n", "t.toml:2:1: quoted keys are not supported"},
+    {"[agent.sub]\n", "t.toml:1:7: dotted section names are not supported"},
+    {"[\"agent\"]\n", "t.toml:1:2: quoted section names are not supported"},
+    {"[[agent]]\n", "t.toml:1:1: arrays of tables ([[...]]) are not supported"},
+    {"[agent\n", "t.toml:1:7: expected \"]\" after the section name"},
+    {"[]\n", "t.toml:1:2: expected a section name after \"[\""},
+    {"[agent] x\n", "t.toml:1:9: unexpected text after the section header"},
+    {"[agent]\r\r\n", "t.toml:1:8: unexpected text after the section header"},
+    /* unsupported TOML */
+    {"[agent]\nsocket = [\"/a\"]\n", "t.toml:2:10: arrays are not supported"},
+    {"[agent]\nsocket = { a = 1 }\n", "t.toml:2:10: inline tables are not supported"},
+    {"[agent]\nsocket = \"\"\"/x\"\"\"\n", "t.toml:2:10: multi-line strings are not supported"},
+    {"[agent]\nsocket = '''/x'''\n", "t.toml:2:10: multi-line strings are not supported"},
+    {"[batch]\nmax_rows = 1.5\n", "t.toml:2:12: floats are not supported"},
+    {"[batch]\nmax_rows = 1e3\n", "t.toml:2:12: floats are not supported"},
+    {"[batch]\nmax_rows = inf\n", "t.toml:2:12: floats are not supported"},
+    {"[batch]\nmax_rows = -nan\n", "t.toml:2:12: floats are not supported"},
+    {"[batch]\nmax_rows = 1979-05-27\n", "t.toml:2:12: dates and times are not supported"},
+    {"[batch]\nmax_rows = 07:32:00\n", "t.toml:2:12: dates and times are not supported"},
+    /* values */
+    {"[agent]\nsocket = /run/x\n",
+     "t.toml:2:10: expected a value: a quoted string, an integer, true or false"},
+    {"[agent]\nsocket = tru\n",
+     "t.toml:2:10: expected a value: a quoted string, an integer, true or false"},
+    {"[agent]\nsocket =\n", "t.toml:2:9: expected a value after \"=\""},
+    {"[agent]\nsocket = # nothing\n", "t.toml:2:10: expected a value after \"=\""},
+    {"[agent]\nsocket = \"/x\" y\n", "t.toml:2:15: unexpected text after the value"},
+    {"[agent]\nsocket = \"/\xC3\xA9\" y\n", "t.toml:2:15: unexpected text after the value"},
+    {"[batch]\nmax_rows = 10 MB\n", "t.toml:2:15: unexpected text after the value"},
+    /* types and ranges */
+    {"[postgres]\ndsn = 5\n", "t.toml:2:7: value for postgres.dsn must be a string"},
+    {"[agent]\nsocket = true\n", "t.toml:2:10: value for agent.socket must be a string"},
+    {"[agent]\nsocket = false\n", "t.toml:2:10: value for agent.socket must be a string"},
+    {"[batch]\nmax_rows = \"5\"\n",
+     "t.toml:2:12: value for batch.max_rows must be an integer between 1 and 10000000"},
+    {"[batch]\nmax_rows = true\n",
+     "t.toml:2:12: value for batch.max_rows must be an integer between 1 and 10000000"},
+    {"[batch]\nmax_rows = 0\n",
+     "t.toml:2:12: value for batch.max_rows must be an integer between 1 and 10000000"},
+    {"[batch]\nmax_rows = 10_000_001\n",
+     "t.toml:2:12: value for batch.max_rows must be an integer between 1 and 10000000"},
+    {"[batch]\nmax_rows = -1\n",
+     "t.toml:2:12: value for batch.max_rows must be an integer between 1 and 10000000"},
+    {"[batch]\nmax_rows = 99999999999999999999999\n",
+     "t.toml:2:12: value for batch.max_rows must be an integer between 1 and 10000000"},
+    {"[batch]\nmax_pending_bytes = 17179869185\n",
+     "t.toml:2:21: value for batch.max_pending_bytes must be an integer between 1048576 and "
+     "17179869184"},
+    {"[agent]\nsocket_mode = 0o1000\n",
+     "t.toml:2:15: value for agent.socket_mode must be an octal file mode between 0o000 and "
+     "0o777"},
+    {"[agent]\nlog_level = \"verbose\"\n",
+     "t.toml:2:13: value for agent.log_level must be one of \"error\", \"warn\", \"info\" or "
+     "\"debug\""},
+    {"[agent]\nlog_level = 3\n",
+     "t.toml:2:13: value for agent.log_level must be one of \"error\", \"warn\", \"info\" or "
+     "\"debug\""},
+    {"[agent]\nsocket = \"\"\n", "t.toml:2:10: value for agent.socket must not be empty"},
+    {"[journal]\ndir = ''\n", "t.toml:2:7: value for journal.dir must not be empty"},
+    /* integer syntax */
+    {"[agent]\nsocket_mode = 0660\n",
+     "t.toml:2:15: \"0660\" is not a valid integer: leading zeros are not allowed (write octal "
+     "with 0o, as in 0o660)"},
+    {"[batch]\nmax_rows = 1__0\n",
+     "t.toml:2:12: \"1__0\" is not a valid integer: underscores must sit between digits"},
+    {"[batch]\nmax_rows = 10_\n",
+     "t.toml:2:12: \"10_\" is not a valid integer: underscores must sit between digits"},
+    {"[batch]\nmax_rows = 0x_10\n",
+     "t.toml:2:12: \"0x_10\" is not a valid integer: underscores must sit between digits"},
+    {"[batch]\nmax_rows = 0b101\n",
+     "t.toml:2:12: \"0b101\" is not a valid integer: binary integers are not supported"},
+    {"[batch]\nmax_rows = -0x10\n",
+     "t.toml:2:12: \"-0x10\" is not a valid integer: a sign is not allowed before 0x or 0o"},
+    {"[batch]\nmax_rows = 0x\n", "t.toml:2:12: \"0x\" is not a valid integer: it has no digits"},
+    {"[batch]\nmax_rows = 12abc\n",
+     "t.toml:2:12: \"12abc\" is not a valid integer: it has a character that is not a digit"},
+    {"[agent]\nsocket_mode = 0o8\n",
+     "t.toml:2:15: \"0o8\" is not a valid integer: it has a character that is not an octal digit"},
+    /* strings */
+    {"[agent]\nsocket = \"/abc\n", "t.toml:2:10: string is missing its closing quote"},
+    {"[agent]\nsocket = '/abc\n", "t.toml:2:10: string is missing its closing quote"},
+    {"[agent]\nsocket = \"/abc\\\n", "t.toml:2:10: string is missing its closing quote"},
+    {"[agent]\nsocket = \"a\\qb\"\n", "t.toml:2:12: invalid escape \"\\q\" in string"},
+    {"[agent]\nsocket = \"a\\ b\"\n", "t.toml:2:12: invalid escape in string"},
+    {"[agent]\nsocket = \"a\\u12\"\n", "t.toml:2:12: escape \"\\u\" needs 4 hex digits"},
+    {"[agent]\nsocket = \"a\\U0001F60\"\n", "t.toml:2:12: escape \"\\U\" needs 8 hex digits"},
+    {"[agent]\nsocket = \"\\uD800\"\n",
+     "t.toml:2:11: escape \"\\uD800\" is not a Unicode scalar value"},
+    {"[agent]\nsocket = \"\\U00110000\"\n",
+     "t.toml:2:11: escape \"\\U00110000\" is not a Unicode scalar value"},
+    {"[agent]\nsocket = \"\\u0000\"\n", "t.toml:2:11: NUL characters are not allowed in strings"},
+    {"[agent]\nsocket = \"a\x01" "b\"\n",
+     "t.toml:2:12: control character U+0001 must be escaped in a string"},
+    {"[agent]\nsocket = 'a\x7f'\n",
+     "t.toml:2:12: control character U+007F must be escaped in a string"},
+    {"[agent]\nsocket = \"a\xff\"\n", "t.toml:2:12: string contains invalid UTF-8"},
+    {"[agent]\nsocket = \"a\xC0\xAF\"\n", "t.toml:2:12: string contains invalid UTF-8"},
+    {"[agent]\nsocket = '\xED\xA0\x80'\n", "t.toml:2:11: string contains invalid UTF-8"},
+    {"[agent]\nsocket = \"\xE2\x82\"\n", "t.toml:2:11: string contains invalid UTF-8"},
+    /* comments */
+    {"# bad \x01 comment\n", "t.toml:1:7: control character U+0001 is not allowed in a comment"},
+    {"[agent] # caf\xC3\n", "t.toml:1:14: comment contains invalid UTF-8"},
+};
+
+static void test_errors(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof error_cases / sizeof error_cases[0]; i++) {
+        const char *got = load_error(error_cases[i].text);
+        if (strcmp(got, error_cases[i].want) != 0)
+            print_error("case %zu: %s\n", i, error_cases[i].text);
+        assert_string_equal(got, error_cases[i].want);
+    }
+}
+
+static void test_string_length_limits(void **state)
+{
+    char text[300];
+    char path[109];
+
+    (void)state;
+    memset(path, 'a', sizeof path - 1);
+    path[0] = '/';
+    path[107] = '\0'; /* 107 bytes: the longest sun_path */
+    snprintf(text, sizeof text, "[agent]\nsocket = \"%s\"\n", path);
+    {
+        struct trackd_config c;
+        int rc;
+        assert_string_equal(load(&c, text, strlen(text), &rc), "");
+        assert_int_equal(strlen(c.socket_path), 107);
+        config_free(&c);
+    }
+    path[107] = 'a';
+    path[108] = '\0';
+    snprintf(text, sizeof text, "[agent]\nsocket = \"%s\"\n", path);
+    assert_string_equal(load_error(text),
+                        "t.toml:2:10: value for agent.socket must be at most 107 bytes long");
+}
+
+static void test_size_limits(void **state)
+{
+    struct trackd_config c;
+    struct config_error err;
+    char msg[600];
+    size_t big = 1024 * 1024 + 1;
+    char *text = malloc(big);
+
+    (void)state;
+    assert_non_null(text);
+    /* A 64 KiB comment line is fine; one byte more is not. */
+    memset(text, 'x', big);
+    text[0] = '#';
+    text[65536] = '\n';
+    assert_int_equal(config_init(&c), 0);
+    assert_int_equal(config_load_string(&c, text, 65537, "t.toml", &err), 0);
+    text[65536] = 'x';
+    text[65537] = '\n';
+    assert_int_equal(config_load_string(&c, text, 65538, "t.toml", &err), -EINVAL);
+    config_format_error(&err, msg, sizeof msg);
+    assert_string_equal(msg, "t.toml:1:1: line is longer than 65536 bytes");
+
+    assert_int_equal(config_load_string(&c, text, big, "t.toml", &err), -EFBIG);
+    config_format_error(&err, msg, sizeof msg);
+    assert_string_equal(msg, "t.toml: file is larger than 1048576 bytes");
+    config_free(&c);
+    free(text);
+}
+
+static void test_failed_load_changes_nothing(void **state)
+{
+    struct trackd_config c;
+    struct config_error err;
+    const char text[] = "[agent]\nsocket = \"/new\"\nsocket_group = \"g\"\nmax_connections = 0\n";
+
+    (void)state;
+    assert_int_equal(config_init(&c), 0);
+    assert_int_equal(config_load_string(&c, text, strlen(text), "t.toml", &err), -EINVAL);
+    assert_string_equal(c.socket_path, "/run/trackd/trackd.sock");
+    assert_string_equal(c.socket_group, "");
+    assert_int_equal(c.max_connections, 1024);
+    /* A second file replaces strings set by the first and frees the old ones (ASan checks). */
+    assert_int_equal(config_load_string(&c, text, 43, "t.toml", &err), 0);
+    assert_string_equal(c.socket_path, "/new");
+    assert_string_equal(c.socket_group, "g");
+    assert_int_equal(config_load_string(&c, "[agent]\nsocket='/newer'", 23, NULL, &err), 0);
+    assert_string_equal(c.socket_path, "/newer");
+    assert_int_equal(config_load_string(&c, "[x]", 3, NULL, NULL), -EINVAL);
+    assert_int_equal(config_load_string(&c, "[x]", 3, NULL, &err), -EINVAL);
+    assert_string_equal(err.where, "<string>");
+    config_free(&c);
+}
+
+static void test_env_overrides(void **state)
+{
+    struct trackd_config c;
+    struct config_error err;
+    char *envp[] = {
+        "PATH=/bin",
+        "TRACKD_POSTGRES_DSN=host=x dbname=y",
+        "TRACKD_AGENT_SOCKET_MODE=0640",
+        "TRACKD_AGENT_SOCKET_GROUP=",
+        "TRACKD_BATCH_MAX_AGE_MS=0x10",
+        "TRACKD_BATCH_MAX_ROWS=1_000",
+        "TRACKD_AGENT_LOG_LEVEL=warn",
+        "TRACKD_BATCH_MAX_PENDING_BYTES=17179869184",
+        "TRACKD_MLFLOW_DEFAULT_ARTIFACT_ROOT=s3://bucket/root",
+        "TRACKD_AGENT_SOCKET=/a",
+        "TRACKD_AGENT_SOCKET=/b", /* later entries win, as in a shell */
+        "TRACKD_SOCKET=/ignored", /* not a config section: another tool's variable */
+        "trackd_agent_socket=/ignored",
+        "TRACKD_AGENT",
+        NULL,
+    };
+
+    (void)state;
+    assert_int_equal(config_init(&c), 0);
+    free(c.socket_group);
+    c.socket_group = strdup("from-file");
+    assert_int_equal(config_apply_env(&c, envp, &err), 0);
+    assert_string_equal(c.pg_dsn, "host=x dbname=y");
+    assert_int_equal(c.socket_mode, 0640);
+    assert_string_equal(c.socket_group, "");
+    assert_int_equal(c.batch_max_age_ms, 16);
+    assert_int_equal(c.batch_max_rows, 1000);
+    assert_int_equal(c.log_level, CONFIG_LOG_WARN);
+    assert_true(c.max_pending_bytes == UINT64_C(17179869184));
+    assert_string_equal(c.artifact_root, "s3://bucket/root");
+    assert_string_equal(c.socket_path, "/b");
+    assert_int_equal(config_apply_env(&c, NULL, &err), 0);
+    config_free(&c);
+}
+
+static void test_env_errors(void **state)
+{
+    static const struct {
+        const char *var;
+        const char *want;
+    } cases[] = {
+        {"TRACKD_BATCH_MAX_ROWS=0",
+         "TRACKD_BATCH_MAX_ROWS: must be an integer between 1 and 10000000"},
+        {"TRACKD_BATCH_MAX_ROWS=abc",
+         "TRACKD_BATCH_MAX_ROWS: must be an integer between 1 and 10000000"},
+        {"TRACKD_BATCH_MAX_ROWS=",
+         "TRACKD_BATCH_MAX_ROWS: must be an integer between 1 and 10000000"},
+        {"TRACKD_BATCH_MAX_ROWS= 5",
+         "TRACKD_BATCH_MAX_ROWS: must be an integer between 1 and 10000000"},
+        {"TRACKD_BATCH_MAX_ROWS=010",
+         "TRACKD_BATCH_MAX_ROWS: must be an integer between 1 and 10000000"},
+        {"TRACKD_BATCH_MAX_ROWS=-5",
+         "TRACKD_BATCH_MAX_ROWS: must be an integer between 1 and 10000000"},
+        {"TRACKD_BATCH_MAX_ROWS=99999999999999999999999",
+         "TRACKD_BATCH_MAX_ROWS: must be an integer between 1 and 10000000"},
+        {"TRACKD_AGENT_SOCKET_MODE=0999",
+         "TRACKD_AGENT_SOCKET_MODE: must be an octal file mode between 0o000 and 0o777"},
+        {"TRACKD_AGENT_SOCKET_MODE=01000",
+         "TRACKD_AGENT_SOCKET_MODE: must be an octal file mode between 0o000 and 0o777"},
+        {"TRACKD_AGENT_LOG_LEVEL=INFO",
+         "TRACKD_AGENT_LOG_LEVEL: must be one of \"error\", \"warn\", \"info\" or \"debug\""},
+        {"TRACKD_AGENT_SOCKET=", "TRACKD_AGENT_SOCKET: must not be empty"},
+        {"TRACKD_AGENT_SOCKT=/x", "TRACKD_AGENT_SOCKT: unknown setting: [agent] has no such key"},
+        {"TRACKD_BATCH_=1", "TRACKD_BATCH_: unknown setting: [batch] has no such key"},
+    };
+
+    (void)state;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct trackd_config c;
+        struct config_error err;
+        char msg[600];
+        /* The good variable first: a failure must not apply it either. */
+        char *envp[] = {"TRACKD_JOURNAL_DIR=/elsewhere", (char *)cases[i].var, NULL};
+
+        assert_int_equal(config_init(&c), 0);
+        assert_int_equal(config_apply_env(&c, envp, &err), -EINVAL);
+        assert_int_equal(err.line, 0);
+        config_format_error(&err, msg, sizeof msg);
+        assert_string_equal(msg, cases[i].want);
+        assert_string_equal(c.journal_dir, "/var/lib/trackd/journal");
+        config_free(&c);
+    }
+}
+
+static void test_env_mode_forms(void **state)
+{
+    static const struct {
+        const char *var;
+        unsigned mode;
+    } cases[] = {
+        {"TRACKD_AGENT_SOCKET_MODE=0660", 0660}, {"TRACKD_AGENT_SOCKET_MODE=0o600", 0600},
+        {"TRACKD_AGENT_SOCKET_MODE=0x1ff", 0777}, {"TRACKD_AGENT_SOCKET_MODE=384", 0600},
+        {"TRACKD_AGENT_SOCKET_MODE=0", 0},
+    };
+
+    (void)state;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct trackd_config c;
+        char *envp[] = {(char *)cases[i].var, NULL};
+        assert_int_equal(config_init(&c), 0);
+        assert_int_equal(config_apply_env(&c, envp, NULL), 0);
+        assert_int_equal(c.socket_mode, cases[i].mode);
+        config_free(&c);
+    }
+}
+
+static void test_dump_redacts_dsn(void **state)
+{
+    static const struct {
+        const char *dsn;
+        const char *want; /* the dsn line in the dump */
+    } cases[] = {
+        {"host=db password=secret user=u", "dsn = \"host=db password=**** user=u\""},
+        {"host=db password = 'se cret\\' x' user=u", "dsn = \"host=db password = **** user=u\""},
+        {"password=a\\ b", "dsn = \"password=****\""},
+        {"password=", "dsn = \"password=****\""},
+        {"postgresql://alice:secret@db:5432/mlflow?sslmode=require&password=secret",
+         "dsn = \"postgresql://alice:****@db:5432/mlflow?sslmode=require&password=****\""},
+        {"postgres://alice:secret@db1,db2/mlflow",
+         "dsn = \"postgres://alice:****@db1,db2/mlflow\""},
+        {"postgresql://alice@db/mlflow", "dsn = \"postgresql://alice@db/mlflow\""},
+        {"postgresql:///mlflow?password=secret&x=1",
+         "dsn = \"postgresql:///mlflow?password=****&x=1\""},
+        {"dbname=postgresql://a:secret@h/db host=h", "dsn = \"dbname=**** host=h\""},
+        {"host=db dbname=mlflow", "dsn = \"host=db dbname=mlflow\""},
+    };
+
+    (void)state;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct trackd_config c;
+        char *text;
+        assert_int_equal(config_init(&c), 0);
+        free(c.pg_dsn);
+        c.pg_dsn = strdup(cases[i].dsn);
+        text = dump(&c);
+        if (!strstr(text, cases[i].want))
+            print_error("case %zu: %s\n", i, text);
+        assert_non_null(strstr(text, cases[i].want));
+        assert_null(strstr(text, "secret"));
+        free(text);
+        config_free(&c);
+    }
+}
+
+/* A dump is valid input and reproduces every value (the DSN has no password to mask). */
+static void test_dump_round_trip(void **state)
+{
+    struct trackd_config a, b;
+    struct config_error err;
+    char *first, *second;
+    int rc;
+
+    (void)state;
+    assert_string_equal(load(&a, all_values, strlen(all_values), &rc), "");
+    free(a.pg_dsn);
+    a.pg_dsn = strdup("host=db user=\"x\"\n");
+    first = dump(&a);
+    assert_non_null(strstr(first, "[agent]\n# "));
+    assert_non_null(strstr(first, "\nsocket_mode = 0o600\n"));
+    assert_non_null(strstr(first, "\nlog_level = \"debug\"\n"));
+    assert_non_null(strstr(first, "\nmax_pending_bytes = 17179869184\n"));
+    assert_int_equal(config_init(&b), 0);
+    assert_int_equal(config_load_string(&b, first, strlen(first), "dump", &err), 0);
+    assert_string_equal(b.pg_dsn, "host=db user=\"x\"\n");
+    assert_string_equal(b.socket_path, a.socket_path);
+    second = dump(&b);
+    assert_string_equal(first, second);
+    free(first);
+    free(second);
+    config_free(&a);
+    config_free(&b);
+}
+
+static void test_example_file(void **state)
+{
+    struct trackd_config defaults, c;
+    struct config_error err;
+    char msg[600] = "";
+    char *want, *got;
+
+    (void)state;
+    assert_int_equal(config_init(&defaults), 0);
+    assert_int_equal(config_init(&c), 0);
+    if (config_load_file(&c, example_path, &err) != 0)
+        config_format_error(&err, msg, sizeof msg);
+    assert_string_equal(msg, "");
+    /* The example documents the defaults, so loading it changes nothing. */
+    want = dump(&defaults);
+    got = dump(&c);
+    assert_string_equal(got, want);
+    free(want);
+    free(got);
+    config_free(&defaults);
+    config_free(&c);
+}
+
+static void test_file_errors(void **state)
+{
+    struct trackd_config c;
+    struct config_error err;
+    char msg[600];
+
+    (void)state;
+    assert_int_equal(config_init(&c), 0);
+    assert_int_equal(config_load_file(&c, "/nonexistent/agent.toml", &err), -ENOENT);
+    assert_int_equal(err.line, 0);
+    config_format_error(&err, msg, sizeof msg);
+    assert_string_equal(msg,
+                        "/nonexistent/agent.toml: cannot open file: No such file or directory");
+    assert_int_equal(config_load_file(&c, "/", &err), -EISDIR);
+    config_format_error(&err, msg, sizeof msg);
+    assert_string_equal(msg, "/: cannot read file: Is a directory");
+    assert_int_equal(config_load_file(&c, "/nonexistent", NULL), -ENOENT);
+    config_free(&c);
+}
+
+static void test_format_error_truncates(void **state)
+{
+    struct config_error err = {"agent.toml", 7, 9, "unknown key \"sockt\" in [agent]"};
+    char small[8];
+    const char *want = "agent.toml:7:9: unknown key \"sockt\" in [agent]";
+
+    (void)state;
+    assert_int_equal(config_format_error(&err, small, sizeof small), (int)strlen(want));
+    assert_string_equal(small, "agent.t");
+}
+
+int main(int argc, char **argv)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_value_forms),
+        cmocka_unit_test(test_partial_file_keeps_defaults),
+        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_string_length_limits),
+        cmocka_unit_test(test_size_limits),
+        cmocka_unit_test(test_failed_load_changes_nothing),
+        cmocka_unit_test(test_env_overrides),
+        cmocka_unit_test(test_env_errors),
+        cmocka_unit_test(test_env_mode_forms),
+        cmocka_unit_test(test_dump_redacts_dsn),
+        cmocka_unit_test(test_dump_round_trip),
+        cmocka_unit_test(test_example_file),
+        cmocka_unit_test(test_file_errors),
+        cmocka_unit_test(test_format_error_truncates),
+    };
+
+    if (argc > 1)
+        example_path = argv[1];
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
