@@ -1,0 +1,40 @@
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from harness import BUILD, Agent, Postgres
+
+
+def pytest_configure(config):
+    for exe in ("trackd", "trackd-driver"):
+        if not (BUILD / exe).exists():
+            raise pytest.UsageError(f"{BUILD / exe} is missing: build first (./trackd-dev build)")
+
+
+@pytest.fixture(scope="session")
+def artifact_root():
+    return Path(tempfile.mkdtemp(prefix="trackd-art-"))
+
+
+@pytest.fixture(scope="session")
+def pg(artifact_root):
+    server = Postgres().start()
+    server.bootstrap_template(artifact_root)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def db(pg, request):
+    name = "t_" + request.node.name.lower().replace("[", "_").replace("]", "").replace("-", "_")[:50]
+    return pg.mlflow_db(name)
+
+
+@pytest.fixture
+def agent(pg, db, tmp_path, artifact_root):
+    a = Agent(pg, db, tmp_path / "agent", artifact_root=str(artifact_root)).start()
+    yield a
+    rc = a.stop()
+    assert rc == 0, f"agent exit code {rc}; log:\n{a.log()[-4000:]}"

@@ -1,0 +1,176 @@
+"""Real services for the integration tests: a throwaway PostgreSQL 15, MLflow's
+schema created by the pinned MLflow itself, trackd agents and the C driver.
+
+Nothing here is a mock. Every wait polls a condition with a deadline.
+"""
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD = Path(os.environ.get("TRACKD_BUILD_DIR", ROOT / "build")).resolve()
+PG_BIN = Path(os.environ.get("TRACKD_PG_BIN", "/usr/lib/postgresql/15/bin"))
+TEMPLATE_DB = "mlflow_template"
+
+
+def wait_for(cond, timeout, what, interval=0.02):
+    """Polls cond() until it returns a truthy value or timeout seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _as_postgres():
+    """PostgreSQL refuses to run as root: drop to the postgres user when we are root."""
+    if os.geteuid() != 0:
+        return []
+    return ["runuser", "-u", "postgres", "--"]
+
+
+class Postgres:
+    """A PostgreSQL cluster in a temporary directory, reachable only by Unix socket."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="trackd-pg-"))
+        self.data = self.dir / "data"
+        self.log = self.dir / "postgres.log"
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        os.chmod(self.dir, 0o755)
+
+    def start(self):
+        subprocess.run(
+            _as_postgres() + [str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
+                              "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        opts = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off"
+        subprocess.run(
+            _as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                              "-o", opts, "-w", "-t", "60", "start"],
+            check=True, stdout=subprocess.DEVNULL)
+        return self
+
+    def stop(self):
+        subprocess.run(_as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
+                                         "-w", "stop"], stdout=subprocess.DEVNULL, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def dsn(self, db):
+        return f"host={self.dir} user=postgres dbname={db}"
+
+    def url(self, db):
+        return f"postgresql://postgres@/{db}?host={self.dir}"
+
+    def connect(self, db="postgres"):
+        return psycopg.connect(self.dsn(db), autocommit=True)
+
+    def create_db(self, name, template=None):
+        with self.connect() as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            if template:
+                c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            else:
+                c.execute(f'CREATE DATABASE "{name}"')
+
+    def bootstrap_template(self, artifact_root):
+        """Lets the pinned MLflow create its schema once; test databases copy it."""
+        self.create_db(TEMPLATE_DB)
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = SqlAlchemyStore(self.url(TEMPLATE_DB), str(artifact_root))
+        store.engine.dispose()
+
+    def mlflow_db(self, name):
+        self.create_db(name, TEMPLATE_DB)
+        return name
+
+    def query(self, db, sql, params=None):
+        with self.connect(db) as c:
+            return c.execute(sql, params).fetchall()
+
+
+class Agent:
+    """A trackd agent process with its own socket, config and log."""
+
+    def __init__(self, pg, db, workdir, artifact_root="/tmp/trackd-artifacts", extra=""):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.socket = str(self.workdir / "trackd.sock")
+        self.config = self.workdir / "agent.toml"
+        self.logpath = self.workdir / "agent.log"
+        self.config.write_text(
+            f'[agent]\nsocket = "{self.socket}"\nlog_level = "debug"\nshutdown_grace_ms = 20000\n'
+            f'[postgres]\ndsn = "{pg.dsn(db)}"\n'
+            f'[mlflow]\ndefault_artifact_root = "{artifact_root}"\n'
+            f'[journal]\ndir = "{self.workdir / "journal"}"\n' + extra)
+        self.proc = None
+
+    def start(self, wait=True):
+        self.logfile = open(self.logpath, "ab")
+        self.proc = subprocess.Popen([str(BUILD / "trackd"), "--config", str(self.config)],
+                                     stdout=self.logfile, stderr=subprocess.STDOUT)
+        if wait:
+            wait_for(lambda: self.proc.poll() is not None or "[agent] ready" in self.log(), 30,
+                     "the agent to start")
+            assert self.proc.poll() is None, f"agent exited early:\n{self.log()}"
+        return self
+
+    def log(self):
+        return self.logpath.read_text(errors="replace") if self.logpath.exists() else ""
+
+    def stop(self, timeout=30):
+        """SIGTERM and wait: returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.logfile.close()
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stats(self):
+        out = subprocess.run([str(BUILD / "trackd"), "stats", "--socket", self.socket],
+                             capture_output=True, text=True, check=True).stdout
+        return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+def esc(s):
+    return str(s).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def run_driver(socket, lines, source_name=None, timeout=600, check=True):
+    """Replays lines (lists of fields) through libtrackd; returns (stdout lines, returncode)."""
+    script = "\n".join("\t".join(esc(f) for f in line) for line in lines) + "\n"
+    cmd = [str(BUILD / "trackd-driver"), "--socket", socket]
+    if source_name:
+        cmd += ["--source-name", source_name]
+    p = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"driver failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return [l.split("\t") for l in p.stdout.splitlines()], p.returncode
+
+
+def driver_runs(out):
+    return {f[1]: f[2] for f in out if f[0] == "run"}
+
+
+def driver_errors(out):
+    return [(int(f[1]), int(f[2]), f[3]) for f in out if f[0] == "error"]

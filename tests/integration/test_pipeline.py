@@ -1,0 +1,237 @@
+"""End to end through the real shim, agent and PostgreSQL: rows, winners,
+rejections, and that one bad event never costs the others."""
+import math
+import random
+import subprocess
+
+from harness import BUILD, Agent, driver_errors, driver_runs, run_driver
+
+DBL_MAX = 1.7976931348623157e308
+TS0 = 1_700_000_000_000
+
+
+def sanitize(v):
+    if math.isnan(v):
+        return 0.0, True
+    if math.isinf(v):
+        return (DBL_MAX if v > 0 else -DBL_MAX), False
+    return v, False
+
+
+def value_for(key_index, step):
+    if step == 100:
+        return math.nan
+    if step == 200:
+        return math.inf
+    if step == 300:
+        return -math.inf
+    return round(math.sin(step / 50.0 + key_index) * 10.0, 6)
+
+
+def expected_latest(points):
+    """MLflow's rule, applied in arrival order: strictly greater (step, ts, value) wins."""
+    latest = {}
+    for key, value, step, ts in points:
+        v, is_nan = sanitize(value)
+        cur = latest.get(key)
+        if cur is None or (step, ts, v) > (cur[1], cur[2], cur[0]):
+            latest[key] = (v, step, ts, is_nan)
+    return latest
+
+
+def test_run_params_tags_and_30000_points(pg, db, agent):
+    rng = random.Random(7)
+    keys = ["train/loss", "train/acc", "lr"]
+    points = []
+    for ki, key in enumerate(keys):
+        steps = list(range(10_000))
+        # Out of order: shuffle within windows of 64 steps.
+        for i in range(0, len(steps), 64):
+            window = steps[i:i + 64]
+            rng.shuffle(window)
+            steps[i:i + 64] = window
+        points += [(key, value_for(ki, s), s, TS0 + s) for s in steps]
+    duplicates = rng.sample(points, 500)
+    sent = points + duplicates
+    lines = [["run", "r", "pipeline-exp", "first-run", str(TS0), "team", "ml", "phase", "test"],
+             ["param", "r", "learning_rate", "0.01"], ["param", "r", "batch_size", "64"],
+             ["tag", "r", "note", "hello\tworld"]]
+    lines += [["metric", "r", k, repr(v), str(s), str(t)] for k, v, s, t in sent]
+    lines += [["end", "r", "FINISHED", str(TS0 + 99_999)], ["flush", "60000"], ["errors"],
+              ["counters"]]
+    out, _ = run_driver(agent.socket, lines, source_name="train.py")
+    run_id = driver_runs(out)["r"]
+    assert ["flush", "0"] in out
+    assert driver_errors(out) == []
+
+    rows = pg.query(db, "SELECT key, value, timestamp, step, is_nan FROM metrics WHERE run_uuid = %s",
+                    (run_id,))
+    expected = {(k, *sanitize(v)[:1], t, s, sanitize(v)[1]) for k, v, s, t in points}
+    assert len(rows) == 30_000
+    assert set(rows) == expected
+    nan_rows = pg.query(db, "SELECT key, value, is_nan FROM metrics WHERE run_uuid = %s AND step = 100",
+                        (run_id,))
+    assert sorted(nan_rows) == sorted((k, 0.0, True) for k in keys)
+    inf_rows = pg.query(db, "SELECT DISTINCT value FROM metrics WHERE run_uuid = %s AND step IN (200, 300)",
+                        (run_id,))
+    assert sorted(r[0] for r in inf_rows) == [-DBL_MAX, DBL_MAX]
+
+    latest = {r[0]: r[1:] for r in pg.query(
+        db, "SELECT key, value, step, timestamp, is_nan FROM latest_metrics WHERE run_uuid = %s",
+        (run_id,))}
+    assert latest == expected_latest(sent)
+
+    run = pg.query(db, "SELECT name, status, start_time, end_time, user_id, source_type, lifecycle_stage,"
+                       " artifact_uri, experiment_id FROM runs WHERE run_uuid = %s", (run_id,))[0]
+    exp_id, artifact_location = pg.query(
+        db, "SELECT experiment_id, artifact_location FROM experiments WHERE name = 'pipeline-exp'")[0]
+    assert run == ("first-run", "FINISHED", TS0, TS0 + 99_999, "root", "UNKNOWN", "active",
+                   f"{artifact_location}/{run_id}/artifacts", exp_id)
+    assert artifact_location.endswith(f"/{exp_id}")
+    assert dict(pg.query(db, "SELECT key, value FROM params WHERE run_uuid = %s", (run_id,))) == {
+        "learning_rate": "0.01", "batch_size": "64"}
+    assert dict(pg.query(db, "SELECT key, value FROM tags WHERE run_uuid = %s", (run_id,))) == {
+        "team": "ml", "phase": "test", "note": "hello\tworld", "mlflow.runName": "first-run",
+        "mlflow.user": "root", "mlflow.source.name": "train.py", "mlflow.source.type": "LOCAL"}
+    counters = next(f for f in out if f[0] == "counters")
+    assert "sent=%d" % (len(sent) + 5) in counters  # run, 2 params, 1 tag, end
+    assert "dropped=0" in counters
+
+    stats = agent.stats()
+    assert stats["metrics_committed"] == len(sent)
+    assert stats["params_committed"] == 2
+    assert stats["batches_committed"] >= 1
+
+
+def test_latest_metrics_rule_across_batches(pg, db, agent):
+    """Ties keep the stored row; a lower step never replaces; NaN compares as 0."""
+    phase1 = [("tie", 1.0, 5, 10), ("tie", 3.0, 5, 10), ("tie", 100.0, 5, 9), ("tie", 50.0, 4, 50),
+              ("late", 7.0, 10, 1), ("nan", math.nan, 3, 1), ("nan", -1.0, 3, 1)]
+    phase2 = [("tie", 3.0, 5, 10), ("tie", 2.0, 5, 10), ("late", 99.0, 9, 99), ("nan", 0.5, 3, 1)]
+    lines = [["run", "r", "rule-exp", "", "now"]]
+    lines += [["metric", "r", k, repr(v), str(s), str(t)] for k, v, s, t in phase1]
+    lines += [["flush", "30000"]]
+    lines += [["metric", "r", k, repr(v), str(s), str(t)] for k, v, s, t in phase2]
+    lines += [["flush", "30000"], ["errors"]]
+    out, _ = run_driver(agent.socket, lines)
+    run_id = driver_runs(out)["r"]
+    assert [f for f in out if f[0] == "flush"] == [["flush", "0"], ["flush", "0"]]
+    latest = {r[0]: r[1:] for r in pg.query(
+        db, "SELECT key, value, step, timestamp, is_nan FROM latest_metrics WHERE run_uuid = %s",
+        (run_id,))}
+    assert latest == expected_latest(phase1 + phase2)
+    assert latest["tie"] == (3.0, 5, 10, False)
+    assert latest["late"] == (7.0, 10, 1, False)
+    assert latest["nan"] == (0.5, 3, 1, False)
+    # A random run name like MLflow's, stored in the column and the tag.
+    name = pg.query(db, "SELECT name FROM runs WHERE run_uuid = %s", (run_id,))[0][0]
+    assert len(name.split("-")) == 3
+    assert pg.query(db, "SELECT value FROM tags WHERE run_uuid = %s AND key = 'mlflow.runName'",
+                    (run_id,)) == [(name,)]
+
+
+def test_changed_param_is_rejected_and_the_rest_commits(pg, db, agent):
+    lines = [["run", "r", "param-exp", "p", "now"],
+             ["param", "r", "alpha", "1"],
+             ["param", "r", "alpha", "2"],          # same batch, different value
+             ["param", "r", "alpha", "1"],          # same value again: a no-op
+             ["flush", "30000"],
+             ["param", "r", "alpha", "3"],          # later batch, different value
+             ["param", "r", "beta", "b"],
+             ["metric", "r", "m", "1.5", "0", str(TS0)],
+             ["flush", "30000"], ["errors"]]
+    out, _ = run_driver(agent.socket, lines)
+    run_id = driver_runs(out)["r"]
+    errors = driver_errors(out)
+    assert [(code, msg) for _, code, msg in errors] == [
+        (20, f"Changing param values is not allowed. Param with key='alpha' was already logged "
+             f"with value='1' for run ID='{run_id}'. Attempted logging new value '2'."),
+        (20, f"Changing param values is not allowed. Param with key='alpha' was already logged "
+             f"with value='1' for run ID='{run_id}'. Attempted logging new value '3'."),
+    ]
+    assert dict(pg.query(db, "SELECT key, value FROM params WHERE run_uuid = %s", (run_id,))) == {
+        "alpha": "1", "beta": "b"}
+    assert pg.query(db, "SELECT key, value FROM metrics WHERE run_uuid = %s", (run_id,)) == [("m", 1.5)]
+    assert agent.stats()["rejected_param_changed"] == 2
+
+
+def test_invalid_keys_and_ids_are_rejected_and_the_rest_commits(pg, db, agent):
+    bad_keys = ["a//b", "../up", "/abs", "bad key!", "x" * 251, ""]
+    lines = [["run", "r", "keys-exp", "k", "now"]]
+    for i, k in enumerate(bad_keys):
+        lines.append(["metric", "r", k, "1", str(i), str(TS0)])
+        lines.append(["metric", "r", f"good/{i}", "2", str(i), str(TS0)])
+    lines += [["param", "r", "bad key!", "v"], ["tag", "r", "ok.tag", "v"],
+              ["metric", "0123456789ABCDEF0123456789abcdef", "m", "1", "0", str(TS0)],
+              ["flush", "30000"], ["errors"]]
+    out, _ = run_driver(agent.socket, lines)
+    run_id = driver_runs(out)["r"]
+    codes = sorted(code for _, code, _ in driver_errors(out))
+    assert codes == sorted([2, 2, 2, 2, 3, 2, 2, 5])
+    messages = [m for _, _, m in driver_errors(out)]
+    assert any('Invalid value "a//b" for parameter \'name\' supplied' in m for m in messages), messages
+    good = pg.query(db, "SELECT key FROM metrics WHERE run_uuid = %s ORDER BY key", (run_id,))
+    assert [r[0] for r in good] == [f"good/{i}" for i in range(len(bad_keys))]
+    assert pg.query(db, "SELECT key FROM tags WHERE run_uuid = %s AND key = 'ok.tag'", (run_id,)) == [
+        ("ok.tag",)]
+    stats = agent.stats()
+    assert stats["rejected_bad_key"] == 6 and stats["rejected_key_too_long"] == 1
+    assert stats["rejected_bad_run_id"] == 1
+
+
+def test_database_rejection_is_isolated(pg, db, agent):
+    """Points for a run that does not exist fail a foreign key; the batch is split until only
+    they are rejected."""
+    ghost = "f" * 32
+    lines = [["run", "r", "iso-exp", "iso", "now"]]
+    for s in range(200):
+        lines.append(["metric", "r", "m", str(s), str(s), str(TS0)])
+        if s % 50 == 25:
+            lines.append(["metric", ghost, "m", str(s), str(s), str(TS0)])
+    lines += [["flush", "60000"], ["errors"]]
+    out, _ = run_driver(agent.socket, lines)
+    run_id = driver_runs(out)["r"]
+    errors = driver_errors(out)
+    assert len(errors) == 4
+    assert all(code == 21 and "foreign key" in msg for _, code, msg in errors), errors
+    assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s", (run_id,)) == [(200,)]
+    stats = agent.stats()
+    assert stats["rejected_database"] == 4
+    assert stats["batch_splits"] > 0
+
+
+def test_agent_refuses_database_without_mlflow_schema(pg, tmp_path):
+    pg.create_db("empty_db")
+    a = Agent(pg, "empty_db", tmp_path / "a").start(wait=False)
+    rc = a.proc.wait(30)
+    assert rc == 1
+    assert "has no MLflow schema (table alembic_version is missing)" in a.log()
+    assert "mlflow server" in a.log()
+
+
+def test_agent_refuses_unknown_revision(pg, db, tmp_path):
+    pg.query(db, "UPDATE alembic_version SET version_num = 'ffffffffffff' RETURNING 1")
+    a = Agent(pg, db, tmp_path / "a").start(wait=False)
+    assert a.proc.wait(30) == 1
+    assert "MLflow schema revision ffffffffffff is not one trackd is tested with" in a.log()
+
+
+def test_check_config(tmp_path):
+    ok = subprocess.run([str(BUILD / "trackd"), "--check-config", str(BUILD.parent / "agent.toml.example")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[agent]\nsocket = "/tmp/x.sock"\nsockt = 1\n')
+    r = subprocess.run([str(BUILD / "trackd"), "--check-config", str(bad)], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert f"{bad}:3:" in r.stderr and "sockt" in r.stderr
+
+
+def test_sigterm_drains_and_exits_zero(pg, db, tmp_path):
+    a = Agent(pg, db, tmp_path / "a").start()
+    lines = [["run", "r", "term-exp", "t", "now"], ["gen", "r", "5", "2000", str(TS0)]]
+    out, _ = run_driver(a.socket, lines)
+    run_id = driver_runs(out)["r"]
+    assert a.stop() == 0
+    assert "drained" in a.log()
+    assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s", (run_id,)) == [(10_000,)]
