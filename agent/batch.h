@@ -35,16 +35,16 @@ struct ev {
     uint8_t kind;
     uint8_t flags;
     uint8_t is_nan;
-    uint8_t status;  /* EV_END_RUN */
+    uint8_t status;   /* EV_END_RUN */
     uint32_t conn_id; /* origin, for errors; 0 once the client is gone */
     uint64_t seq;     /* origin frame */
     uint64_t serial;  /* agent-wide arrival order */
     char run_id[PROTO_RUN_ID_LEN];
-    struct sref a;    /* experiment name | metric/param/tag key | run: experiment */
-    struct sref b;    /* param/tag value | run: name */
-    struct sref c;    /* run: user */
-    double value;     /* metric, sanitised */
-    int64_t ts;       /* metric timestamp | run start | run end */
+    struct sref a; /* experiment name | metric/param/tag key | run: experiment */
+    struct sref b; /* param/tag value | run: name */
+    struct sref c; /* run: user */
+    double value;  /* metric, sanitised */
+    int64_t ts;    /* metric timestamp | run start | run end */
     int64_t step;
 };
 

@@ -45,10 +45,14 @@ struct config_key {
 };
 
 #define FIELD(f) offsetof(struct trackd_config, f)
-#define STR(sec, name, f, def, lo, hi, doc) \
-    {sec, name, KEY_STRING, FIELD(f), def, 0, lo, hi, 0, doc}
-#define NUM(sec, name, type, f, def, lo, hi, doc) \
-    {sec, name, type, FIELD(f), NULL, def, lo, hi, 0, doc}
+#define STR(sec, name, f, def, lo, hi, doc)                                                        \
+    {                                                                                              \
+        sec, name, KEY_STRING, FIELD(f), def, 0, lo, hi, 0, doc                                    \
+    }
+#define NUM(sec, name, type, f, def, lo, hi, doc)                                                  \
+    {                                                                                              \
+        sec, name, type, FIELD(f), NULL, def, lo, hi, 0, doc                                       \
+    }
 
 /*
  * Rows of one section must be adjacent: config_dump() prints a header whenever the section
@@ -112,7 +116,7 @@ static uint64_t key_get_int(const struct trackd_config *c, const struct config_k
     case KEY_U32: return *(uint32_t *)p;
     case KEY_U64: return *(uint64_t *)p;
     case KEY_MODE: return *(unsigned *)p;
-    case KEY_LEVEL: return (uint64_t)*(int *)p;
+    case KEY_LEVEL: return (uint64_t) * (int *)p;
     case KEY_STRING: break;
     }
     assert(!"string key has no integer value");
@@ -374,7 +378,7 @@ static bool value_store(struct trackd_config *work, const struct trackd_config *
 
 struct parser {
     const char *name;
-    const char *pos, *end; /* unparsed text */
+    const char *pos, *end;  /* unparsed text */
     const char *line, *eol; /* current line, eol before any "\r\n" */
     int lineno;
     int section; /* index into sections[], -1 before the first header */
@@ -599,9 +603,9 @@ static int parse_value(struct parser *p, const char *s, struct value *v)
         return parse_fail(p, s, "floats are not supported");
     if (bn == 0 || !isdigit((unsigned char)*body))
         return parse_fail(p, s, "expected a value: a quoted string, an integer, true or false");
-    if (memchr(s, ':', n) || (n >= 5 && body == s && isdigit((unsigned char)s[1]) &&
-                              isdigit((unsigned char)s[2]) && isdigit((unsigned char)s[3]) &&
-                              s[4] == '-'))
+    if (memchr(s, ':', n) ||
+        (n >= 5 && body == s && isdigit((unsigned char)s[1]) && isdigit((unsigned char)s[2]) &&
+         isdigit((unsigned char)s[3]) && s[4] == '-'))
         return parse_fail(p, s, "dates and times are not supported");
     if (!(bn > 1 && body[0] == '0' && body[1] == 'x') &&
         (memchr(s, '.', n) || memchr(s, 'e', n) || memchr(s, 'E', n)))
@@ -854,8 +858,7 @@ int config_apply_env(struct trackd_config *c, char *const *envp, struct config_e
 int config_format_error(const struct config_error *err, char *buf, size_t len)
 {
     if (err->line > 0)
-        return snprintf(buf, len, "%s:%d:%d: %s", err->where, err->line, err->column,
-                        err->message);
+        return snprintf(buf, len, "%s:%d:%d: %s", err->where, err->line, err->column, err->message);
     return snprintf(buf, len, "%s: %s", err->where, err->message);
 }
 

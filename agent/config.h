@@ -20,27 +20,27 @@ enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONF
  */
 struct trackd_config {
     /* [agent] */
-    char *socket_path;            /* Unix socket the agent listens on */
-    unsigned socket_mode;         /* file mode of the socket, 0..0777 */
-    char *socket_group;           /* group name or numeric gid; "" = the agent's own group */
-    uint32_t max_connections;     /* concurrent client connections */
-    uint32_t max_frame_bytes;     /* hard cap on one frame body */
-    int log_level;                /* enum config_log_level */
-    uint32_t shutdown_grace_ms;   /* drain time on SIGTERM */
+    char *socket_path;          /* Unix socket the agent listens on */
+    unsigned socket_mode;       /* file mode of the socket, 0..0777 */
+    char *socket_group;         /* group name or numeric gid; "" = the agent's own group */
+    uint32_t max_connections;   /* concurrent client connections */
+    uint32_t max_frame_bytes;   /* hard cap on one frame body */
+    int log_level;              /* enum config_log_level */
+    uint32_t shutdown_grace_ms; /* drain time on SIGTERM */
     /* [postgres] */
-    char *pg_dsn;                 /* libpq keyword string or URI; may hold a password */
-    char *pg_password_file;       /* "" = none; first line is the password */
+    char *pg_dsn;           /* libpq keyword string or URI; may hold a password */
+    char *pg_password_file; /* "" = none; first line is the password */
     uint32_t pg_connect_timeout_ms;
     /* [mlflow] */
-    char *artifact_root;          /* experiment artifact_location = root + "/" + experiment_id */
-    char *allowed_revisions;      /* comma-separated extra alembic revisions; "" = none */
+    char *artifact_root;     /* experiment artifact_location = root + "/" + experiment_id */
+    char *allowed_revisions; /* comma-separated extra alembic revisions; "" = none */
     /* [journal] */
     char *journal_dir;
     /* [batch] */
-    uint32_t batch_max_rows;      /* rows per database transaction */
-    uint64_t batch_max_bytes;     /* bytes per database transaction */
-    uint32_t batch_max_age_ms;    /* oldest buffered event waits at most this long */
-    uint64_t max_pending_bytes;   /* buffered-event memory before backpressure */
+    uint32_t batch_max_rows;    /* rows per database transaction */
+    uint64_t batch_max_bytes;   /* bytes per database transaction */
+    uint32_t batch_max_age_ms;  /* oldest buffered event waits at most this long */
+    uint64_t max_pending_bytes; /* buffered-event memory before backpressure */
 };
 
 /*

@@ -164,8 +164,8 @@ static void on_hello(struct conn *c, const struct proto_msg *m)
     copy_str(c->program, sizeof c->program, m->u.hello.program);
     copy_str(c->source_name, sizeof c->source_name, m->u.hello.source_name);
     copy_str(c->source_type, sizeof c->source_type, m->u.hello.source_type);
-    log_info("[conn %u] hello from pid %u (%s), uid %u (%s), protocol %u", c->id,
-             m->u.hello.pid, c->program, (unsigned)c->uid, c->user, m->u.hello.version);
+    log_info("[conn %u] hello from pid %u (%s), uid %u (%s), protocol %u", c->id, m->u.hello.pid,
+             c->program, (unsigned)c->uid, c->user, m->u.hello.version);
     set_state(c, CONN_OPEN);
     struct proto_buf pb;
     proto_buf_init(&pb, 0);
@@ -197,12 +197,8 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
         return;
     }
     switch (m.kind) {
-    case PROTO_HELLO:
-        protocol_error(c, h->seq, "hello sent twice");
-        return;
-    case PROTO_FLUSH:
-        ingest_flush(c->srv->ingest, c->id, m.seq);
-        return;
+    case PROTO_HELLO: protocol_error(c, h->seq, "hello sent twice"); return;
+    case PROTO_FLUSH: ingest_flush(c->srv->ingest, c->id, m.seq); return;
     case PROTO_WELCOME:
     case PROTO_FLUSHED:
     case PROTO_ERROR:
@@ -240,8 +236,9 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         if (nread != UV_EOF)
             log_debug("[conn %u] read error: %s", c->id, uv_strerror((int)nread));
         else if (proto_reader_pending(&c->reader) > 0)
-            log_limited(LOG_WARN, "[conn %u] closed mid-frame (%zu bytes of a partial frame dropped)",
-                        c->id, proto_reader_pending(&c->reader));
+            log_limited(LOG_WARN,
+                        "[conn %u] closed mid-frame (%zu bytes of a partial frame dropped)", c->id,
+                        proto_reader_pending(&c->reader));
         conn_close(c);
         return;
     }
@@ -261,8 +258,8 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             break;
         if (rc < 0) {
             char what[160];
-            snprintf(what, sizeof what, "bad frame header: %s (limit %u bytes)",
-                     proto_strerror(rc), c->srv->cfg->max_frame_bytes);
+            snprintf(what, sizeof what, "bad frame header: %s (limit %u bytes)", proto_strerror(rc),
+                     c->srv->cfg->max_frame_bytes);
             protocol_error(c, 0, what);
             return;
         }

@@ -275,10 +275,10 @@ static bool check_kv(struct mctx *m, bool is_param, struct proto_kv *kv)
         fail_v(m, &e);
         return false;
     }
-    int rc = is_param ? validate_param_value(kv->key.ptr, kv->key.len, kv->value.ptr,
-                                             kv->value.len, &keep, &e)
-                      : validate_tag_value(kv->key.ptr, kv->key.len, kv->value.ptr,
-                                           kv->value.len, &keep, &e);
+    int rc = is_param ? validate_param_value(kv->key.ptr, kv->key.len, kv->value.ptr, kv->value.len,
+                                             &keep, &e)
+                      : validate_tag_value(kv->key.ptr, kv->key.len, kv->value.ptr, kv->value.len,
+                                           &keep, &e);
     if (rc != 0) {
         fail_v(m, &e);
         return false;
@@ -445,9 +445,7 @@ int ingest_message(struct ingest *in, const struct ingest_origin *o, const struc
         else
             add_ev(&m, EV_EXPERIMENT, NULL, msg->u.experiment.name, none, none);
         break;
-    case PROTO_START_RUN:
-        do_start_run(&m, msg);
-        break;
+    case PROTO_START_RUN: do_start_run(&m, msg); break;
     case PROTO_METRIC:
         if (check_run_id(&m, msg->u.metric.run_id))
             do_point(&m, msg->u.metric.run_id.ptr, &msg->u.metric.point);
@@ -462,15 +460,9 @@ int ingest_message(struct ingest *in, const struct ingest_origin *o, const struc
         break;
     }
     case PROTO_PARAMS:
-    case PROTO_TAGS:
-        do_kvs(&m, msg);
-        break;
-    case PROTO_END_RUN:
-        do_end_run(&m, msg);
-        break;
-    default:
-        fail(&m, PROTO_ERR_PROTOCOL, "message kind not accepted from clients");
-        break;
+    case PROTO_TAGS: do_kvs(&m, msg); break;
+    case PROTO_END_RUN: do_end_run(&m, msg); break;
+    default: fail(&m, PROTO_ERR_PROTOCOL, "message kind not accepted from clients"); break;
     }
     if (m.rc != 0)
         fail(&m, PROTO_ERR_SHUTDOWN, "agent out of memory; event dropped");

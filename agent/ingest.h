@@ -49,12 +49,12 @@ struct ingest {
     struct ingest_cbs cbs;
     void *ctx;
 
-    struct batch *open;     /* events not yet handed to the writer; owned */
+    struct batch *open; /* events not yet handed to the writer; owned */
     uv_timer_t age_timer;
-    bool age_due;           /* the open batch is old enough; cut when the writer is free */
-    uint64_t next_serial;   /* serial of the next accepted event */
-    uint64_t done_serial;   /* every event with a serial <= this is finished */
-    size_t queued_bytes;    /* batches with the writer */
+    bool age_due;         /* the open batch is old enough; cut when the writer is free */
+    uint64_t next_serial; /* serial of the next accepted event */
+    uint64_t done_serial; /* every event with a serial <= this is finished */
+    size_t queued_bytes;  /* batches with the writer */
     bool paused;
 
     struct flush_waiter *waiters;

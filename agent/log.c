@@ -38,7 +38,10 @@ void log_write(int level, const char *fmt, ...)
     gmtime_r(&ts.tv_sec, &tm);
     fprintf(stderr, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s %s\n", tm.tm_year + 1900,
             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
-            level_names[level < 0 ? 0 : level > 3 ? 3 : level], msg);
+            level_names[level < 0   ? 0
+                        : level > 3 ? 3
+                                    : level],
+            msg);
 }
 
 int64_t log_ratelimit(int64_t *last_ms, int64_t *suppressed, int64_t interval_ms)

@@ -51,15 +51,14 @@ struct agent {
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "usage: trackd [--config FILE]              run the agent in the foreground\n"
-            "       trackd --check-config [FILE]        validate a configuration and exit\n"
-            "       trackd stats [--socket PATH | --config FILE]\n"
-            "                                           print a running agent's counters\n"
-            "       trackd --help | --version\n"
-            "\n"
-            "Every configuration key can be overridden by TRACKD_<SECTION>_<KEY>, e.g.\n"
-            "TRACKD_POSTGRES_DSN or TRACKD_AGENT_SOCKET. See agent.toml.example.\n");
+    fprintf(out, "usage: trackd [--config FILE]              run the agent in the foreground\n"
+                 "       trackd --check-config [FILE]        validate a configuration and exit\n"
+                 "       trackd stats [--socket PATH | --config FILE]\n"
+                 "                                           print a running agent's counters\n"
+                 "       trackd --help | --version\n"
+                 "\n"
+                 "Every configuration key can be overridden by TRACKD_<SECTION>_<KEY>, e.g.\n"
+                 "TRACKD_POSTGRES_DSN or TRACKD_AGENT_SOCKET. See agent.toml.example.\n");
 }
 
 /* ---- callbacks wiring the modules together -------------------------------- */
@@ -243,8 +242,8 @@ static int run_agent(const char *config_path)
 
 /* ---- `trackd stats` --------------------------------------------------------- */
 
-static int read_frame(int fd, struct proto_reader *r, struct proto_header *h,
-                      const uint8_t **body, int timeout_ms)
+static int read_frame(int fd, struct proto_reader *r, struct proto_header *h, const uint8_t **body,
+                      int timeout_ms)
 {
     for (;;) {
         int rc = proto_reader_next(r, h, body);
@@ -316,8 +315,8 @@ int main(int argc, char **argv)
             usage(stdout);
             return 0;
         } else if (strcmp(arg, "--version") == 0) {
-            printf("trackd %s (protocol %d, libuv %s, libpq %d)\n", trackd_version,
-                   PROTO_VERSION, uv_version_string(), PQlibVersion());
+            printf("trackd %s (protocol %d, libuv %s, libpq %d)\n", trackd_version, PROTO_VERSION,
+                   uv_version_string(), PQlibVersion());
             return 0;
         } else if (strcmp(arg, "--config") == 0 || strcmp(arg, "-c") == 0) {
             if (++i >= argc) {

@@ -21,21 +21,45 @@ const char *const pgconn_tested_revisions[] = {
 
 /* Every column the writer names, per table. */
 static const char *const required_columns[][2] = {
-    {"experiments", "experiment_id"}, {"experiments", "name"},
-    {"experiments", "artifact_location"}, {"experiments", "lifecycle_stage"},
-    {"experiments", "creation_time"}, {"experiments", "last_update_time"},
+    {"experiments", "experiment_id"},
+    {"experiments", "name"},
+    {"experiments", "artifact_location"},
+    {"experiments", "lifecycle_stage"},
+    {"experiments", "creation_time"},
+    {"experiments", "last_update_time"},
     {"experiments", "workspace"},
-    {"runs", "run_uuid"}, {"runs", "name"}, {"runs", "source_type"}, {"runs", "source_name"},
-    {"runs", "entry_point_name"}, {"runs", "user_id"}, {"runs", "status"},
-    {"runs", "start_time"}, {"runs", "end_time"}, {"runs", "source_version"},
-    {"runs", "lifecycle_stage"}, {"runs", "artifact_uri"}, {"runs", "experiment_id"},
+    {"runs", "run_uuid"},
+    {"runs", "name"},
+    {"runs", "source_type"},
+    {"runs", "source_name"},
+    {"runs", "entry_point_name"},
+    {"runs", "user_id"},
+    {"runs", "status"},
+    {"runs", "start_time"},
+    {"runs", "end_time"},
+    {"runs", "source_version"},
+    {"runs", "lifecycle_stage"},
+    {"runs", "artifact_uri"},
+    {"runs", "experiment_id"},
     {"runs", "deleted_time"},
-    {"tags", "key"}, {"tags", "value"}, {"tags", "run_uuid"},
-    {"params", "key"}, {"params", "value"}, {"params", "run_uuid"},
-    {"metrics", "key"}, {"metrics", "value"}, {"metrics", "timestamp"},
-    {"metrics", "run_uuid"}, {"metrics", "step"}, {"metrics", "is_nan"},
-    {"latest_metrics", "key"}, {"latest_metrics", "value"}, {"latest_metrics", "timestamp"},
-    {"latest_metrics", "step"}, {"latest_metrics", "is_nan"}, {"latest_metrics", "run_uuid"},
+    {"tags", "key"},
+    {"tags", "value"},
+    {"tags", "run_uuid"},
+    {"params", "key"},
+    {"params", "value"},
+    {"params", "run_uuid"},
+    {"metrics", "key"},
+    {"metrics", "value"},
+    {"metrics", "timestamp"},
+    {"metrics", "run_uuid"},
+    {"metrics", "step"},
+    {"metrics", "is_nan"},
+    {"latest_metrics", "key"},
+    {"latest_metrics", "value"},
+    {"latest_metrics", "timestamp"},
+    {"latest_metrics", "step"},
+    {"latest_metrics", "is_nan"},
+    {"latest_metrics", "run_uuid"},
 };
 
 int pgconn_params_init(struct pgconn_params *p, const struct trackd_config *cfg, char *msg,
@@ -183,8 +207,8 @@ int pgconn_check_schema(const struct trackd_config *cfg, char *msg, size_t msgle
     pgconn_params_clear(&p);
     int rc = -1;
     if (PQstatus(c) != CONNECTION_OK) {
-        snprintf(msg, msglen, "cannot connect to PostgreSQL: %.*s", (int)strcspn(PQerrorMessage(c), "\n"),
-                 PQerrorMessage(c));
+        snprintf(msg, msglen, "cannot connect to PostgreSQL: %.*s",
+                 (int)strcspn(PQerrorMessage(c), "\n"), PQerrorMessage(c));
     } else {
         PQsetNoticeProcessor(c, pgconn_notice, NULL);
         rc = check_on(c, cfg, msg, msglen);

@@ -344,20 +344,13 @@ static void msg_byte(struct msg *m, unsigned char b)
 static const char *json_escape(uint32_t c)
 {
     switch (c) {
-    case '"':
-        return "\\\"";
-    case '\\':
-        return "\\\\";
-    case '\n':
-        return "\\n";
-    case '\r':
-        return "\\r";
-    case '\t':
-        return "\\t";
-    case '\b':
-        return "\\b";
-    case '\f':
-        return "\\f";
+    case '"': return "\\\"";
+    case '\\': return "\\\\";
+    case '\n': return "\\n";
+    case '\r': return "\\r";
+    case '\t': return "\\t";
+    case '\b': return "\\b";
+    case '\f': return "\\f";
     }
     return NULL;
 }
@@ -699,8 +692,8 @@ static int check_value(const char *label, const char *entity, size_t limit, cons
     return 0;
 }
 
-int validate_param_value(const char *key, size_t klen, const char *v, size_t vlen,
-                         size_t *keep_len, struct validate_error *err)
+int validate_param_value(const char *key, size_t klen, const char *v, size_t vlen, size_t *keep_len,
+                         struct validate_error *err)
 {
     return check_value("Param value", "Param value", VALIDATE_PARAM_VALUE_MAX, key, klen, v, vlen,
                        keep_len, err);
@@ -792,8 +785,7 @@ int validate_timestamp(int64_t ts_ms, struct validate_error *err)
 }
 
 /* In the order of MLflow's RunStatus proto enum, which its message lists. */
-static const char *const run_statuses[] = {"RUNNING", "SCHEDULED", "FINISHED", "FAILED",
-                                           "KILLED"};
+static const char *const run_statuses[] = {"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"};
 
 int validate_status(const char *s, size_t len, struct validate_error *err)
 {
@@ -829,24 +821,15 @@ struct validate_metric_value validate_metric_sanitize(double v)
 const char *validate_code_name(enum validate_code c)
 {
     switch (c) {
-    case VALIDATE_OK:
-        return "OK";
-    case VALIDATE_BAD_UTF8:
-        return "INVALID_UTF8";
-    case VALIDATE_BAD_KEY:
-        return "INVALID_KEY";
-    case VALIDATE_KEY_TOO_LONG:
-        return "KEY_TOO_LONG";
-    case VALIDATE_VALUE_TOO_LONG:
-        return "VALUE_TOO_LONG";
-    case VALIDATE_BAD_RUN_ID:
-        return "INVALID_RUN_ID";
-    case VALIDATE_BAD_TIMESTAMP:
-        return "INVALID_TIMESTAMP";
-    case VALIDATE_BAD_STATUS:
-        return "INVALID_STATUS";
-    case VALIDATE_BAD_NAME:
-        return "INVALID_NAME";
+    case VALIDATE_OK: return "OK";
+    case VALIDATE_BAD_UTF8: return "INVALID_UTF8";
+    case VALIDATE_BAD_KEY: return "INVALID_KEY";
+    case VALIDATE_KEY_TOO_LONG: return "KEY_TOO_LONG";
+    case VALIDATE_VALUE_TOO_LONG: return "VALUE_TOO_LONG";
+    case VALIDATE_BAD_RUN_ID: return "INVALID_RUN_ID";
+    case VALIDATE_BAD_TIMESTAMP: return "INVALID_TIMESTAMP";
+    case VALIDATE_BAD_STATUS: return "INVALID_STATUS";
+    case VALIDATE_BAD_NAME: return "INVALID_NAME";
     }
     return "UNKNOWN";
 }

@@ -68,8 +68,8 @@ int validate_key(const char *what, const char *s, size_t len, struct validate_er
  * default); *keep_len == vlen means nothing was cut. With keep_len NULL (truncation off) a
  * longer value fails with VALIDATE_VALUE_TOO_LONG. The key is only used in messages.
  */
-int validate_param_value(const char *key, size_t klen, const char *v, size_t vlen,
-                         size_t *keep_len, struct validate_error *err);
+int validate_param_value(const char *key, size_t klen, const char *v, size_t vlen, size_t *keep_len,
+                         struct validate_error *err);
 int validate_tag_value(const char *key, size_t klen, const char *v, size_t vlen, size_t *keep_len,
                        struct validate_error *err);
 

@@ -43,9 +43,9 @@ static void connect_start(struct writer *w);
 
 const char *writer_state_name(enum writer_state s)
 {
-    static const char *const names[] = {"disconnected", "connecting", "idle",     "txn_start",
-                                        "copy_data",    "pipeline",   "rollback", "backoff",
-                                        "closing"};
+    static const char *const names[] = {"disconnected", "connecting", "idle",
+                                        "txn_start",    "copy_data",  "pipeline",
+                                        "rollback",     "backoff",    "closing"};
     return names[s];
 }
 
@@ -208,12 +208,8 @@ static void connect_poll(struct writer *w)
         set_state(w, W_IDLE);
         start_next(w);
         return;
-    case PGRES_POLLING_READING:
-        poll_watch(w, PQsocket(w->pg), UV_READABLE);
-        return;
-    case PGRES_POLLING_WRITING:
-        poll_watch(w, PQsocket(w->pg), UV_WRITABLE);
-        return;
+    case PGRES_POLLING_READING: poll_watch(w, PQsocket(w->pg), UV_READABLE); return;
+    case PGRES_POLLING_WRITING: poll_watch(w, PQsocket(w->pg), UV_WRITABLE); return;
     default:
         uv_timer_stop(&w->timer);
         conn_lost(w, "connect");
@@ -236,8 +232,9 @@ static void connect_start(struct writer *w)
 
 /* ---- transaction steps ----------------------------------------------------- */
 
-static const char *const stmt_names[] = {"experiments", "runs", "tags", "run names", "params",
-                                         "metrics", "latest_metrics", "end runs", "commit"};
+static const char *const stmt_names[] = {"experiments",    "runs",     "tags",
+                                         "run names",      "params",   "metrics",
+                                         "latest_metrics", "end runs", "commit"};
 
 static void record_failure(struct writer *w, const PGresult *res)
 {
@@ -250,7 +247,8 @@ static void record_failure(struct writer *w, const PGresult *res)
     snprintf(w->fail_state, sizeof w->fail_state, "%s", st ? st : "");
     const char *where = w->state == W_PIPELINE && w->stmt_index < w->pending_results
                             ? stmt_names[w->stmts[w->stmt_index]]
-                            : w->sql.n_metrics ? "begin/copy" : "begin";
+                        : w->sql.n_metrics ? "begin/copy"
+                                           : "begin";
     snprintf(w->fail_msg, sizeof w->fail_msg, "%s (in %s)%s%s", m ? m : PQresultErrorMessage(res),
              where, d ? ": " : "", d ? d : "");
 }
@@ -316,8 +314,8 @@ static void send_pipeline(struct writer *w)
         rc |= send_stmt(w, STMT_RENAMES, batch_sql_renames, 2, v);
     }
     if (s->n_params) {
-        const char *v[] = {BUFSTR(s->param_keys), BUFSTR(s->param_values),
-                           BUFSTR(s->param_runs), BUFSTR(s->param_ords)};
+        const char *v[] = {BUFSTR(s->param_keys), BUFSTR(s->param_values), BUFSTR(s->param_runs),
+                           BUFSTR(s->param_ords)};
         rc |= send_stmt(w, STMT_PARAMS, batch_sql_params, 4, v);
     }
     if (s->n_metrics) {
@@ -396,8 +394,7 @@ static void reject_ev(struct writer *w, size_t i, uint32_t code, const char *msg
     w->cbs.reject(w->ctx, w->head, ev, code, msg);
 }
 
-static void param_changed_message(struct writer *w, size_t i, const char *old, char *out,
-                                  size_t n)
+static void param_changed_message(struct writer *w, size_t i, const char *old, char *out, size_t n)
 {
     const struct batch *b = w->head;
     const struct ev *ev = &b->evs[i];
@@ -540,8 +537,8 @@ static void range_failed(struct writer *w)
     enum pgconn_class cls = pgconn_classify(w->fail_state);
     stats.batches_failed++;
     if (cls == PGCONN_UNKNOWN && ++w->unknown_failures <= UNKNOWN_RETRIES) {
-        log_limited(LOG_ERROR, "[writer] unexpected database error %s: %s; retrying",
-                    w->fail_state, w->fail_msg);
+        log_limited(LOG_ERROR, "[writer] unexpected database error %s: %s; retrying", w->fail_state,
+                    w->fail_msg);
         cls = PGCONN_RETRY;
     }
     if (cls == PGCONN_RETRY) {
@@ -557,8 +554,8 @@ static void range_failed(struct writer *w)
     w->cur.lo = w->cur.hi = 0;
     if (hi - lo == 1) {
         char msg[700];
-        snprintf(msg, sizeof msg, "PostgreSQL rejected the event (SQLSTATE %s): %s",
-                 w->fail_state, w->fail_msg);
+        snprintf(msg, sizeof msg, "PostgreSQL rejected the event (SQLSTATE %s): %s", w->fail_state,
+                 w->fail_msg);
         log_limited(LOG_WARN, "[writer] %s", msg);
         stats.rejected_database++;
         reject_ev(w, lo, PROTO_ERR_DATABASE, msg);

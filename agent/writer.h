@@ -30,9 +30,9 @@ enum writer_state {
     W_DISCONNECTED,
     W_CONNECTING,
     W_IDLE,
-    W_TXN_START,  /* BEGIN (and COPY start / end) results pending */
-    W_COPY_DATA,  /* streaming COPY rows */
-    W_PIPELINE,   /* statements and COMMIT sent, results pending */
+    W_TXN_START, /* BEGIN (and COPY start / end) results pending */
+    W_COPY_DATA, /* streaming COPY rows */
+    W_PIPELINE,  /* statements and COMMIT sent, results pending */
     W_ROLLBACK,
     W_BACKOFF,
     W_CLOSING
@@ -75,7 +75,7 @@ struct writer {
     size_t *param_changed; /* event indexes, reported after COMMIT succeeds */
     char **param_old;
     size_t n_param_changed;
-    unsigned attempts;   /* consecutive failures, for backoff */
+    unsigned attempts; /* consecutive failures, for backoff */
     unsigned unknown_failures;
     uint64_t sync_sent_us;
     void (*closed_cb)(struct writer *);

@@ -33,13 +33,13 @@ const char *proto_strerror(int code)
 const char *proto_kind_name(int kind)
 {
     static const char *const names[] = {
-        [PROTO_HELLO] = "hello",       [PROTO_WELCOME] = "welcome",
+        [PROTO_HELLO] = "hello",           [PROTO_WELCOME] = "welcome",
         [PROTO_EXPERIMENT] = "experiment", [PROTO_START_RUN] = "start_run",
-        [PROTO_METRIC] = "metric",     [PROTO_METRICS] = "metrics",
-        [PROTO_PARAMS] = "params",     [PROTO_TAGS] = "tags",
-        [PROTO_END_RUN] = "end_run",   [PROTO_FLUSH] = "flush",
-        [PROTO_FLUSHED] = "flushed",   [PROTO_ERROR] = "error",
-        [PROTO_STATS] = "stats",       [PROTO_STATS_REPLY] = "stats_reply",
+        [PROTO_METRIC] = "metric",         [PROTO_METRICS] = "metrics",
+        [PROTO_PARAMS] = "params",         [PROTO_TAGS] = "tags",
+        [PROTO_END_RUN] = "end_run",       [PROTO_FLUSH] = "flush",
+        [PROTO_FLUSHED] = "flushed",       [PROTO_ERROR] = "error",
+        [PROTO_STATS] = "stats",           [PROTO_STATS_REPLY] = "stats_reply",
     };
     if (kind < 1 || kind > PROTO_KIND_MAX)
         return "unknown";
@@ -673,16 +673,27 @@ static int rd_skip(struct cur *c, int depth)
         items = (uint64_t)n * 2;
     } else {
         switch (t) {
-        case 0xcc: case 0xd0: skip = 2; break;
-        case 0xcd: case 0xd1: skip = 3; break;
-        case 0xce: case 0xd2: case 0xca: skip = 5; break;
-        case 0xcf: case 0xd3: case 0xcb: skip = 9; break;
+        case 0xcc:
+        case 0xd0: skip = 2; break;
+        case 0xcd:
+        case 0xd1: skip = 3; break;
+        case 0xce:
+        case 0xd2:
+        case 0xca: skip = 5; break;
+        case 0xcf:
+        case 0xd3:
+        case 0xcb: skip = 9; break;
         case 0xd4: skip = 3; break; /* fixext 1..16: type byte + data */
         case 0xd5: skip = 4; break;
         case 0xd6: skip = 6; break;
         case 0xd7: skip = 10; break;
         case 0xd8: skip = 18; break;
-        case 0xc4: case 0xc5: case 0xc6: case 0xc7: case 0xc8: case 0xc9: {
+        case 0xc4:
+        case 0xc5:
+        case 0xc6:
+        case 0xc7:
+        case 0xc8:
+        case 0xc9: {
             static const uint8_t lw[] = {1, 2, 4, 1, 2, 4};
             size_t w = lw[t - 0xc4];
             bool ext = t >= 0xc7;
@@ -876,9 +887,7 @@ int proto_msg_decode(const struct proto_header *h, const uint8_t *body, struct p
         TRY(rd_int(&c, &out->u.end_run.end_time));
         return rd_finish(&c, n, 3);
     case PROTO_FLUSH:
-    case PROTO_STATS:
-        TRY(rd_top(&c, 0, &n));
-        return rd_finish(&c, n, 0);
+    case PROTO_STATS: TRY(rd_top(&c, 0, &n)); return rd_finish(&c, n, 0);
     case PROTO_FLUSHED:
         TRY(rd_top(&c, 2, &n));
         TRY(rd_uint(&c, &out->u.flushed.flush_seq));
@@ -894,8 +903,7 @@ int proto_msg_decode(const struct proto_header *h, const uint8_t *body, struct p
         TRY(rd_top(&c, 1, &n));
         TRY(rd_stat_list(&c, &out->u.stats.pairs));
         return rd_finish(&c, n, 1);
-    default:
-        return PROTO_EKIND;
+    default: return PROTO_EKIND;
     }
 }
 

@@ -52,11 +52,11 @@ enum proto_error_code {
     PROTO_ERR_BAD_TIMESTAMP = 6,
     PROTO_ERR_BAD_STATUS = 7,
     PROTO_ERR_BAD_NAME = 8,
-    PROTO_ERR_PARAM_CHANGED = 20,   /* a param logged again with another value */
-    PROTO_ERR_DATABASE = 21,        /* PostgreSQL rejected the event (e.g. unknown run) */
+    PROTO_ERR_PARAM_CHANGED = 20, /* a param logged again with another value */
+    PROTO_ERR_DATABASE = 21,      /* PostgreSQL rejected the event (e.g. unknown run) */
     PROTO_ERR_RUN_NAME_CONFLICT = 22,
-    PROTO_ERR_PROTOCOL = 30,        /* malformed frame; the connection is closed */
-    PROTO_ERR_SHUTDOWN = 31         /* agent stopped before the event was written */
+    PROTO_ERR_PROTOCOL = 30, /* malformed frame; the connection is closed */
+    PROTO_ERR_SHUTDOWN = 31  /* agent stopped before the event was written */
 };
 
 /* Negative return codes of this module; proto_strerror() names them. */

@@ -34,8 +34,8 @@ int main(int argc, char **argv)
     trackd_new_run_id(run);
     struct trackd_kv tags[] = {{"model", "mlp"}, {"dataset", "synthetic"}};
     trackd_start_run(c, run, experiment, NULL, TRACKD_NOW, tags, 2);
-    struct trackd_kv params[] = {{"learning_rate", "0.01"}, {"batch_size", "64"},
-                                 {"optimizer", "sgd"}, {"steps", "2000"}};
+    struct trackd_kv params[] = {
+        {"learning_rate", "0.01"}, {"batch_size", "64"}, {"optimizer", "sgd"}, {"steps", "2000"}};
     trackd_log_params(c, run, params, 4);
 
     double loss = 2.5;

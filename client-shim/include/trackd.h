@@ -46,13 +46,13 @@ enum trackd_overflow {
 };
 
 struct trackd_options {
-    const char *socket_path;  /* NULL: $TRACKD_SOCKET, else TRACKD_DEFAULT_SOCKET */
-    size_t buffer_bytes;      /* 0: 16 MiB of encoded events */
-    int overflow;             /* enum trackd_overflow */
-    int block_timeout_ms;     /* TRACKD_BLOCK only; 0: 1000 */
-    int linger_ms;            /* how long the sender lets events accumulate; 0: 5 */
-    const char *source_name;  /* mlflow.source.name; NULL: argv[0] of this process */
-    const char *source_type;  /* mlflow.source.type; NULL: "LOCAL" */
+    const char *socket_path; /* NULL: $TRACKD_SOCKET, else TRACKD_DEFAULT_SOCKET */
+    size_t buffer_bytes;     /* 0: 16 MiB of encoded events */
+    int overflow;            /* enum trackd_overflow */
+    int block_timeout_ms;    /* TRACKD_BLOCK only; 0: 1000 */
+    int linger_ms;           /* how long the sender lets events accumulate; 0: 5 */
+    const char *source_name; /* mlflow.source.name; NULL: argv[0] of this process */
+    const char *source_type; /* mlflow.source.type; NULL: "LOCAL" */
 };
 
 struct trackd_kv {
@@ -68,19 +68,19 @@ struct trackd_metric {
 };
 
 struct trackd_counters {
-    uint64_t queued;       /* events accepted into the buffer */
-    uint64_t sent;         /* events written to the agent's socket */
-    uint64_t dropped;      /* events lost: buffer full, or unsent when a connection broke */
-    uint64_t errors;       /* error reports received from the agent */
-    uint64_t errors_lost;  /* error reports not kept because the error queue was full */
-    uint64_t reconnects;   /* connections made after the first */
+    uint64_t queued;      /* events accepted into the buffer */
+    uint64_t sent;        /* events written to the agent's socket */
+    uint64_t dropped;     /* events lost: buffer full, or unsent when a connection broke */
+    uint64_t errors;      /* error reports received from the agent */
+    uint64_t errors_lost; /* error reports not kept because the error queue was full */
+    uint64_t reconnects;  /* connections made after the first */
     uint64_t buffered_bytes;
-    int connected;         /* 1 while a connection to the agent is up */
+    int connected; /* 1 while a connection to the agent is up */
 };
 
 struct trackd_error {
-    uint64_t seq;      /* the frame the error is about */
-    uint32_t code;     /* a wire error code, see proto/PROTOCOL.md */
+    uint64_t seq;  /* the frame the error is about */
+    uint32_t code; /* a wire error code, see proto/PROTOCOL.md */
     char message[1024];
 };
 

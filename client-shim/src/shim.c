@@ -118,8 +118,7 @@ static bool run_id_ok(const char *run_id)
     return run_id && strnlen(run_id, PROTO_RUN_ID_LEN + 1) == PROTO_RUN_ID_LEN;
 }
 
-static struct proto_str S(const char *s)
-{
+static struct proto_str S(const char *s) {
     return (struct proto_str){s ? s : "", s ? (uint32_t)strlen(s) : 0};
 }
 
@@ -129,7 +128,8 @@ static struct proto_str S(const char *s)
  * Makes room for need more bytes under the overflow policy. With mu held;
  * TRACKD_BLOCK waits on cv (releasing mu) for the sender to drain.
  */
-static int admit(struct trackd_client *c, size_t need)
+static int
+admit(struct trackd_client *c, size_t need)
 {
     if (c->pending.len + need <= c->limit)
         return 0;
@@ -456,8 +456,7 @@ static void disconnect(struct trackd_client *c)
     pthread_mutex_unlock(&c->mu);
 }
 
-static void handle_frame(struct trackd_client *c, const struct proto_header *h,
-                         const uint8_t *body)
+static void handle_frame(struct trackd_client *c, const struct proto_header *h, const uint8_t *body)
 {
     struct proto_msg m;
     if (proto_msg_decode(h, body, &m) != 0)
@@ -548,9 +547,8 @@ static int write_all(struct trackd_client *c, const uint8_t *buf, size_t len, in
         if (p.revents & (POLLERR | POLLHUP))
             return -1;
         clock_gettime(CLOCK_MONOTONIC, &now);
-        if (limit_ms >= 0 && (now.tv_sec - start.tv_sec) * 1000 +
-                                     (now.tv_nsec - start.tv_nsec) / 1000000 >
-                                 limit_ms)
+        if (limit_ms >= 0 &&
+            (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000 > limit_ms)
             return -1;
     }
     return 0;
@@ -614,8 +612,8 @@ static void *io_main(void *arg)
             pthread_mutex_unlock(&c->mu);
             if (try_connect(c) != 0) {
                 wait_events(c, (int)c->reconnect_ms);
-                c->reconnect_ms = c->reconnect_ms * 2 > RECONNECT_MAX_MS ? RECONNECT_MAX_MS
-                                                                         : c->reconnect_ms * 2;
+                c->reconnect_ms =
+                    c->reconnect_ms * 2 > RECONNECT_MAX_MS ? RECONNECT_MAX_MS : c->reconnect_ms * 2;
             }
             pthread_mutex_lock(&c->mu);
             continue;
@@ -635,8 +633,7 @@ static void *io_main(void *arg)
             }
             continue;
         }
-        bool urgent = stopping || c->flush_wanted > c->flushed ||
-                      c->pending.len >= SEND_THRESHOLD;
+        bool urgent = stopping || c->flush_wanted > c->flushed || c->pending.len >= SEND_THRESHOLD;
         if (!urgent) {
             /* Let a burst accumulate into one write. */
             pthread_mutex_unlock(&c->mu);
@@ -715,7 +712,8 @@ int trackd_open(trackd_client **out, const struct trackd_options *opts)
     }
     snprintf(c->socket_path, sizeof c->socket_path, "%s", path);
     read_argv0(c->program, sizeof c->program);
-    snprintf(c->source_name, sizeof c->source_name, "%s", o.source_name ? o.source_name : c->program);
+    snprintf(c->source_name, sizeof c->source_name, "%s",
+             o.source_name ? o.source_name : c->program);
     snprintf(c->source_type, sizeof c->source_type, "%s", o.source_type ? o.source_type : "LOCAL");
     c->limit = o.buffer_bytes ? o.buffer_bytes : DEFAULT_BUFFER;
     c->overflow = o.overflow;

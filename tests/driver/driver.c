@@ -136,13 +136,12 @@ int main(int argc, char **argv)
         } else if (strcmp(cmd, "tag") == 0 && n >= 4) {
             failures += check(trackd_set_tag(c, run_of(f[1]), f[2], f[3]), lineno, cmd) != 0;
         } else if (strcmp(cmd, "end") == 0 && n >= 4) {
-            failures +=
-                check(trackd_end_run(c, run_of(f[1]), f[2], ts_of(f[3])), lineno, cmd) != 0;
+            failures += check(trackd_end_run(c, run_of(f[1]), f[2], ts_of(f[3])), lineno, cmd) != 0;
         } else if (strcmp(cmd, "gen") == 0 && n >= 5) {
             const char *run = run_of(f[1]);
             long nkeys = strtol(f[2], NULL, 10), nsteps = strtol(f[3], NULL, 10);
             int64_t ts0 = strtoll(f[4], NULL, 10);
-            char (*keys)[24] = calloc((size_t)nkeys, sizeof *keys);
+            char(*keys)[24] = calloc((size_t)nkeys, sizeof *keys);
             for (long k = 0; k < nkeys; k++)
                 snprintf(keys[k], sizeof keys[k], "m%ld", k);
             uint64_t dropped = 0;
@@ -155,8 +154,8 @@ int main(int argc, char **argv)
             double t1 = now_s();
             int rc = trackd_flush(c, 600000);
             double t2 = now_s();
-            printf("gen\t%ld\tlog_s=%.6f\tdurable_s=%.6f\tdropped=%llu\tflush=%d\n",
-                   nkeys * nsteps, t1 - t0, t2 - t0, (unsigned long long)dropped, rc);
+            printf("gen\t%ld\tlog_s=%.6f\tdurable_s=%.6f\tdropped=%llu\tflush=%d\n", nkeys * nsteps,
+                   t1 - t0, t2 - t0, (unsigned long long)dropped, rc);
             free(keys);
         } else if (strcmp(cmd, "flush") == 0 && n >= 2) {
             printf("flush\t%d\n", trackd_flush(c, atoi(f[1])));

@@ -3,11 +3,11 @@
  * class of error, environment overrides, DSN redaction in config_dump() and the shipped
  * agent.toml.example. Usage: test_config [path/to/agent.toml.example]
  */
+#include <cmocka.h>
+#include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <setjmp.h>
-#include <cmocka.h>
 
 #include <errno.h>
 #include <stdio.h>
@@ -84,31 +84,30 @@ static void test_defaults(void **state)
     config_free(&c); /* documented as safe */
 }
 
-static const char all_values[] =
-    "\xEF\xBB\xBF# every key, every value form\r\n"
-    "\r\n"
-    "[ agent ]   # spaces inside the brackets are allowed\r\n"
-    "socket = \"/tmp/t\\u00e9st\\t\\\"q\\\"\\\\.sock\"\r\n"
-    "socket_mode = 0o600\n"
-    "\tsocket_group = 'wheel\\n'\n"
-    "max_connections = +10\n"
-    "max_frame_bytes = 0x1_0_00\n"
-    "log_level = \"debug\"\n"
-    "shutdown_grace_ms = -0\n"
-    "[postgres]\n"
-    "dsn=\"host=db password='se cret'\"#comment right after\n"
-    "password_file = \"/etc/\xC3\xA9t\xC3\xA9\"\n"
-    "connect_timeout_ms = 1_000\n"
-    "[mlflow]\n"
-    "default_artifact_root = \"s3://b/\\U0001F600\"\n"
-    "allowed_revisions = 'a,b # not a comment'\n"
-    "[journal]\n"
-    "dir = '/j'\n"
-    "[batch]\n"
-    "max_rows = 10_000_000\n"
-    "max_bytes = 0x40000000\n"
-    "max_age_ms = 60000\n"
-    "max_pending_bytes = 17179869184"; /* no final newline */
+static const char all_values[] = "\xEF\xBB\xBF# every key, every value form\r\n"
+                                 "\r\n"
+                                 "[ agent ]   # spaces inside the brackets are allowed\r\n"
+                                 "socket = \"/tmp/t\\u00e9st\\t\\\"q\\\"\\\\.sock\"\r\n"
+                                 "socket_mode = 0o600\n"
+                                 "\tsocket_group = 'wheel\\n'\n"
+                                 "max_connections = +10\n"
+                                 "max_frame_bytes = 0x1_0_00\n"
+                                 "log_level = \"debug\"\n"
+                                 "shutdown_grace_ms = -0\n"
+                                 "[postgres]\n"
+                                 "dsn=\"host=db password='se cret'\"#comment right after\n"
+                                 "password_file = \"/etc/\xC3\xA9t\xC3\xA9\"\n"
+                                 "connect_timeout_ms = 1_000\n"
+                                 "[mlflow]\n"
+                                 "default_artifact_root = \"s3://b/\\U0001F600\"\n"
+                                 "allowed_revisions = 'a,b # not a comment'\n"
+                                 "[journal]\n"
+                                 "dir = '/j'\n"
+                                 "[batch]\n"
+                                 "max_rows = 10_000_000\n"
+                                 "max_bytes = 0x40000000\n"
+                                 "max_age_ms = 60000\n"
+                                 "max_pending_bytes = 17179869184"; /* no final newline */
 
 static void test_value_forms(void **state)
 {
@@ -250,8 +249,8 @@ static const struct error_case error_cases[] = {
     {"[batch]\nmax_rows = 0x\n", "t.toml:2:12: \"0x\" is not a valid integer: it has no digits"},
     {"[batch]\nmax_rows = 12abc\n",
      "t.toml:2:12: \"12abc\" is not a valid integer: it has a character that is not a digit"},
-    {"[agent]\nsocket_mode = 0o8\n",
-     "t.toml:2:15: \"0o8\" is not a valid integer: it has a character that is not an octal digit"},
+    {"[agent]\nsocket_mode = 0o8\n", "t.toml:2:15: \"0o8\" is not a valid integer: it has a "
+                                     "character that is not an octal digit"},
     /* strings */
     {"[agent]\nsocket = \"/abc\n", "t.toml:2:10: string is missing its closing quote"},
     {"[agent]\nsocket = '/abc\n", "t.toml:2:10: string is missing its closing quote"},
@@ -265,7 +264,8 @@ static const struct error_case error_cases[] = {
     {"[agent]\nsocket = \"\\U00110000\"\n",
      "t.toml:2:11: escape \"\\U00110000\" is not a Unicode scalar value"},
     {"[agent]\nsocket = \"\\u0000\"\n", "t.toml:2:11: NUL characters are not allowed in strings"},
-    {"[agent]\nsocket = \"a\x01" "b\"\n",
+    {"[agent]\nsocket = \"a\x01"
+     "b\"\n",
      "t.toml:2:12: control character U+0001 must be escaped in a string"},
     {"[agent]\nsocket = 'a\x7f'\n",
      "t.toml:2:12: control character U+007F must be escaped in a string"},
@@ -461,7 +461,7 @@ static void test_env_mode_forms(void **state)
         const char *var;
         unsigned mode;
     } cases[] = {
-        {"TRACKD_AGENT_SOCKET_MODE=0660", 0660}, {"TRACKD_AGENT_SOCKET_MODE=0o600", 0600},
+        {"TRACKD_AGENT_SOCKET_MODE=0660", 0660},  {"TRACKD_AGENT_SOCKET_MODE=0o600", 0600},
         {"TRACKD_AGENT_SOCKET_MODE=0x1ff", 0777}, {"TRACKD_AGENT_SOCKET_MODE=384", 0600},
         {"TRACKD_AGENT_SOCKET_MODE=0", 0},
     };

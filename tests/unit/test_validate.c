@@ -4,11 +4,11 @@
  * key, so a row that fails here is a place where trackd would disagree with MLflow. The
  * message texts asserted below were printed by MLflow 3.17.2's validation functions.
  */
+#include <cmocka.h>
+#include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <setjmp.h>
-#include <cmocka.h>
 
 #include <errno.h>
 #include <float.h>
@@ -31,75 +31,75 @@ struct key_case {
 
 /* Verdicts printed by Python 3.11 (Unicode 14.0); comments show the key as Python's ascii(). */
 static const struct key_case key_cases[] = {
-    {K(""), VALIDATE_BAD_KEY}, /* '' normpath gives "." */
-    {K("."), VALIDATE_BAD_KEY}, /* '.' */
-    {K(".."), VALIDATE_BAD_KEY}, /* '..' */
-    {K("..."), VALIDATE_BAD_KEY}, /* '...' */
-    {K("a"), VALIDATE_OK}, /* 'a' */
-    {K("_"), VALIDATE_OK}, /* '_' */
-    {K("a_b"), VALIDATE_OK}, /* 'a_b' */
-    {K("A-Z"), VALIDATE_OK}, /* 'A-Z' */
-    {K("a b"), VALIDATE_OK}, /* 'a b' */
-    {K(" "), VALIDATE_OK}, /* ' ' */
-    {K("a:b"), VALIDATE_OK}, /* 'a:b' */
-    {K("C:/x"), VALIDATE_OK}, /* 'C:/x' */
-    {K("-a"), VALIDATE_OK}, /* '-a' */
-    {K(".a"), VALIDATE_OK}, /* '.a' */
-    {K("a."), VALIDATE_OK}, /* 'a.' */
-    {K("..a"), VALIDATE_BAD_KEY}, /* '..a' starts with ".." */
-    {K("a..b"), VALIDATE_OK}, /* 'a..b' */
-    {K("a..."), VALIDATE_OK}, /* 'a...' */
-    {K("/a"), VALIDATE_BAD_KEY}, /* '/a' */
-    {K("//a"), VALIDATE_BAD_KEY}, /* '//a' */
-    {K("a/"), VALIDATE_BAD_KEY}, /* 'a/' */
-    {K("a//b"), VALIDATE_BAD_KEY}, /* 'a//b' */
-    {K("./a"), VALIDATE_BAD_KEY}, /* './a' */
-    {K("a/./b"), VALIDATE_BAD_KEY}, /* 'a/./b' */
-    {K("a/."), VALIDATE_BAD_KEY}, /* 'a/.' */
-    {K("a/../b"), VALIDATE_BAD_KEY}, /* 'a/../b' */
-    {K("a/.."), VALIDATE_BAD_KEY}, /* 'a/..' */
-    {K("../a"), VALIDATE_BAD_KEY}, /* '../a' */
-    {K(".../a"), VALIDATE_BAD_KEY}, /* '.../a' starts with ".." */
-    {K("a/..b"), VALIDATE_OK}, /* 'a/..b' */
-    {K("a/b.."), VALIDATE_OK}, /* 'a/b..' */
-    {K("a/.b"), VALIDATE_OK}, /* 'a/.b' */
-    {K("a/b/c"), VALIDATE_OK}, /* 'a/b/c' */
+    {K(""), VALIDATE_BAD_KEY},          /* '' normpath gives "." */
+    {K("."), VALIDATE_BAD_KEY},         /* '.' */
+    {K(".."), VALIDATE_BAD_KEY},        /* '..' */
+    {K("..."), VALIDATE_BAD_KEY},       /* '...' */
+    {K("a"), VALIDATE_OK},              /* 'a' */
+    {K("_"), VALIDATE_OK},              /* '_' */
+    {K("a_b"), VALIDATE_OK},            /* 'a_b' */
+    {K("A-Z"), VALIDATE_OK},            /* 'A-Z' */
+    {K("a b"), VALIDATE_OK},            /* 'a b' */
+    {K(" "), VALIDATE_OK},              /* ' ' */
+    {K("a:b"), VALIDATE_OK},            /* 'a:b' */
+    {K("C:/x"), VALIDATE_OK},           /* 'C:/x' */
+    {K("-a"), VALIDATE_OK},             /* '-a' */
+    {K(".a"), VALIDATE_OK},             /* '.a' */
+    {K("a."), VALIDATE_OK},             /* 'a.' */
+    {K("..a"), VALIDATE_BAD_KEY},       /* '..a' starts with ".." */
+    {K("a..b"), VALIDATE_OK},           /* 'a..b' */
+    {K("a..."), VALIDATE_OK},           /* 'a...' */
+    {K("/a"), VALIDATE_BAD_KEY},        /* '/a' */
+    {K("//a"), VALIDATE_BAD_KEY},       /* '//a' */
+    {K("a/"), VALIDATE_BAD_KEY},        /* 'a/' */
+    {K("a//b"), VALIDATE_BAD_KEY},      /* 'a//b' */
+    {K("./a"), VALIDATE_BAD_KEY},       /* './a' */
+    {K("a/./b"), VALIDATE_BAD_KEY},     /* 'a/./b' */
+    {K("a/."), VALIDATE_BAD_KEY},       /* 'a/.' */
+    {K("a/../b"), VALIDATE_BAD_KEY},    /* 'a/../b' */
+    {K("a/.."), VALIDATE_BAD_KEY},      /* 'a/..' */
+    {K("../a"), VALIDATE_BAD_KEY},      /* '../a' */
+    {K(".../a"), VALIDATE_BAD_KEY},     /* '.../a' starts with ".." */
+    {K("a/..b"), VALIDATE_OK},          /* 'a/..b' */
+    {K("a/b.."), VALIDATE_OK},          /* 'a/b..' */
+    {K("a/.b"), VALIDATE_OK},           /* 'a/.b' */
+    {K("a/b/c"), VALIDATE_OK},          /* 'a/b/c' */
     {K("mlflow.runName"), VALIDATE_OK}, /* 'mlflow.runName' */
-    {K("train/loss"), VALIDATE_OK}, /* 'train/loss' */
-    {K("a\n"), VALIDATE_OK}, /* 'a\n' Python's $ matches before a final newline */
-    {K("\n"), VALIDATE_OK}, /* '\n' same: MLflow accepts a lone newline */
-    {K("a\n\n"), VALIDATE_BAD_KEY}, /* 'a\n\n' */
-    {K("a\nb"), VALIDATE_BAD_KEY}, /* 'a\nb' */
-    {K("\na"), VALIDATE_BAD_KEY}, /* '\na' */
-    {K("a/\n"), VALIDATE_OK}, /* 'a/\n' same; the last component is "\n" */
-    {K("a\t"), VALIDATE_BAD_KEY}, /* 'a\t' */
-    {K("a\r"), VALIDATE_BAD_KEY}, /* 'a\r' */
-    {K("a\000"), VALIDATE_BAD_KEY}, /* 'a\x00' */
-    {K("a+b"), VALIDATE_BAD_KEY}, /* 'a+b' */
-    {K("a@b"), VALIDATE_BAD_KEY}, /* 'a@b' */
-    {K("a,b"), VALIDATE_BAD_KEY}, /* 'a,b' */
-    {K("a=b"), VALIDATE_BAD_KEY}, /* 'a=b' */
-    {K("a'b"), VALIDATE_BAD_KEY}, /* "a'b" */
-    {K("a\"b"), VALIDATE_BAD_KEY}, /* 'a"b' */
-    {K("a\\b"), VALIDATE_BAD_KEY}, /* 'a\\b' */
-    {K("a\177"), VALIDATE_BAD_KEY}, /* 'a\x7f' */
-    {K("\303\251"), VALIDATE_OK}, /* '\xe9' */
+    {K("train/loss"), VALIDATE_OK},     /* 'train/loss' */
+    {K("a\n"), VALIDATE_OK},            /* 'a\n' Python's $ matches before a final newline */
+    {K("\n"), VALIDATE_OK},             /* '\n' same: MLflow accepts a lone newline */
+    {K("a\n\n"), VALIDATE_BAD_KEY},     /* 'a\n\n' */
+    {K("a\nb"), VALIDATE_BAD_KEY},      /* 'a\nb' */
+    {K("\na"), VALIDATE_BAD_KEY},       /* '\na' */
+    {K("a/\n"), VALIDATE_OK},           /* 'a/\n' same; the last component is "\n" */
+    {K("a\t"), VALIDATE_BAD_KEY},       /* 'a\t' */
+    {K("a\r"), VALIDATE_BAD_KEY},       /* 'a\r' */
+    {K("a\000"), VALIDATE_BAD_KEY},     /* 'a\x00' */
+    {K("a+b"), VALIDATE_BAD_KEY},       /* 'a+b' */
+    {K("a@b"), VALIDATE_BAD_KEY},       /* 'a@b' */
+    {K("a,b"), VALIDATE_BAD_KEY},       /* 'a,b' */
+    {K("a=b"), VALIDATE_BAD_KEY},       /* 'a=b' */
+    {K("a'b"), VALIDATE_BAD_KEY},       /* "a'b" */
+    {K("a\"b"), VALIDATE_BAD_KEY},      /* 'a"b' */
+    {K("a\\b"), VALIDATE_BAD_KEY},      /* 'a\\b' */
+    {K("a\177"), VALIDATE_BAD_KEY},     /* 'a\x7f' */
+    {K("\303\251"), VALIDATE_OK},       /* '\xe9' */
     /* 'e\u0301' combining acute: Mn, neither Python nor glibc */
     {K("e\314\201"), VALIDATE_BAD_KEY},
     {K("\346\225\260\346\215\256"), VALIDATE_OK}, /* '\u6570\u636e' */
-    {K("\331\243"), VALIDATE_OK}, /* '\u0663' ARABIC-INDIC DIGIT THREE */
+    {K("\331\243"), VALIDATE_OK},                 /* '\u0663' ARABIC-INDIC DIGIT THREE */
     {K("\331\241\331\242\331\243"), VALIDATE_OK}, /* '\u0661\u0662\u0663' */
-    {K("\303\237"), VALIDATE_OK}, /* '\xdf' */
-    {K("\316\251"), VALIDATE_OK}, /* '\u03a9' */
-    {K("\307\205"), VALIDATE_OK}, /* '\u01c5' titlecase letter */
-    {K("\312\260"), VALIDATE_OK}, /* '\u02b0' modifier letter (Lm) */
-    {K("\343\203\274"), VALIDATE_OK}, /* '\u30fc' */
-    {K("\343\200\207"), VALIDATE_OK}, /* '\u3007' IDEOGRAPHIC NUMBER ZERO (Nl) */
-    {K("\342\205\253"), VALIDATE_OK}, /* '\u216b' ROMAN NUMERAL TWELVE (Nl) */
+    {K("\303\237"), VALIDATE_OK},                 /* '\xdf' */
+    {K("\316\251"), VALIDATE_OK},                 /* '\u03a9' */
+    {K("\307\205"), VALIDATE_OK},                 /* '\u01c5' titlecase letter */
+    {K("\312\260"), VALIDATE_OK},                 /* '\u02b0' modifier letter (Lm) */
+    {K("\343\203\274"), VALIDATE_OK},             /* '\u30fc' */
+    {K("\343\200\207"), VALIDATE_OK},             /* '\u3007' IDEOGRAPHIC NUMBER ZERO (Nl) */
+    {K("\342\205\253"), VALIDATE_OK},             /* '\u216b' ROMAN NUMERAL TWELVE (Nl) */
     /* '\uff46\uff55\uff4c\uff4c' fullwidth letters */
     {K("\357\275\206\357\275\225\357\275\214\357\275\214"), VALIDATE_OK},
     {K("\360\235\220\200"), VALIDATE_OK}, /* '\U0001d400' MATHEMATICAL BOLD CAPITAL A, 4 bytes */
-    {K("\302\262"), VALIDATE_OK}, /* '\xb2' SUPERSCRIPT TWO (No): Python yes, glibc no */
+    {K("\302\262"), VALIDATE_OK},         /* '\xb2' SUPERSCRIPT TWO (No): Python yes, glibc no */
     {K("\302\275"), VALIDATE_OK}, /* '\xbd' VULGAR FRACTION ONE HALF (No): Python yes, glibc no */
     {K("\342\221\240"), VALIDATE_OK}, /* '\u2460' CIRCLED DIGIT ONE (No): Python yes, glibc no */
     /* '\u24b6' CIRCLED LATIN CAPITAL LETTER A (So): glibc yes, Python no */
@@ -116,12 +116,12 @@ static const struct key_case key_cases[] = {
     {K("\327\220\326\260"), VALIDATE_BAD_KEY},
     /* '\u0345' COMBINING GREEK YPOGEGRAMMENI (Mn): glibc yes, Python no */
     {K("\315\205"), VALIDATE_BAD_KEY},
-    {K("\360\237\230\200"), VALIDATE_BAD_KEY}, /* '\U0001f600' emoji (So) */
-    {K("a\302\240b"), VALIDATE_BAD_KEY}, /* 'a\xa0b' NO-BREAK SPACE is not " " */
-    {K("a\342\200\250b"), VALIDATE_BAD_KEY}, /* 'a\u2028b' */
-    {K("\357\273\277a"), VALIDATE_BAD_KEY}, /* '\ufeffa' BOM (Cf) */
-    {K("a\342\200\213b"), VALIDATE_BAD_KEY}, /* 'a\u200bb' ZERO WIDTH SPACE (Cf) */
-    {K("\303\251/\303\251"), VALIDATE_OK}, /* '\xe9/\xe9' */
+    {K("\360\237\230\200"), VALIDATE_BAD_KEY},   /* '\U0001f600' emoji (So) */
+    {K("a\302\240b"), VALIDATE_BAD_KEY},         /* 'a\xa0b' NO-BREAK SPACE is not " " */
+    {K("a\342\200\250b"), VALIDATE_BAD_KEY},     /* 'a\u2028b' */
+    {K("\357\273\277a"), VALIDATE_BAD_KEY},      /* '\ufeffa' BOM (Cf) */
+    {K("a\342\200\213b"), VALIDATE_BAD_KEY},     /* 'a\u200bb' ZERO WIDTH SPACE (Cf) */
+    {K("\303\251/\303\251"), VALIDATE_OK},       /* '\xe9/\xe9' */
     {K("\303\251//\303\251"), VALIDATE_BAD_KEY}, /* '\xe9//\xe9' */
 };
 
@@ -210,34 +210,34 @@ struct utf8_case {
 static const struct utf8_case utf8_cases[] = {
     {K(""), 0},
     {K("abc"), 3},
-    {K("a\000b"), 3},                          /* NUL is a code point */
-    {K("0123456789abcdef\303\251"), 17},       /* fast path, then a 2-byte tail */
-    {K("\302\200"), 1},                        /* U+0080, smallest 2-byte */
-    {K("\337\277"), 1},                        /* U+07FF */
-    {K("\340\240\200"), 1},                    /* U+0800, smallest 3-byte */
-    {K("\355\237\277"), 1},                    /* U+D7FF, last before the surrogates */
-    {K("\356\200\200"), 1},                    /* U+E000, first after them */
-    {K("\357\277\277"), 1},                    /* U+FFFF */
-    {K("\360\220\200\200"), 1},                /* U+10000, smallest 4-byte */
-    {K("\364\217\277\277"), 1},                /* U+10FFFF */
-    {K("\200"), SIZE_MAX},                     /* lone continuation byte */
-    {K("a\277b"), SIZE_MAX},                   /* continuation byte inside ASCII */
-    {K("\300\200"), SIZE_MAX},                 /* overlong NUL */
-    {K("\301\277"), SIZE_MAX},                 /* overlong U+007F */
-    {K("\340\200\200"), SIZE_MAX},             /* overlong 3-byte */
-    {K("\340\237\277"), SIZE_MAX},             /* overlong U+07FF */
-    {K("\355\240\200"), SIZE_MAX},             /* U+D800, surrogate */
-    {K("\355\277\277"), SIZE_MAX},             /* U+DFFF, surrogate */
-    {K("\360\200\200\200"), SIZE_MAX},         /* overlong 4-byte */
-    {K("\360\217\277\277"), SIZE_MAX},         /* overlong U+FFFF */
-    {K("\364\220\200\200"), SIZE_MAX},         /* U+110000 */
-    {K("\365\200\200\200"), SIZE_MAX},         /* lead byte F5 */
-    {K("\377"), SIZE_MAX},                     /* FF */
-    {K("\342\202"), SIZE_MAX},                 /* truncated 3-byte */
-    {K("\342\050\241"), SIZE_MAX},             /* bad second byte */
-    {K("\360\237\230"), SIZE_MAX},             /* truncated 4-byte */
+    {K("a\000b"), 3},                            /* NUL is a code point */
+    {K("0123456789abcdef\303\251"), 17},         /* fast path, then a 2-byte tail */
+    {K("\302\200"), 1},                          /* U+0080, smallest 2-byte */
+    {K("\337\277"), 1},                          /* U+07FF */
+    {K("\340\240\200"), 1},                      /* U+0800, smallest 3-byte */
+    {K("\355\237\277"), 1},                      /* U+D7FF, last before the surrogates */
+    {K("\356\200\200"), 1},                      /* U+E000, first after them */
+    {K("\357\277\277"), 1},                      /* U+FFFF */
+    {K("\360\220\200\200"), 1},                  /* U+10000, smallest 4-byte */
+    {K("\364\217\277\277"), 1},                  /* U+10FFFF */
+    {K("\200"), SIZE_MAX},                       /* lone continuation byte */
+    {K("a\277b"), SIZE_MAX},                     /* continuation byte inside ASCII */
+    {K("\300\200"), SIZE_MAX},                   /* overlong NUL */
+    {K("\301\277"), SIZE_MAX},                   /* overlong U+007F */
+    {K("\340\200\200"), SIZE_MAX},               /* overlong 3-byte */
+    {K("\340\237\277"), SIZE_MAX},               /* overlong U+07FF */
+    {K("\355\240\200"), SIZE_MAX},               /* U+D800, surrogate */
+    {K("\355\277\277"), SIZE_MAX},               /* U+DFFF, surrogate */
+    {K("\360\200\200\200"), SIZE_MAX},           /* overlong 4-byte */
+    {K("\360\217\277\277"), SIZE_MAX},           /* overlong U+FFFF */
+    {K("\364\220\200\200"), SIZE_MAX},           /* U+110000 */
+    {K("\365\200\200\200"), SIZE_MAX},           /* lead byte F5 */
+    {K("\377"), SIZE_MAX},                       /* FF */
+    {K("\342\202"), SIZE_MAX},                   /* truncated 3-byte */
+    {K("\342\050\241"), SIZE_MAX},               /* bad second byte */
+    {K("\360\237\230"), SIZE_MAX},               /* truncated 4-byte */
     {K("abcdefgh\360\237\230\200ijklmnop"), 17}, /* emoji between two fast-path blocks */
-    {K("abcdefghijklmno\377"), SIZE_MAX},      /* bad byte after a fast-path block */
+    {K("abcdefghijklmno\377"), SIZE_MAX},        /* bad byte after a fast-path block */
 };
 
 static void test_utf8_count(void **state)
@@ -273,8 +273,8 @@ struct str_case {
 static const struct str_case run_id_cases[] = {
     {K("0123456789abcdef0123456789abcdef"), true},
     {K("ffffffffffffffffffffffffffffffff"), true},
-    {K("0123456789ABCDEF0123456789abcdef"), false}, /* MLflow makes lower case only */
-    {K("0123456789abcdef0123456789abcde"), false},  /* 31 */
+    {K("0123456789ABCDEF0123456789abcdef"), false},  /* MLflow makes lower case only */
+    {K("0123456789abcdef0123456789abcde"), false},   /* 31 */
     {K("0123456789abcdef0123456789abcdef0"), false}, /* 33 */
     {K("0123456789abcdef0123456789abcdeg"), false},
     {K("01234567-89ab-cdef-0123-456789abcdef"), false}, /* uuid with dashes */
@@ -458,10 +458,9 @@ static void test_timestamps(void **state)
 }
 
 static const struct str_case status_cases[] = {
-    {K("RUNNING"), true},   {K("SCHEDULED"), true}, {K("FINISHED"), true},
-    {K("FAILED"), true},    {K("KILLED"), true},    {K("running"), false},
-    {K("RUNNING "), false}, {K("RUN"), false},      {K("RUNNINGX"), false},
-    {K(""), false},         {K("KILLED\000"), false},
+    {K("RUNNING"), true},   {K("SCHEDULED"), true}, {K("FINISHED"), true},    {K("FAILED"), true},
+    {K("KILLED"), true},    {K("running"), false},  {K("RUNNING "), false},   {K("RUN"), false},
+    {K("RUNNINGX"), false}, {K(""), false},         {K("KILLED\000"), false},
 };
 
 static void test_statuses(void **state)
