@@ -51,12 +51,15 @@ class Postgres:
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
         os.chmod(self.dir, 0o755)
 
-    def start(self):
+    def start(self, durable=False):
+        """durable=False turns off fsync for fast tests; benchmarks keep PostgreSQL's defaults."""
         subprocess.run(
             _as_postgres() + [str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
                               "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        opts = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off"
+        opts = f"-k {self.dir} -c listen_addresses=''"
+        if not durable:
+            opts += " -c fsync=off -c full_page_writes=off"
         subprocess.run(
             _as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
                               "-o", opts, "-w", "-t", "60", "start"],
@@ -105,14 +108,15 @@ class Postgres:
 class Agent:
     """A trackd agent process with its own socket, config and log."""
 
-    def __init__(self, pg, db, workdir, artifact_root="/tmp/trackd-artifacts", extra=""):
+    def __init__(self, pg, db, workdir, artifact_root="/tmp/trackd-artifacts", extra="",
+                 log_level="debug"):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(self.workdir / "trackd.sock")
         self.config = self.workdir / "agent.toml"
         self.logpath = self.workdir / "agent.log"
         self.config.write_text(
-            f'[agent]\nsocket = "{self.socket}"\nlog_level = "debug"\nshutdown_grace_ms = 20000\n'
+            f'[agent]\nsocket = "{self.socket}"\nlog_level = "{log_level}"\nshutdown_grace_ms = 20000\n'
             f'[postgres]\ndsn = "{pg.dsn(db)}"\n'
             f'[mlflow]\ndefault_artifact_root = "{artifact_root}"\n'
             f'[journal]\ndir = "{self.workdir / "journal"}"\n' + extra)
