@@ -726,6 +726,15 @@ int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *c
 
 void writer_submit(struct writer *w, struct batch *b)
 {
+    if (w->state == W_CLOSING) {
+        /* Late work during shutdown is handed straight back, unwritten. */
+        for (size_t i = 0; i < b->n; i++)
+            if (!(b->evs[i].flags & EV_REJECTED))
+                w->cbs.reject(w->ctx, b, &b->evs[i], PROTO_ERR_SHUTDOWN,
+                              "the agent stopped before this event was written");
+        w->cbs.batch_done(w->ctx, b);
+        return;
+    }
     b->next = NULL;
     if (w->tail)
         w->tail->next = b;

@@ -13,6 +13,7 @@
  *   -EINVAL     bad argument (NULL, a run id that is not 32 hex characters)
  *   -ENOBUFS    the buffer is full and the overflow policy dropped the event
  *   -ETIMEDOUT  trackd_flush() did not see the barrier in time
+ *   -EMSGSIZE   the event is larger than the agent accepts in one frame (1 MiB by default)
  *   -ENOMEM     out of memory
  */
 #ifndef TRACKD_H

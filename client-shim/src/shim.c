@@ -29,6 +29,7 @@
 #define DEFAULT_BUFFER (16u * 1024u * 1024u)
 #define SEND_THRESHOLD (256u * 1024u) /* send at once above this */
 #define MAX_POINTS_PER_FRAME 8192
+#define DEFAULT_MAX_FRAME (1024u * 1024u) /* until the agent's welcome says otherwise */
 #define ERROR_QUEUE 256
 #define RECONNECT_MIN_MS 50
 #define RECONNECT_MAX_MS 2000
@@ -46,6 +47,7 @@ struct trackd_client {
     char source_type[16];
     char program[128];
     size_t limit;
+    uint32_t max_frame; /* largest frame body the agent accepts */
     int overflow;
     int block_timeout_ms;
     int linger_ms;
@@ -84,6 +86,7 @@ const char *trackd_strerror(int rc)
     case -ENOBUFS: return "buffer full: event dropped";
     case -ETIMEDOUT: return "timed out waiting for the agent";
     case -ENOMEM: return "out of memory";
+    case -EMSGSIZE: return "event larger than the agent's frame limit";
     default: return rc < 0 ? strerror(-rc) : "unknown";
     }
 }
@@ -270,7 +273,8 @@ int trackd_start_run(trackd_client *c, const char *run_id, const char *experimen
 static int add_point(struct trackd_client *c, const char *run_id, const struct proto_point *p)
 {
     if (!c->metrics_open || memcmp(c->metrics_run, run_id, PROTO_RUN_ID_LEN) != 0 ||
-        proto_metrics_count(&c->pending, c->metrics_off) >= MAX_POINTS_PER_FRAME) {
+        proto_metrics_count(&c->pending, c->metrics_off) >= MAX_POINTS_PER_FRAME ||
+        c->pending.len - c->metrics_off > c->max_frame / 2) {
         if (proto_metrics_begin(&c->pending, c->next_seq++, run_id, &c->metrics_off) != 0)
             return -ENOMEM;
         memcpy(c->metrics_run, run_id, PROTO_RUN_ID_LEN);
@@ -462,7 +466,10 @@ static void handle_frame(struct trackd_client *c, const struct proto_header *h, 
     if (proto_msg_decode(h, body, &m) != 0)
         return;
     pthread_mutex_lock(&c->mu);
-    if (m.kind == PROTO_FLUSHED) {
+    if (m.kind == PROTO_WELCOME) {
+        if (m.u.welcome.max_frame >= 4096)
+            c->max_frame = m.u.welcome.max_frame;
+    } else if (m.kind == PROTO_FLUSHED) {
         if (m.u.flushed.flush_seq > c->flushed)
             c->flushed = m.u.flushed.flush_seq;
         pthread_cond_broadcast(&c->cv);
@@ -719,6 +726,7 @@ int trackd_open(trackd_client **out, const struct trackd_options *opts)
     c->overflow = o.overflow;
     c->block_timeout_ms = o.block_timeout_ms > 0 ? o.block_timeout_ms : 1000;
     c->linger_ms = o.linger_ms > 0 ? o.linger_ms : 5;
+    c->max_frame = DEFAULT_MAX_FRAME;
     c->next_seq = 1;
     c->fd = -1;
     c->reconnect_ms = RECONNECT_MIN_MS;

@@ -235,3 +235,49 @@ def test_sigterm_drains_and_exits_zero(pg, db, tmp_path):
     assert a.stop() == 0
     assert "drained" in a.log()
     assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s", (run_id,)) == [(10_000,)]
+
+
+def test_shim_reconnects_after_agent_restart(pg, db, tmp_path):
+    """One training process keeps logging across an agent restart; both phases land."""
+    a = Agent(pg, db, tmp_path / "a").start()
+    p = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", a.socket], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def send(*fields):
+        p.stdin.write("\t".join(fields) + "\n")
+        p.stdin.flush()
+
+    def read_until(prefix):
+        while True:
+            line = p.stdout.readline()
+            assert line, "driver exited"
+            if line.startswith(prefix):
+                return line.rstrip("\n").split("\t")
+
+    send("run", "r", "restart-exp", "r", "now")
+    run_id = read_until("run")[2]
+    for s in range(100):
+        send("metric", "r", "m", str(s), str(s), str(TS0 + s))
+    send("flush", "30000")
+    assert read_until("flush") == ["flush", "0"]
+    assert a.stop() == 0
+
+    b = Agent(pg, db, tmp_path / "b")
+    b.socket = a.socket
+    b.config.write_text(b.config.read_text().replace(str(tmp_path / "b" / "trackd.sock"), a.socket))
+    b.start()
+    try:
+        # The flush is the barrier: it returns once the shim has reconnected and the agent
+        # committed everything logged after the restart.
+        for s in range(100, 200):
+            send("metric", "r", "m", str(s), str(s), str(TS0 + s))
+        send("flush", "30000")
+        assert read_until("flush") == ["flush", "0"]
+        send("counters")
+        counters = read_until("counters")
+        p.stdin.close()
+        assert p.wait(30) == 0
+        assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s", (run_id,)) == [(200,)]
+        assert "dropped=0" in counters
+    finally:
+        assert b.stop() == 0
