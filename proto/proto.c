@@ -400,7 +400,7 @@ int proto_metrics_begin(struct proto_buf *b, uint64_t seq, const char *run_id, s
     enc_str(&e, run_str(run_id));
     if (e.rc == 0) {
         static const uint8_t empty32[5] = {0xdd, 0, 0, 0, 0};
-        e.rc = buf_write_cb(b, (const char *)empty32, sizeof empty32);
+        e.rc = buf_write_cb(b, (const char *)empty32, sizeof empty32) ? PROTO_ENOMEM : 0;
     }
     size_t off = e.start;
     int rc = enc_end(&e);

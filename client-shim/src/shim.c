@@ -64,6 +64,7 @@ struct trackd_client {
     uint64_t flushed;      /* highest flush seq the agent answered */
     uint64_t resend_flush; /* a flush frame lost with a broken connection */
     bool io_idle;
+    bool threshold_woken; /* the sender was woken for a full buffer since the last swap */
     bool stop;
     struct trackd_counters ctr;
     struct trackd_error errs[ERROR_QUEUE];
@@ -116,24 +117,36 @@ static void wake(struct trackd_client *c)
     (void)r; /* a full counter already means "wake up" */
 }
 
+/* 32 lower-case hex characters, as trackd_new_run_id() and MLflow make them. */
 static bool run_id_ok(const char *run_id)
 {
-    return run_id && strnlen(run_id, PROTO_RUN_ID_LEN + 1) == PROTO_RUN_ID_LEN;
+    if (run_id == NULL)
+        return false;
+    for (int i = 0; i < PROTO_RUN_ID_LEN; i++) {
+        char ch = run_id[i];
+        if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')))
+            return false;
+    }
+    return run_id[PROTO_RUN_ID_LEN] == '\0';
 }
 
-static struct proto_str S(const char *s) {
+static struct proto_str to_str(const char *s)
+{
     return (struct proto_str){s ? s : "", s ? (uint32_t)strlen(s) : 0};
 }
 
 /* ---- buffer admission (caller holds mu) --------------------------------- */
 
 /*
- * Makes room for need more bytes under the overflow policy. With mu held;
- * TRACKD_BLOCK waits on cv (releasing mu) for the sender to drain.
+ * Makes room for need more bytes carrying events events under the overflow
+ * policy. With mu held; TRACKD_BLOCK waits on cv (releasing mu) for the
+ * sender to drain. A refusal counts every event of the call as dropped.
  */
-static int
-admit(struct trackd_client *c, size_t need)
+static int admit(struct trackd_client *c, size_t need, uint64_t events)
 {
+    /* A frame the agent would refuse would cost the whole connection: refuse it here. */
+    if (need > c->max_frame)
+        return -EMSGSIZE;
     if (c->pending.len + need <= c->limit)
         return 0;
     if (c->overflow == TRACKD_BLOCK) {
@@ -146,7 +159,7 @@ admit(struct trackd_client *c, size_t need)
         if (c->pending.len + need <= c->limit)
             return 0;
     }
-    c->ctr.dropped++;
+    c->ctr.dropped += events;
     return -ENOBUFS;
 }
 
@@ -155,7 +168,16 @@ static int appended(struct trackd_client *c, uint64_t events)
 {
     c->pending_events += events;
     c->ctr.queued += events;
-    bool do_wake = c->io_idle || c->pending.len >= SEND_THRESHOLD;
+    /*
+     * Wake the sender when it sleeps idle, or once when the buffer crosses the
+     * send threshold; otherwise it picks the events up after linger_ms. Waking
+     * on every call would cost a system call per event and cut reconnect
+     * backoff short.
+     */
+    bool cross = !c->threshold_woken && c->pending.len >= SEND_THRESHOLD;
+    bool do_wake = c->io_idle || cross;
+    if (cross)
+        c->threshold_woken = true;
     if (do_wake)
         c->io_idle = false;
     pthread_mutex_unlock(&c->mu);
@@ -168,7 +190,7 @@ static int appended(struct trackd_client *c, uint64_t events)
 #define APPEND_FRAME(c, need, events, expr)                                                        \
     do {                                                                                           \
         pthread_mutex_lock(&(c)->mu);                                                              \
-        int rc_ = admit((c), (need));                                                              \
+        int rc_ = admit((c), (need), (events));                                                    \
         if (rc_ == 0) {                                                                            \
             uint64_t seq = (c)->next_seq++;                                                        \
             (c)->metrics_open = false;                                                             \
@@ -205,7 +227,7 @@ int trackd_create_experiment(trackd_client *c, const char *name)
 {
     if (c == NULL || name == NULL)
         return -EINVAL;
-    APPEND_FRAME(c, strlen(name) + 64, 1, proto_encode_experiment(&c->pending, seq, S(name)));
+    APPEND_FRAME(c, strlen(name) + 64, 1, proto_encode_experiment(&c->pending, seq, to_str(name)));
 }
 
 static size_t kvs_size(const struct trackd_kv *kv, size_t n)
@@ -230,8 +252,8 @@ static int to_proto_kvs(const struct trackd_kv *in, size_t n, struct proto_kv **
             free(kv);
             return -EINVAL;
         }
-        kv[i].key = S(in[i].key);
-        kv[i].value = S(in[i].value);
+        kv[i].key = to_str(in[i].key);
+        kv[i].value = to_str(in[i].value);
     }
     *out = kv;
     return 0;
@@ -249,11 +271,11 @@ int trackd_start_run(trackd_client *c, const char *run_id, const char *experimen
         return rc;
     if (start_time_ms == TRACKD_NOW)
         start_time_ms = now_ms();
-    struct proto_str exp = S(experiment ? experiment : "Default");
-    struct proto_str name = S(run_name);
+    struct proto_str exp = to_str(experiment ? experiment : "Default");
+    struct proto_str name = to_str(run_name);
     size_t need = exp.len + name.len + kvs_size(tags, ntags) + 96;
     pthread_mutex_lock(&c->mu);
-    rc = admit(c, need);
+    rc = admit(c, need, 1);
     if (rc == 0) {
         c->metrics_open = false;
         rc = proto_encode_start_run(&c->pending, c->next_seq++, run_id, exp,
@@ -288,10 +310,10 @@ int trackd_log_metric(trackd_client *c, const char *run_id, const char *key, dou
 {
     if (c == NULL || key == NULL || !run_id_ok(run_id))
         return -EINVAL;
-    struct proto_point p = {S(key), value, timestamp_ms == TRACKD_NOW ? now_ms() : timestamp_ms,
-                            step};
+    struct proto_point p = {to_str(key), value,
+                            timestamp_ms == TRACKD_NOW ? now_ms() : timestamp_ms, step};
     pthread_mutex_lock(&c->mu);
-    int rc = admit(c, p.key.len + 96);
+    int rc = admit(c, p.key.len + 96, 1);
     if (rc == 0)
         rc = add_point(c, run_id, &p);
     if (rc != 0) {
@@ -314,9 +336,9 @@ int trackd_log_metrics(trackd_client *c, const char *run_id, const struct trackd
     }
     int64_t now = now_ms();
     pthread_mutex_lock(&c->mu);
-    int rc = admit(c, need);
+    int rc = admit(c, need, n);
     for (size_t i = 0; rc == 0 && i < n; i++) {
-        struct proto_point p = {S(m[i].key), m[i].value,
+        struct proto_point p = {to_str(m[i].key), m[i].value,
                                 m[i].timestamp_ms == TRACKD_NOW ? now : m[i].timestamp_ms,
                                 m[i].step};
         rc = add_point(c, run_id, &p);
@@ -339,7 +361,7 @@ static int log_kvs(trackd_client *c, int kind, const char *run_id, const struct 
         return rc;
     size_t need = kvs_size(in, n) + 64;
     pthread_mutex_lock(&c->mu);
-    rc = admit(c, need);
+    rc = admit(c, need, n);
     if (rc == 0) {
         c->metrics_open = false;
         rc = proto_encode_kvs(&c->pending, c->next_seq++, kind, run_id, kv, n) ? -ENOMEM : 0;
@@ -381,7 +403,7 @@ int trackd_end_run(trackd_client *c, const char *run_id, const char *status, int
         return -EINVAL;
     if (end_time_ms == TRACKD_NOW)
         end_time_ms = now_ms();
-    struct proto_str st = S(status ? status : "FINISHED");
+    struct proto_str st = to_str(status ? status : "FINISHED");
     APPEND_FRAME(c, st.len + 64, 1,
                  proto_encode_end_run(&c->pending, seq, run_id, st, end_time_ms));
 }
@@ -554,6 +576,16 @@ static int write_all(struct trackd_client *c, const uint8_t *buf, size_t len, in
         if (p.revents & (POLLERR | POLLHUP))
             return -1;
         clock_gettime(CLOCK_MONOTONIC, &now);
+        if (limit_ms < 0) {
+            /* A close while the agent is not reading must not wait for it forever. */
+            pthread_mutex_lock(&c->mu);
+            bool stopping = c->stop;
+            pthread_mutex_unlock(&c->mu);
+            if (stopping) {
+                start = now;
+                limit_ms = CLOSE_SEND_MS;
+            }
+        }
         if (limit_ms >= 0 &&
             (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000 > limit_ms)
             return -1;
@@ -585,8 +617,9 @@ static int try_connect(struct trackd_client *c)
     uint64_t resend = c->resend_flush > c->flushed ? c->resend_flush : 0;
     c->resend_flush = 0;
     pthread_mutex_unlock(&c->mu);
-    int rc = proto_encode_hello(&hello, seq, (uint32_t)getpid(), S(c->program), S(c->source_name),
-                                S(c->source_type), S("libtrackd " TRACKD_VERSION));
+    int rc = proto_encode_hello(&hello, seq, (uint32_t)getpid(), to_str(c->program),
+                                to_str(c->source_name), to_str(c->source_type),
+                                to_str("libtrackd " TRACKD_VERSION));
     if (rc == 0 && resend)
         rc = proto_encode_empty(&hello, resend, PROTO_FLUSH);
     if (rc == 0)
@@ -661,6 +694,7 @@ static void *io_main(void *arg)
         uint64_t flush_seq = c->pending_flush_seq;
         c->pending_events = 0;
         c->pending_flush_seq = 0;
+        c->threshold_woken = false;
         c->metrics_open = false;
         pthread_cond_broadcast(&c->cv);
         pthread_mutex_unlock(&c->mu);

@@ -3,11 +3,12 @@
  * class of error, environment overrides, DSN redaction in config_dump() and the shipped
  * agent.toml.example. Usage: test_config [path/to/agent.toml.example]
  */
-#include <cmocka.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include <cmocka.h>
 
 #include <errno.h>
 #include <stdio.h>

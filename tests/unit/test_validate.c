@@ -4,11 +4,12 @@
  * key, so a row that fails here is a place where trackd would disagree with MLflow. The
  * message texts asserted below were printed by MLflow 3.17.2's validation functions.
  */
-#include <cmocka.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include <cmocka.h>
 
 #include <errno.h>
 #include <float.h>
