@@ -67,7 +67,7 @@ static const struct config_key keys[] = {
         "Group owning the socket, name or numeric gid; empty means the agent's own group"),
     NUM("agent", "max_connections", KEY_U32, max_connections, 1024, 1, 65536,
         "Maximum number of concurrent client connections"),
-    NUM("agent", "max_frame_bytes", KEY_U32, max_frame_bytes, 1048576, 4096, 67108864,
+    NUM("agent", "max_frame_bytes", KEY_U32, max_frame_bytes, 1048576, 1048576, 67108864,
         "Hard cap on one frame body, in bytes"),
     NUM("agent", "log_level", KEY_LEVEL, log_level, CONFIG_LOG_INFO, CONFIG_LOG_ERROR,
         CONFIG_LOG_DEBUG, "One of \"error\", \"warn\", \"info\", \"debug\""),

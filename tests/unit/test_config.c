@@ -92,7 +92,7 @@ static const char all_values[] = "\xEF\xBB\xBF# every key, every value form\r\n"
                                  "socket_mode = 0o600\n"
                                  "\tsocket_group = 'wheel\\n'\n"
                                  "max_connections = +10\n"
-                                 "max_frame_bytes = 0x1_0_00\n"
+                                 "max_frame_bytes = 0x10_0000\n"
                                  "log_level = \"debug\"\n"
                                  "shutdown_grace_ms = -0\n"
                                  "[postgres]\n"
@@ -122,7 +122,7 @@ static void test_value_forms(void **state)
     assert_int_equal(c.socket_mode, 0600);
     assert_string_equal(c.socket_group, "wheel\\n");
     assert_int_equal(c.max_connections, 10);
-    assert_int_equal(c.max_frame_bytes, 4096);
+    assert_int_equal(c.max_frame_bytes, 1048576);
     assert_int_equal(c.log_level, CONFIG_LOG_DEBUG);
     assert_int_equal(c.shutdown_grace_ms, 0);
     assert_string_equal(c.pg_dsn, "host=db password='se cret'");
