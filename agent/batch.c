@@ -92,13 +92,15 @@ const char batch_sql_begin_copy[] =
 
 /* Experiment ids come from MLflow's sequence only when the name is new. */
 const char batch_sql_experiments[] =
-    "WITH want AS (SELECT DISTINCT unnest($1::text[]) AS name),"
-    " missing AS (SELECT w.name FROM want w WHERE NOT EXISTS"
+    "WITH want AS (SELECT DISTINCT ON (name) name, loc"
+    "  FROM unnest($1::text[], $4::text[]) WITH ORDINALITY AS u(name, loc, i) ORDER BY name, i),"
+    " missing AS (SELECT w.name, w.loc FROM want w WHERE NOT EXISTS"
     "  (SELECT 1 FROM experiments e WHERE e.name = w.name AND e.workspace = 'default')),"
-    " ids AS (SELECT name, nextval('experiments_experiment_id_seq') AS id FROM missing)"
+    " ids AS (SELECT name, loc, nextval('experiments_experiment_id_seq') AS id FROM missing)"
     " INSERT INTO experiments (experiment_id, name, artifact_location, lifecycle_stage,"
     "  creation_time, last_update_time, workspace)"
-    " SELECT id, name, $2 || id, 'active', $3::int8, $3::int8, 'default' FROM ids"
+    " SELECT id, name, CASE WHEN loc = '' THEN $2 || id ELSE loc END, 'active', $3::int8,"
+    "  $3::int8, 'default' FROM ids"
     " ON CONFLICT DO NOTHING";
 
 /* As SqlAlchemyStore.create_run: artifact_uri = <location>/<run>/artifacts. */
@@ -157,10 +159,16 @@ const char batch_sql_latest[] =
     " WHERE (EXCLUDED.step, EXCLUDED.\"timestamp\", EXCLUDED.value)"
     "  > (latest_metrics.step, latest_metrics.\"timestamp\", latest_metrics.value)";
 
+/* NULL elements keep the stored value (update_run_info without that field). */
 const char batch_sql_end_runs[] =
-    "UPDATE runs SET status = t.status, end_time = t.et"
+    "UPDATE runs SET status = COALESCE(t.status, runs.status),"
+    " end_time = COALESCE(t.et, runs.end_time)"
     " FROM unnest($1::text[], $2::text[], $3::int8[]) AS t(run, status, et)"
     " WHERE runs.run_uuid = t.run";
+
+const char batch_sql_delete_tags[] =
+    "DELETE FROM tags USING unnest($1::text[], $2::text[]) AS t(run, key)"
+    " WHERE tags.run_uuid = t.run AND tags.key = t.key";
 
 /* ---- array literals ---------------------------------------------------- */
 
@@ -179,6 +187,17 @@ int batch_array_append(struct proto_buf *arr, const char *s, size_t len)
     }
     *p++ = '"';
     arr->len = (size_t)(p - arr->data);
+    return 0;
+}
+
+int batch_array_append_null(struct proto_buf *arr)
+{
+    if (proto_buf_reserve(arr, 5) != 0)
+        return -ENOMEM;
+    uint8_t sep = arr->len == 0 ? '{' : ',';
+    arr->data[arr->len++] = sep;
+    memcpy(arr->data + arr->len, "NULL", 4);
+    arr->len += 4;
     return 0;
 }
 
@@ -332,10 +351,11 @@ static size_t *dedup_find(struct dedup *d, const struct batch *b, size_t i, enum
 /* ---- building ------------------------------------------------------------ */
 
 #define SQL_BUFS(s)                                                                                \
-    &(s)->exp_names, &(s)->run_ids, &(s)->run_names, &(s)->run_users, &(s)->run_starts,            \
-        &(s)->run_exps, &(s)->tag_keys, &(s)->tag_values, &(s)->tag_runs, &(s)->rename_runs,       \
-        &(s)->rename_values, &(s)->param_keys, &(s)->param_values, &(s)->param_runs,               \
-        &(s)->param_ords, &(s)->end_runs, &(s)->end_statuses, &(s)->end_times, &(s)->copy
+    &(s)->exp_names, &(s)->exp_locations, &(s)->del_runs, &(s)->del_keys, &(s)->run_ids,           \
+        &(s)->run_names, &(s)->run_users, &(s)->run_starts, &(s)->run_exps, &(s)->tag_keys,        \
+        &(s)->tag_values, &(s)->tag_runs, &(s)->rename_runs, &(s)->rename_values,                  \
+        &(s)->param_keys, &(s)->param_values, &(s)->param_runs, &(s)->param_ords, &(s)->end_runs,  \
+        &(s)->end_statuses, &(s)->end_times, &(s)->copy
 
 void batch_sql_init(struct batch_sql *s)
 {
@@ -396,7 +416,8 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
         tag_win[i - lo] = end_win[i - lo] = 0;
         if (ev->flags & EV_REJECTED)
             continue;
-        if (ev->kind == EV_TAG) {
+        if (ev->kind == EV_TAG || ev->kind == EV_DELETE_TAG) {
+            /* Set and delete of one tag: the last one in the range decides. */
             slot = dedup_find(&tags, b, i, BY_RUN_KEY, &prev);
             if (prev != SIZE_MAX)
                 tag_win[prev - lo] = 0;
@@ -404,8 +425,19 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
             tag_win[i - lo] = 1;
         } else if (ev->kind == EV_END_RUN) {
             slot = dedup_find(&ends, b, i, BY_RUN, &prev);
-            if (prev != SIZE_MAX)
+            if (prev != SIZE_MAX) {
+                /* Fold the earlier update into this one: fields this one keeps come from it. */
+                const struct ev *p = &b->evs[prev];
+                if ((ev->flags & EV_KEEP_STATUS) && !(p->flags & EV_KEEP_STATUS)) {
+                    ev->status = p->status;
+                    ev->flags &= (uint8_t)~EV_KEEP_STATUS;
+                }
+                if ((ev->flags & EV_KEEP_END) && !(p->flags & EV_KEEP_END)) {
+                    ev->ts = p->ts;
+                    ev->flags &= (uint8_t)~EV_KEEP_END;
+                }
                 end_win[prev - lo] = 0;
+            }
             *slot = i + 1;
             end_win[i - lo] = 1;
         }
@@ -424,7 +456,9 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
             size_t prev, *slot = dedup_find(&exps, b, i, BY_NAME, &prev);
             if (prev == SIZE_MAX) {
                 *slot = i + 1;
-                if (batch_array_append(&s->exp_names, a, ev->a.len))
+                struct sref loc = ev->kind == EV_EXPERIMENT ? ev->b : (struct sref){0, 0};
+                if (batch_array_append(&s->exp_names, a, ev->a.len) ||
+                    batch_array_append(&s->exp_locations, batch_sptr(b, loc), loc.len))
                     goto out;
                 s->n_exps++;
             }
@@ -480,15 +514,27 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
                 goto out;
             s->n_metrics++;
             break;
-        case EV_END_RUN:
+        case EV_END_RUN: {
             if (!end_win[i - lo])
                 break;
+            const char *st = run_status_name(ev->status);
             if (batch_array_append(&s->end_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
-                batch_array_append(&s->end_statuses, run_status_name(ev->status),
-                                   strlen(run_status_name(ev->status))) ||
-                array_int(&s->end_times, ev->ts))
+                ((ev->flags & EV_KEEP_STATUS)
+                     ? batch_array_append_null(&s->end_statuses)
+                     : batch_array_append(&s->end_statuses, st, strlen(st))) ||
+                ((ev->flags & EV_KEEP_END) ? batch_array_append_null(&s->end_times)
+                                           : array_int(&s->end_times, ev->ts)))
                 goto out;
             s->n_ends++;
+            break;
+        }
+        case EV_DELETE_TAG:
+            if (!tag_win[i - lo])
+                break;
+            if (batch_array_append(&s->del_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
+                batch_array_append(&s->del_keys, a, ev->a.len))
+                goto out;
+            s->n_dels++;
             break;
         }
     }

@@ -21,10 +21,20 @@ struct sref {
     uint32_t len;
 };
 
-enum ev_kind { EV_EXPERIMENT, EV_START_RUN, EV_METRIC, EV_PARAM, EV_TAG, EV_END_RUN };
+enum ev_kind {
+    EV_EXPERIMENT,
+    EV_START_RUN,
+    EV_METRIC,
+    EV_PARAM,
+    EV_TAG,
+    EV_END_RUN,
+    EV_DELETE_TAG
+};
 
 enum ev_flag {
-    EV_REJECTED = 1 /* resolved as an error; skipped by later attempts */
+    EV_REJECTED = 1,    /* resolved as an error; skipped by later attempts */
+    EV_KEEP_STATUS = 2, /* EV_END_RUN leaves the status as stored */
+    EV_KEEP_END = 4     /* EV_END_RUN leaves the end time as stored */
 };
 
 enum run_status { RUN_RUNNING, RUN_SCHEDULED, RUN_FINISHED, RUN_FAILED, RUN_KILLED };
@@ -41,7 +51,7 @@ struct ev {
     uint64_t serial;  /* agent-wide arrival order */
     char run_id[PROTO_RUN_ID_LEN];
     struct sref a; /* experiment name | metric/param/tag key | run: experiment */
-    struct sref b; /* param/tag value | run: name */
+    struct sref b; /* param/tag value | run: name | experiment: artifact location */
     struct sref c; /* run: user */
     double value;  /* metric, sanitised */
     int64_t ts;    /* metric timestamp | run start | run end */
@@ -80,7 +90,7 @@ static inline const char *batch_sptr(const struct batch *b, struct sref s)
  * the range with different values) are flagged on the events and listed.
  */
 struct batch_sql {
-    struct proto_buf exp_names;
+    struct proto_buf exp_names, exp_locations; /* location "" = the default root */
     size_t n_exps;
 
     struct proto_buf run_ids, run_names, run_users, run_starts, run_exps;
@@ -90,6 +100,8 @@ struct batch_sql {
     size_t n_tags;
     struct proto_buf rename_runs, rename_values;
     size_t n_renames;
+    struct proto_buf del_runs, del_keys;
+    size_t n_dels;
 
     struct proto_buf param_keys, param_values, param_runs, param_ords;
     size_t n_params;
@@ -111,7 +123,8 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s);
 
 /* SQL texts the writer sends; $n match the batch_sql arrays above. */
 extern const char batch_sql_begin_copy[];
-extern const char batch_sql_experiments[]; /* $1 names, $2 artifact root with '/', $3 now ms */
+/* $1 names, $2 artifact root with '/', $3 now ms, $4 locations */
+extern const char batch_sql_experiments[];
 extern const char batch_sql_runs[];
 extern const char batch_sql_tags[];
 extern const char batch_sql_renames[];
@@ -119,9 +132,12 @@ extern const char batch_sql_params[];
 extern const char batch_sql_metrics[];
 extern const char batch_sql_latest[];
 extern const char batch_sql_end_runs[];
+extern const char batch_sql_delete_tags[];
 
 /* Appends s as one element of a text array literal (quoted and escaped). */
 int batch_array_append(struct proto_buf *arr, const char *s, size_t len);
+/* Appends an SQL NULL element. */
+int batch_array_append_null(struct proto_buf *arr);
 /* Closes a text array literal: "{" ... "}" and a NUL. */
 int batch_array_finish(struct proto_buf *arr);
 

@@ -83,6 +83,8 @@ static const struct config_key keys[] = {
         "Artifact root for experiments the agent creates (root + \"/\" + experiment_id)"),
     STR("mlflow", "allowed_revisions", allowed_revisions, "", 0, CONFIG_MAX_LINE,
         "Comma-separated alembic revisions accepted besides the built-in tested list"),
+    STR("mlflow", "backend_uri", backend_uri, "", 0, CONFIG_MAX_LINE,
+        "MLflow backend store URI announced to clients for reads; never with a password"),
     STR("journal", "dir", journal_dir, "/var/lib/trackd/journal", 1, CONFIG_MAX_PATH,
         "Directory of the on-disk journal"),
     NUM("batch", "max_rows", KEY_U32, batch_max_rows, 20000, 1, 10000000,

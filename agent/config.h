@@ -34,6 +34,7 @@ struct trackd_config {
     /* [mlflow] */
     char *artifact_root;     /* experiment artifact_location = root + "/" + experiment_id */
     char *allowed_revisions; /* comma-separated extra alembic revisions; "" = none */
+    char *backend_uri;       /* announced to clients in the welcome; "" = none; no password */
     /* [journal] */
     char *journal_dir;
     /* [batch] */

@@ -170,7 +170,9 @@ static void on_hello(struct conn *c, const struct proto_msg *m)
     struct proto_buf pb;
     proto_buf_init(&pb, 0);
     struct proto_str v = {trackd_version, (uint32_t)strlen(trackd_version)};
-    if (proto_encode_welcome(&pb, 0, v, c->srv->cfg->max_frame_bytes, c->id) == 0)
+    const char *uri = c->srv->cfg->backend_uri ? c->srv->cfg->backend_uri : "";
+    if (proto_encode_welcome_uri(&pb, 0, v, c->srv->cfg->max_frame_bytes, c->id,
+                                 (struct proto_str){uri, (uint32_t)strlen(uri)}) == 0)
         send_buf(c, &pb);
 }
 

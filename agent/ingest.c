@@ -409,6 +409,15 @@ static void do_kvs(struct mctx *m, const struct proto_msg *msg)
     }
 }
 
+/* A status validate_status() accepted, as enum run_status. */
+static uint8_t status_of(struct proto_str st)
+{
+    for (uint8_t i = RUN_RUNNING; i <= RUN_KILLED; i++)
+        if (str_eq(st, run_status_name(i)))
+            return i;
+    return RUN_RUNNING;
+}
+
 static void do_end_run(struct mctx *m, const struct proto_msg *msg)
 {
     struct validate_error e;
@@ -420,14 +429,68 @@ static void do_end_run(struct mctx *m, const struct proto_msg *msg)
         fail_v(m, &e);
         return;
     }
-    static const char *const names[] = {"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"};
     struct ev *ev = add_ev(m, EV_END_RUN, msg->u.end_run.run_id.ptr, none, none, none);
     if (ev == NULL)
         return;
-    for (uint8_t i = 0; i < 5; i++)
-        if (str_eq(st, names[i]))
-            ev->status = i;
+    ev->status = status_of(st);
     ev->ts = msg->u.end_run.end_time;
+}
+
+/* experiments.artifact_location is VARCHAR(256). */
+#define ARTIFACT_LOCATION_MAX 256
+
+static void do_experiment(struct mctx *m, const struct proto_msg *msg)
+{
+    struct validate_error e;
+    struct proto_str name = msg->u.experiment.name, loc = none;
+    if (validate_experiment_name(name.ptr, name.len, &e) != 0) {
+        fail_v(m, &e);
+        return;
+    }
+    if (msg->u.experiment.has_artifact_location) {
+        loc = msg->u.experiment.artifact_location;
+        size_t cp = validate_utf8_count(loc.ptr, loc.len);
+        if (cp == SIZE_MAX || cp > ARTIFACT_LOCATION_MAX) {
+            fail(m, PROTO_ERR_BAD_NAME,
+                 cp == SIZE_MAX ? "artifact_location is not valid UTF-8"
+                                : "artifact_location exceeds the maximum length of 256 characters "
+                                  "(experiments.artifact_location)");
+            return;
+        }
+    }
+    add_ev(m, EV_EXPERIMENT, NULL, name, loc, none);
+}
+
+/* MLflow's update_run_info: any of status, end time and name; the name also sets the tag. */
+static void do_update_run(struct mctx *m, const struct proto_msg *msg)
+{
+    struct validate_error e;
+    const char *run_id = msg->u.update_run.run_id.ptr;
+    if (!check_run_id(m, msg->u.update_run.run_id))
+        return;
+    struct proto_str st = msg->u.update_run.status, name = msg->u.update_run.run_name;
+    if ((msg->u.update_run.has_status && validate_status(st.ptr, st.len, &e) != 0) ||
+        (msg->u.update_run.has_end_time &&
+         validate_timestamp(msg->u.update_run.end_time, &e) != 0) ||
+        (msg->u.update_run.has_run_name && validate_run_name(name.ptr, name.len, &e) != 0)) {
+        fail_v(m, &e);
+        return;
+    }
+    if (msg->u.update_run.has_run_name)
+        add_tag(m, run_id, pstr("mlflow.runName"), name);
+    if (!msg->u.update_run.has_status && !msg->u.update_run.has_end_time)
+        return;
+    struct ev *ev = add_ev(m, EV_END_RUN, run_id, none, none, none);
+    if (ev == NULL)
+        return;
+    if (msg->u.update_run.has_status)
+        ev->status = status_of(st);
+    else
+        ev->flags |= EV_KEEP_STATUS;
+    if (msg->u.update_run.has_end_time)
+        ev->ts = msg->u.update_run.end_time;
+    else
+        ev->flags |= EV_KEEP_END;
 }
 
 int ingest_message(struct ingest *in, const struct ingest_origin *o, const struct proto_msg *msg)
@@ -439,12 +502,17 @@ int ingest_message(struct ingest *in, const struct ingest_origin *o, const struc
         return -ENOMEM;
     }
     switch (msg->kind) {
-    case PROTO_EXPERIMENT:
-        if (validate_experiment_name(msg->u.experiment.name.ptr, msg->u.experiment.name.len, &e))
+    case PROTO_EXPERIMENT: do_experiment(&m, msg); break;
+    case PROTO_DELETE_TAG:
+        if (!check_run_id(&m, msg->u.delete_tag.run_id))
+            break;
+        if (validate_key("tag", msg->u.delete_tag.key.ptr, msg->u.delete_tag.key.len, &e) != 0)
             fail_v(&m, &e);
         else
-            add_ev(&m, EV_EXPERIMENT, NULL, msg->u.experiment.name, none, none);
+            add_ev(&m, EV_DELETE_TAG, msg->u.delete_tag.run_id.ptr, msg->u.delete_tag.key, none,
+                   none);
         break;
+    case PROTO_UPDATE_RUN: do_update_run(&m, msg); break;
     case PROTO_START_RUN: do_start_run(&m, msg); break;
     case PROTO_METRIC:
         if (check_run_id(&m, msg->u.metric.run_id))

@@ -32,6 +32,7 @@ enum stmt {
     STMT_METRICS,
     STMT_LATEST,
     STMT_ENDS,
+    STMT_DELETES,
     STMT_COMMIT,
     STMT_COUNT
 };
@@ -232,9 +233,9 @@ static void connect_start(struct writer *w)
 
 /* ---- transaction steps ----------------------------------------------------- */
 
-static const char *const stmt_names[] = {"experiments",    "runs",     "tags",
-                                         "run names",      "params",   "metrics",
-                                         "latest_metrics", "end runs", "commit"};
+static const char *const stmt_names[] = {"experiments", "runs",    "tags",           "run names",
+                                         "params",      "metrics", "latest_metrics", "end runs",
+                                         "tag deletes", "commit"};
 
 static void record_failure(struct writer *w, const PGresult *res)
 {
@@ -297,8 +298,8 @@ static void send_pipeline(struct writer *w)
     w->pending_results = 0;
     w->stmt_index = 0;
     if (s->n_exps) {
-        const char *v[] = {BUFSTR(s->exp_names), w->artifact_root, now};
-        rc |= send_stmt(w, STMT_EXPS, batch_sql_experiments, 3, v);
+        const char *v[] = {BUFSTR(s->exp_names), w->artifact_root, now, BUFSTR(s->exp_locations)};
+        rc |= send_stmt(w, STMT_EXPS, batch_sql_experiments, 4, v);
     }
     if (s->n_runs) {
         const char *v[] = {BUFSTR(s->run_ids), BUFSTR(s->run_names), BUFSTR(s->run_users),
@@ -325,6 +326,10 @@ static void send_pipeline(struct writer *w)
     if (s->n_ends) {
         const char *v[] = {BUFSTR(s->end_runs), BUFSTR(s->end_statuses), BUFSTR(s->end_times)};
         rc |= send_stmt(w, STMT_ENDS, batch_sql_end_runs, 3, v);
+    }
+    if (s->n_dels) {
+        const char *v[] = {BUFSTR(s->del_runs), BUFSTR(s->del_keys)};
+        rc |= send_stmt(w, STMT_DELETES, batch_sql_delete_tags, 2, v);
     }
     rc |= send_stmt(w, STMT_COMMIT, "COMMIT", 0, NULL);
     if (rc != 0 || !PQpipelineSync(w->pg) || flush_out(w) != 0) {

@@ -40,6 +40,7 @@ const char *proto_kind_name(int kind)
         [PROTO_END_RUN] = "end_run",       [PROTO_FLUSH] = "flush",
         [PROTO_FLUSHED] = "flushed",       [PROTO_ERROR] = "error",
         [PROTO_STATS] = "stats",           [PROTO_STATS_REPLY] = "stats_reply",
+        [PROTO_DELETE_TAG] = "delete_tag", [PROTO_UPDATE_RUN] = "update_run",
     };
     if (kind < 1 || kind > PROTO_KIND_MAX)
         return "unknown";
@@ -272,6 +273,69 @@ int proto_encode_welcome(struct proto_buf *b, uint64_t seq, struct proto_str age
     enc_str(&e, agent_version);
     enc_uint(&e, max_frame);
     enc_uint(&e, session);
+    return enc_end(&e);
+}
+
+int proto_encode_welcome_uri(struct proto_buf *b, uint64_t seq, struct proto_str agent_version,
+                             uint32_t max_frame, uint64_t session, struct proto_str backend_uri)
+{
+    if (backend_uri.len == 0)
+        return proto_encode_welcome(b, seq, agent_version, max_frame, session);
+    struct enc e;
+    enc_begin(&e, b, PROTO_WELCOME, seq);
+    enc_array(&e, 5);
+    enc_uint(&e, PROTO_VERSION);
+    enc_str(&e, agent_version);
+    enc_uint(&e, max_frame);
+    enc_uint(&e, session);
+    enc_str(&e, backend_uri);
+    return enc_end(&e);
+}
+
+int proto_encode_experiment_at(struct proto_buf *b, uint64_t seq, struct proto_str name,
+                               const struct proto_str *artifact_location)
+{
+    if (artifact_location == NULL)
+        return proto_encode_experiment(b, seq, name);
+    struct enc e;
+    enc_begin(&e, b, PROTO_EXPERIMENT, seq);
+    enc_array(&e, 2);
+    enc_str(&e, name);
+    enc_str(&e, *artifact_location);
+    return enc_end(&e);
+}
+
+int proto_encode_delete_tag(struct proto_buf *b, uint64_t seq, const char *run_id,
+                            struct proto_str key)
+{
+    struct enc e;
+    enc_begin(&e, b, PROTO_DELETE_TAG, seq);
+    enc_array(&e, 2);
+    enc_str(&e, run_str(run_id));
+    enc_str(&e, key);
+    return enc_end(&e);
+}
+
+int proto_encode_update_run(struct proto_buf *b, uint64_t seq, const char *run_id,
+                            const struct proto_str *status, const int64_t *end_time,
+                            const struct proto_str *run_name)
+{
+    struct enc e;
+    enc_begin(&e, b, PROTO_UPDATE_RUN, seq);
+    enc_array(&e, 4);
+    enc_str(&e, run_str(run_id));
+    if (status)
+        enc_str(&e, *status);
+    else
+        enc_nil(&e);
+    if (end_time)
+        enc_int(&e, *end_time);
+    else
+        enc_nil(&e);
+    if (run_name)
+        enc_str(&e, *run_name);
+    else
+        enc_nil(&e);
     return enc_end(&e);
 }
 
@@ -740,6 +804,18 @@ static int rd_finish(struct cur *c, uint32_t n, uint32_t used)
     return cur_left(c) == 0 ? 0 : PROTO_ETRAILING;
 }
 
+/* A string or nil. */
+static int rd_opt_str(struct cur *c, struct proto_str *s, bool *present)
+{
+    if (is_nil(c)) {
+        c->p++;
+        *present = false;
+        return 0;
+    }
+    *present = true;
+    return rd_str(c, s);
+}
+
 static int rd_run_id(struct cur *c, struct proto_str *s)
 {
     return rd_str(c, s);
@@ -846,21 +922,40 @@ int proto_msg_decode(const struct proto_header *h, const uint8_t *body, struct p
         TRY(rd_str(&c, &out->u.welcome.agent_version));
         TRY(rd_u32(&c, &out->u.welcome.max_frame));
         TRY(rd_uint(&c, &out->u.welcome.session));
-        return rd_finish(&c, n, 4);
+        if (n < 5)
+            return rd_finish(&c, n, 4);
+        TRY(rd_str(&c, &out->u.welcome.backend_uri));
+        return rd_finish(&c, n, 5);
     case PROTO_EXPERIMENT:
         TRY(rd_top(&c, 1, &n));
         TRY(rd_str(&c, &out->u.experiment.name));
-        return rd_finish(&c, n, 1);
+        if (n < 2)
+            return rd_finish(&c, n, 1);
+        TRY(rd_opt_str(&c, &out->u.experiment.artifact_location,
+                       &out->u.experiment.has_artifact_location));
+        return rd_finish(&c, n, 2);
+    case PROTO_DELETE_TAG:
+        TRY(rd_top(&c, 2, &n));
+        TRY(rd_run_id(&c, &out->u.delete_tag.run_id));
+        TRY(rd_str(&c, &out->u.delete_tag.key));
+        return rd_finish(&c, n, 2);
+    case PROTO_UPDATE_RUN:
+        TRY(rd_top(&c, 4, &n));
+        TRY(rd_run_id(&c, &out->u.update_run.run_id));
+        TRY(rd_opt_str(&c, &out->u.update_run.status, &out->u.update_run.has_status));
+        if (is_nil(&c)) {
+            c.p++;
+        } else {
+            TRY(rd_int(&c, &out->u.update_run.end_time));
+            out->u.update_run.has_end_time = true;
+        }
+        TRY(rd_opt_str(&c, &out->u.update_run.run_name, &out->u.update_run.has_run_name));
+        return rd_finish(&c, n, 4);
     case PROTO_START_RUN:
         TRY(rd_top(&c, 5, &n));
         TRY(rd_run_id(&c, &out->u.start_run.run_id));
         TRY(rd_str(&c, &out->u.start_run.experiment));
-        if (is_nil(&c)) {
-            c.p++;
-        } else {
-            TRY(rd_str(&c, &out->u.start_run.run_name));
-            out->u.start_run.has_run_name = true;
-        }
+        TRY(rd_opt_str(&c, &out->u.start_run.run_name, &out->u.start_run.has_run_name));
         TRY(rd_int(&c, &out->u.start_run.start_time));
         TRY(rd_kv_list(&c, &out->u.start_run.tags));
         return rd_finish(&c, n, 5);

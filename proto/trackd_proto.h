@@ -36,7 +36,9 @@ enum proto_kind {
     PROTO_ERROR = 12,
     PROTO_STATS = 13,
     PROTO_STATS_REPLY = 14,
-    PROTO_KIND_MAX = 14
+    PROTO_DELETE_TAG = 15,
+    PROTO_UPDATE_RUN = 16,
+    PROTO_KIND_MAX = 16
 };
 
 /*
@@ -130,7 +132,19 @@ int proto_encode_hello(struct proto_buf *b, uint64_t seq, uint32_t pid, struct p
                        struct proto_str client);
 int proto_encode_welcome(struct proto_buf *b, uint64_t seq, struct proto_str agent_version,
                          uint32_t max_frame, uint64_t session);
+/* WELCOME with the backend store URI clients read from (5th field, omitted when empty). */
+int proto_encode_welcome_uri(struct proto_buf *b, uint64_t seq, struct proto_str agent_version,
+                             uint32_t max_frame, uint64_t session, struct proto_str backend_uri);
 int proto_encode_experiment(struct proto_buf *b, uint64_t seq, struct proto_str name);
+/* EXPERIMENT with an artifact location (NULL: the agent's default root + id). */
+int proto_encode_experiment_at(struct proto_buf *b, uint64_t seq, struct proto_str name,
+                               const struct proto_str *artifact_location);
+int proto_encode_delete_tag(struct proto_buf *b, uint64_t seq, const char *run_id,
+                            struct proto_str key);
+/* UPDATE_RUN: each of status, end_time, run_name may be NULL to keep the stored value. */
+int proto_encode_update_run(struct proto_buf *b, uint64_t seq, const char *run_id,
+                            const struct proto_str *status, const int64_t *end_time,
+                            const struct proto_str *run_name);
 int proto_encode_start_run(struct proto_buf *b, uint64_t seq, const char *run_id,
                            struct proto_str experiment, const struct proto_str *run_name,
                            int64_t start_time, const struct proto_kv *tags, size_t ntags);
@@ -183,10 +197,21 @@ struct proto_msg {
             struct proto_str agent_version;
             uint32_t max_frame;
             uint64_t session;
+            struct proto_str backend_uri; /* empty when the agent announces none */
         } welcome;
         struct {
             struct proto_str name;
+            struct proto_str artifact_location;
+            bool has_artifact_location;
         } experiment;
+        struct {
+            struct proto_str run_id, key;
+        } delete_tag;
+        struct {
+            struct proto_str run_id, status, run_name;
+            int64_t end_time;
+            bool has_status, has_end_time, has_run_name;
+        } update_run;
         struct {
             struct proto_str run_id, experiment, run_name;
             bool has_run_name;

@@ -38,6 +38,8 @@ extern "C" {
 #define TRACKD_RUN_ID_SIZE 33
 /* Pass as a timestamp to mean "now" (epoch milliseconds at the call). */
 #define TRACKD_NOW INT64_MIN
+/* Pass to trackd_update_run() to keep the stored end time. */
+#define TRACKD_KEEP (INT64_MIN + 1)
 
 typedef struct trackd_client trackd_client;
 
@@ -95,6 +97,9 @@ TRACKD_API void trackd_close(trackd_client *c, int timeout_ms);
 TRACKD_API int trackd_new_run_id(char out[TRACKD_RUN_ID_SIZE]);
 /* Creates the experiment if no experiment has that name. */
 TRACKD_API int trackd_create_experiment(trackd_client *c, const char *name);
+/* The same, with the artifact location a new experiment gets (NULL: the agent's default). */
+TRACKD_API int trackd_create_experiment_at(trackd_client *c, const char *name,
+                                           const char *artifact_location);
 /*
  * Starts a run in the named experiment (created if missing). run_id must be
  * a fresh id from trackd_new_run_id(); run_name may be NULL (a random name
@@ -115,6 +120,14 @@ TRACKD_API int trackd_set_tag(trackd_client *c, const char *run_id, const char *
                               const char *value);
 TRACKD_API int trackd_set_tags(trackd_client *c, const char *run_id, const struct trackd_kv *tags,
                                size_t n);
+/* Deletes a run tag (a no-op if the run has no such tag). */
+TRACKD_API int trackd_delete_tag(trackd_client *c, const char *run_id, const char *key);
+/*
+ * MLflow's update_run_info: status (NULL keeps it), end_time_ms (TRACKD_KEEP keeps it,
+ * TRACKD_NOW is now), run_name (NULL keeps it; also sets the mlflow.runName tag).
+ */
+TRACKD_API int trackd_update_run(trackd_client *c, const char *run_id, const char *status,
+                                 int64_t end_time_ms, const char *run_name);
 /* status: "FINISHED" (NULL), "FAILED" or "KILLED"; end_time_ms may be TRACKD_NOW. */
 TRACKD_API int trackd_end_run(trackd_client *c, const char *run_id, const char *status,
                               int64_t end_time_ms);
@@ -125,6 +138,12 @@ TRACKD_API void trackd_get_counters(trackd_client *c, struct trackd_counters *ou
 /* Pops the oldest error the agent reported: 1 if one was copied to out, 0 if none. */
 TRACKD_API int trackd_next_error(trackd_client *c, struct trackd_error *out);
 TRACKD_API const char *trackd_strerror(int rc);
+/*
+ * Copies the MLflow backend store URI the agent announces for reads ([mlflow] backend_uri)
+ * into out, waiting up to timeout_ms for the agent's welcome. Returns 0, -ENOENT when the
+ * agent announces none, -ETIMEDOUT when no agent answered, -ERANGE when len is too small.
+ */
+TRACKD_API int trackd_backend_uri(trackd_client *c, char *out, size_t len, int timeout_ms);
 
 #ifdef __cplusplus
 }

@@ -63,6 +63,8 @@ struct trackd_client {
     uint64_t flush_wanted; /* highest flush seq a caller waits for */
     uint64_t flushed;      /* highest flush seq the agent answered */
     uint64_t resend_flush; /* a flush frame lost with a broken connection */
+    bool welcomed;         /* a welcome arrived on some connection */
+    char backend_uri[1024];
     bool io_idle;
     bool threshold_woken; /* the sender was woken for a full buffer since the last swap */
     bool stop;
@@ -397,6 +399,59 @@ int trackd_set_tags(trackd_client *c, const char *run_id, const struct trackd_kv
     return log_kvs(c, PROTO_TAGS, run_id, tags, n);
 }
 
+int trackd_create_experiment_at(trackd_client *c, const char *name, const char *artifact_location)
+{
+    if (c == NULL || name == NULL)
+        return -EINVAL;
+    struct proto_str loc = to_str(artifact_location);
+    APPEND_FRAME(c, strlen(name) + loc.len + 64, 1,
+                 proto_encode_experiment_at(&c->pending, seq, to_str(name),
+                                            artifact_location ? &loc : NULL));
+}
+
+int trackd_delete_tag(trackd_client *c, const char *run_id, const char *key)
+{
+    if (c == NULL || key == NULL || !run_id_ok(run_id))
+        return -EINVAL;
+    APPEND_FRAME(c, strlen(key) + 64, 1,
+                 proto_encode_delete_tag(&c->pending, seq, run_id, to_str(key)));
+}
+
+int trackd_update_run(trackd_client *c, const char *run_id, const char *status, int64_t end_time_ms,
+                      const char *run_name)
+{
+    if (c == NULL || !run_id_ok(run_id))
+        return -EINVAL;
+    if (end_time_ms == TRACKD_NOW)
+        end_time_ms = now_ms();
+    struct proto_str st = to_str(status), name = to_str(run_name);
+    APPEND_FRAME(c, st.len + name.len + 64, 1,
+                 proto_encode_update_run(&c->pending, seq, run_id, status ? &st : NULL,
+                                         end_time_ms == TRACKD_KEEP ? NULL : &end_time_ms,
+                                         run_name ? &name : NULL));
+}
+
+int trackd_backend_uri(trackd_client *c, char *out, size_t len, int timeout_ms)
+{
+    if (c == NULL || out == NULL)
+        return -EINVAL;
+    struct timespec dl;
+    deadline_after(&dl, timeout_ms < 0 ? 0 : timeout_ms);
+    pthread_mutex_lock(&c->mu);
+    while (!c->welcomed && !c->stop)
+        if (pthread_cond_timedwait(&c->cv, &c->mu, &dl) == ETIMEDOUT)
+            break;
+    int rc = !c->welcomed ? -ETIMEDOUT : c->backend_uri[0] == '\0' ? -ENOENT : 0;
+    if (rc == 0) {
+        if (strlen(c->backend_uri) >= len)
+            rc = -ERANGE;
+        else
+            snprintf(out, len, "%s", c->backend_uri);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
 int trackd_end_run(trackd_client *c, const char *run_id, const char *status, int64_t end_time_ms)
 {
     if (c == NULL || !run_id_ok(run_id))
@@ -491,6 +546,10 @@ static void handle_frame(struct trackd_client *c, const struct proto_header *h, 
     if (m.kind == PROTO_WELCOME) {
         if (m.u.welcome.max_frame >= 4096)
             c->max_frame = m.u.welcome.max_frame;
+        snprintf(c->backend_uri, sizeof c->backend_uri, "%.*s", (int)m.u.welcome.backend_uri.len,
+                 m.u.welcome.backend_uri.ptr);
+        c->welcomed = true;
+        pthread_cond_broadcast(&c->cv);
     } else if (m.kind == PROTO_FLUSHED) {
         if (m.u.flushed.flush_seq > c->flushed)
             c->flushed = m.u.flushed.flush_seq;

@@ -7,6 +7,10 @@
  *   metric ALIAS KEY VALUE STEP TS|now      (VALUE may be nan, inf, -inf)
  *   param ALIAS KEY VALUE        tag ALIAS KEY VALUE
  *   end ALIAS STATUS TS|now
+ *   experiment NAME LOCATION     (with an artifact location)
+ *   deltag ALIAS KEY
+ *   update ALIAS STATUS|- END|now|- NAME|-   ("-" keeps the stored value)
+ *   backend_uri                  (prints "backend_uri RC URI")
  *   gen ALIAS NKEYS NSTEPS TS0   (NKEYS x NSTEPS points; prints the time taken)
  *   flush TIMEOUT_MS             (prints "flush RC")
  *   errors                       (prints "error SEQ CODE MESSAGE" per error)
@@ -14,6 +18,7 @@
  * Usage: trackd-driver [--socket PATH] [--source-name NAME] [--buffer BYTES] [SCRIPT]
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -113,8 +118,23 @@ int main(int argc, char **argv)
         const char *cmd = f[0];
         if (cmd[0] == '\0' || cmd[0] == '#')
             continue;
-        if (strcmp(cmd, "experiment") == 0 && n >= 2) {
+        if (strcmp(cmd, "experiment") == 0 && n >= 3) {
+            failures += check(trackd_create_experiment_at(c, f[1], f[2]), lineno, cmd) != 0;
+        } else if (strcmp(cmd, "experiment") == 0 && n >= 2) {
             failures += check(trackd_create_experiment(c, f[1]), lineno, cmd) != 0;
+        } else if (strcmp(cmd, "deltag") == 0 && n >= 3) {
+            failures += check(trackd_delete_tag(c, run_of(f[1]), f[2]), lineno, cmd) != 0;
+        } else if (strcmp(cmd, "update") == 0 && n >= 5) {
+            bool keep_status = strcmp(f[2], "-") == 0, keep_end = strcmp(f[3], "-") == 0;
+            bool keep_name = strcmp(f[4], "-") == 0;
+            failures += check(trackd_update_run(c, run_of(f[1]), keep_status ? NULL : f[2],
+                                                keep_end ? TRACKD_KEEP : ts_of(f[3]),
+                                                keep_name ? NULL : f[4]),
+                              lineno, cmd) != 0;
+        } else if (strcmp(cmd, "backend_uri") == 0) {
+            char uri[1024] = "";
+            int rc = trackd_backend_uri(c, uri, sizeof uri, 10000);
+            printf("backend_uri\t%d\t%s\n", rc, uri);
         } else if (strcmp(cmd, "run") == 0 && n >= 5 && nruns < MAX_RUNS) {
             snprintf(runs[nruns].alias, sizeof runs[nruns].alias, "%s", f[1]);
             trackd_new_run_id(runs[nruns].id);

@@ -282,3 +282,43 @@ def test_shim_reconnects_after_agent_restart(pg, db, tmp_path):
         assert "dropped=0" in counters
     finally:
         assert b.stop() == 0
+
+
+def test_update_run_delete_tag_and_experiment_location(pg, db, tmp_path):
+    """MLflow's update_run_info, delete_tag and create_experiment(artifact_location) semantics,
+    and the backend URI the agent announces to clients."""
+    a = Agent(pg, db, tmp_path / "a", extra='').start()
+    try:
+        lines = [["experiment", "located-exp", "s3://bucket/prefix"],
+                 ["run", "r", "located-exp", "before", str(TS0)],
+                 ["tag", "r", "keep", "1"], ["tag", "r", "gone", "1"],
+                 ["deltag", "r", "gone"],
+                 ["tag", "r", "back", "1"], ["deltag", "r", "back"], ["tag", "r", "back", "2"],
+                 ["update", "r", "-", "-", "after"],          # rename only
+                 ["update", "r", "KILLED", "-", "-"],         # status only
+                 ["update", "r", "-", str(TS0 + 5), "-"],     # end time only
+                 ["flush", "30000"], ["errors"], ["backend_uri"]]
+        out, _ = run_driver(a.socket, lines)
+        run_id = driver_runs(out)["r"]
+        assert driver_errors(out) == []
+        exp_id, loc = pg.query(db, "SELECT experiment_id, artifact_location FROM experiments"
+                                   " WHERE name = 'located-exp'")[0]
+        assert loc == "s3://bucket/prefix"
+        assert pg.query(db, "SELECT name, status, end_time, artifact_uri FROM runs WHERE run_uuid = %s",
+                        (run_id,)) == [("after", "KILLED", TS0 + 5, f"s3://bucket/prefix/{run_id}/artifacts")]
+        tags = dict(pg.query(db, "SELECT key, value FROM tags WHERE run_uuid = %s", (run_id,)))
+        assert "gone" not in tags and tags["keep"] == "1" and tags["back"] == "2"
+        assert tags["mlflow.runName"] == "after"
+        assert [f for f in out if f[0] == "backend_uri"] == [["backend_uri", "-2", ""]]  # -ENOENT
+    finally:
+        assert a.stop() == 0
+
+    uri = "postgresql://reader@db.example/mlflow"
+    b = Agent(pg, db, tmp_path / "b", extra=f'[batch]\nmax_age_ms = 50\n')
+    b.config.write_text(b.config.read_text().replace("[mlflow]\n", f'[mlflow]\nbackend_uri = "{uri}"\n'))
+    b.start()
+    try:
+        out, _ = run_driver(b.socket, [["backend_uri"]])
+        assert out == [["backend_uri", "0", uri]]
+    finally:
+        assert b.stop() == 0

@@ -536,11 +536,11 @@ static void test_header_bytes(void **state)
 static void test_names(void **state)
 {
     (void)state;
-    static const char *const kinds[] = {"unknown",   "hello",   "welcome",     "experiment",
-                                        "start_run", "metric",  "metrics",     "params",
-                                        "tags",      "end_run", "flush",       "flushed",
-                                        "error",     "stats",   "stats_reply", "unknown"};
-    for (int k = 0; k <= 15; k++)
+    static const char *const kinds[] = {
+        "unknown", "hello",  "welcome",     "experiment", "start_run",  "metric",
+        "metrics", "params", "tags",        "end_run",    "flush",      "flushed",
+        "error",   "stats",  "stats_reply", "delete_tag", "update_run", "unknown"};
+    for (int k = 0; k <= 17; k++)
         assert_string_equal(proto_kind_name(k), kinds[k]);
     assert_string_equal(proto_kind_name(-1), "unknown");
     assert_string_equal(proto_kind_name(255), "unknown");
@@ -775,7 +775,7 @@ static void test_header_malformed(void **state)
 
     for (int k = 0; k <= 255; k++) {
         hd[3] = (uint8_t)k;
-        int want = k >= 1 && k <= 14 ? 0 : PROTO_EKIND;
+        int want = k >= 1 && k <= PROTO_KIND_MAX ? 0 : PROTO_EKIND;
         assert_int_equal(proto_header_decode(hd, 100, &d), want);
     }
     hd[3] = PROTO_HELLO;
@@ -798,7 +798,7 @@ static void test_header_malformed(void **state)
     /* A kind the header allows but the body decoder does not know. */
     static const uint8_t body[] = {0x90};
     assert_int_equal(decode_raw(0, body, 1, NULL), PROTO_EKIND);
-    assert_int_equal(decode_raw(15, body, 1, NULL), PROTO_EKIND);
+    assert_int_equal(decode_raw(PROTO_KIND_MAX + 1, body, 1, NULL), PROTO_EKIND);
 }
 
 static void load_kind(const char *name, struct vec *v, int *kind)
@@ -894,17 +894,17 @@ static void test_counts_beyond_body(void **state)
         'k', 'k', 'k', 'k', 0x01, 0x02, 0x03);
     RAW(PROTO_STATS_REPLY, PROTO_EMSGPACK, 0x91, 0xdd, 0x7f, 0xff, 0xff, 0xfe);
     /* Trailing fields: containers and blobs whose length exceeds the body. */
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0xdd, 0xff, 0xff, 0xff, 0xff);
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0xdf, 0xff, 0xff, 0xff, 0xff);
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0xde, 0x00, 0x02, 0x01, 0x02);
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0x81, 0x01);
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0xc4, 0x05, 'a', 'b');
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0xc6, 0xff, 0xff, 0xff, 0xff, 0x00);
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0xc7, 0x05, 0x01, 'a');
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0xc9, 0x00, 0x00);
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0xd8, 0x01, 0x00, 0x00);
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0xcb, 0x00, 0x00);
-    RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x', 0xc1);
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0xdd, 0xff, 0xff, 0xff, 0xff);
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0xdf, 0xff, 0xff, 0xff, 0xff);
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0xde, 0x00, 0x02, 0x01, 0x02);
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0x81, 0x01);
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0xc4, 0x05, 'a', 'b');
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0xc6, 0xff, 0xff, 0xff, 0xff, 0x00);
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0xc7, 0x05, 0x01, 'a');
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0xc9, 0x00, 0x00);
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0xd8, 0x01, 0x00, 0x00);
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0xcb, 0x00, 0x00);
+    RAW(PROTO_FLUSH, PROTO_EMSGPACK, 0x91, 0xc1);
     RAW(PROTO_EXPERIMENT, PROTO_EMSGPACK, 0x92, 0xa1, 'x');
     /* Truncated numbers in known fields. */
     RAW(PROTO_FLUSHED, PROTO_EMSGPACK, 0x92, 0xcf, 0x00, 0x00, 0x00, 0x00, 0x01);
@@ -1167,39 +1167,38 @@ static void test_wrong_list_elements(void **state)
 static void test_depth_and_skip(void **state)
 {
     (void)state;
-    RAW(PROTO_EXPERIMENT, 0, 0x92, 0xa1, 'x', 0x91, 0x91, 0x91, 0x01);
-    RAW(PROTO_EXPERIMENT, 0, 0x92, 0xa1, 'x', 0x91, 0x91, 0x91, 0x90);
-    RAW(PROTO_EXPERIMENT, PROTO_EDEPTH, 0x92, 0xa1, 'x', 0x91, 0x91, 0x91, 0x91, 0x01);
-    RAW(PROTO_EXPERIMENT, PROTO_EDEPTH, 0x92, 0xa1, 'x', 0x91, 0x91, 0x91, 0x91, 0x90);
-    RAW(PROTO_EXPERIMENT, 0, 0x92, 0xa1, 'x', 0x81, 0x01, 0x91, 0x91, 0x01);
-    RAW(PROTO_EXPERIMENT, PROTO_EDEPTH, 0x92, 0xa1, 'x', 0x81, 0x01, 0x91, 0x91, 0x91, 0x01);
-    RAW(PROTO_EXPERIMENT, PROTO_EDEPTH, 0x92, 0xa1, 'x', 0x81, 0x91, 0x91, 0x91, 0x01, 0x01);
-    RAW(PROTO_EXPERIMENT, PROTO_EDEPTH, 0x92, 0xa1, 'x', 0xdc, 0x00, 0x01, 0xde, 0x00, 0x01, 0x01,
-        0xdd, 0x00, 0x00, 0x00, 0x01, 0x91, 0x90);
+    RAW(PROTO_FLUSH, 0, 0x91, 0x91, 0x91, 0x91, 0x01);
+    RAW(PROTO_FLUSH, 0, 0x91, 0x91, 0x91, 0x91, 0x90);
+    RAW(PROTO_FLUSH, PROTO_EDEPTH, 0x91, 0x91, 0x91, 0x91, 0x91, 0x01);
+    RAW(PROTO_FLUSH, PROTO_EDEPTH, 0x91, 0x91, 0x91, 0x91, 0x91, 0x90);
+    RAW(PROTO_FLUSH, 0, 0x91, 0x81, 0x01, 0x91, 0x91, 0x01);
+    RAW(PROTO_FLUSH, PROTO_EDEPTH, 0x91, 0x81, 0x01, 0x91, 0x91, 0x91, 0x01);
+    RAW(PROTO_FLUSH, PROTO_EDEPTH, 0x91, 0x81, 0x91, 0x91, 0x91, 0x01, 0x01);
+    RAW(PROTO_FLUSH, PROTO_EDEPTH, 0x91, 0xdc, 0x00, 0x01, 0xde, 0x00, 0x01, 0x01, 0xdd, 0x00, 0x00,
+        0x00, 0x01, 0x91, 0x90);
     /* A second trailing field after a deep first one is not reached. */
-    RAW(PROTO_EXPERIMENT, PROTO_EDEPTH, 0x93, 0xa1, 'x', 0x91, 0x91, 0x91, 0x91, 0x01, 0x01);
+    RAW(PROTO_FLUSH, PROTO_EDEPTH, 0x92, 0x91, 0x91, 0x91, 0x91, 0x01, 0x01);
 
     /* A very deep nest fails fast without exhausting the stack. */
     size_t n = 1000000;
-    uint8_t *deep = malloc(n + 3);
+    uint8_t *deep = malloc(n + 2);
     assert_non_null(deep);
-    deep[0] = 0x92;
-    deep[1] = 0xa0;
-    memset(deep + 2, 0x91, n);
-    deep[n + 2] = 0x01;
-    assert_int_equal(decode_raw(PROTO_EXPERIMENT, deep, n + 3, NULL), PROTO_EDEPTH);
+    deep[0] = 0x91;
+    memset(deep + 1, 0x91, n);
+    deep[n + 1] = 0x01;
+    assert_int_equal(decode_raw(PROTO_FLUSH, deep, n + 2, NULL), PROTO_EDEPTH);
     free(deep);
 
     /* One trailing field of every type, after each message's fields. */
-    RAW(PROTO_EXPERIMENT, 0, 0x9e, 0xa1, 'x', 0xc0, 0xc2, 0xc3, 0x7f, 0xe0, 0xcc, 0x01, 0xcd, 0, 1,
-        0xce, 0, 0, 0, 1, 0xcf, 0, 0, 0, 0, 0, 0, 0, 1, 0xd0, 0xff, 0xd1, 0, 1, 0xd2, 0, 0, 0, 1,
-        0xd3, 0, 0, 0, 0, 0, 0, 0, 1);
-    RAW(PROTO_EXPERIMENT, 0, 0xdc, 0x00, 0x10, 0xa1, 'x', 0xca, 0, 0, 0, 0, 0xcb, 0, 0, 0, 0, 0, 0,
-        0, 0, 0xa1, 's', 0xd9, 0x01, 's', 0xda, 0, 1, 's', 0xdb, 0, 0, 0, 1, 's', 0xc4, 0x01, 'b',
-        0xc5, 0, 1, 'b', 0xc6, 0, 0, 0, 1, 'b', 0xd4, 1, 'e', 0xd5, 1, 'e', 'e', 0xd6, 1, 'e', 'e',
-        'e', 'e', 0xc7, 0x01, 1, 'e', 0xc8, 0, 1, 1, 'e', 0xc9, 0, 0, 0, 1, 1, 'e');
-    RAW(PROTO_EXPERIMENT, 0, 0x94, 0xa1, 'x', 0xd7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0xd8, 1, 0, 0, 0, 0,
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x82, 0xa1, 'k', 0x92, 0x01, 0x80, 0x02, 0xc0);
+    RAW(PROTO_FLUSH, 0, 0x9d, 0xc0, 0xc2, 0xc3, 0x7f, 0xe0, 0xcc, 0x01, 0xcd, 0, 1, 0xce, 0, 0, 0,
+        1, 0xcf, 0, 0, 0, 0, 0, 0, 0, 1, 0xd0, 0xff, 0xd1, 0, 1, 0xd2, 0, 0, 0, 1, 0xd3, 0, 0, 0, 0,
+        0, 0, 0, 1);
+    RAW(PROTO_FLUSH, 0, 0xdc, 0x00, 0x0f, 0xca, 0, 0, 0, 0, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0xa1, 's',
+        0xd9, 0x01, 's', 0xda, 0, 1, 's', 0xdb, 0, 0, 0, 1, 's', 0xc4, 0x01, 'b', 0xc5, 0, 1, 'b',
+        0xc6, 0, 0, 0, 1, 'b', 0xd4, 1, 'e', 0xd5, 1, 'e', 'e', 0xd6, 1, 'e', 'e', 'e', 'e', 0xc7,
+        0x01, 1, 'e', 0xc8, 0, 1, 1, 'e', 0xc9, 0, 0, 0, 1, 1, 'e');
+    RAW(PROTO_FLUSH, 0, 0x93, 0xd7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0xd8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0x82, 0xa1, 'k', 0x92, 0x01, 0x80, 0x02, 0xc0);
     RAW(PROTO_FLUSH, 0, 0x92, 0x80, 0x90);
     RAW(PROTO_FLUSHED, 0, 0x93, 0x01, 0x02, 0x81, 0xa1, 'k', 0xa1, 'v');
 }
@@ -1995,6 +1994,58 @@ static void test_hard_cap(void **state)
     free(name);
 }
 
+/* The optional-field messages: present and absent forms round-trip. */
+static void test_optional_fields(void **state)
+{
+    (void)state;
+    static const char run[] = "0123456789abcdef0123456789abcdef";
+    struct proto_buf b;
+    struct proto_header h;
+    struct proto_msg m;
+    struct proto_str name = {"exp", 3}, loc = {"s3://b/p", 8}, st = {"FAILED", 6};
+    struct proto_str rn = {"renamed", 7}, uri = {"postgresql://r@db/mlflow", 24};
+    int64_t end = 1700000000123;
+
+    proto_buf_init(&b, 0);
+    assert_int_equal(proto_encode_experiment_at(&b, 1, name, &loc), 0);
+    assert_int_equal(proto_encode_experiment_at(&b, 2, name, NULL), 0);
+    assert_int_equal(proto_encode_delete_tag(&b, 3, run, (struct proto_str){"k", 1}), 0);
+    assert_int_equal(proto_encode_update_run(&b, 4, run, &st, &end, &rn), 0);
+    assert_int_equal(proto_encode_update_run(&b, 5, run, NULL, NULL, NULL), 0);
+    assert_int_equal(proto_encode_welcome_uri(&b, 6, name, 1 << 20, 9, uri), 0);
+    assert_int_equal(proto_encode_welcome_uri(&b, 7, name, 1 << 20, 9, (struct proto_str){"", 0}),
+                     0);
+
+    const uint8_t *p = b.data;
+    struct proto_msg got[7];
+    for (int i = 0; i < 7; i++) {
+        assert_int_equal(proto_header_decode(p, 1 << 20, &h), 0);
+        assert_int_equal(proto_msg_decode(&h, p + PROTO_HEADER_LEN, &got[i]), 0);
+        p += PROTO_HEADER_LEN + h.body_len;
+    }
+    assert_int_equal((size_t)(p - b.data), b.len);
+    m = got[0];
+    assert_true(m.u.experiment.has_artifact_location);
+    assert_memory_equal(m.u.experiment.artifact_location.ptr, "s3://b/p", 8);
+    assert_false(got[1].u.experiment.has_artifact_location);
+    assert_int_equal(got[2].kind, PROTO_DELETE_TAG);
+    assert_memory_equal(got[2].u.delete_tag.run_id.ptr, run, 32);
+    assert_int_equal(got[2].u.delete_tag.key.len, 1);
+    m = got[3];
+    assert_true(m.u.update_run.has_status && m.u.update_run.has_end_time &&
+                m.u.update_run.has_run_name);
+    assert_memory_equal(m.u.update_run.status.ptr, "FAILED", 6);
+    assert_int_equal(m.u.update_run.end_time, end);
+    assert_memory_equal(m.u.update_run.run_name.ptr, "renamed", 7);
+    m = got[4];
+    assert_false(m.u.update_run.has_status || m.u.update_run.has_end_time ||
+                 m.u.update_run.has_run_name);
+    assert_int_equal(got[5].u.welcome.backend_uri.len, 24);
+    assert_memory_equal(got[5].u.welcome.backend_uri.ptr, "postgresql://r@db/mlflow", 24);
+    assert_int_equal(got[6].u.welcome.backend_uri.len, 0);
+    proto_buf_free(&b);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1)
@@ -2017,6 +2068,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_vec_stats),
         cmocka_unit_test(test_vec_stats_reply),
         cmocka_unit_test(test_header_bytes),
+        cmocka_unit_test(test_optional_fields),
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_reassembly_two_chunks),
         cmocka_unit_test(test_reassembly_byte_by_byte),
