@@ -164,6 +164,7 @@ static void on_hello(struct conn *c, const struct proto_msg *m)
     copy_str(c->program, sizeof c->program, m->u.hello.program);
     copy_str(c->source_name, sizeof c->source_name, m->u.hello.source_name);
     copy_str(c->source_type, sizeof c->source_type, m->u.hello.source_type);
+    c->context_tags = m->u.hello.context_tags;
     log_info("[conn %u] hello from pid %u (%s), uid %u (%s), protocol %u", c->id, m->u.hello.pid,
              c->program, (unsigned)c->uid, c->user, m->u.hello.version);
     set_state(c, CONN_OPEN);
@@ -208,7 +209,7 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
         protocol_error(c, h->seq, "message kind is sent by the agent, not by clients");
         return;
     default: {
-        struct ingest_origin o = {c->id, c->user, c->source_name, c->source_type};
+        struct ingest_origin o = {c->id, c->user, c->source_name, c->source_type, c->context_tags};
         ingest_message(c->srv->ingest, &o, &m);
         return;
     }

@@ -36,6 +36,7 @@ struct conn {
     char program[128];
     char source_name[256];
     char source_type[16];
+    bool context_tags;
     struct proto_reader reader;
     bool reading;
     size_t out_bytes; /* queued for writing */

@@ -360,20 +360,24 @@ static void do_start_run(struct mctx *m, const struct proto_msg *msg)
         return;
     run->ts = msg->u.start_run.start_time;
 
+    bool has_user = false;
     it = msg->u.start_run.tags;
     while (proto_iter_next_kv(&it, &kv)) {
         check_kv(m, false, &kv); /* truncates as the first pass did */
         /* The user is who the socket says, not what the client claims. */
-        if (str_eq(kv.key, "mlflow.user"))
+        if (str_eq(kv.key, "mlflow.user")) {
+            has_user = true;
             continue;
+        }
         add_tag(m, run_id, kv.key, kv.value);
     }
     if (!has_tag_name)
         add_tag(m, run_id, pstr("mlflow.runName"), name);
-    add_tag(m, run_id, pstr("mlflow.user"), user);
-    if (!has_src_name && m->o->source_name[0])
+    if (has_user || m->o->context_tags)
+        add_tag(m, run_id, pstr("mlflow.user"), user);
+    if (m->o->context_tags && !has_src_name && m->o->source_name[0])
         add_tag(m, run_id, pstr("mlflow.source.name"), pstr(m->o->source_name));
-    if (!has_src_type && m->o->source_type[0])
+    if (m->o->context_tags && !has_src_type && m->o->source_type[0])
         add_tag(m, run_id, pstr("mlflow.source.type"), pstr(m->o->source_type));
 }
 

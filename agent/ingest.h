@@ -34,6 +34,7 @@ struct ingest_origin {
     const char *user;        /* from the peer's uid */
     const char *source_name; /* from the client's hello */
     const char *source_type;
+    bool context_tags; /* add mlflow.user / mlflow.source.* when the run lacks them */
 };
 
 struct flush_waiter {

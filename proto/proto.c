@@ -263,6 +263,26 @@ int proto_encode_hello(struct proto_buf *b, uint64_t seq, uint32_t pid, struct p
     return enc_end(&e);
 }
 
+int proto_encode_hello_ctx(struct proto_buf *b, uint64_t seq, uint32_t pid,
+                           struct proto_str program, struct proto_str source_name,
+                           struct proto_str source_type, struct proto_str client, bool context_tags)
+{
+    if (context_tags)
+        return proto_encode_hello(b, seq, pid, program, source_name, source_type, client);
+    struct enc e;
+    enc_begin(&e, b, PROTO_HELLO, seq);
+    enc_array(&e, 7);
+    enc_uint(&e, PROTO_VERSION);
+    enc_uint(&e, pid);
+    enc_str(&e, program);
+    enc_str(&e, source_name);
+    enc_str(&e, source_type);
+    enc_str(&e, client);
+    if (e.rc == 0)
+        enc_check(&e, msgpack_pack_false(&e.pk));
+    return enc_end(&e);
+}
+
 int proto_encode_welcome(struct proto_buf *b, uint64_t seq, struct proto_str agent_version,
                          uint32_t max_frame, uint64_t session)
 {
@@ -804,6 +824,17 @@ static int rd_finish(struct cur *c, uint32_t n, uint32_t used)
     return cur_left(c) == 0 ? 0 : PROTO_ETRAILING;
 }
 
+static int rd_bool(struct cur *c, bool *v)
+{
+    if (need(c, 1))
+        return PROTO_EMSGPACK;
+    if (*c->p != 0xc2 && *c->p != 0xc3)
+        return PROTO_ESHAPE;
+    *v = *c->p == 0xc3;
+    c->p++;
+    return 0;
+}
+
 /* A string or nil. */
 static int rd_opt_str(struct cur *c, struct proto_str *s, bool *present)
 {
@@ -915,7 +946,11 @@ int proto_msg_decode(const struct proto_header *h, const uint8_t *body, struct p
         TRY(rd_str(&c, &out->u.hello.source_name));
         TRY(rd_str(&c, &out->u.hello.source_type));
         TRY(rd_str(&c, &out->u.hello.client));
-        return rd_finish(&c, n, 6);
+        out->u.hello.context_tags = true;
+        if (n < 7)
+            return rd_finish(&c, n, 6);
+        TRY(rd_bool(&c, &out->u.hello.context_tags));
+        return rd_finish(&c, n, 7);
     case PROTO_WELCOME:
         TRY(rd_top(&c, 4, &n));
         TRY(rd_u32(&c, &out->u.welcome.version));

@@ -127,6 +127,14 @@ struct proto_point {
  * Each encoder appends one whole frame to b and returns 0, or a negative code
  * and leaves b as it was. run_id must be PROTO_RUN_ID_LEN bytes.
  */
+/*
+ * HELLO with context_tags false: the agent adds no mlflow.user / mlflow.source.* tags of
+ * its own to runs this client starts (MLflow's store API callers send their own).
+ */
+int proto_encode_hello_ctx(struct proto_buf *b, uint64_t seq, uint32_t pid,
+                           struct proto_str program, struct proto_str source_name,
+                           struct proto_str source_type, struct proto_str client,
+                           bool context_tags);
 int proto_encode_hello(struct proto_buf *b, uint64_t seq, uint32_t pid, struct proto_str program,
                        struct proto_str source_name, struct proto_str source_type,
                        struct proto_str client);
@@ -191,6 +199,7 @@ struct proto_msg {
             uint32_t version;
             uint32_t pid;
             struct proto_str program, source_name, source_type, client;
+            bool context_tags; /* 7th field; true when absent */
         } hello;
         struct {
             uint32_t version;

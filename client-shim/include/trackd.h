@@ -56,6 +56,7 @@ struct trackd_options {
     int linger_ms;           /* how long the sender lets events accumulate; 0: 5 */
     const char *source_name; /* mlflow.source.name; NULL: argv[0] of this process */
     const char *source_type; /* mlflow.source.type; NULL: "LOCAL" */
+    int no_context_tags; /* 1: the agent adds no mlflow.user / mlflow.source.* tags of its own */
 };
 
 struct trackd_kv {

@@ -51,6 +51,7 @@ struct trackd_client {
     int overflow;
     int block_timeout_ms;
     int linger_ms;
+    bool no_context_tags;
 
     /* Shared, under mu. */
     struct proto_buf pending;
@@ -676,9 +677,9 @@ static int try_connect(struct trackd_client *c)
     uint64_t resend = c->resend_flush > c->flushed ? c->resend_flush : 0;
     c->resend_flush = 0;
     pthread_mutex_unlock(&c->mu);
-    int rc = proto_encode_hello(&hello, seq, (uint32_t)getpid(), to_str(c->program),
-                                to_str(c->source_name), to_str(c->source_type),
-                                to_str("libtrackd " TRACKD_VERSION));
+    int rc = proto_encode_hello_ctx(&hello, seq, (uint32_t)getpid(), to_str(c->program),
+                                    to_str(c->source_name), to_str(c->source_type),
+                                    to_str("libtrackd " TRACKD_VERSION), !c->no_context_tags);
     if (rc == 0 && resend)
         rc = proto_encode_empty(&hello, resend, PROTO_FLUSH);
     if (rc == 0)
@@ -820,6 +821,7 @@ int trackd_open(trackd_client **out, const struct trackd_options *opts)
     c->block_timeout_ms = o.block_timeout_ms > 0 ? o.block_timeout_ms : 1000;
     c->linger_ms = o.linger_ms > 0 ? o.linger_ms : 5;
     c->max_frame = DEFAULT_MAX_FRAME;
+    c->no_context_tags = o.no_context_tags != 0;
     c->next_seq = 1;
     c->fd = -1;
     c->reconnect_ms = RECONNECT_MIN_MS;
