@@ -34,6 +34,8 @@ static void on_fork_child(void)
     fork_generation++;
 }
 
+/* PyObject_HEAD carries its own semicolon, which clang-format cannot see. */
+// clang-format off
 typedef struct {
     PyObject_HEAD
     trackd_client *c;
@@ -43,6 +45,7 @@ typedef struct {
     int close_timeout_ms; /* the timeout close() asked for */
     int blocking;         /* overflow="block": log calls may wait, so they release the GIL */
 } ClientObject;
+// clang-format on
 
 static PyTypeObject ClientType;
 static void leave_wait(ClientObject *self);
@@ -56,10 +59,8 @@ static void leave_wait(ClientObject *self);
     do {                                                                                           \
         if ((self)->blocking) {                                                                    \
             (self)->inflight++;                                                                    \
-            Py_BEGIN_ALLOW_THREADS                                                                 \
-            (rc) = (expr);                                                                         \
-            Py_END_ALLOW_THREADS                                                                   \
-            leave_wait(self);                                                                      \
+            Py_BEGIN_ALLOW_THREADS(rc) = (expr);                                                   \
+            Py_END_ALLOW_THREADS leave_wait(self);                                                 \
         } else {                                                                                   \
             (rc) = (expr);                                                                         \
         }                                                                                          \
@@ -71,13 +72,13 @@ static void leave_wait(ClientObject *self);
  * Puts positional and keyword arguments into out[] in the order of names;
  * absent ones are NULL. The first `required` names must be present.
  */
-static int parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
-                      PyObject *kwnames, const char *const *names, Py_ssize_t nnames,
-                      Py_ssize_t required, PyObject **out)
+static int parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                      const char *const *names, Py_ssize_t nnames, Py_ssize_t required,
+                      PyObject **out)
 {
     if (nargs > nnames) {
-        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)", fname,
-                     nnames, nargs);
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)", fname, nnames,
+                     nargs);
         return -1;
     }
     for (Py_ssize_t i = 0; i < nnames; i++)
@@ -102,8 +103,7 @@ static int parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs
     }
     for (Py_ssize_t i = 0; i < required; i++) {
         if (out[i] == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname,
-                         names[i]);
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname, names[i]);
             return -1;
         }
     }
@@ -220,9 +220,7 @@ static PyObject *result(int rc, const char *run_id)
                                 trackd_strerror(rc), run_id);
         return PyErr_Format(PyExc_ValueError, "trackd: %s", trackd_strerror(rc));
     case -EMSGSIZE: return PyErr_Format(PyExc_ValueError, "trackd: %s", trackd_strerror(rc));
-    default:
-        errno = rc < 0 ? -rc : EIO;
-        return PyErr_SetFromErrno(PyExc_OSError);
+    default: errno = rc < 0 ? -rc : EIO; return PyErr_SetFromErrno(PyExc_OSError);
     }
 }
 
@@ -375,14 +373,16 @@ static PyObject *Client_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 static int Client_init(ClientObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"socket",      "buffer_bytes", "overflow", "block_timeout_ms",
-                             "source_name", "source_type",  NULL};
+    static char *kwlist[] = {"socket",      "buffer_bytes", "overflow",     "block_timeout_ms",
+                             "source_name", "source_type",  "context_tags", NULL};
     PyObject *socket = Py_None, *source_name = Py_None, *source_type = Py_None;
     Py_ssize_t buffer_bytes = 0;
     int block_timeout_ms = 0;
     const char *overflow = "drop";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OnsiOO:Client", kwlist, &socket, &buffer_bytes,
-                                     &overflow, &block_timeout_ms, &source_name, &source_type))
+    int context_tags = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OnsiOOp:Client", kwlist, &socket, &buffer_bytes,
+                                     &overflow, &block_timeout_ms, &source_name, &source_type,
+                                     &context_tags))
         return -1;
     if (self->c != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "trackd client is already open");
@@ -407,6 +407,7 @@ static int Client_init(ClientObject *self, PyObject *args, PyObject *kwds)
     }
     o.buffer_bytes = (size_t)buffer_bytes;
     o.block_timeout_ms = block_timeout_ms;
+    o.no_context_tags = !context_tags;
     trackd_client *c;
     int rc = trackd_open(&c, &o);
     if (rc == -ENAMETOOLONG) {
@@ -418,6 +419,7 @@ static int Client_init(ClientObject *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->c = c;
+    self->close_pending = 0;
     self->blocking = o.overflow == TRACKD_BLOCK;
     self->generation = fork_generation;
     return 0;
@@ -426,8 +428,7 @@ static int Client_init(ClientObject *self, PyObject *args, PyObject *kwds)
 /* Closes the shim client with the GIL released; self->c is already detached. */
 static void close_detached(trackd_client *c, int timeout_ms)
 {
-    Py_BEGIN_ALLOW_THREADS
-    trackd_close(c, timeout_ms < 0 ? INT_MAX : timeout_ms);
+    Py_BEGIN_ALLOW_THREADS trackd_close(c, timeout_ms < 0 ? INT_MAX : timeout_ms);
     Py_END_ALLOW_THREADS
 }
 
@@ -533,8 +534,7 @@ static PyObject *Client_log_metrics(ClientObject *self, PyObject *const *args, P
         as_int64(a[3], TRACKD_NOW, TRACKD_NOW, &ts) != 0)
         return NULL;
     if (!PyDict_Check(a[1])) {
-        PyErr_Format(PyExc_TypeError, "metrics must be a dict, not %.100s",
-                     Py_TYPE(a[1])->tp_name);
+        PyErr_Format(PyExc_TypeError, "metrics must be a dict, not %.100s", Py_TYPE(a[1])->tp_name);
         return NULL;
     }
     /* Hold keys and values first: converting a value may run Python code. */
@@ -796,11 +796,8 @@ static PyObject *Client_flush(ClientObject *self, PyObject *const *args, Py_ssiz
             double left = deadline - monotonic_ms();
             slice = left <= 0 ? 0 : left < FLUSH_SLICE_MS ? (int)ceil(left) : FLUSH_SLICE_MS;
         }
-        Py_BEGIN_ALLOW_THREADS
-        rc = trackd_flush(c, slice);
-        Py_END_ALLOW_THREADS
-        if (rc != -ETIMEDOUT || self->close_pending || slice == 0)
-            break;
+        Py_BEGIN_ALLOW_THREADS rc = trackd_flush(c, slice);
+        Py_END_ALLOW_THREADS if (rc != -ETIMEDOUT || self->close_pending || slice == 0) break;
         if (timeout_ms >= 0 && monotonic_ms() >= deadline)
             break;
         if (PyErr_CheckSignals() != 0) {
@@ -843,12 +840,10 @@ static PyObject *Client_errors(ClientObject *self, PyObject *unused)
         return NULL;
     struct trackd_error e;
     while (trackd_next_error(c, &e)) {
-        PyObject *msg = PyUnicode_DecodeUTF8(e.message, (Py_ssize_t)strnlen(e.message,
-                                                                            sizeof e.message),
-                                             "replace");
-        PyObject *t = msg ? Py_BuildValue("(KIN)", (unsigned long long)e.seq, (unsigned)e.code,
-                                          msg)
-                          : NULL;
+        PyObject *msg = PyUnicode_DecodeUTF8(
+            e.message, (Py_ssize_t)strnlen(e.message, sizeof e.message), "replace");
+        PyObject *t =
+            msg ? Py_BuildValue("(KIN)", (unsigned long long)e.seq, (unsigned)e.code, msg) : NULL;
         if (t == NULL || PyList_Append(list, t) != 0) {
             Py_XDECREF(t);
             Py_DECREF(list);
@@ -872,10 +867,9 @@ static PyObject *Client_backend_uri(ClientObject *self, PyObject *const *args, P
     char uri[4096];
     int rc;
     self->inflight++;
-    Py_BEGIN_ALLOW_THREADS
-    rc = trackd_backend_uri(c, uri, sizeof uri, timeout_ms < 0 ? INT_MAX : timeout_ms);
-    Py_END_ALLOW_THREADS
-    leave_wait(self);
+    Py_BEGIN_ALLOW_THREADS rc =
+        trackd_backend_uri(c, uri, sizeof uri, timeout_ms < 0 ? INT_MAX : timeout_ms);
+    Py_END_ALLOW_THREADS leave_wait(self);
     if (rc == 0)
         return PyUnicode_DecodeUTF8(uri, (Py_ssize_t)strnlen(uri, sizeof uri), "replace");
     if (rc == -ETIMEDOUT || rc == -ENOENT)
@@ -932,62 +926,72 @@ static PyObject *Client_get_closed(ClientObject *self, void *unused)
                            self->generation != fork_generation);
 }
 
-#define FAST(name, doc)                                                                            \
-    {#name, (PyCFunction)(void (*)(void))Client_##name, METH_FASTCALL | METH_KEYWORDS,            \
-     PyDoc_STR(doc)}
+/* Docstrings start with a text signature, so inspect.signature() and help() show parameters. */
+#define FAST(name, sig, doc)                                                                       \
+    {                                                                                              \
+#name, (PyCFunction)(void (*)(void))Client_##name, METH_FASTCALL | METH_KEYWORDS,          \
+            PyDoc_STR(#name "($self, " sig ")\n--\n\n" doc)                                        \
+    }
 
 static PyMethodDef Client_methods[] = {
-    FAST(create_experiment, "create_experiment(name, artifact_location=None) -> bool\n\n"
-                            "Creates the experiment unless one has that name."),
-    FAST(start_run, "start_run(run_id, experiment, run_name=None, start_time=None, tags=None) "
-                    "-> bool\n\nStarts a run (ids come from new_run_id()); times are epoch ms."),
-    FAST(log_metric, "log_metric(run_id, key, value, step=0, timestamp=None) -> bool\n\n"
-                     "Queues one point; False when the overflow policy dropped it."),
-    FAST(log_metrics, "log_metrics(run_id, metrics, step=0, timestamp=None) -> bool\n\n"
-                      "Queues {key: value} at one step; False if any point was dropped."),
-    FAST(log_batch, "log_batch(run_id, metrics=(), params=(), tags=()) -> bool\n\n"
-                    "metrics: (key, value, timestamp_ms, step) tuples; params, tags: (key, "
-                    "value) pairs or dicts of str."),
-    FAST(log_param, "log_param(run_id, key, value) -> bool\n\nvalue must be str."),
-    FAST(log_params, "log_params(run_id, params) -> bool\n\nparams: dict or pairs of str."),
-    FAST(set_tag, "set_tag(run_id, key, value) -> bool\n\nvalue must be str."),
-    FAST(set_tags, "set_tags(run_id, tags) -> bool\n\ntags: dict or pairs of str."),
-    FAST(delete_tag, "delete_tag(run_id, key) -> bool\n\nDeletes a tag of the run."),
-    FAST(update_run, "update_run(run_id, status=None, end_time=None, run_name=None) -> bool\n\n"
-                     "Changes what is given; None keeps the stored value."),
-    FAST(end_run, "end_run(run_id, status='FINISHED', end_time=None) -> bool\n\n"
-                  "Sets the run's status and end time (default now)."),
-    FAST(flush, "flush(timeout=None) -> bool\n\nTrue once everything logged before the call is "
-                "committed (or rejected and reported); False after timeout seconds."),
+    FAST(create_experiment, "name, artifact_location=None",
+         "Creates the experiment unless one has that name. Returns False if dropped."),
+    FAST(start_run, "run_id, experiment, run_name=None, start_time=None, tags=None",
+         "Starts a run (ids from new_run_id()); start_time in epoch ms, default now;\n"
+         "tags: dict or pairs of str. Returns False if dropped."),
+    FAST(log_metric, "run_id, key, value, step=0, timestamp=None",
+         "Queues one point; value: float, int, numpy scalar or anything with __float__;\n"
+         "timestamp in epoch ms, default now. Returns False if the overflow policy dropped it."),
+    FAST(log_metrics, "run_id, metrics, step=0, timestamp=None",
+         "Queues a dict {key: value} at one step. Returns False if any point was dropped."),
+    FAST(log_batch, "run_id, metrics=(), params=(), tags=()",
+         "metrics: (key, value, timestamp_ms, step) tuples; params, tags: dicts or (key, value)\n"
+         "pairs of str. Returns False if anything was dropped."),
+    FAST(log_param, "run_id, key, value", "value must be str. Returns False if dropped."),
+    FAST(log_params, "run_id, params", "params: dict or pairs of str. Returns False if dropped."),
+    FAST(set_tag, "run_id, key, value", "value must be str. Returns False if dropped."),
+    FAST(set_tags, "run_id, tags", "tags: dict or pairs of str. Returns False if dropped."),
+    FAST(delete_tag, "run_id, key", "Deletes a tag of the run. Returns False if dropped."),
+    FAST(update_run, "run_id, status=None, end_time=None, run_name=None",
+         "Changes what is given (None keeps the stored value); run_name also sets the\n"
+         "mlflow.runName tag. Returns False if dropped."),
+    FAST(end_run, "run_id, status='FINISHED', end_time=None",
+         "Sets the run's status and end time (epoch ms, default now). Returns False if dropped."),
+    FAST(flush, "timeout=None",
+         "Returns True once everything logged before the call is committed (or rejected\n"
+         "and reported), False after timeout seconds (None: no limit). Waits with the GIL\n"
+         "released; Ctrl-C interrupts it."),
     {"stats", (PyCFunction)Client_stats, METH_NOARGS,
-     PyDoc_STR("stats() -> dict[str, int]\n\nThe client's counters: queued, sent, dropped, "
-               "errors, errors_lost, reconnects, buffered_bytes, connected.")},
+     PyDoc_STR("stats($self)\n--\n\nThe client's counters as a dict: queued, sent, dropped, "
+               "errors,\nerrors_lost, reconnects, buffered_bytes, connected.")},
     {"errors", (PyCFunction)Client_errors, METH_NOARGS,
-     PyDoc_STR("errors() -> list[tuple[int, int, str]]\n\nRemoves and returns the errors the "
-               "agent reported: (seq, code, message).")},
-    FAST(backend_uri, "backend_uri(timeout=5.0) -> str | None\n\nThe backend store URI the "
-                      "agent announces, or None if it announces none within timeout seconds."),
-    FAST(close, "close(timeout=5.0) -> None\n\nFlushes for up to timeout seconds (None: no "
-                "limit), stops the sender and releases the client."),
+     PyDoc_STR("errors($self)\n--\n\nRemoves and returns the errors the agent reported, as "
+               "a list of\n(seq, code, message).")},
+    FAST(backend_uri, "timeout=5.0",
+         "The MLflow backend store URI the agent announces, or None if it announces\n"
+         "none or no agent answers within timeout seconds."),
+    FAST(close, "timeout=5.0",
+         "Flushes for up to timeout seconds (None: no limit), stops the sender and\n"
+         "releases the client. In a forked child it only forgets the parent's client."),
     {"__enter__", (PyCFunction)Client_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)Client_exit, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL}};
 
-static PyGetSetDef Client_getset[] = {
-    {"closed", (getter)Client_get_closed, NULL, PyDoc_STR("True once closed (or in a forked child)"),
-     NULL},
-    {NULL, NULL, NULL, NULL, NULL}};
+static PyGetSetDef Client_getset[] = {{"closed", (getter)Client_get_closed, NULL,
+                                       PyDoc_STR("True once closed (or in a forked child)"), NULL},
+                                      {NULL, NULL, NULL, NULL, NULL}};
 
 static PyTypeObject ClientType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "trackd._trackd.Client",
     .tp_basicsize = sizeof(ClientObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = PyDoc_STR(
         "Client(socket=None, buffer_bytes=0, overflow='drop', block_timeout_ms=0, "
-        "source_name=None, source_type=None)\n\n"
+        "source_name=None, source_type=None, context_tags=True)\n--\n\n"
         "A connection to the trackd agent. socket=None uses $TRACKD_SOCKET, else "
         "/run/trackd/trackd.sock; buffer_bytes=0 means 16 MiB; overflow 'drop' drops the "
-        "newest event when the buffer is full, 'block' waits up to block_timeout_ms first. "
+        "newest event when the buffer is full, 'block' waits up to block_timeout_ms first; "
+        "context_tags=False: the agent adds no mlflow.user / mlflow.source.* tags to runs. "
         "Thread-safe."),
     .tp_new = Client_new,
     .tp_init = (initproc)Client_init,
@@ -1011,7 +1015,7 @@ static PyObject *mod_new_run_id(PyObject *mod, PyObject *unused)
 
 static PyMethodDef module_methods[] = {
     {"new_run_id", mod_new_run_id, METH_NOARGS,
-     PyDoc_STR("new_run_id() -> str\n\nA new run id: 32 lower-case hex characters, like "
+     PyDoc_STR("new_run_id($module)\n--\n\nA new run id: 32 lower-case hex characters, like "
                "MLflow's.")},
     {NULL, NULL, 0, NULL}};
 

@@ -1,0 +1,287 @@
+"""MLflow tracking-store plugin: ``mlflow.set_tracking_uri("trackd:")``.
+
+Writes go through the local trackd agent: the call encodes the event into the shim's
+buffer and returns, and the agent commits it to the MLflow database in batches. Everything
+else, reads first of all, is served by MLflow's own SqlAlchemyStore on the same database,
+after a flush barrier, so a process always reads its own writes.
+
+URIs: ``trackd:`` (the socket from TRACKD_SOCKET, else /run/trackd/trackd.sock) or
+``trackd:///abs/path/to/socket``. The database to read from is ``TRACKD_BACKEND_URI`` when
+set, else the URI the agent announces (``[mlflow] backend_uri`` in its configuration).
+Passwords never travel that way: the process authenticates with its own ~/.pgpass or
+PGPASSWORD, as libpq and psycopg do.
+"""
+from __future__ import annotations
+
+import functools
+import getpass
+import logging
+import os
+import threading
+import uuid
+from urllib.parse import urlparse
+
+from mlflow.entities import Run, RunData, RunInfo, RunInputs, RunStatus, RunTag
+from mlflow.entities.lifecycle_stage import LifecycleStage
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    INVALID_STATE,
+    RESOURCE_ALREADY_EXISTS,
+)
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
+from mlflow.utils.name_utils import _generate_random_name
+from mlflow.utils.time import get_current_time_millis
+from mlflow.utils.uri import append_to_uri_path, resolve_uri_if_local
+from mlflow.utils.validation import (
+    _validate_batch_log_data,
+    _validate_batch_log_limits,
+    _validate_experiment_artifact_location_length,
+    _validate_experiment_name,
+    _validate_param_keys_unique,
+    _validate_run_id,
+    _validate_tag_name,
+)
+
+from . import _trackd
+
+_log = logging.getLogger("trackd")
+
+BACKEND_ENV = "TRACKD_BACKEND_URI"
+FLUSH_TIMEOUT_ENV = "TRACKD_FLUSH_TIMEOUT"
+DEFAULT_ARTIFACT_ROOT = "./mlruns"
+
+
+def _socket_from_uri(store_uri: str) -> str | None:
+    rest = store_uri[len("trackd:"):] if store_uri.startswith("trackd:") else store_uri
+    if not rest:
+        return None
+    parsed = urlparse("trackd:" + rest)
+    if parsed.netloc:
+        raise MlflowException(
+            f"trackd tracking URI {store_uri!r}: use trackd: or trackd:///absolute/socket/path",
+            INVALID_PARAMETER_VALUE)
+    return parsed.path or None
+
+
+def _mask(uri: str) -> str:
+    p = urlparse(uri)
+    if p.password:
+        return uri.replace(f":{p.password}@", ":****@")
+    return uri
+
+
+def backend_uri(store_uri: str | None) -> str:
+    """The database MLflow's reads are served from: TRACKD_BACKEND_URI, else what the agent
+    behind store_uri announces."""
+    uri = os.environ.get(BACKEND_ENV)
+    if not uri:
+        client = _trackd.Client(socket=_socket_from_uri(store_uri or "trackd:"), source_name="",
+                                source_type="", context_tags=False)
+        try:
+            uri = client.backend_uri(timeout=10.0)
+        finally:
+            client.close(timeout=0)
+    if not uri:
+        raise MlflowException(
+            "trackd: no database to serve MLflow's reads from. Set TRACKD_BACKEND_URI "
+            "(e.g. postgresql://user@host/db) or [mlflow] backend_uri in the agent's "
+            "configuration", INVALID_STATE)
+    if urlparse(uri).scheme == "trackd":
+        raise MlflowException(f"{BACKEND_ENV} must name the database, not trackd:")
+    return uri
+
+
+def registry_store(store_uri: str | None = None):
+    """MLflow's model registry store on the database the agent writes."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+
+    return RegistryStore(backend_uri(store_uri))
+
+
+class TrackdStore(SqlAlchemyStore):
+    """MLflow's SqlAlchemyStore with its write path replaced by the trackd agent."""
+
+    def __init__(self, store_uri: str | None = None, artifact_uri: str | None = None):
+        self._socket = _socket_from_uri(store_uri or "trackd:")
+        self._lock = threading.Lock()
+        self._pid = None
+        self._client_obj = None
+        self._experiment_names: dict[str, str] = {}
+        self._dirty = False  # writes sent since the last barrier
+        self._flush_timeout = float(os.environ.get(FLUSH_TIMEOUT_ENV, "30"))
+        backend = os.environ.get(BACKEND_ENV) or self._client().backend_uri(timeout=10.0)
+        if not backend:
+            backend = backend_uri(store_uri)  # raises with the explanation
+        if urlparse(backend).scheme == "trackd":
+            raise MlflowException(f"{BACKEND_ENV} must name the database, not trackd:")
+        _log.debug("trackd: reads from %s", _mask(backend))
+        super().__init__(backend, artifact_uri or DEFAULT_ARTIFACT_ROOT)
+
+    # ---- the agent connection ------------------------------------------------
+
+    def _client(self) -> _trackd.Client:
+        """The shim client of this process; a forked child makes its own."""
+        pid = os.getpid()
+        if self._client_obj is None or self._pid != pid:
+            with self._lock:
+                if self._client_obj is None or self._pid != pid:
+                    # mlflow.source.* tags come from MLflow's own context, not the shim.
+                    self._client_obj = _trackd.Client(socket=self._socket, source_name="",
+                                                      source_type="", context_tags=False)
+                    self._pid = pid
+        return self._client_obj
+
+    def _barrier(self):
+        """Waits until every write this process made is committed, then raises what the
+        agent rejected, as MLflow would have raised it at the call."""
+        client = self._client()
+        # Cleared before the flush: a write racing with it marks the store dirty again.
+        dirty, self._dirty = self._dirty, False
+        if dirty and not client.flush(self._flush_timeout):
+            self._dirty = True
+            raise MlflowException(
+                f"trackd: the agent did not commit this process's writes within "
+                f"{self._flush_timeout:g} s ({FLUSH_TIMEOUT_ENV}); is it running and is the "
+                "database reachable? See `trackd stats`.", INVALID_STATE)
+        errors = client.errors()
+        if errors:
+            for _, code, message in errors:
+                _log.warning("trackd: agent rejected an event (code %d): %s", code, message)
+            raise MlflowException("; ".join(m for _, _, m in errors), INVALID_PARAMETER_VALUE)
+
+    # ---- experiments ---------------------------------------------------------
+
+    def create_experiment(self, name, artifact_location=None, tags=None):
+        _validate_experiment_name(name)
+        if artifact_location:
+            artifact_location = resolve_uri_if_local(artifact_location)
+            _validate_experiment_artifact_location_length(artifact_location)
+        self._barrier()
+        if super().get_experiment_by_name(name) is not None:
+            raise MlflowException(f"Experiment(name={name}) already exists.",
+                                  RESOURCE_ALREADY_EXISTS)
+        self._dirty = True
+        self._client().create_experiment(name, artifact_location or None)
+        self._barrier()
+        experiment = super().get_experiment_by_name(name)
+        if experiment is None:
+            raise MlflowException(f"trackd: experiment {name!r} was not created", INVALID_STATE)
+        for tag in tags or []:
+            super().set_experiment_tag(experiment.experiment_id, tag)
+        return experiment.experiment_id
+
+    def _experiment_name(self, experiment_id):
+        name = self._experiment_names.get(str(experiment_id))
+        if name is None:
+            experiment = self.get_experiment(experiment_id)
+            if experiment.lifecycle_stage != LifecycleStage.ACTIVE:
+                raise MlflowException(
+                    f"The experiment {experiment_id} must be in the 'active' state. "
+                    f"Current state is {experiment.lifecycle_stage}.", INVALID_PARAMETER_VALUE)
+            name = experiment.name
+            self._experiment_names[str(experiment_id)] = name
+        return name
+
+    # ---- runs ---------------------------------------------------------------
+
+    def create_run(self, experiment_id, user_id, start_time, tags, run_name):
+        name = self._experiment_name(experiment_id)
+        experiment = self.get_experiment(experiment_id)
+        tags = list(tags or [])
+        tag_name = next((t.value for t in tags if t.key == MLFLOW_RUN_NAME), None)
+        if run_name and tag_name and run_name != tag_name:
+            raise MlflowException(
+                "Both 'run_name' argument and 'mlflow.runName' tag are specified, but with "
+                f"different values (run_name='{run_name}', mlflow.runName='{tag_name}').",
+                INVALID_PARAMETER_VALUE)
+        run_name = run_name or tag_name or _generate_random_name()
+        if not tag_name:
+            tags.append(RunTag(MLFLOW_RUN_NAME, run_name))
+        run_id = uuid.uuid4().hex
+        start_time = start_time if start_time is not None else get_current_time_millis()
+        self._dirty = True
+        self._client().start_run(run_id, name, run_name, start_time,
+                                 {t.key: str(t.value) for t in tags})
+        # The agent records the user the socket names; so does the returned entity.
+        user = getpass.getuser()
+        tags = [t for t in tags if t.key != MLFLOW_USER] + [RunTag(MLFLOW_USER, user)]
+        info = RunInfo(run_id=run_id, experiment_id=str(experiment_id), user_id=user,
+                       status=RunStatus.to_string(RunStatus.RUNNING), start_time=start_time,
+                       end_time=None, lifecycle_stage=LifecycleStage.ACTIVE,
+                       artifact_uri=append_to_uri_path(experiment.artifact_location, run_id,
+                                                       SqlAlchemyStore.ARTIFACTS_FOLDER_NAME),
+                       run_name=run_name)
+        return Run(info, RunData(tags=tags), RunInputs(dataset_inputs=[]))
+
+    def update_run_info(self, run_id, run_status, end_time, run_name):
+        _validate_run_id(run_id)
+        status = RunStatus.to_string(run_status) if run_status is not None else None
+        self._dirty = True
+        self._client().update_run(run_id, status=status, end_time=end_time,
+                                  run_name=run_name or None)
+        self._barrier()
+        return super().get_run(run_id).info
+
+    # ---- the training-loop calls ------------------------------------------------
+
+    def log_batch(self, run_id, metrics, params, tags):
+        _validate_run_id(run_id)
+        metrics, params, tags = _validate_batch_log_data(metrics, params, tags)
+        _validate_batch_log_limits(metrics, params, tags)
+        _validate_param_keys_unique(params)
+        self._dirty = True
+        ok = self._client().log_batch(
+            run_id,
+            [(m.key, m.value, m.timestamp, m.step) for m in metrics],
+            [(p.key, str(p.value)) for p in params],
+            [(t.key, str(t.value)) for t in tags])
+        if not ok:
+            _log.warning("trackd: buffer full, %d events dropped (see trackd stats)",
+                         len(metrics) + len(params) + len(tags))
+
+    def log_metric(self, run_id, metric):
+        self.log_batch(run_id, [metric], [], [])
+
+    def log_param(self, run_id, param):
+        self.log_batch(run_id, [], [param], [])
+
+    def set_tag(self, run_id, tag):
+        self.log_batch(run_id, [], [], [tag])
+
+    def delete_tag(self, run_id, key):
+        _validate_run_id(run_id)
+        _validate_tag_name(key)
+        self._dirty = True
+        self._client().delete_tag(run_id, key)
+
+    def flush(self):
+        """Commits everything logged so far (MLflow calls this before reads of its own)."""
+        self._barrier()
+
+
+# Every other public store method (reads, and writes the agent does not carry such as
+# delete_run or set_experiment_tag) runs on MLflow's own store after the barrier, so it sees
+# and orders after everything this process logged.
+_OWN = {name for name, value in vars(TrackdStore).items() if callable(value)}
+# The *_async writers queue into MLflow's own logging thread, which calls our log_batch.
+_NO_BARRIER = {"log_batch_async", "log_metric_async", "log_param_async", "set_tag_async",
+               "log_spans_async", "sanitize_metric_value"}
+
+
+def _after_barrier(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._barrier()
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+for _name in dir(SqlAlchemyStore):
+    if _name.startswith("_") or _name in _OWN or _name in _NO_BARRIER:
+        continue
+    _attr = getattr(SqlAlchemyStore, _name)
+    if callable(_attr) and not isinstance(_attr, type):
+        setattr(TrackdStore, _name, _after_barrier(_attr))
