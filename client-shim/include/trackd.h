@@ -15,6 +15,10 @@
  *   -ETIMEDOUT  trackd_flush() did not see the barrier in time
  *   -EMSGSIZE   the event is larger than the agent accepts in one frame (1 MiB by default)
  *   -ENOMEM     out of memory
+ *   -ECHILD     the client was opened by the parent of this (forked) process; open another
+ *
+ * Timeouts are in milliseconds: trackd_flush() waits forever for a negative one;
+ * trackd_close() does not flush for a negative one.
  */
 #ifndef TRACKD_H
 #define TRACKD_H
@@ -74,7 +78,8 @@ struct trackd_metric {
 struct trackd_counters {
     uint64_t queued;      /* events accepted into the buffer */
     uint64_t sent;        /* events written to the agent's socket */
-    uint64_t dropped;     /* events lost: buffer full, or unsent when a connection broke */
+    uint64_t dropped;     /* events refused by the overflow policy (buffer full) */
+    uint64_t lost;        /* events in flight when a connection broke, or unsent at close */
     uint64_t errors;      /* error reports received from the agent */
     uint64_t errors_lost; /* error reports not kept because the error queue was full */
     uint64_t reconnects;  /* connections made after the first */

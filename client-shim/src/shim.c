@@ -37,6 +37,16 @@
 
 enum io_state { IO_DISCONNECTED, IO_CONNECTED };
 
+/*
+ * A client used in a process forked from the one that opened it: the sender thread does
+ * not exist there, and the socket belongs to the parent. Calls return -ECHILD.
+ */
+#define CHECK_USABLE(c)                                                                            \
+    do {                                                                                           \
+        if ((c) != NULL && (c)->forked)                                                            \
+            return -ECHILD;                                                                        \
+    } while (0)
+
 struct trackd_client {
     pthread_mutex_t mu;
     pthread_cond_t cv; /* space freed, barrier reached, sender stopped */
@@ -72,6 +82,9 @@ struct trackd_client {
     struct trackd_counters ctr;
     struct trackd_error errs[ERROR_QUEUE];
     size_t err_head, err_count;
+
+    bool forked;         /* set in a forked child; see CHECK_USABLE */
+    trackd_client *next; /* all open clients, for the fork handler */
 
     /* Sender thread only. */
     enum io_state state;
@@ -145,10 +158,10 @@ static struct proto_str to_str(const char *s)
  * policy. With mu held; TRACKD_BLOCK waits on cv (releasing mu) for the
  * sender to drain. A refusal counts every event of the call as dropped.
  */
-static int admit(struct trackd_client *c, size_t need, uint64_t events)
+static int admit(struct trackd_client *c, size_t need, uint64_t events, size_t unit)
 {
     /* A frame the agent would refuse would cost the whole connection: refuse it here. */
-    if (need > c->max_frame)
+    if (unit > c->max_frame)
         return -EMSGSIZE;
     if (c->pending.len + need <= c->limit)
         return 0;
@@ -193,7 +206,7 @@ static int appended(struct trackd_client *c, uint64_t events)
 #define APPEND_FRAME(c, need, events, expr)                                                        \
     do {                                                                                           \
         pthread_mutex_lock(&(c)->mu);                                                              \
-        int rc_ = admit((c), (need), (events));                                                    \
+        int rc_ = admit((c), (need), (events), (need));                                            \
         if (rc_ == 0) {                                                                            \
             uint64_t seq = (c)->next_seq++;                                                        \
             (c)->metrics_open = false;                                                             \
@@ -228,6 +241,7 @@ int trackd_new_run_id(char out[TRACKD_RUN_ID_SIZE])
 
 int trackd_create_experiment(trackd_client *c, const char *name)
 {
+    CHECK_USABLE(c);
     if (c == NULL || name == NULL)
         return -EINVAL;
     APPEND_FRAME(c, strlen(name) + 64, 1, proto_encode_experiment(&c->pending, seq, to_str(name)));
@@ -266,6 +280,7 @@ int trackd_start_run(trackd_client *c, const char *run_id, const char *experimen
                      const char *run_name, int64_t start_time_ms, const struct trackd_kv *tags,
                      size_t ntags)
 {
+    CHECK_USABLE(c);
     if (c == NULL || !run_id_ok(run_id) || (ntags && tags == NULL))
         return -EINVAL;
     struct proto_kv *kv;
@@ -278,7 +293,7 @@ int trackd_start_run(trackd_client *c, const char *run_id, const char *experimen
     struct proto_str name = to_str(run_name);
     size_t need = exp.len + name.len + kvs_size(tags, ntags) + 96;
     pthread_mutex_lock(&c->mu);
-    rc = admit(c, need, 1);
+    rc = admit(c, need, 1, need);
     if (rc == 0) {
         c->metrics_open = false;
         rc = proto_encode_start_run(&c->pending, c->next_seq++, run_id, exp,
@@ -311,12 +326,13 @@ static int add_point(struct trackd_client *c, const char *run_id, const struct p
 int trackd_log_metric(trackd_client *c, const char *run_id, const char *key, double value,
                       int64_t step, int64_t timestamp_ms)
 {
+    CHECK_USABLE(c);
     if (c == NULL || key == NULL || !run_id_ok(run_id))
         return -EINVAL;
     struct proto_point p = {to_str(key), value,
                             timestamp_ms == TRACKD_NOW ? now_ms() : timestamp_ms, step};
     pthread_mutex_lock(&c->mu);
-    int rc = admit(c, p.key.len + 96, 1);
+    int rc = admit(c, p.key.len + 96, 1, p.key.len + 96);
     if (rc == 0)
         rc = add_point(c, run_id, &p);
     if (rc != 0) {
@@ -329,17 +345,22 @@ int trackd_log_metric(trackd_client *c, const char *run_id, const char *key, dou
 int trackd_log_metrics(trackd_client *c, const char *run_id, const struct trackd_metric *m,
                        size_t n)
 {
+    CHECK_USABLE(c);
     if (c == NULL || !run_id_ok(run_id) || (n && m == NULL))
         return -EINVAL;
-    size_t need = 96;
+    /* Points are split across frames as they fill, so only one point must fit a frame. */
+    size_t need = 96, largest = 0;
     for (size_t i = 0; i < n; i++) {
         if (m[i].key == NULL)
             return -EINVAL;
-        need += strlen(m[i].key) + 32;
+        size_t klen = strlen(m[i].key);
+        need += klen + 32;
+        if (klen > largest)
+            largest = klen;
     }
     int64_t now = now_ms();
     pthread_mutex_lock(&c->mu);
-    int rc = admit(c, need, n);
+    int rc = admit(c, need, n, largest + 96);
     for (size_t i = 0; rc == 0 && i < n; i++) {
         struct proto_point p = {to_str(m[i].key), m[i].value,
                                 m[i].timestamp_ms == TRACKD_NOW ? now : m[i].timestamp_ms,
@@ -364,7 +385,7 @@ static int log_kvs(trackd_client *c, int kind, const char *run_id, const struct 
         return rc;
     size_t need = kvs_size(in, n) + 64;
     pthread_mutex_lock(&c->mu);
-    rc = admit(c, need, n);
+    rc = admit(c, need, n, need);
     if (rc == 0) {
         c->metrics_open = false;
         rc = proto_encode_kvs(&c->pending, c->next_seq++, kind, run_id, kv, n) ? -ENOMEM : 0;
@@ -379,6 +400,7 @@ static int log_kvs(trackd_client *c, int kind, const char *run_id, const struct 
 
 int trackd_log_param(trackd_client *c, const char *run_id, const char *key, const char *value)
 {
+    CHECK_USABLE(c);
     struct trackd_kv kv = {key, value};
     return log_kvs(c, PROTO_PARAMS, run_id, &kv, 1);
 }
@@ -386,22 +408,26 @@ int trackd_log_param(trackd_client *c, const char *run_id, const char *key, cons
 int trackd_log_params(trackd_client *c, const char *run_id, const struct trackd_kv *params,
                       size_t n)
 {
+    CHECK_USABLE(c);
     return log_kvs(c, PROTO_PARAMS, run_id, params, n);
 }
 
 int trackd_set_tag(trackd_client *c, const char *run_id, const char *key, const char *value)
 {
+    CHECK_USABLE(c);
     struct trackd_kv kv = {key, value};
     return log_kvs(c, PROTO_TAGS, run_id, &kv, 1);
 }
 
 int trackd_set_tags(trackd_client *c, const char *run_id, const struct trackd_kv *tags, size_t n)
 {
+    CHECK_USABLE(c);
     return log_kvs(c, PROTO_TAGS, run_id, tags, n);
 }
 
 int trackd_create_experiment_at(trackd_client *c, const char *name, const char *artifact_location)
 {
+    CHECK_USABLE(c);
     if (c == NULL || name == NULL)
         return -EINVAL;
     struct proto_str loc = to_str(artifact_location);
@@ -412,6 +438,7 @@ int trackd_create_experiment_at(trackd_client *c, const char *name, const char *
 
 int trackd_delete_tag(trackd_client *c, const char *run_id, const char *key)
 {
+    CHECK_USABLE(c);
     if (c == NULL || key == NULL || !run_id_ok(run_id))
         return -EINVAL;
     APPEND_FRAME(c, strlen(key) + 64, 1,
@@ -421,6 +448,7 @@ int trackd_delete_tag(trackd_client *c, const char *run_id, const char *key)
 int trackd_update_run(trackd_client *c, const char *run_id, const char *status, int64_t end_time_ms,
                       const char *run_name)
 {
+    CHECK_USABLE(c);
     if (c == NULL || !run_id_ok(run_id))
         return -EINVAL;
     if (end_time_ms == TRACKD_NOW)
@@ -434,6 +462,7 @@ int trackd_update_run(trackd_client *c, const char *run_id, const char *status, 
 
 int trackd_backend_uri(trackd_client *c, char *out, size_t len, int timeout_ms)
 {
+    CHECK_USABLE(c);
     if (c == NULL || out == NULL)
         return -EINVAL;
     struct timespec dl;
@@ -455,6 +484,7 @@ int trackd_backend_uri(trackd_client *c, char *out, size_t len, int timeout_ms)
 
 int trackd_end_run(trackd_client *c, const char *run_id, const char *status, int64_t end_time_ms)
 {
+    CHECK_USABLE(c);
     if (c == NULL || !run_id_ok(run_id))
         return -EINVAL;
     if (end_time_ms == TRACKD_NOW)
@@ -466,6 +496,7 @@ int trackd_end_run(trackd_client *c, const char *run_id, const char *status, int
 
 int trackd_flush(trackd_client *c, int timeout_ms)
 {
+    CHECK_USABLE(c);
     if (c == NULL)
         return -EINVAL;
     pthread_mutex_lock(&c->mu);
@@ -504,6 +535,10 @@ int trackd_flush(trackd_client *c, int timeout_ms)
 
 void trackd_get_counters(trackd_client *c, struct trackd_counters *out)
 {
+    if (c->forked) {
+        *out = c->ctr; /* the parent's figures at the fork; nothing moves here */
+        return;
+    }
     pthread_mutex_lock(&c->mu);
     *out = c->ctr;
     out->buffered_bytes = c->pending.len;
@@ -512,6 +547,7 @@ void trackd_get_counters(trackd_client *c, struct trackd_counters *out)
 
 int trackd_next_error(trackd_client *c, struct trackd_error *out)
 {
+    CHECK_USABLE(c);
     pthread_mutex_lock(&c->mu);
     int got = 0;
     if (c->err_count > 0) {
@@ -765,7 +801,7 @@ static void *io_main(void *arg)
         if (rc == 0) {
             c->ctr.sent += events;
         } else {
-            c->ctr.dropped += events;
+            c->ctr.lost += events;
             if (flush_seq > c->resend_flush)
                 c->resend_flush = flush_seq;
             pthread_mutex_unlock(&c->mu);
@@ -774,7 +810,7 @@ static void *io_main(void *arg)
         }
     }
     /* Whatever could not be sent is lost: count it. */
-    c->ctr.dropped += c->pending_events;
+    c->ctr.lost += c->pending_events;
     c->pending_events = 0;
     pthread_cond_broadcast(&c->cv);
     pthread_mutex_unlock(&c->mu);
@@ -782,6 +818,65 @@ static void *io_main(void *arg)
 }
 
 /* ---- open / close ------------------------------------------------------------ */
+
+/* Every open client, so that a forked child can let go of the parent's sockets. */
+static pthread_mutex_t clients_mu = PTHREAD_MUTEX_INITIALIZER;
+static trackd_client *clients;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void atfork_prepare(void)
+{
+    pthread_mutex_lock(&clients_mu);
+}
+
+static void atfork_parent(void)
+{
+    pthread_mutex_unlock(&clients_mu);
+}
+
+/*
+ * In the child only the forking thread exists: the sender threads are gone and the sockets
+ * are the parent's. Closing the child's copies lets the agent see the parent's connection
+ * end when the parent does, and marks each client unusable here.
+ */
+static void atfork_child(void)
+{
+    for (trackd_client *c = clients; c; c = c->next) {
+        c->forked = true;
+        if (c->fd >= 0)
+            close(c->fd);
+        if (c->wake_fd >= 0)
+            close(c->wake_fd);
+        c->fd = c->wake_fd = -1;
+    }
+    pthread_mutex_unlock(&clients_mu);
+}
+
+static void atfork_register(void)
+{
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+static void registry_add(trackd_client *c)
+{
+    pthread_once(&atfork_once, atfork_register);
+    pthread_mutex_lock(&clients_mu);
+    c->next = clients;
+    clients = c;
+    pthread_mutex_unlock(&clients_mu);
+}
+
+static void registry_remove(trackd_client *c)
+{
+    pthread_mutex_lock(&clients_mu);
+    for (trackd_client **p = &clients; *p; p = &(*p)->next) {
+        if (*p == c) {
+            *p = c->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&clients_mu);
+}
 
 static void read_argv0(char *out, size_t n)
 {
@@ -848,6 +943,7 @@ int trackd_open(trackd_client **out, const struct trackd_options *opts)
         free(c);
         return -EAGAIN;
     }
+    registry_add(c);
     *out = c;
     return 0;
 }
@@ -856,6 +952,15 @@ void trackd_close(trackd_client *c, int timeout_ms)
 {
     if (c == NULL)
         return;
+    registry_remove(c);
+    if (c->forked) {
+        /* No sender thread to join, and its locks may have been held at the fork. */
+        proto_reader_free(&c->reader);
+        proto_buf_free(&c->pending);
+        proto_buf_free(&c->sendbuf);
+        free(c);
+        return;
+    }
     if (timeout_ms >= 0)
         trackd_flush(c, timeout_ms);
     pthread_mutex_lock(&c->mu);

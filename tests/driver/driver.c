@@ -186,9 +186,10 @@ int main(int argc, char **argv)
         } else if (strcmp(cmd, "counters") == 0) {
             struct trackd_counters k;
             trackd_get_counters(c, &k);
-            printf("counters\tqueued=%llu\tsent=%llu\tdropped=%llu\terrors=%llu\n",
+            printf("counters\tqueued=%llu\tsent=%llu\tdropped=%llu\tlost=%llu\terrors=%llu\n",
                    (unsigned long long)k.queued, (unsigned long long)k.sent,
-                   (unsigned long long)k.dropped, (unsigned long long)k.errors);
+                   (unsigned long long)k.dropped, (unsigned long long)k.lost,
+                   (unsigned long long)k.errors);
         } else {
             printf("fail\t%d\tunknown or short command\t%s\n", lineno, cmd);
             failures++;

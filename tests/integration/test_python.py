@@ -380,7 +380,7 @@ def test_client_api(pg, db, agent, artifact_root):
         assert c.flush(30) is True
         assert c.errors() == []
         st = c.stats()
-        assert set(st) == {"queued", "sent", "dropped", "errors", "errors_lost", "reconnects",
+        assert set(st) == {"queued", "sent", "dropped", "lost", "errors", "errors_lost", "reconnects",
                            "buffered_bytes", "connected"}
         assert st["dropped"] == 0 and st["queued"] == st["sent"]
         assert c.backend_uri(timeout=5) is None  # this agent announces none

@@ -26,6 +26,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -1226,6 +1227,33 @@ static void test_backoff_while_agent_down(void **state)
                  attempts, (long long)took, allowed);
 }
 
+/* A forked child cannot use the parent's client (-ECHILD) and can close it without hanging;
+ * the parent keeps logging on its own connection. */
+static void test_fork_child_gets_echild(void **state)
+{
+    struct ctx *x = *state;
+    fake_init(&x->f, false);
+    fake_listen(&x->f);
+    x->c = open_connected(x);
+    assert_int_equal(trackd_log_metric(x->c, R1, "before", 1, 0, T0), 0);
+    assert_int_equal(trackd_flush(x->c, WAIT_MS), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int ok = trackd_log_metric(x->c, R1, "child", 1, 0, T0) == -ECHILD &&
+                 trackd_flush(x->c, 10) == -ECHILD && trackd_end_run(x->c, R1, NULL, T0) == -ECHILD;
+        trackd_close(x->c, 1000);
+        _exit(ok ? 0 : 3);
+    }
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    assert_int_equal(trackd_log_metric(x->c, R1, "after", 2, 1, T0), 0);
+    assert_int_equal(trackd_flush(x->c, WAIT_MS), 0);
+    assert_int_equal(counters(x->c).lost, 0);
+}
+
 int main(int argc, char **argv)
 {
     (void)argc;
@@ -1241,6 +1269,7 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_drop_newest_agent_not_reading, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_with_stalled_agent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_errors_from_agent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fork_child_gets_echild, setup, teardown),
         cmocka_unit_test_setup_teardown(test_invalid_args, setup, teardown),
         cmocka_unit_test_setup_teardown(test_run_id_must_be_hex, setup, teardown),
         cmocka_unit_test_setup_teardown(test_socket_from_env, setup, teardown),

@@ -821,10 +821,10 @@ static PyObject *Client_stats(ClientObject *self, PyObject *unused)
         return NULL;
     struct trackd_counters k;
     trackd_get_counters(c, &k);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsi}", "queued", (unsigned long long)k.queued, "sent",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsi}", "queued", (unsigned long long)k.queued, "sent",
                          (unsigned long long)k.sent, "dropped", (unsigned long long)k.dropped,
-                         "errors", (unsigned long long)k.errors, "errors_lost",
-                         (unsigned long long)k.errors_lost, "reconnects",
+                         "lost", (unsigned long long)k.lost, "errors", (unsigned long long)k.errors,
+                         "errors_lost", (unsigned long long)k.errors_lost, "reconnects",
                          (unsigned long long)k.reconnects, "buffered_bytes",
                          (unsigned long long)k.buffered_bytes, "connected", k.connected);
 }
@@ -962,8 +962,9 @@ static PyMethodDef Client_methods[] = {
          "and reported), False after timeout seconds (None: no limit). Waits with the GIL\n"
          "released; Ctrl-C interrupts it."),
     {"stats", (PyCFunction)Client_stats, METH_NOARGS,
-     PyDoc_STR("stats($self)\n--\n\nThe client's counters as a dict: queued, sent, dropped, "
-               "errors,\nerrors_lost, reconnects, buffered_bytes, connected.")},
+     PyDoc_STR("stats($self)\n--\n\nThe client's counters as a dict: queued, sent, dropped "
+               "(buffer full),\nlost (in flight when a connection broke), errors, errors_lost, "
+               "reconnects, buffered_bytes, connected.")},
     {"errors", (PyCFunction)Client_errors, METH_NOARGS,
      PyDoc_STR("errors($self)\n--\n\nRemoves and returns the errors the agent reported, as "
                "a list of\n(seq, code, message).")},

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import getpass
+import importlib.util
 import logging
 import os
+import sys
 import threading
 import uuid
 from urllib.parse import urlparse
@@ -72,6 +74,16 @@ def _mask(uri: str) -> str:
     return uri
 
 
+def _note_missing_pyspark():
+    """MLflow looks for an active Spark session each time it builds a client, which
+    mlflow.log_metric does twice per call. Without pyspark that is a failed import: a full
+    sys.path search every time, most of the fluent call's cost once writes no longer wait
+    for the database. Recording the absence once makes those imports fail at once; when
+    pyspark is installed nothing changes."""
+    if "pyspark" not in sys.modules and importlib.util.find_spec("pyspark") is None:
+        sys.modules["pyspark"] = None
+
+
 def backend_uri(store_uri: str | None) -> str:
     """The database MLflow's reads are served from: TRACKD_BACKEND_URI, else what the agent
     behind store_uri announces."""
@@ -104,6 +116,7 @@ class TrackdStore(SqlAlchemyStore):
     """MLflow's SqlAlchemyStore with its write path replaced by the trackd agent."""
 
     def __init__(self, store_uri: str | None = None, artifact_uri: str | None = None):
+        _note_missing_pyspark()
         self._socket = _socket_from_uri(store_uri or "trackd:")
         self._lock = threading.Lock()
         self._pid = None
