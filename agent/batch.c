@@ -68,7 +68,8 @@ int batch_str(struct batch *b, const char *s, size_t len, struct sref *out)
         b->arena = a;
         b->acap = cap;
     }
-    memcpy(b->arena + b->alen, s, len);
+    if (len > 0) /* an empty string may come before the arena exists */
+        memcpy(b->arena + b->alen, s, len);
     out->off = (uint32_t)b->alen;
     out->len = (uint32_t)len;
     b->alen += len;

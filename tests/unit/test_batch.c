@@ -705,15 +705,31 @@ static void test_batch_storage(void **state)
     assert_null(b.arena);
 }
 
+/* An empty string before anything else: the arena does not exist yet. */
+static void test_empty_string_first(void **state)
+{
+    (void)state;
+    struct batch b;
+    struct sref r = {7, 7};
+    batch_init(&b);
+    assert_int_equal(batch_str(&b, "", 0, &r), 0);
+    assert_int_equal(r.len, 0);
+    assert_int_equal(r.off, 0);
+    assert_int_equal(batch_str(&b, "ab", 2, &r), 0);
+    assert_memory_equal(batch_sptr(&b, r), "ab", 2);
+    batch_free(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_run_status_name),   cmocka_unit_test(test_array_literal),
-        cmocka_unit_test(test_empty_range),       cmocka_unit_test(test_experiments_and_runs),
-        cmocka_unit_test(test_tags_last_wins),    cmocka_unit_test(test_params_duplicates),
-        cmocka_unit_test(test_end_run_last_wins), cmocka_unit_test(test_rejected_skipped),
-        cmocka_unit_test(test_sub_ranges),        cmocka_unit_test(test_copy_stream),
-        cmocka_unit_test(test_many_events),       cmocka_unit_test(test_batch_storage),
+        cmocka_unit_test(test_empty_string_first),   cmocka_unit_test(test_run_status_name),
+        cmocka_unit_test(test_array_literal),        cmocka_unit_test(test_empty_range),
+        cmocka_unit_test(test_experiments_and_runs), cmocka_unit_test(test_tags_last_wins),
+        cmocka_unit_test(test_params_duplicates),    cmocka_unit_test(test_end_run_last_wins),
+        cmocka_unit_test(test_rejected_skipped),     cmocka_unit_test(test_sub_ranges),
+        cmocka_unit_test(test_copy_stream),          cmocka_unit_test(test_many_events),
+        cmocka_unit_test(test_batch_storage),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
