@@ -247,82 +247,68 @@ static void enc_kvs(struct enc *e, const struct proto_kv *kvs, size_t n)
     }
 }
 
-int proto_encode_hello(struct proto_buf *b, uint64_t seq, uint32_t pid, struct proto_str program,
-                       struct proto_str source_name, struct proto_str source_type,
-                       struct proto_str client)
-{
-    struct enc e;
-    enc_begin(&e, b, PROTO_HELLO, seq);
-    enc_array(&e, 6);
-    enc_uint(&e, PROTO_VERSION);
-    enc_uint(&e, pid);
-    enc_str(&e, program);
-    enc_str(&e, source_name);
-    enc_str(&e, source_type);
-    enc_str(&e, client);
-    return enc_end(&e);
-}
-
 int proto_encode_hello_ctx(struct proto_buf *b, uint64_t seq, uint32_t pid,
                            struct proto_str program, struct proto_str source_name,
                            struct proto_str source_type, struct proto_str client, bool context_tags)
 {
-    if (context_tags)
-        return proto_encode_hello(b, seq, pid, program, source_name, source_type, client);
     struct enc e;
     enc_begin(&e, b, PROTO_HELLO, seq);
-    enc_array(&e, 7);
+    enc_array(&e, context_tags ? 6 : 7); /* the flag is sent only when it is not the default */
     enc_uint(&e, PROTO_VERSION);
     enc_uint(&e, pid);
     enc_str(&e, program);
     enc_str(&e, source_name);
     enc_str(&e, source_type);
     enc_str(&e, client);
-    if (e.rc == 0)
+    if (!context_tags && e.rc == 0)
         enc_check(&e, msgpack_pack_false(&e.pk));
+    return enc_end(&e);
+}
+
+int proto_encode_hello(struct proto_buf *b, uint64_t seq, uint32_t pid, struct proto_str program,
+                       struct proto_str source_name, struct proto_str source_type,
+                       struct proto_str client)
+{
+    return proto_encode_hello_ctx(b, seq, pid, program, source_name, source_type, client, true);
+}
+
+int proto_encode_welcome_uri(struct proto_buf *b, uint64_t seq, struct proto_str agent_version,
+                             uint32_t max_frame, uint64_t session, struct proto_str backend_uri)
+{
+    struct enc e;
+    enc_begin(&e, b, PROTO_WELCOME, seq);
+    enc_array(&e, backend_uri.len ? 5 : 4);
+    enc_uint(&e, PROTO_VERSION);
+    enc_str(&e, agent_version);
+    enc_uint(&e, max_frame);
+    enc_uint(&e, session);
+    if (backend_uri.len)
+        enc_str(&e, backend_uri);
     return enc_end(&e);
 }
 
 int proto_encode_welcome(struct proto_buf *b, uint64_t seq, struct proto_str agent_version,
                          uint32_t max_frame, uint64_t session)
 {
-    struct enc e;
-    enc_begin(&e, b, PROTO_WELCOME, seq);
-    enc_array(&e, 4);
-    enc_uint(&e, PROTO_VERSION);
-    enc_str(&e, agent_version);
-    enc_uint(&e, max_frame);
-    enc_uint(&e, session);
-    return enc_end(&e);
-}
-
-int proto_encode_welcome_uri(struct proto_buf *b, uint64_t seq, struct proto_str agent_version,
-                             uint32_t max_frame, uint64_t session, struct proto_str backend_uri)
-{
-    if (backend_uri.len == 0)
-        return proto_encode_welcome(b, seq, agent_version, max_frame, session);
-    struct enc e;
-    enc_begin(&e, b, PROTO_WELCOME, seq);
-    enc_array(&e, 5);
-    enc_uint(&e, PROTO_VERSION);
-    enc_str(&e, agent_version);
-    enc_uint(&e, max_frame);
-    enc_uint(&e, session);
-    enc_str(&e, backend_uri);
-    return enc_end(&e);
+    return proto_encode_welcome_uri(b, seq, agent_version, max_frame, session,
+                                    (struct proto_str){"", 0});
 }
 
 int proto_encode_experiment_at(struct proto_buf *b, uint64_t seq, struct proto_str name,
                                const struct proto_str *artifact_location)
 {
-    if (artifact_location == NULL)
-        return proto_encode_experiment(b, seq, name);
     struct enc e;
     enc_begin(&e, b, PROTO_EXPERIMENT, seq);
-    enc_array(&e, 2);
+    enc_array(&e, artifact_location ? 2 : 1);
     enc_str(&e, name);
-    enc_str(&e, *artifact_location);
+    if (artifact_location)
+        enc_str(&e, *artifact_location);
     return enc_end(&e);
+}
+
+int proto_encode_experiment(struct proto_buf *b, uint64_t seq, struct proto_str name)
+{
+    return proto_encode_experiment_at(b, seq, name, NULL);
 }
 
 int proto_encode_delete_tag(struct proto_buf *b, uint64_t seq, const char *run_id,
@@ -356,15 +342,6 @@ int proto_encode_update_run(struct proto_buf *b, uint64_t seq, const char *run_i
         enc_str(&e, *run_name);
     else
         enc_nil(&e);
-    return enc_end(&e);
-}
-
-int proto_encode_experiment(struct proto_buf *b, uint64_t seq, struct proto_str name)
-{
-    struct enc e;
-    enc_begin(&e, b, PROTO_EXPERIMENT, seq);
-    enc_array(&e, 1);
-    enc_str(&e, name);
     return enc_end(&e);
 }
 
