@@ -34,14 +34,21 @@ struct out_req {
 
 static void conn_close(struct conn *c);
 
-void conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
-                      struct ingest *ingest)
+int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
+                     struct ingest *ingest)
 {
     memset(s, 0, sizeof *s);
     s->loop = loop;
     s->cfg = cfg;
     s->ingest = ingest;
     s->next_id = 1;
+    /* Room for every connection plus as many sessions that recently went away. */
+    return session_table_init(&s->sessions, (size_t)cfg->max_connections * 4);
+}
+
+void conn_server_free(struct conn_server *s)
+{
+    session_table_free(&s->sessions);
 }
 
 static void set_state(struct conn *c, enum conn_state st)
@@ -123,6 +130,22 @@ void conn_send_flushed(struct conn *c, uint64_t flush_seq)
                     c->id);
 }
 
+/*
+ * Acknowledges every frame accepted so far, once per read. The session table learns the
+ * same position, so a reconnecting client's resent frames are recognised.
+ */
+static void send_ack(struct conn *c)
+{
+    /* Clients that name no session predate acknowledgements and would not parse them. */
+    if (c->session == 0 || c->last_seq <= c->acked_seq)
+        return;
+    struct proto_buf pb;
+    proto_buf_init(&pb, 0);
+    if (proto_encode_ack(&pb, 0, c->last_seq) == 0 && send_buf(c, &pb))
+        c->acked_seq = c->last_seq;
+    session_note(&c->srv->sessions, c->session, c->last_seq, uv_now(c->srv->loop));
+}
+
 static void send_stats(struct conn *c, uint64_t seq)
 {
     size_t n = stats_count();
@@ -165,6 +188,8 @@ static void on_hello(struct conn *c, const struct proto_msg *m)
     copy_str(c->source_name, sizeof c->source_name, m->u.hello.source_name);
     copy_str(c->source_type, sizeof c->source_type, m->u.hello.source_type);
     c->context_tags = m->u.hello.context_tags;
+    c->session = m->u.hello.session;
+    c->last_seq = session_last_seq(&c->srv->sessions, c->session);
     log_info("[conn %u] hello from pid %u (%s), uid %u (%s), protocol %u", c->id, m->u.hello.pid,
              c->program, (unsigned)c->uid, c->user, m->u.hello.version);
     set_state(c, CONN_OPEN);
@@ -201,16 +226,28 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
     }
     switch (m.kind) {
     case PROTO_HELLO: protocol_error(c, h->seq, "hello sent twice"); return;
-    case PROTO_FLUSH: ingest_flush(c->srv->ingest, c->id, m.seq); return;
+    case PROTO_FLUSH:
+        /* Always answered, even when resent: the barrier is idempotent. */
+        ingest_flush(c->srv->ingest, c->id, m.seq);
+        if (m.seq > c->last_seq)
+            c->last_seq = m.seq;
+        return;
     case PROTO_WELCOME:
     case PROTO_FLUSHED:
     case PROTO_ERROR:
     case PROTO_STATS_REPLY:
+    case PROTO_ACK:
         protocol_error(c, h->seq, "message kind is sent by the agent, not by clients");
         return;
     default: {
+        if (c->session && m.seq <= c->last_seq) {
+            /* Resent after a reconnect, and already accepted: acknowledge, do not ingest. */
+            stats.duplicates_dropped++;
+            return;
+        }
         struct ingest_origin o = {c->id, c->user, c->source_name, c->source_type, c->context_tags};
         ingest_message(c->srv->ingest, &o, &m);
+        c->last_seq = m.seq;
         return;
     }
     }
@@ -271,6 +308,7 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         if (c->state == CONN_CLOSING)
             return;
     }
+    send_ack(c);
 }
 
 static void start_reading(struct conn *c)

@@ -12,6 +12,7 @@
 #include <sys/types.h>
 #include <uv.h>
 
+#include "session.h"
 #include "trackd_proto.h"
 
 struct trackd_config;
@@ -37,6 +38,9 @@ struct conn {
     char source_name[256];
     char source_type[16];
     bool context_tags;
+    uint64_t session;   /* the client's id across reconnects; 0 = none */
+    uint64_t last_seq;  /* highest frame seq accepted from this session */
+    uint64_t acked_seq; /* highest seq acknowledged on this connection */
     struct proto_reader reader;
     bool reading;
     size_t out_bytes; /* queued for writing */
@@ -54,10 +58,11 @@ struct conn_server {
     uint32_t next_id;
     bool paused;   /* backpressure: no socket is read */
     bool draining; /* shutdown: no new messages */
+    struct session_table sessions;
 };
 
-void conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
-                      struct ingest *ingest);
+int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
+                     struct ingest *ingest);
 /* Accepts one pending connection from listener (or refuses it at the limit). */
 void conn_accept(struct conn_server *s, uv_stream_t *listener);
 struct conn *conn_find(struct conn_server *s, uint32_t id);
@@ -69,5 +74,6 @@ void conn_pause_all(struct conn_server *s, bool pause);
 /* Stops reading for good (shutdown): later bytes are not accepted. */
 void conn_drain_all(struct conn_server *s);
 void conn_close_all(struct conn_server *s);
+void conn_server_free(struct conn_server *s);
 
 #endif

@@ -210,7 +210,10 @@ static int run_agent(const char *config_path)
     if (writer_init(&a.writer, &a.loop, &a.cfg, &wcbs, &a) != 0)
         return 1;
     ingest_init(&a.ingest, &a.loop, &a.cfg, &a.writer, &icbs, &a);
-    conn_server_init(&a.conns, &a.loop, &a.cfg, &a.ingest);
+    if (conn_server_init(&a.conns, &a.loop, &a.cfg, &a.ingest) != 0) {
+        log_error("[agent] out of memory");
+        return 1;
+    }
     if (listener_start(&a.listener, &a.loop, &a.cfg, &a.conns, msg, sizeof msg) != 0) {
         log_error("[agent] %s", msg);
         writer_close(&a.writer, writer_closed);
@@ -236,6 +239,7 @@ static int run_agent(const char *config_path)
     if (rc != 0)
         log_warn("[agent] loop closed with handles open: %s", uv_strerror(rc));
     log_info("[agent] stopped");
+    conn_server_free(&a.conns);
     config_free(&a.cfg);
     return 0;
 }

@@ -43,6 +43,7 @@
     X(queue_events)                                                                                \
     X(queue_bytes)                                                                                 \
     X(backpressure_pauses)                                                                         \
+    X(duplicates_dropped)                                                                          \
     X(errors_to_clients)                                                                           \
     X(errors_undeliverable)                                                                        \
     X(rows_per_sec)                                                                                \

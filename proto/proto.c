@@ -33,14 +33,23 @@ const char *proto_strerror(int code)
 const char *proto_kind_name(int kind)
 {
     static const char *const names[] = {
-        [PROTO_HELLO] = "hello",           [PROTO_WELCOME] = "welcome",
-        [PROTO_EXPERIMENT] = "experiment", [PROTO_START_RUN] = "start_run",
-        [PROTO_METRIC] = "metric",         [PROTO_METRICS] = "metrics",
-        [PROTO_PARAMS] = "params",         [PROTO_TAGS] = "tags",
-        [PROTO_END_RUN] = "end_run",       [PROTO_FLUSH] = "flush",
-        [PROTO_FLUSHED] = "flushed",       [PROTO_ERROR] = "error",
-        [PROTO_STATS] = "stats",           [PROTO_STATS_REPLY] = "stats_reply",
-        [PROTO_DELETE_TAG] = "delete_tag", [PROTO_UPDATE_RUN] = "update_run",
+        [PROTO_HELLO] = "hello",
+        [PROTO_WELCOME] = "welcome",
+        [PROTO_EXPERIMENT] = "experiment",
+        [PROTO_START_RUN] = "start_run",
+        [PROTO_METRIC] = "metric",
+        [PROTO_METRICS] = "metrics",
+        [PROTO_PARAMS] = "params",
+        [PROTO_TAGS] = "tags",
+        [PROTO_END_RUN] = "end_run",
+        [PROTO_FLUSH] = "flush",
+        [PROTO_FLUSHED] = "flushed",
+        [PROTO_ERROR] = "error",
+        [PROTO_STATS] = "stats",
+        [PROTO_STATS_REPLY] = "stats_reply",
+        [PROTO_DELETE_TAG] = "delete_tag",
+        [PROTO_UPDATE_RUN] = "update_run",
+        [PROTO_ACK] = "ack",
     };
     if (kind < 1 || kind > PROTO_KIND_MAX)
         return "unknown";
@@ -249,19 +258,33 @@ static void enc_kvs(struct enc *e, const struct proto_kv *kvs, size_t n)
 
 int proto_encode_hello_ctx(struct proto_buf *b, uint64_t seq, uint32_t pid,
                            struct proto_str program, struct proto_str source_name,
-                           struct proto_str source_type, struct proto_str client, bool context_tags)
+                           struct proto_str source_type, struct proto_str client, bool context_tags,
+                           uint64_t session)
 {
+    /* Optional fields are sent only when they differ from their defaults. */
+    uint32_t n = session ? 8 : context_tags ? 6 : 7;
     struct enc e;
     enc_begin(&e, b, PROTO_HELLO, seq);
-    enc_array(&e, context_tags ? 6 : 7); /* the flag is sent only when it is not the default */
+    enc_array(&e, n);
     enc_uint(&e, PROTO_VERSION);
     enc_uint(&e, pid);
     enc_str(&e, program);
     enc_str(&e, source_name);
     enc_str(&e, source_type);
     enc_str(&e, client);
-    if (!context_tags && e.rc == 0)
-        enc_check(&e, msgpack_pack_false(&e.pk));
+    if (n >= 7 && e.rc == 0)
+        enc_check(&e, context_tags ? msgpack_pack_true(&e.pk) : msgpack_pack_false(&e.pk));
+    if (n >= 8)
+        enc_uint(&e, session);
+    return enc_end(&e);
+}
+
+int proto_encode_ack(struct proto_buf *b, uint64_t seq, uint64_t acked_seq)
+{
+    struct enc e;
+    enc_begin(&e, b, PROTO_ACK, seq);
+    enc_array(&e, 1);
+    enc_uint(&e, acked_seq);
     return enc_end(&e);
 }
 
@@ -269,7 +292,7 @@ int proto_encode_hello(struct proto_buf *b, uint64_t seq, uint32_t pid, struct p
                        struct proto_str source_name, struct proto_str source_type,
                        struct proto_str client)
 {
-    return proto_encode_hello_ctx(b, seq, pid, program, source_name, source_type, client, true);
+    return proto_encode_hello_ctx(b, seq, pid, program, source_name, source_type, client, true, 0);
 }
 
 int proto_encode_welcome_uri(struct proto_buf *b, uint64_t seq, struct proto_str agent_version,
@@ -927,7 +950,14 @@ int proto_msg_decode(const struct proto_header *h, const uint8_t *body, struct p
         if (n < 7)
             return rd_finish(&c, n, 6);
         TRY(rd_bool(&c, &out->u.hello.context_tags));
-        return rd_finish(&c, n, 7);
+        if (n < 8)
+            return rd_finish(&c, n, 7);
+        TRY(rd_uint(&c, &out->u.hello.session));
+        return rd_finish(&c, n, 8);
+    case PROTO_ACK:
+        TRY(rd_top(&c, 1, &n));
+        TRY(rd_uint(&c, &out->u.ack.acked_seq));
+        return rd_finish(&c, n, 1);
     case PROTO_WELCOME:
         TRY(rd_top(&c, 4, &n));
         TRY(rd_u32(&c, &out->u.welcome.version));

@@ -38,7 +38,8 @@ enum proto_kind {
     PROTO_STATS_REPLY = 14,
     PROTO_DELETE_TAG = 15,
     PROTO_UPDATE_RUN = 16,
-    PROTO_KIND_MAX = 16
+    PROTO_ACK = 17,
+    PROTO_KIND_MAX = 17
 };
 
 /*
@@ -128,13 +129,16 @@ struct proto_point {
  * and leaves b as it was. run_id must be PROTO_RUN_ID_LEN bytes.
  */
 /*
- * HELLO with context_tags false: the agent adds no mlflow.user / mlflow.source.* tags of
- * its own to runs this client starts (MLflow's store API callers send their own).
+ * HELLO with the optional fields: context_tags false makes the agent add no mlflow.user /
+ * mlflow.source.* tags of its own (MLflow's store API callers send their own); a non-zero
+ * session names the client across reconnects, so the agent can drop frames it resent.
  */
 int proto_encode_hello_ctx(struct proto_buf *b, uint64_t seq, uint32_t pid,
                            struct proto_str program, struct proto_str source_name,
-                           struct proto_str source_type, struct proto_str client,
-                           bool context_tags);
+                           struct proto_str source_type, struct proto_str client, bool context_tags,
+                           uint64_t session);
+/* ACK: every frame of this session with seq <= acked_seq is accepted (journaled). */
+int proto_encode_ack(struct proto_buf *b, uint64_t seq, uint64_t acked_seq);
 int proto_encode_hello(struct proto_buf *b, uint64_t seq, uint32_t pid, struct proto_str program,
                        struct proto_str source_name, struct proto_str source_type,
                        struct proto_str client);
@@ -200,6 +204,7 @@ struct proto_msg {
             uint32_t pid;
             struct proto_str program, source_name, source_type, client;
             bool context_tags; /* 7th field; true when absent */
+            uint64_t session;  /* 8th field; 0 when absent */
         } hello;
         struct {
             uint32_t version;
@@ -247,6 +252,9 @@ struct proto_msg {
             uint64_t flush_seq;
             uint64_t errors;
         } flushed;
+        struct {
+            uint64_t acked_seq;
+        } ack;
         struct {
             uint64_t about_seq;
             uint32_t code;

@@ -66,14 +66,14 @@ struct trackd_client {
     /* Shared, under mu. */
     struct proto_buf pending;
     uint64_t pending_events;
-    uint64_t pending_flush_seq; /* highest flush frame in pending */
     bool metrics_open;
     size_t metrics_off;
     char metrics_run[PROTO_RUN_ID_LEN];
     uint64_t next_seq;
     uint64_t flush_wanted; /* highest flush seq a caller waits for */
     uint64_t flushed;      /* highest flush seq the agent answered */
-    uint64_t resend_flush; /* a flush frame lost with a broken connection */
+    uint64_t session;      /* random id naming this client across reconnects */
+    size_t unacked_bytes;  /* sent frames the agent has not acknowledged (see unacked) */
     bool welcomed;         /* a welcome arrived on some connection */
     char backend_uri[1024];
     bool io_idle;
@@ -87,6 +87,9 @@ struct trackd_client {
     trackd_client *next; /* all open clients, for the fork handler */
 
     /* Sender thread only. */
+    struct proto_buf unacked; /* sent, not yet acknowledged: resent after a reconnect */
+    uint64_t unacked_events;  /* events in unacked (an upper bound after partial acks) */
+    uint64_t agent_acked;     /* highest seq the agent acknowledged */
     enum io_state state;
     int fd;
     struct proto_reader reader;
@@ -163,16 +166,16 @@ static int admit(struct trackd_client *c, size_t need, uint64_t events, size_t u
     /* A frame the agent would refuse would cost the whole connection: refuse it here. */
     if (unit > c->max_frame)
         return -EMSGSIZE;
-    if (c->pending.len + need <= c->limit)
+    if (c->pending.len + c->unacked_bytes + need <= c->limit)
         return 0;
     if (c->overflow == TRACKD_BLOCK) {
         struct timespec dl;
         deadline_after(&dl, c->block_timeout_ms);
         wake(c);
-        while (c->pending.len + need > c->limit && !c->stop)
+        while (c->pending.len + c->unacked_bytes + need > c->limit && !c->stop)
             if (pthread_cond_timedwait(&c->cv, &c->mu, &dl) == ETIMEDOUT)
                 break;
-        if (c->pending.len + need <= c->limit)
+        if (c->pending.len + c->unacked_bytes + need <= c->limit)
             return 0;
     }
     c->ctr.dropped += events;
@@ -507,7 +510,6 @@ int trackd_flush(trackd_client *c, int timeout_ms)
         pthread_mutex_unlock(&c->mu);
         return -ENOMEM;
     }
-    c->pending_flush_seq = seq;
     if (seq > c->flush_wanted)
         c->flush_wanted = seq;
     c->io_idle = false;
@@ -587,6 +589,9 @@ static void handle_frame(struct trackd_client *c, const struct proto_header *h, 
                  m.u.welcome.backend_uri.ptr);
         c->welcomed = true;
         pthread_cond_broadcast(&c->cv);
+    } else if (m.kind == PROTO_ACK) {
+        if (m.u.ack.acked_seq > c->agent_acked)
+            c->agent_acked = m.u.ack.acked_seq;
     } else if (m.kind == PROTO_FLUSHED) {
         if (m.u.flushed.flush_seq > c->flushed)
             c->flushed = m.u.flushed.flush_seq;
@@ -710,17 +715,20 @@ static int try_connect(struct trackd_client *c)
     proto_buf_init(&hello, 0);
     pthread_mutex_lock(&c->mu);
     uint64_t seq = c->next_seq++;
-    uint64_t resend = c->resend_flush > c->flushed ? c->resend_flush : 0;
-    c->resend_flush = 0;
     pthread_mutex_unlock(&c->mu);
     int rc = proto_encode_hello_ctx(&hello, seq, (uint32_t)getpid(), to_str(c->program),
                                     to_str(c->source_name), to_str(c->source_type),
-                                    to_str("libtrackd " TRACKD_VERSION), !c->no_context_tags);
-    if (rc == 0 && resend)
-        rc = proto_encode_empty(&hello, resend, PROTO_FLUSH);
+                                    to_str("libtrackd " TRACKD_VERSION), !c->no_context_tags,
+                                    c->session);
     if (rc == 0)
         rc = write_all(c, hello.data, hello.len, 1000);
     proto_buf_free(&hello);
+    /*
+     * Frames the previous agent connection never acknowledged go again, before anything
+     * newer; the agent recognises the session and drops the ones it already has.
+     */
+    if (rc == 0 && c->unacked.len > 0)
+        rc = write_all(c, c->unacked.data, c->unacked.len, -1);
     if (rc != 0) {
         disconnect(c);
         return -1;
@@ -736,11 +744,35 @@ static int try_connect(struct trackd_client *c)
     return 0;
 }
 
+/*
+ * Drops the frames the agent acknowledged from the front of unacked (frames are in seq
+ * order there) and frees their share of the buffer bound. Sender thread, mu held.
+ */
+static void trim_unacked(struct trackd_client *c)
+{
+    size_t off = 0;
+    while (c->unacked.len - off >= PROTO_HEADER_LEN) {
+        struct proto_header h;
+        if (proto_header_decode(c->unacked.data + off, PROTO_MAX_BODY_HARD, &h) != 0 ||
+            h.seq > c->agent_acked)
+            break;
+        off += PROTO_HEADER_LEN + h.body_len;
+    }
+    if (off > 0) {
+        proto_buf_consume(&c->unacked, off);
+        if (c->unacked.len == 0)
+            c->unacked_events = 0;
+        pthread_cond_broadcast(&c->cv);
+    }
+    c->unacked_bytes = c->unacked.len;
+}
+
 static void *io_main(void *arg)
 {
     struct trackd_client *c = arg;
     pthread_mutex_lock(&c->mu);
     for (;;) {
+        trim_unacked(c);
         bool stopping = c->stop;
         if (c->state == IO_DISCONNECTED) {
             if (stopping)
@@ -787,30 +819,36 @@ static void *io_main(void *arg)
         c->pending = tmp;
         c->pending.len = 0;
         uint64_t events = c->pending_events;
-        uint64_t flush_seq = c->pending_flush_seq;
+
         c->pending_events = 0;
-        c->pending_flush_seq = 0;
         c->threshold_woken = false;
         c->metrics_open = false;
         pthread_cond_broadcast(&c->cv);
         pthread_mutex_unlock(&c->mu);
 
         int rc = write_all(c, c->sendbuf.data, c->sendbuf.len, stopping ? CLOSE_SEND_MS : -1);
+        /* Sent or not, the frames wait in unacked until the agent confirms them. */
+        int keep = proto_buf_reserve(&c->unacked, c->sendbuf.len);
+        if (keep == 0) {
+            memcpy(c->unacked.data + c->unacked.len, c->sendbuf.data, c->sendbuf.len);
+            c->unacked.len += c->sendbuf.len;
+            c->unacked_events += events;
+        }
         c->sendbuf.len = 0;
         pthread_mutex_lock(&c->mu);
-        if (rc == 0) {
-            c->ctr.sent += events;
-        } else {
+        if (keep != 0)
             c->ctr.lost += events;
-            if (flush_seq > c->resend_flush)
-                c->resend_flush = flush_seq;
+        if (rc == 0)
+            c->ctr.sent += events;
+        trim_unacked(c);
+        if (rc != 0) {
             pthread_mutex_unlock(&c->mu);
             disconnect(c);
             pthread_mutex_lock(&c->mu);
         }
     }
-    /* Whatever could not be sent is lost: count it. */
-    c->ctr.lost += c->pending_events;
+    /* Whatever could not be sent, or was never acknowledged, is lost: count it. */
+    c->ctr.lost += c->pending_events + (c->unacked.len ? c->unacked_events : 0);
     c->pending_events = 0;
     pthread_cond_broadcast(&c->cv);
     pthread_mutex_unlock(&c->mu);
@@ -917,6 +955,10 @@ int trackd_open(trackd_client **out, const struct trackd_options *opts)
     c->linger_ms = o.linger_ms > 0 ? o.linger_ms : 5;
     c->max_frame = DEFAULT_MAX_FRAME;
     c->no_context_tags = o.no_context_tags != 0;
+    while (c->session == 0)
+        if (getrandom(&c->session, sizeof c->session, 0) != (ssize_t)sizeof c->session)
+            c->session = (uint64_t)now_ms() ^ ((uint64_t)getpid() << 32);
+    proto_buf_init(&c->unacked, c->limit + 2 * (size_t)PROTO_MAX_BODY_HARD);
     c->next_seq = 1;
     c->fd = -1;
     c->reconnect_ms = RECONNECT_MIN_MS;
@@ -958,6 +1000,7 @@ void trackd_close(trackd_client *c, int timeout_ms)
         proto_reader_free(&c->reader);
         proto_buf_free(&c->pending);
         proto_buf_free(&c->sendbuf);
+        proto_buf_free(&c->unacked);
         free(c);
         return;
     }
@@ -974,6 +1017,7 @@ void trackd_close(trackd_client *c, int timeout_ms)
     proto_reader_free(&c->reader);
     proto_buf_free(&c->pending);
     proto_buf_free(&c->sendbuf);
+    proto_buf_free(&c->unacked);
     close(c->wake_fd);
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->cv);

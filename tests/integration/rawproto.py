@@ -27,7 +27,7 @@ def mp(obj):
 
 KINDS = {"hello": 1, "welcome": 2, "experiment": 3, "start_run": 4, "metric": 5, "metrics": 6,
          "params": 7, "tags": 8, "end_run": 9, "flush": 10, "flushed": 11, "error": 12,
-         "stats": 13}
+         "stats": 13, "ack": 17}
 
 
 def frame(kind, body, seq=1, magic=b"TK", version=1):
@@ -52,14 +52,17 @@ class Raw:
         kind, _, _ = self.read()
         assert kind == KINDS["welcome"]
 
-    def read(self):
-        """The next frame, or None when the agent closed the connection."""
+    def read(self, acks=False):
+        """The next frame (ACK frames skipped unless acks), or None when the agent closed the
+        connection."""
         while True:
             if len(self.buf) >= 16:
                 n = struct.unpack(">I", self.buf[4:8])[0]
                 if len(self.buf) >= 16 + n:
                     kind, seq = self.buf[3], struct.unpack(">Q", self.buf[8:16])[0]
                     body, self.buf = self.buf[16:16 + n], self.buf[16 + n:]
+                    if kind == KINDS["ack"] and not acks:
+                        continue
                     return kind, seq, body
             chunk = self.s.recv(65536)
             if not chunk:

@@ -537,10 +537,10 @@ static void test_names(void **state)
 {
     (void)state;
     static const char *const kinds[] = {
-        "unknown", "hello",  "welcome",     "experiment", "start_run",  "metric",
-        "metrics", "params", "tags",        "end_run",    "flush",      "flushed",
-        "error",   "stats",  "stats_reply", "delete_tag", "update_run", "unknown"};
-    for (int k = 0; k <= 17; k++)
+        "unknown",     "hello",      "welcome",    "experiment", "start_run", "metric", "metrics",
+        "params",      "tags",       "end_run",    "flush",      "flushed",   "error",  "stats",
+        "stats_reply", "delete_tag", "update_run", "ack",        "unknown"};
+    for (int k = 0; k <= 18; k++)
         assert_string_equal(proto_kind_name(k), kinds[k]);
     assert_string_equal(proto_kind_name(-1), "unknown");
     assert_string_equal(proto_kind_name(255), "unknown");
@@ -1531,7 +1531,7 @@ static void test_ours_reads_msgpack_c(void **state)
     /* HELLO with non-minimal integer forms and a trailing map. */
     msgpack_sbuffer_init(&sb);
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_array(&pk, 7 + N_FUTURE);
+    msgpack_pack_array(&pk, 8 + N_FUTURE);
     msgpack_pack_fix_uint64(&pk, 1);
     msgpack_pack_fix_int32(&pk, 4242);
     msgpack_pack_str_with_body(&pk, "prog", 4);
@@ -1539,10 +1539,12 @@ static void test_ours_reads_msgpack_c(void **state)
     msgpack_pack_v4raw_body(&pk, "0123456789012345678901234567890123456789", 40);
     msgpack_pack_str_with_body(&pk, "LOCAL", 5);
     msgpack_pack_str_with_body(&pk, "py/2", 4);
-    msgpack_pack_false(&pk); /* context_tags, the 7th field */
+    msgpack_pack_false(&pk);      /* context_tags, the 7th field */
+    msgpack_pack_uint64(&pk, 77); /* session, the 8th */
     pack_future_fields(&pk);
     assert_int_equal(decode_sbuf(PROTO_HELLO, &sb, &m), 0);
     assert_false(m.u.hello.context_tags);
+    assert_int_equal(m.u.hello.session, 77);
     assert_int_equal(m.u.hello.version, 1);
     assert_int_equal(m.u.hello.pid, 4242);
     assert_str(m.u.hello.program, "prog");

@@ -103,6 +103,7 @@ struct fake {
     struct frame *frames;
     size_t nframes, capframes;
     bool answer_flush;
+    bool ack; /* acknowledge every frame, as the agent does */
     bool reading;
     bool drop;
     bool stop;
@@ -141,7 +142,7 @@ static void fake_on_frame(struct fake *f, int fd, int conn, const struct proto_h
         f->frames = realloc(f->frames, f->capframes * sizeof *f->frames);
     }
     f->frames[f->nframes++] = fr;
-    bool answer = f->answer_flush;
+    bool answer = f->answer_flush, ack = f->ack;
     uint32_t max_frame = f->max_frame;
     pthread_mutex_unlock(&f->mu);
 
@@ -151,6 +152,8 @@ static void fake_on_frame(struct fake *f, int fd, int conn, const struct proto_h
         proto_encode_welcome(&out, 0, (struct proto_str){"fake", 4}, max_frame, (uint64_t)conn);
     else if (h->kind == PROTO_FLUSH && answer)
         proto_encode_flushed(&out, 0, h->seq, 0);
+    if (h->kind != PROTO_HELLO && ack)
+        proto_encode_ack(&out, 0, h->seq);
     fake_send(fd, &out);
     proto_buf_free(&out);
 }
@@ -266,6 +269,7 @@ static void fake_init(struct fake *f, bool listen_now)
     f->lfd = -1;
     f->cfd = -1;
     f->answer_flush = true;
+    f->ack = true;
     f->reading = true;
     f->max_frame = 1u << 20;
     if (listen_now)
@@ -1254,6 +1258,49 @@ static void test_fork_child_gets_echild(void **state)
     assert_int_equal(counters(x->c).lost, 0);
 }
 
+/* Frames the agent did not acknowledge are resent on the next connection, same seqs, right
+ * after the new hello and before anything newer. */
+static void test_unacked_frames_are_resent(void **state)
+{
+    struct ctx *x = *state;
+    fake_init(&x->f, true);
+    fake_set(&x->f, &x->f.ack, false);
+    x->c = open_connected(x);
+    assert_int_equal(trackd_log_metric(x->c, R1, "a", 1.0, 0, T0), 0);
+    assert_int_equal(trackd_flush(x->c, WAIT_MS), 0);
+    fake_set(&x->f, &x->f.ack, true);
+    fake_set(&x->f, &x->f.drop, true);
+    WAIT_FOR(fake_count(&x->f, PROTO_HELLO, 2) == 1, WAIT_MS);
+    assert_int_equal(trackd_set_tag(x->c, R1, "k", "v"), 0);
+    assert_int_equal(trackd_flush(x->c, WAIT_MS), 0);
+
+    size_t n;
+    struct frame *fr = fake_snapshot(&x->f, &n);
+    static const int kinds[] = {PROTO_HELLO,   PROTO_METRICS, PROTO_FLUSH, PROTO_HELLO,
+                                PROTO_METRICS, PROTO_FLUSH,   PROTO_TAGS,  PROTO_FLUSH};
+    assert_int_equal(n, sizeof kinds / sizeof kinds[0]);
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(fr[i].h.kind, kinds[i]);
+    assert_int_equal(fr[4].h.seq, fr[1].h.seq); /* the same frames again */
+    assert_int_equal(fr[5].h.seq, fr[2].h.seq);
+    assert_memory_equal(fr[4].body, fr[1].body, fr[1].h.body_len);
+    struct proto_msg m;
+    decode(&fr[3], &m);
+    uint64_t session = m.u.hello.session;
+    decode(&fr[0], &m);
+    assert_true(session != 0 && m.u.hello.session == session);
+    free(fr);
+    /* Acknowledged now: nothing is resent on a further reconnect. */
+    fake_set(&x->f, &x->f.drop, true);
+    WAIT_FOR(fake_count(&x->f, PROTO_HELLO, 3) == 1, WAIT_MS);
+    assert_int_equal(trackd_flush(x->c, WAIT_MS), 0);
+    fr = fake_snapshot(&x->f, &n);
+    assert_int_equal(fr[n - 2].h.kind, PROTO_HELLO);
+    assert_int_equal(fr[n - 1].h.kind, PROTO_FLUSH);
+    free(fr);
+    assert_int_equal(counters(x->c).lost, 0);
+}
+
 int main(int argc, char **argv)
 {
     (void)argc;
@@ -1273,6 +1320,7 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_invalid_args, setup, teardown),
         cmocka_unit_test_setup_teardown(test_run_id_must_be_hex, setup, teardown),
         cmocka_unit_test_setup_teardown(test_socket_from_env, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unacked_frames_are_resent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reconnect, setup, teardown),
         cmocka_unit_test_setup_teardown(test_buffered_until_agent_starts, setup, teardown),
         cmocka_unit_test_setup_teardown(test_block_overflow, setup, teardown),
