@@ -49,6 +49,7 @@ struct ev {
     uint32_t conn_id; /* origin, for errors; 0 once the client is gone */
     uint64_t seq;     /* origin frame */
     uint64_t serial;  /* agent-wide arrival order */
+    uint64_t lsn;     /* journal record it came from (0: none) */
     char run_id[PROTO_RUN_ID_LEN];
     struct sref a; /* experiment name | metric/param/tag key | run: experiment */
     struct sref b; /* param/tag value | run: name | experiment: artifact location */

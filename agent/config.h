@@ -37,6 +37,10 @@ struct trackd_config {
     char *backend_uri;       /* announced to clients in the welcome; "" = none; no password */
     /* [journal] */
     char *journal_dir;
+    char *journal_fsync; /* "always" | "interval" | "never" */
+    uint32_t journal_fsync_interval_ms;
+    uint64_t journal_quota_bytes;
+    uint64_t journal_segment_bytes;
     /* [batch] */
     uint32_t batch_max_rows;    /* rows per database transaction */
     uint64_t batch_max_bytes;   /* bytes per database transaction */

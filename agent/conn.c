@@ -18,6 +18,7 @@
 
 #include "config.h"
 #include "ingest.h"
+#include "journaler.h"
 #include "log.h"
 #include "stats.h"
 
@@ -33,6 +34,7 @@ struct out_req {
 };
 
 static void conn_close(struct conn *c);
+static void apply_reading(struct conn_server *s);
 
 int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
                      struct ingest *ingest)
@@ -139,6 +141,9 @@ static void send_ack(struct conn *c)
     /* Clients that name no session predate acknowledgements and would not parse them. */
     if (c->session == 0 || c->last_seq <= c->acked_seq)
         return;
+    /* Acknowledged means journaled: wait until the journal holds this connection's frames. */
+    if (c->srv->journal && c->last_lsn > c->srv->durable_lsn)
+        return;
     struct proto_buf pb;
     proto_buf_init(&pb, 0);
     if (proto_encode_ack(&pb, 0, c->last_seq) == 0 && send_buf(c, &pb))
@@ -202,6 +207,25 @@ static void on_hello(struct conn *c, const struct proto_msg *m)
         send_buf(c, &pb);
 }
 
+/*
+ * The journal cannot take the frame: the connection is closed without acknowledging it, so
+ * the client resends it after reconnecting, and every socket stays unread until the
+ * database has caught up and committed segments are gone.
+ */
+static void journal_full(struct conn *c, int rc)
+{
+    stats.journal_full++;
+    log_limited(LOG_WARN, "[conn %u] journal %s: pausing clients until committed segments free it",
+                c->id, rc == -ENOSPC ? "at its quota" : strerror(-rc));
+    c->srv->journal_full = true;
+    apply_reading(c->srv);
+    uv_read_stop((uv_stream_t *)&c->pipe);
+    c->reading = false;
+    set_state(c, CONN_CLOSING);
+    if (c->out_bytes == 0)
+        conn_close(c);
+}
+
 static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t *body)
 {
     struct proto_msg m;
@@ -245,7 +269,18 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
             stats.duplicates_dropped++;
             return;
         }
-        struct ingest_origin o = {c->id, c->user, c->source_name, c->source_type, c->context_tags};
+        struct ingest_origin o = {c->id,          c->user,         c->source_name,
+                                  c->source_type, c->context_tags, 0};
+        if (c->srv->journal) {
+            struct frame_origin fo = {c->session, c->context_tags, c->user, c->source_name,
+                                      c->source_type};
+            int jrc = journaler_append(c->srv->journal, &fo, h, body, &o.lsn);
+            if (jrc != 0) {
+                journal_full(c, jrc);
+                return;
+            }
+            c->last_lsn = o.lsn;
+        }
         ingest_message(c->srv->ingest, &o, &m);
         c->last_seq = m.seq;
         return;
@@ -308,6 +343,8 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         if (c->state == CONN_CLOSING)
             return;
     }
+    if (c->srv->journal)
+        journaler_kick(c->srv->journal);
     send_ack(c);
 }
 
@@ -327,15 +364,26 @@ static void stop_reading(struct conn *c)
     }
 }
 
+/* Reads happen only while neither memory nor the journal is full and no shutdown runs. */
+static bool may_read(const struct conn_server *s)
+{
+    return !s->paused && !s->journal_full && !s->draining;
+}
+
+static void apply_reading(struct conn_server *s)
+{
+    for (struct conn *c = s->head; c; c = c->next) {
+        if (may_read(s))
+            start_reading(c);
+        else
+            stop_reading(c);
+    }
+}
+
 void conn_pause_all(struct conn_server *s, bool pause)
 {
     s->paused = pause;
-    for (struct conn *c = s->head; c; c = c->next) {
-        if (pause)
-            stop_reading(c);
-        else if (!s->draining)
-            start_reading(c);
-    }
+    apply_reading(s);
 }
 
 void conn_drain_all(struct conn_server *s)
@@ -370,6 +418,22 @@ static void conn_close(struct conn *c)
     ingest_forget_conn(s->ingest, c->id);
     log_debug("[conn %u] closed", c->id);
     uv_close((uv_handle_t *)&c->pipe, close_cb);
+}
+
+void conn_journal_durable(struct conn_server *s, uint64_t lsn)
+{
+    s->durable_lsn = lsn;
+    for (struct conn *c = s->head; c; c = c->next)
+        send_ack(c);
+}
+
+void conn_journal_room(struct conn_server *s)
+{
+    if (!s->journal_full)
+        return;
+    s->journal_full = false;
+    log_info("[conn] the journal has room again: resuming clients");
+    apply_reading(s);
 }
 
 void conn_close_all(struct conn_server *s)
@@ -454,6 +518,6 @@ void conn_accept(struct conn_server *s, uv_stream_t *listener)
     c->pid = cred.pid;
     lookup_user(cred.uid, c->user, sizeof c->user);
     log_debug("[conn %u] accepted pid %d uid %u", c->id, (int)c->pid, (unsigned)c->uid);
-    if (!s->paused)
+    if (may_read(s))
         start_reading(c);
 }

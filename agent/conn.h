@@ -41,6 +41,7 @@ struct conn {
     uint64_t session;   /* the client's id across reconnects; 0 = none */
     uint64_t last_seq;  /* highest frame seq accepted from this session */
     uint64_t acked_seq; /* highest seq acknowledged on this connection */
+    uint64_t last_lsn;  /* journal record of the last frame accepted; acked once durable */
     struct proto_reader reader;
     bool reading;
     size_t out_bytes; /* queued for writing */
@@ -59,6 +60,9 @@ struct conn_server {
     bool paused;   /* backpressure: no socket is read */
     bool draining; /* shutdown: no new messages */
     struct session_table sessions;
+    struct journaler *journal; /* NULL: frames are acknowledged once ingested */
+    uint64_t durable_lsn;      /* the journal is written up to here */
+    bool journal_full;         /* reads paused until the journal has room again */
 };
 
 int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
@@ -74,6 +78,10 @@ void conn_pause_all(struct conn_server *s, bool pause);
 /* Stops reading for good (shutdown): later bytes are not accepted. */
 void conn_drain_all(struct conn_server *s);
 void conn_close_all(struct conn_server *s);
+/* The journal is durable up to lsn: acknowledge what every connection has there. */
+void conn_journal_durable(struct conn_server *s, uint64_t lsn);
+/* The journal has room again after being full. */
+void conn_journal_room(struct conn_server *s);
 void conn_server_free(struct conn_server *s);
 
 #endif

@@ -101,6 +101,9 @@ void ingest_batch_done(struct ingest *in, struct batch *b)
     in->queued_bytes -= bytes < in->queued_bytes ? bytes : in->queued_bytes;
     if (b->n > 0 && b->evs[b->n - 1].serial > in->done_serial)
         in->done_serial = b->evs[b->n - 1].serial;
+    /* Events arrive in journal order, so the last one's record bounds what is finished. */
+    if (b->n > 0 && b->evs[b->n - 1].lsn && in->cbs.released)
+        in->cbs.released(in->ctx, b->evs[b->n - 1].lsn);
     batch_free(b);
     free(b);
 
@@ -239,6 +242,7 @@ static struct ev *add_ev(struct mctx *m, int kind, const char *run_id, struct pr
     }
     ev->conn_id = m->o->conn_id;
     ev->seq = m->seq;
+    ev->lsn = m->o->lsn;
     ev->serial = m->in->next_serial++;
     if (run_id)
         memcpy(ev->run_id, run_id, PROTO_RUN_ID_LEN);

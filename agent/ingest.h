@@ -26,6 +26,8 @@ struct ingest_cbs {
     void (*flushed)(void *ctx, uint32_t conn_id, uint64_t flush_seq);
     /* An event of frame seq from conn_id will not be written. */
     void (*error)(void *ctx, uint32_t conn_id, uint64_t seq, uint32_t code, const char *message);
+    /* Every journal record up to lsn is committed or rejected. */
+    void (*released)(void *ctx, uint64_t lsn);
 };
 
 /* Who sent a message; strings are borrowed for the call. */
@@ -35,6 +37,7 @@ struct ingest_origin {
     const char *source_name; /* from the client's hello */
     const char *source_type;
     bool context_tags; /* add mlflow.user / mlflow.source.* when the run lacks them */
+    uint64_t lsn;      /* journal record the message came from; 0 when not journaled */
 };
 
 struct flush_waiter {

@@ -18,6 +18,7 @@
 #include "config.h"
 #include "conn.h"
 #include "ingest.h"
+#include "journaler.h"
 #include "listener.h"
 #include "log.h"
 #include "pgconn.h"
@@ -39,6 +40,7 @@ struct agent {
     struct writer writer;
     struct ingest ingest;
     struct conn_server conns;
+    struct journaler journal;
     struct listener listener;
     uv_signal_t sigterm, sigint;
     uv_timer_t tick;     /* 1 s: rates and uptime */
@@ -55,6 +57,8 @@ static void usage(FILE *out)
                  "       trackd --check-config [FILE]        validate a configuration and exit\n"
                  "       trackd stats [--socket PATH | --config FILE]\n"
                  "                                           print a running agent's counters\n"
+                 "       trackd journal verify|status [--config FILE | DIR]\n"
+                 "                                           check the journal, or summarise it\n"
                  "       trackd --help | --version\n"
                  "\n"
                  "Every configuration key can be overridden by TRACKD_<SECTION>_<KEY>, e.g.\n"
@@ -105,6 +109,39 @@ static void on_error(void *ctx, uint32_t conn_id, uint64_t seq, uint32_t code, c
         stats.errors_undeliverable++;
 }
 
+static void on_released(void *ctx, uint64_t lsn)
+{
+    struct agent *a = ctx;
+    journaler_release(&a->journal, lsn);
+    uint64_t bytes, quota;
+    journaler_usage(&a->journal, &bytes, &quota);
+    stats.journal_bytes = bytes;
+    if (bytes < quota / 10 * 9)
+        conn_journal_room(&a->conns);
+}
+
+static void on_durable(void *ctx, uint64_t lsn)
+{
+    struct agent *a = ctx;
+    conn_journal_durable(&a->conns, lsn);
+}
+
+/* Replay: each journaled frame goes through ingest again, once per session and seq. */
+static void on_replayed(void *ctx, const struct frame_origin *o, const struct proto_header *h,
+                        const uint8_t *body, uint64_t lsn)
+{
+    struct agent *a = ctx;
+    struct proto_msg m;
+    if (o->session && h->seq <= session_last_seq(&a->conns.sessions, o->session))
+        return;
+    if (proto_msg_decode(h, body, &m) != 0)
+        return;
+    session_note(&a->conns.sessions, o->session, h->seq, uv_now(&a->loop));
+    struct ingest_origin io = {0, o->user, o->source_name, o->source_type, o->context_tags, lsn};
+    ingest_message(&a->ingest, &io, &m);
+    stats.replayed_frames++;
+}
+
 /* ---- lifecycle ------------------------------------------------------------- */
 
 static void writer_closed(struct writer *w)
@@ -112,12 +149,21 @@ static void writer_closed(struct writer *w)
     (void)w;
 }
 
+static void journal_closed(struct journaler *jr)
+{
+    (void)jr;
+}
+
 static void finish(struct agent *a)
 {
     uint64_t left = stats.queue_events;
     if (!ingest_drained(&a->ingest))
-        log_warn("[agent] shutdown grace of %u ms ended with %llu events not written",
+        log_warn("[agent] shutdown grace of %u ms ended with %llu events not written; they stay "
+                 "in the journal for the next start",
                  a->cfg.shutdown_grace_ms, (unsigned long long)left);
+    else
+        journaler_release(&a->journal, a->journal.appended_lsn); /* everything is committed */
+    journaler_close(&a->journal, journal_closed);
     ingest_cut(&a->ingest);
     conn_close_all(&a->conns);
     writer_close(&a->writer, writer_closed);
@@ -182,6 +228,13 @@ static int load_config(struct trackd_config *cfg, const char *path)
         fprintf(stderr, "%s\n", line);
         return -1;
     }
+    if (strcmp(cfg->journal_fsync, "always") != 0 && strcmp(cfg->journal_fsync, "interval") != 0 &&
+        strcmp(cfg->journal_fsync, "never") != 0) {
+        fprintf(stderr,
+                "%s: journal.fsync must be \"always\", \"interval\" or \"never\", not \"%s\"\n",
+                path ? path : "configuration", cfg->journal_fsync);
+        return -1;
+    }
     return 0;
 }
 
@@ -206,7 +259,7 @@ static int run_agent(const char *config_path)
     uv_loop_init(&a.loop);
     a.started_ms = uv_now(&a.loop);
     struct writer_cbs wcbs = {on_reject, on_batch_done};
-    struct ingest_cbs icbs = {on_pause, on_flushed, on_error};
+    struct ingest_cbs icbs = {on_pause, on_flushed, on_error, on_released};
     if (writer_init(&a.writer, &a.loop, &a.cfg, &wcbs, &a) != 0)
         return 1;
     ingest_init(&a.ingest, &a.loop, &a.cfg, &a.writer, &icbs, &a);
@@ -214,8 +267,27 @@ static int run_agent(const char *config_path)
         log_error("[agent] out of memory");
         return 1;
     }
+    struct journal_replay_stats rs;
+    if (journaler_replay(&a.cfg, on_replayed, &a, &rs, msg, sizeof msg) != 0) {
+        log_error("[agent] %s", msg);
+        return 1;
+    }
+    if (rs.records || rs.quarantined || rs.torn_tail_bytes)
+        log_info("[journal] replayed %llu frames from %llu segments (%llu quarantined, %llu torn "
+                 "bytes skipped)%s%s",
+                 (unsigned long long)rs.records, (unsigned long long)rs.segments,
+                 (unsigned long long)rs.quarantined, (unsigned long long)rs.torn_tail_bytes,
+                 rs.last_problem[0] ? ": " : "", rs.last_problem);
+    struct journaler_cbs jcbs = {on_durable};
+    if (journaler_open(&a.journal, &a.loop, &a.cfg, &jcbs, &a, msg, sizeof msg) != 0) {
+        log_error("[agent] %s", msg);
+        return 1;
+    }
+    a.conns.journal = &a.journal;
+    a.conns.durable_lsn = a.journal.durable_lsn;
     if (listener_start(&a.listener, &a.loop, &a.cfg, &a.conns, msg, sizeof msg) != 0) {
         log_error("[agent] %s", msg);
+        journaler_close(&a.journal, journal_closed);
         writer_close(&a.writer, writer_closed);
         ingest_close(&a.ingest);
         uv_run(&a.loop, UV_RUN_DEFAULT);
@@ -311,7 +383,7 @@ static int run_stats(const char *socket_path)
 
 int main(int argc, char **argv)
 {
-    const char *config_path = NULL, *socket_path = NULL;
+    const char *config_path = NULL, *socket_path = NULL, *journal_cmd = NULL, *journal_dir = NULL;
     bool check = false, stats_cmd = false;
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
@@ -336,6 +408,14 @@ int main(int argc, char **argv)
             socket_path = argv[++i];
         } else if (strcmp(arg, "stats") == 0) {
             stats_cmd = true;
+        } else if (strcmp(arg, "journal") == 0 && i + 1 < argc) {
+            journal_cmd = argv[++i];
+            if (strcmp(journal_cmd, "verify") != 0 && strcmp(journal_cmd, "status") != 0) {
+                fprintf(stderr, "trackd: journal needs 'verify' or 'status'\n");
+                return 2;
+            }
+        } else if (journal_cmd && arg[0] != '-' && journal_dir == NULL) {
+            journal_dir = arg;
         } else {
             fprintf(stderr, "trackd: unknown argument '%s'\n", arg);
             usage(stderr);
@@ -349,6 +429,19 @@ int main(int argc, char **argv)
         printf("%s: configuration OK\n", config_path ? config_path : "(defaults)");
         config_free(&cfg);
         return 0;
+    }
+    if (journal_cmd) {
+        struct trackd_config cfg;
+        if (journal_dir == NULL && load_config(&cfg, config_path) != 0)
+            return 1;
+        const char *dir = journal_dir ? journal_dir : cfg.journal_dir;
+        int rc = strcmp(journal_cmd, "verify") == 0 ? journal_verify(dir, stdout)
+                                                    : journal_status(dir, stdout);
+        if (journal_dir == NULL)
+            config_free(&cfg);
+        if (rc < 0)
+            fprintf(stderr, "trackd journal %s: %s: %s\n", journal_cmd, dir, strerror(-rc));
+        return rc == 0 ? 0 : 1;
     }
     if (stats_cmd) {
         if (socket_path)

@@ -44,6 +44,11 @@
     X(queue_bytes)                                                                                 \
     X(backpressure_pauses)                                                                         \
     X(duplicates_dropped)                                                                          \
+    X(journal_records)                                                                             \
+    X(journal_blocks)                                                                              \
+    X(journal_full)                                                                                \
+    X(journal_bytes)                                                                               \
+    X(replayed_frames)                                                                             \
     X(errors_to_clients)                                                                           \
     X(errors_undeliverable)                                                                        \
     X(rows_per_sec)                                                                                \

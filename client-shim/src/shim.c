@@ -729,6 +729,23 @@ static int try_connect(struct trackd_client *c)
      */
     if (rc == 0 && c->unacked.len > 0)
         rc = write_all(c, c->unacked.data, c->unacked.len, -1);
+    /*
+     * A barrier the old agent acknowledged but never answered would wait forever: ask again
+     * with the same seq, after everything resent. Only then: a flush frame still waiting in
+     * pending or unacked goes out in its place, behind the events it is a barrier for.
+     */
+    pthread_mutex_lock(&c->mu);
+    uint64_t wanted =
+        c->flush_wanted > c->flushed && c->agent_acked >= c->flush_wanted ? c->flush_wanted : 0;
+    pthread_mutex_unlock(&c->mu);
+    if (rc == 0 && wanted) {
+        struct proto_buf again;
+        proto_buf_init(&again, 0);
+        rc = proto_encode_empty(&again, wanted, PROTO_FLUSH);
+        if (rc == 0)
+            rc = write_all(c, again.data, again.len, 1000);
+        proto_buf_free(&again);
+    }
     if (rc != 0) {
         disconnect(c);
         return -1;

@@ -123,12 +123,14 @@ class Agent:
         self.proc = None
 
     def start(self, wait=True):
+        # The log may hold earlier runs in the same directory: wait for a new "ready".
+        readies = self.log().count("[agent] ready")
         self.logfile = open(self.logpath, "ab")
         self.proc = subprocess.Popen([str(BUILD / "trackd"), "--config", str(self.config)],
                                      stdout=self.logfile, stderr=subprocess.STDOUT)
         if wait:
-            wait_for(lambda: self.proc.poll() is not None or "[agent] ready" in self.log(), 30,
-                     "the agent to start")
+            wait_for(lambda: self.proc.poll() is not None
+                     or self.log().count("[agent] ready") > readies, 30, "the agent to start")
             assert self.proc.poll() is None, f"agent exited early:\n{self.log()}"
         return self
 

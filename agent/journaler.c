@@ -1,0 +1,341 @@
+/*
+ * Journal I/O for the loop. Appends are cheap and happen where frames are read; a single
+ * uv_queue_work item at a time owns the journal for a block write or an fsync, so the loop
+ * never waits on the disk, and appends made meanwhile are group-committed by the next write.
+ * Releases that arrive while a worker holds the journal are applied when it returns.
+ */
+#include "journaler.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "log.h"
+#include "stats.h"
+
+/* Frame record: session u64 BE | flags u8 | 3 x (len u16 BE | bytes) | frame (header+body). */
+#define REC_CONTEXT_TAGS 1
+#define RELEASED_FILE "committed.lsn"
+
+static void put16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static uint16_t get16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static int fsync_policy(const char *s)
+{
+    if (strcmp(s, "always") == 0)
+        return JOURNAL_FSYNC_ALWAYS;
+    if (strcmp(s, "never") == 0)
+        return JOURNAL_FSYNC_NEVER;
+    return JOURNAL_FSYNC_INTERVAL;
+}
+
+/* ---- replay ---------------------------------------------------------------------- */
+
+struct replay_ctx {
+    journaler_frame_cb cb;
+    void *ctx;
+    uint64_t bad_records;
+    uint64_t committed; /* records up to here are in PostgreSQL already */
+    uint64_t skipped;
+};
+
+static int replay_record(void *arg, uint8_t type, const void *payload, size_t len, uint64_t lsn)
+{
+    struct replay_ctx *rc = arg;
+    const uint8_t *p = payload, *end = p + len;
+    char strs[3][256];
+    if (lsn <= rc->committed) {
+        rc->skipped++;
+        return 0;
+    }
+    if (type != JREC_FRAME || len < 9) {
+        rc->bad_records++;
+        return 0;
+    }
+    struct frame_origin o = {0};
+    for (int i = 0; i < 8; i++)
+        o.session = o.session << 8 | p[i];
+    o.context_tags = (p[8] & REC_CONTEXT_TAGS) != 0;
+    p += 9;
+    for (int i = 0; i < 3; i++) {
+        if (end - p < 2 || end - p - 2 < get16(p) || get16(p) >= sizeof strs[i]) {
+            rc->bad_records++;
+            return 0;
+        }
+        size_t n = get16(p);
+        memcpy(strs[i], p + 2, n);
+        strs[i][n] = '\0';
+        p += 2 + n;
+    }
+    o.user = strs[0];
+    o.source_name = strs[1];
+    o.source_type = strs[2];
+    struct proto_header h;
+    if (end - p < PROTO_HEADER_LEN || proto_header_decode(p, PROTO_MAX_BODY_HARD, &h) != 0 ||
+        (size_t)(end - p) != PROTO_HEADER_LEN + (size_t)h.body_len) {
+        rc->bad_records++;
+        return 0;
+    }
+    rc->cb(rc->ctx, &o, &h, p + PROTO_HEADER_LEN, lsn);
+    return 0;
+}
+
+int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, void *ctx,
+                     struct journal_replay_stats *st, char *msg, size_t msglen)
+{
+    struct replay_ctx rc = {cb, ctx, 0, 0, 0};
+    struct journal_error err;
+    memset(st, 0, sizeof *st);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", cfg->journal_dir, RELEASED_FILE);
+    FILE *f = fopen(path, "r");
+    if (f) {
+        unsigned long long v;
+        if (fscanf(f, "%llu", &v) == 1)
+            rc.committed = v;
+        fclose(f);
+    }
+    if (journal_replay(cfg->journal_dir, replay_record, &rc, st, &err) != 0) {
+        snprintf(msg, msglen, "journal replay failed: %s", err.message);
+        return -1;
+    }
+    if (rc.skipped)
+        log_info("[journal] %llu already committed records skipped",
+                 (unsigned long long)rc.skipped);
+    if (rc.bad_records)
+        log_warn("[journal] %llu records in %s were not frames and were skipped",
+                 (unsigned long long)rc.bad_records, cfg->journal_dir);
+    return 0;
+}
+
+/* ---- writing ------------------------------------------------------------------ */
+
+static void start_work(struct journaler *jr);
+
+/* Worker thread: the only code touching the journal while jr->writing is set. */
+static void work_cb(uv_work_t *w)
+{
+    struct journaler *jr = w->data;
+    if (jr->syncing)
+        jr->write_rc = journal_sync(jr->j, &jr->err);
+    else
+        jr->write_rc = journal_write_block(jr->j, jr->inflight, &jr->err);
+}
+
+/*
+ * Records up to the marker are committed: replay skips them, so a restart never applies a
+ * committed tag or status again over a newer one. Written with a rename, not fsynced: after
+ * a power loss an older marker only means more (idempotent) work at replay.
+ */
+static void write_marker(struct journaler *jr, uint64_t lsn)
+{
+    char path[4200], tmp[4210];
+    snprintf(path, sizeof path, "%s/%s", jr->cfg->journal_dir, RELEASED_FILE);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (f == NULL || fprintf(f, "%llu\n", (unsigned long long)lsn) < 0 || fclose(f) != 0 ||
+        rename(tmp, path) != 0)
+        log_limited(LOG_WARN, "[journal] cannot record the committed position in %s: %s", path,
+                    strerror(errno));
+}
+
+static void apply_release(struct journaler *jr)
+{
+    /* Only records that reached the disk: an unwritten LSN may be issued again after a crash. */
+    uint64_t lsn = jr->release_lsn < jr->durable_lsn ? jr->release_lsn : jr->durable_lsn;
+    if (lsn <= jr->released_lsn)
+        return;
+    int n = journal_release(jr->j, lsn);
+    if (n < 0)
+        log_limited(LOG_WARN, "[journal] cannot delete committed segments: %s", strerror(-n));
+    else if (n > 0)
+        log_debug("[journal] %d committed segment(s) deleted", n);
+    write_marker(jr, lsn);
+    jr->released_lsn = lsn;
+}
+
+static void after_work_cb(uv_work_t *w, int status)
+{
+    struct journaler *jr = w->data;
+    jr->writing = false;
+    if (status == 0 && jr->write_rc != 0)
+        log_limited(LOG_ERROR, "[journal] %s failed: %s; acknowledgements wait until it works",
+                    jr->syncing ? "fsync" : "write", jr->err.message);
+    if (!jr->syncing) {
+        if (status == 0 && jr->write_rc == 0) {
+            uint64_t last = journal_block_last_lsn(jr->inflight);
+            stats.journal_blocks++;
+            journal_block_free(jr->inflight);
+            jr->inflight = NULL;
+            jr->dirty = true;
+            if (last > jr->durable_lsn)
+                jr->durable_lsn = last;
+            jr->cbs.durable(jr->ctx, jr->durable_lsn);
+            /* A release that waited for these records to reach the disk can go now. */
+        }
+    } else if (status == 0 && jr->write_rc == 0) {
+        jr->dirty = false;
+    }
+    jr->syncing = false;
+    apply_release(jr);
+    if (jr->closing) {
+        journaler_close(jr, jr->closed);
+        return;
+    }
+    start_work(jr);
+}
+
+/* Gives the journal to a worker: the block that failed before, else the open block. */
+static void start_work(struct journaler *jr)
+{
+    if (jr->writing || jr->closing)
+        return;
+    if (jr->inflight == NULL)
+        jr->inflight = journal_seal(jr->j);
+    if (jr->inflight == NULL)
+        return;
+    jr->writing = true;
+    jr->syncing = false;
+    jr->work.data = jr;
+    if (uv_queue_work(jr->loop, &jr->work, work_cb, after_work_cb) != 0)
+        jr->writing = false;
+}
+
+static void sync_timer_cb(uv_timer_t *t)
+{
+    struct journaler *jr = t->data;
+    if (jr->writing || !jr->dirty || jr->closing)
+        return;
+    jr->writing = true;
+    jr->syncing = true;
+    jr->work.data = jr;
+    if (uv_queue_work(jr->loop, &jr->work, work_cb, after_work_cb) != 0)
+        jr->writing = jr->syncing = false;
+}
+
+int journaler_open(struct journaler *jr, uv_loop_t *loop, const struct trackd_config *cfg,
+                   const struct journaler_cbs *cbs, void *ctx, char *msg, size_t msglen)
+{
+    memset(jr, 0, sizeof *jr);
+    jr->loop = loop;
+    jr->cfg = cfg;
+    jr->cbs = *cbs;
+    jr->ctx = ctx;
+    struct journal_config jc = {
+        .dir = cfg->journal_dir,
+        .quota_bytes = cfg->journal_quota_bytes,
+        .segment_bytes = cfg->journal_segment_bytes,
+        .fsync = fsync_policy(cfg->journal_fsync),
+        .fsync_interval_ms = cfg->journal_fsync_interval_ms,
+        .zstd_level = 1,
+    };
+    struct journal_error err;
+    if (journal_open(&jr->j, &jc, &err) != 0) {
+        snprintf(msg, msglen, "cannot open the journal in %s: %s", cfg->journal_dir, err.message);
+        return -1;
+    }
+    struct journal_usage u;
+    journal_usage(jr->j, &u);
+    jr->appended_lsn = jr->durable_lsn = u.next_lsn ? u.next_lsn - 1 : 0;
+    uv_timer_init(loop, &jr->sync_timer);
+    jr->sync_timer.data = jr;
+    if (jc.fsync == JOURNAL_FSYNC_INTERVAL)
+        uv_timer_start(&jr->sync_timer, sync_timer_cb, cfg->journal_fsync_interval_ms,
+                       cfg->journal_fsync_interval_ms);
+    log_info("[journal] %s: %llu bytes on disk, fsync %s", cfg->journal_dir,
+             (unsigned long long)u.disk_bytes, cfg->journal_fsync);
+    return 0;
+}
+
+int journaler_append(struct journaler *jr, const struct frame_origin *o,
+                     const struct proto_header *h, const uint8_t *body, uint64_t *lsn)
+{
+    const char *strs[3] = {o->user, o->source_name, o->source_type};
+    size_t lens[3], n = 9 + PROTO_HEADER_LEN + h->body_len;
+    for (int i = 0; i < 3; i++) {
+        lens[i] = strlen(strs[i]);
+        if (lens[i] > 255)
+            lens[i] = 255;
+        n += 2 + lens[i];
+    }
+    uint8_t stackbuf[4096];
+    uint8_t *rec = n <= sizeof stackbuf ? stackbuf : malloc(n);
+    if (rec == NULL)
+        return -ENOMEM;
+    uint8_t *p = rec;
+    for (int i = 7; i >= 0; i--)
+        *p++ = (uint8_t)(o->session >> (8 * i));
+    *p++ = o->context_tags ? REC_CONTEXT_TAGS : 0;
+    for (int i = 0; i < 3; i++) {
+        put16(p, (uint16_t)lens[i]);
+        memcpy(p + 2, strs[i], lens[i]);
+        p += 2 + lens[i];
+    }
+    proto_header_encode(p, h);
+    memcpy(p + PROTO_HEADER_LEN, body, h->body_len);
+    int rc = journal_append(jr->j, JREC_FRAME, rec, n, lsn);
+    if (rec != stackbuf)
+        free(rec);
+    if (rc == 0) {
+        jr->appended_lsn = *lsn;
+        stats.journal_records++;
+    }
+    return rc;
+}
+
+void journaler_kick(struct journaler *jr)
+{
+    start_work(jr);
+}
+
+void journaler_release(struct journaler *jr, uint64_t lsn)
+{
+    if (lsn > jr->release_lsn)
+        jr->release_lsn = lsn;
+    if (!jr->writing)
+        apply_release(jr);
+}
+
+void journaler_usage(const struct journaler *jr, uint64_t *bytes, uint64_t *quota)
+{
+    struct journal_usage u;
+    journal_usage(jr->j, &u);
+    *bytes = u.disk_bytes + u.pending_bytes;
+    *quota = jr->cfg->journal_quota_bytes;
+}
+
+static void timer_closed(uv_handle_t *h)
+{
+    struct journaler *jr = h->data;
+    journal_close(jr->j);
+    jr->j = NULL;
+    if (jr->closed)
+        jr->closed(jr);
+}
+
+void journaler_close(struct journaler *jr, void (*closed)(struct journaler *))
+{
+    jr->closing = true;
+    jr->closed = closed;
+    if (jr->writing)
+        return; /* after_work_cb comes back here */
+    if (jr->inflight) {
+        journal_block_free(jr->inflight);
+        jr->inflight = NULL;
+    }
+    apply_release(jr);
+    if (!uv_is_closing((uv_handle_t *)&jr->sync_timer)) {
+        uv_timer_stop(&jr->sync_timer);
+        uv_close((uv_handle_t *)&jr->sync_timer, timer_closed);
+    }
+}

@@ -1,0 +1,83 @@
+/*
+ * The journal on the event loop: client frames are appended to the open block on the loop
+ * thread, blocks are written (compressed, fsynced per policy) on a libuv worker thread one
+ * at a time, and each finished write reports how far the journal is durable so that
+ * connections can acknowledge. Segments are released once their events are committed in
+ * PostgreSQL; at start the journal is replayed through the same ingest path.
+ */
+#ifndef TRACKD_JOURNALER_H
+#define TRACKD_JOURNALER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "journal.h"
+#include "trackd_proto.h"
+
+struct trackd_config;
+
+/* Record types in the journal. */
+enum { JREC_FRAME = 1 };
+
+/* Who sent a journaled frame: what ingest needs to expand it again at replay. */
+struct frame_origin {
+    uint64_t session;
+    bool context_tags;
+    const char *user;
+    const char *source_name;
+    const char *source_type;
+};
+
+struct journaler_cbs {
+    /* Every record with an LSN <= lsn is written (and synced as the policy asks). */
+    void (*durable)(void *ctx, uint64_t lsn);
+};
+
+struct journaler {
+    uv_loop_t *loop;
+    const struct trackd_config *cfg;
+    struct journal *j;
+    struct journaler_cbs cbs;
+    void *ctx;
+    uv_work_t work;
+    uv_timer_t sync_timer; /* fsync = "interval": syncs written blocks nobody followed */
+    struct journal_block *inflight;
+    bool writing; /* a worker owns the journal (write or sync) */
+    bool syncing; /* the work item is a sync, not a block */
+    bool dirty;   /* written since the last sync */
+    int write_rc;
+    struct journal_error err;
+    uint64_t appended_lsn;
+    uint64_t durable_lsn;
+    uint64_t release_lsn; /* committed up to here; applied when no worker holds the journal */
+    uint64_t released_lsn;
+    bool closing;
+    void (*closed)(struct journaler *);
+};
+
+/*
+ * Replays the journal in dir before the agent serves anyone: cb receives each frame with
+ * its origin and LSN, in LSN order. Returns 0 or -1 with msg.
+ */
+typedef void (*journaler_frame_cb)(void *ctx, const struct frame_origin *o,
+                                   const struct proto_header *h, const uint8_t *body, uint64_t lsn);
+int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, void *ctx,
+                     struct journal_replay_stats *st, char *msg, size_t msglen);
+
+int journaler_open(struct journaler *jr, uv_loop_t *loop, const struct trackd_config *cfg,
+                   const struct journaler_cbs *cbs, void *ctx, char *msg, size_t msglen);
+/* Appends one frame (header + body); -ENOSPC when the journal is at its quota. */
+int journaler_append(struct journaler *jr, const struct frame_origin *o,
+                     const struct proto_header *h, const uint8_t *body, uint64_t *lsn);
+/* Starts writing the open block unless a write is already running. */
+void journaler_kick(struct journaler *jr);
+/* Everything up to lsn is committed in PostgreSQL: whole segments may go. */
+void journaler_release(struct journaler *jr, uint64_t lsn);
+/* Bytes on disk and pending, against the quota. */
+void journaler_usage(const struct journaler *jr, uint64_t *bytes, uint64_t *quota);
+/* Waits for the running write, then closes; closed runs once all handles are closed. */
+void journaler_close(struct journaler *jr, void (*closed)(struct journaler *));
+
+#endif
