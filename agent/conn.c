@@ -35,6 +35,8 @@ struct out_req {
 
 static void conn_close(struct conn *c);
 static void apply_reading(struct conn_server *s);
+static bool conn_may_read(const struct conn *c);
+static void stop_reading(struct conn *c);
 
 int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
                      struct ingest *ingest)
@@ -198,6 +200,8 @@ static void on_hello(struct conn *c, const struct proto_msg *m)
     log_info("[conn %u] hello from pid %u (%s), uid %u (%s), protocol %u", c->id, m->u.hello.pid,
              c->program, (unsigned)c->uid, c->user, m->u.hello.version);
     set_state(c, CONN_OPEN);
+    if (!conn_may_read(c))
+        stop_reading(c); /* a producer now, and the agent is paused */
     struct proto_buf pb;
     proto_buf_init(&pb, 0);
     struct proto_str v = {trackd_version, (uint32_t)strlen(trackd_version)};
@@ -370,10 +374,19 @@ static bool may_read(const struct conn_server *s)
     return !s->paused && !s->journal_full && !s->draining;
 }
 
+/*
+ * A connection that has not said hello yet is read even while paused: it can only be a
+ * hello or a stats request, and `trackd stats` must answer most when the agent is busiest.
+ */
+static bool conn_may_read(const struct conn *c)
+{
+    return may_read(c->srv) || (c->state == CONN_HELLO && !c->srv->draining);
+}
+
 static void apply_reading(struct conn_server *s)
 {
     for (struct conn *c = s->head; c; c = c->next) {
-        if (may_read(s))
+        if (conn_may_read(c))
             start_reading(c);
         else
             stop_reading(c);
@@ -518,6 +531,6 @@ void conn_accept(struct conn_server *s, uv_stream_t *listener)
     c->pid = cred.pid;
     lookup_user(cred.uid, c->user, sizeof c->user);
     log_debug("[conn %u] accepted pid %d uid %u", c->id, (int)c->pid, (unsigned)c->uid);
-    if (may_read(s))
+    if (conn_may_read(c))
         start_reading(c);
 }

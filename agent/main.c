@@ -10,12 +10,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
 
 #include "config.h"
+#include "deadletter.h"
 #include "conn.h"
 #include "ingest.h"
 #include "journaler.h"
@@ -41,6 +43,7 @@ struct agent {
     struct ingest ingest;
     struct conn_server conns;
     struct journaler journal;
+    struct deadletter dead;
     struct listener listener;
     uv_signal_t sigterm, sigint;
     uv_timer_t tick;     /* 1 s: rates and uptime */
@@ -71,7 +74,10 @@ static void on_reject(void *ctx, const struct batch *b, const struct ev *ev, uin
                       const char *message)
 {
     struct agent *a = ctx;
-    (void)b;
+    /* Not written at shutdown is not rejected: those events stay in the journal. */
+    if (code != PROTO_ERR_SHUTDOWN)
+        deadletter_event(&a->dead, b, ev, code,
+                         code == PROTO_ERR_DATABASE ? a->writer.fail_state : "", message);
     struct conn *c = conn_find(&a->conns, ev->conn_id);
     if (c)
         conn_send_error(c, ev->seq, code, message);
@@ -102,6 +108,8 @@ static void on_flushed(void *ctx, uint32_t conn_id, uint64_t flush_seq)
 static void on_error(void *ctx, uint32_t conn_id, uint64_t seq, uint32_t code, const char *msg)
 {
     struct agent *a = ctx;
+    if (code != PROTO_ERR_SHUTDOWN && code != PROTO_ERR_PROTOCOL)
+        deadletter_frame(&a->dead, conn_id, seq, code, msg);
     struct conn *c = conn_find(&a->conns, conn_id);
     if (c)
         conn_send_error(c, seq, code, msg);
@@ -238,6 +246,22 @@ static int load_config(struct trackd_config *cfg, const char *path)
     return 0;
 }
 
+/* mkdir -p with mode 0700 for the directories it creates. */
+static int mkdir_p(const char *path)
+{
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(buf, 0700) != 0 && errno != EEXIST)
+            return -1;
+        *p = '/';
+    }
+    return mkdir(buf, 0700) != 0 && errno != EEXIST ? -1 : 0;
+}
+
 static int run_agent(const char *config_path)
 {
     static struct agent a; /* large; lives for the whole process */
@@ -267,6 +291,13 @@ static int run_agent(const char *config_path)
         log_error("[agent] out of memory");
         return 1;
     }
+    /* Replay may reject events, so the dead-letter file must be open before it. */
+    if (mkdir_p(a.cfg.journal_dir) != 0) {
+        log_error("[agent] cannot create the journal directory %s: %s", a.cfg.journal_dir,
+                  strerror(errno));
+        return 1;
+    }
+    deadletter_open(&a.dead, a.cfg.journal_dir);
     struct journal_replay_stats rs;
     if (journaler_replay(&a.cfg, on_replayed, &a, &rs, msg, sizeof msg) != 0) {
         log_error("[agent] %s", msg);
@@ -312,6 +343,7 @@ static int run_agent(const char *config_path)
         log_warn("[agent] loop closed with handles open: %s", uv_strerror(rc));
     log_info("[agent] stopped");
     conn_server_free(&a.conns);
+    deadletter_close(&a.dead);
     config_free(&a.cfg);
     return 0;
 }

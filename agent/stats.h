@@ -44,6 +44,7 @@
     X(queue_bytes)                                                                                 \
     X(backpressure_pauses)                                                                         \
     X(duplicates_dropped)                                                                          \
+    X(dead_lettered)                                                                               \
     X(journal_records)                                                                             \
     X(journal_blocks)                                                                              \
     X(journal_full)                                                                                \

@@ -66,6 +66,17 @@ class Postgres:
             check=True, stdout=subprocess.DEVNULL)
         return self
 
+    def pause(self):
+        """Stops the server, keeping its data: an outage."""
+        subprocess.run(_as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
+                                         "-w", "stop"], stdout=subprocess.DEVNULL, check=True)
+
+    def resume(self):
+        opts = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off"
+        subprocess.run(_as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                                         "-o", opts, "-w", "-t", "60", "start"],
+                       stdout=subprocess.DEVNULL, check=True)
+
     def stop(self):
         subprocess.run(_as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
                                          "-w", "stop"], stdout=subprocess.DEVNULL, check=False)

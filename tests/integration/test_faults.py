@@ -1,6 +1,7 @@
 """Fault scenarios with exact accounting: what clients sent equals what PostgreSQL holds,
 with no duplicates, across real crashes of real processes."""
 import os
+import time
 import signal
 import subprocess
 
@@ -91,3 +92,154 @@ def test_journal_commands_report_the_journal(pg, db, tmp_path):
     bad = subprocess.run([str(BUILD / "trackd"), "journal", "verify", str(jdir)],
                          capture_output=True, text=True)
     assert bad.returncode == 1, bad.stdout
+
+
+class Streamer:
+    """A training process (trackd-driver) fed line by line, so a test can fault things
+    around it while it logs."""
+
+    def __init__(self, socket):
+        self.p = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", socket],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  bufsize=1)
+
+    def send(self, *fields):
+        self.p.stdin.write("\t".join(str(f) for f in fields) + "\n")
+        self.p.stdin.flush()
+
+    def read(self, prefix):
+        while True:
+            line = self.p.stdout.readline()
+            assert line, "the driver exited"
+            if line.startswith(prefix):
+                return line.rstrip("\n").split("\t")
+
+    def finish(self):
+        self.send("counters")
+        counters = self.read("counters")
+        self.p.stdin.close()
+        assert self.p.wait(60) == 0
+        return dict(f.split("=") for f in counters[1:])
+
+
+def count(pg, db, run_id):
+    return pg.query(db, "SELECT count(*), count(DISTINCT (key, step)) FROM metrics"
+                        " WHERE run_uuid = %s", (run_id,))[0]
+
+
+def test_postgres_outage_mid_stream(pg, db, tmp_path):
+    """a) PostgreSQL stops for 30 s while a client streams; the agent keeps accepting into
+    its journal, reconnects with backoff, and drains when the database returns."""
+    a = Agent(pg, db, tmp_path / "a").start()
+    s = Streamer(a.socket)
+    try:
+        s.send("run", "r", "outage-exp", "o", "now")
+        run_id = s.read("run")[2]
+        s.send("flush", 30000)
+        assert s.read("flush") == ["flush", "0"]
+        pg.pause()
+        t_end = time.monotonic() + 30
+        keys, steps = 10, 3000
+        s.send("gen", "r", keys, steps, TS0)  # logs while the database is down, then waits
+        wait_for(lambda: a.stats()["journal_records"] > 0 and a.stats()["db_retries"] > 0, 30,
+                 "the agent to journal and retry")
+        wait_for(lambda: time.monotonic() > t_end, 40, "the 30 s outage")
+        pg.resume()
+        gen = s.read("gen")
+        counters = s.finish()
+        assert "flush=0" in gen, gen
+        rows, distinct = count(pg, db, run_id)
+        report("postgres-outage-30s", keys * steps, rows, rows - distinct,
+               dropped=int(counters["dropped"]) + int(counters["lost"]))
+        assert rows == distinct == keys * steps
+        assert counters["dropped"] == "0" and counters["lost"] == "0"
+    finally:
+        assert a.stop() == 0
+
+
+def test_sigterm_under_load_then_restart(pg, db, tmp_path):
+    """h) SIGTERM while a client streams: the agent stops reading, drains what it can within
+    its grace, exits 0 and keeps the rest in the journal; the next start finishes the job."""
+    a = Agent(pg, db, tmp_path / "a", extra="").start()
+    s = Streamer(a.socket)
+    s.send("run", "r", "term-exp", "t", "now")
+    run_id = s.read("run")[2]
+    keys, steps = 10, 5000
+    s.send("gen", "r", keys, steps, TS0)
+    wait_for(lambda: count(pg, db, run_id)[0] > 0, 60, "the first committed points")
+    assert a.stop() == 0
+    b = Agent(pg, db, tmp_path / "a").start()
+    try:
+        gen = s.read("gen")
+        counters = s.finish()
+        rows, distinct = count(pg, db, run_id)
+        report("sigterm-under-load", keys * steps, rows, rows - distinct,
+               dropped=int(counters["dropped"]) + int(counters["lost"]))
+        assert "flush=0" in gen, gen
+        assert rows == distinct == keys * steps
+    finally:
+        assert b.stop() == 0
+
+
+def test_client_killed_mid_frame_others_unaffected(pg, db, agent):
+    """c) A client dies halfway through a frame while another logs: the partial frame is
+    dropped with a log line, the other client's points all land."""
+    from rawproto import Raw, frame
+
+    good = Streamer(agent.socket)
+    good.send("run", "g", "mid-exp", "g", "now")
+    run_id = good.read("run")[2]
+    raw = Raw(agent.socket)
+    raw.hello()
+    data = frame("metrics", [run_id, ["half", 1.0, TS0, 0]], seq=5)
+    raw.send(data[: len(data) // 2])
+    good.send("gen", "g", 5, 2000, TS0)
+    raw.close()  # dies mid-frame
+    gen = good.read("gen")
+    counters = good.finish()
+    rows, distinct = count(pg, db, run_id)
+    report("client-killed-mid-frame", 5 * 2000, rows, rows - distinct,
+           dropped=int(counters["dropped"]) + int(counters["lost"]))
+    assert "flush=0" in gen and rows == distinct == 10_000
+    assert pg.query(db, "SELECT count(*) FROM metrics WHERE key = 'half'") == [(0,)]
+    wait_for(lambda: "closed mid-frame" in agent.log(), 10, "the partial frame to be logged")
+
+
+def test_poison_rows_are_dead_lettered(pg, db, agent):
+    """f) Bad keys and a run deleted underneath: exactly those events go to the dead-letter
+    file and the client's errors; every good point commits."""
+    s = Streamer(agent.socket)
+    s.send("run", "a", "poison-exp", "a", "now")
+    run_a = s.read("run")[2]
+    s.send("run", "b", "poison-exp", "b", "now")
+    run_b = s.read("run")[2]
+    s.send("flush", 30000)
+    assert s.read("flush") == ["flush", "0"]
+    for table in ("tags", "params", "metrics", "latest_metrics", "runs"):
+        pg.query(db, f"DELETE FROM {table} WHERE run_uuid = %s RETURNING 1", (run_b,))
+    good, bad_keys, orphans = 1000, 50, 100
+    for i in range(good):
+        s.send("metric", "a", "ok", i, i, TS0 + i)
+        if i % 20 == 0:
+            s.send("metric", "a", "bad//key", i, i, TS0 + i)
+        if i % 10 == 0:
+            s.send("metric", "b", "orphan", i, i, TS0 + i)
+    s.send("flush", 60000)
+    assert s.read("flush") == ["flush", "0"]
+    s.send("errors")
+    counters = s.finish()
+    rows, distinct = count(pg, db, run_a)
+    lines = (agent.workdir / "journal" / "dead-letter.jsonl").read_text().splitlines()
+    import json
+    records = [json.loads(l) for l in lines]
+    report("poison-rows", good + bad_keys + orphans, rows, rows - distinct,
+           dead_lettered=len(records))
+    assert rows == distinct == good
+    assert sum(1 for r in records if r["code"] == 2) == bad_keys
+    fk = [r for r in records if r["code"] == 21]
+    assert len(fk) == orphans
+    assert all(r["sqlstate"] == "23503" and r["event"]["run_id"] == run_b
+               and r["event"]["key"] == "orphan" for r in fk)
+    assert agent.stats()["dead_lettered"] == bad_keys + orphans
+    assert int(counters["errors"]) == bad_keys + orphans
+
