@@ -150,7 +150,6 @@ static void send_ack(struct conn *c)
     proto_buf_init(&pb, 0);
     if (proto_encode_ack(&pb, 0, c->last_seq) == 0 && send_buf(c, &pb))
         c->acked_seq = c->last_seq;
-    session_note(&c->srv->sessions, c->session, c->last_seq, uv_now(c->srv->loop));
 }
 
 static void send_stats(struct conn *c, uint64_t seq)
@@ -287,6 +286,8 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
         }
         ingest_message(c->srv->ingest, &o, &m);
         c->last_seq = m.seq;
+        /* At once, not at the ack: a reconnect may come before the journal write does. */
+        session_note(&c->srv->sessions, c->session, m.seq, uv_now(c->srv->loop));
         return;
     }
     }

@@ -243,3 +243,37 @@ def test_poison_rows_are_dead_lettered(pg, db, agent):
     assert agent.stats()["dead_lettered"] == bad_keys + orphans
     assert int(counters["errors"]) == bad_keys + orphans
 
+
+
+def test_journal_full_pushes_back_without_loss(pg, db, tmp_path):
+    """d) The journal reaches its quota while the database is down: the agent stops reading,
+    the client keeps its frames, and everything lands once the database is back."""
+    a = Agent(pg, db, tmp_path / "a")
+    a.config.write_text(a.config.read_text().replace(
+        "[journal]\n", "[journal]\nquota_bytes = 1048576\nsegment_bytes = 65536\n"))
+    a.start()
+    s = Streamer(a.socket)
+    paused = False
+    try:
+        s.send("run", "r", "full-exp", "f", "now")
+        run_id = s.read("run")[2]
+        s.send("flush", 30000)
+        assert s.read("flush") == ["flush", "0"]
+        pg.pause()
+        paused = True
+        keys, steps = 40, 10000  # several MiB of frames against a 1 MiB journal
+        s.send("gen", "r", keys, steps, TS0)
+        wait_for(lambda: a.stats()["journal_full"] > 0, 120, "the journal to fill up")
+        pg.resume()
+        paused = False
+        gen = s.read("gen")
+        counters = s.finish()
+        rows, distinct = count(pg, db, run_id)
+        report("journal-full", keys * steps, rows, rows - distinct,
+               dropped=int(counters["dropped"]) + int(counters["lost"]))
+        assert "flush=0" in gen, gen
+        assert rows == distinct == keys * steps
+    finally:
+        if paused:
+            pg.resume()
+        assert a.stop() == 0
