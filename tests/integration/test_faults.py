@@ -277,3 +277,58 @@ def test_journal_full_pushes_back_without_loss(pg, db, tmp_path):
         if paused:
             pg.resume()
         assert a.stop() == 0
+
+
+def test_through_pgbouncer_transaction_pooling(pg, db, tmp_path):
+    """g) All traffic through PgBouncer in transaction pooling mode: no session state may
+    cross a transaction, and every point still lands once."""
+    import pwd
+    import shutil
+
+    import tempfile
+    from pathlib import Path
+
+    pgb = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    d = Path(tempfile.mkdtemp(prefix="trackd-pgb-"))  # pytest's tmp_path is root-only
+    os.chmod(d, 0o755)
+    (d / "pgbouncer.ini").write_text(
+        f"[databases]\n* = host={pg.dir} port=5432\n"
+        f"[pgbouncer]\nlisten_addr =\nunix_socket_dir = {d}\nlisten_port = 6432\n"
+        "auth_type = trust\npool_mode = transaction\ndefault_pool_size = 2\n"
+        f"auth_file = {d}/users.txt\nlogfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n")
+    (d / "users.txt").write_text('"postgres" ""\n')
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        for p in (d, d / "pgbouncer.ini", d / "users.txt"):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+    cmd = ([] if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--"]) + [pgb, str(d / "pgbouncer.ini")]
+    bouncer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (d / ".s.PGSQL.6432").exists(), 30, "pgbouncer to listen")
+        a = Agent(pg, db, tmp_path / "a")
+        a.config.write_text(a.config.read_text().replace(
+            f'dsn = "{pg.dsn(db)}"', f'dsn = "host={d} port=6432 user=postgres dbname={db}"'))
+        a.start()
+        try:
+            s = Streamer(a.socket)
+            s.send("run", "r", "bouncer-exp", "b", "now")
+            run_id = s.read("run")[2]
+            s.send("param", "r", "lr", "0.1")
+            s.send("tag", "r", "via", "pgbouncer")
+            keys, steps = 10, 2000
+            s.send("gen", "r", keys, steps, TS0)
+            gen = s.read("gen")
+            counters = s.finish()
+            rows, distinct = count(pg, db, run_id)
+            report("pgbouncer-transaction-mode", keys * steps, rows, rows - distinct,
+                   dropped=int(counters["dropped"]) + int(counters["lost"]))
+            assert "flush=0" in gen, gen
+            assert rows == distinct == keys * steps
+            assert pg.query(db, "SELECT value FROM params WHERE run_uuid = %s", (run_id,)) == [("0.1",)]
+            assert a.stats()["batches_committed"] >= 1
+        finally:
+            assert a.stop() == 0
+    finally:
+        bouncer.terminate()
+        bouncer.wait(30)
+        shutil.rmtree(d, ignore_errors=True)
