@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.insert(0, str(ROOT / "bench"))
+import report  # noqa: E402
 from harness import Agent, Postgres  # noqa: E402
 
 WORKER = textwrap.dedent('''
@@ -102,11 +104,9 @@ def main():
         pg.stop()
 
     host = socket.gethostname()
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     m1_p50 = next(r[2] for r in rows if r[0] == "M1")
     lines = [f"# Per-call cost of log_metric, {datetime.date.today()} on {host}", "",
-             f"Machine: {cpu}, {os.cpu_count()} cores; {platform.platform()}; Python {platform.python_version()};"
-             " PostgreSQL 15 with default settings (fsync on), Unix socket.",
+             report.machine(),
              f"Command: `.venv/bin/python bench/calls.py --n {args.n} --n-slow {args.n_slow}`", "",
              "| contender | calls | p50 µs | p99 µs | p99.9 µs | mean µs | M1 p50 / p50 | final flush s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -116,12 +116,7 @@ def main():
     lines += ["", "T-Py: `trackd.log_metric`; T-M: `mlflow.log_metric` under `trackd:`; "
                   "M1: `mlflow.log_metric` under `postgresql://`. Every call's rows were counted in "
                   "`metrics` after the run."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"{datetime.date.today()}-{host}-calls.md"
-    path.write_text(text)
-    print(f"written to {path}")
+    report.write(args.out, "calls", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

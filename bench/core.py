@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.insert(0, str(ROOT / "bench"))
+import report  # noqa: E402
 from harness import BUILD, Agent, Postgres, driver_runs, run_driver  # noqa: E402
 
 TS0 = 1_700_000_000_000
@@ -135,10 +137,8 @@ def main():
         pg.stop()
 
     host = socket.gethostname()
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     lines = [f"# Core throughput, {datetime.date.today()} on {host}", "",
-             f"Machine: {cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB;"
-             f" {platform.platform()}; PostgreSQL 15 with default settings (fsync on), Unix socket.",
+             report.machine(),
              f"Workload: {n:,} metric points, {args.keys} keys x {steps:,} steps, one run.",
              f"Command: `.venv/bin/python bench/core.py --points {args.points} --keys {args.keys}`", "",
              "| contender | what | seconds | points/s | vs L |", "|---|---|---:|---:|---:|"]
@@ -146,12 +146,7 @@ def main():
         lines.append(f"| {name} | {what} | {secs:.3f} | {n / secs:,.0f} | {t_l / secs:.2f} |")
     lines.append("")
     lines += [f"- {name}: {note}" for name, _, _, note in results if note]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"{datetime.date.today()}-{host}-core.md"
-    path.write_text(text)
-    print(f"written to {path}")
+    report.write(args.out, "core", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -57,29 +57,26 @@ class Postgres:
             _as_postgres() + [str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
                               "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        opts = f"-k {self.dir} -c listen_addresses=''"
+        self.opts = f"-k {self.dir} -c listen_addresses=''"
         if not durable:
-            opts += " -c fsync=off -c full_page_writes=off"
-        subprocess.run(
-            _as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                              "-o", opts, "-w", "-t", "60", "start"],
-            check=True, stdout=subprocess.DEVNULL)
+            self.opts += " -c fsync=off -c full_page_writes=off"
+        self.resume()
         return self
 
     def pause(self):
         """Stops the server, keeping its data: an outage."""
-        subprocess.run(_as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
-                                         "-w", "stop"], stdout=subprocess.DEVNULL, check=True)
+        self._pg_ctl("-m", "fast", "-w", "stop")
 
     def resume(self):
-        opts = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off"
-        subprocess.run(_as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                                         "-o", opts, "-w", "-t", "60", "start"],
-                       stdout=subprocess.DEVNULL, check=True)
+        """Starts the server on its data, with the settings start() chose."""
+        self._pg_ctl("-l", str(self.log), "-o", self.opts, "-w", "-t", "60", "start")
+
+    def _pg_ctl(self, *args, check=True):
+        subprocess.run(_as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args],
+                       stdout=subprocess.DEVNULL, check=check)
 
     def stop(self):
-        subprocess.run(_as_postgres() + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
-                                         "-w", "stop"], stdout=subprocess.DEVNULL, check=False)
+        self._pg_ctl("-m", "fast", "-w", "stop", check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def dsn(self, db):
