@@ -51,6 +51,8 @@ bool ingest_drained(const struct ingest *in)
 static void update_gauges(struct ingest *in)
 {
     stats.queue_bytes = ingest_pending_bytes(in);
+    if (stats.queue_bytes > stats.queue_bytes_peak)
+        stats.queue_bytes_peak = stats.queue_bytes;
     stats.queue_events = in->next_serial - 1 - in->done_serial;
 }
 

@@ -43,6 +43,7 @@ static int fsync_policy(const char *s)
 
 struct replay_ctx {
     journaler_frame_cb cb;
+    int (*pace)(void *);
     void *ctx;
     uint64_t bad_records;
     uint64_t committed; /* records up to here are in PostgreSQL already */
@@ -87,13 +88,13 @@ static int replay_record(void *arg, uint8_t type, const void *payload, size_t le
         return 0;
     }
     rc->cb(rc->ctx, &o, &h, p + PROTO_HEADER_LEN, lsn);
-    return 0;
+    return rc->pace ? rc->pace(rc->ctx) : 0;
 }
 
-int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, void *ctx,
-                     struct journal_replay_stats *st, char *msg, size_t msglen)
+int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, int (*pace)(void *),
+                     void *ctx, struct journal_replay_stats *st, char *msg, size_t msglen)
 {
-    struct replay_ctx rc = {cb, ctx, 0, 0, 0};
+    struct replay_ctx rc = {cb, pace, ctx, 0, 0, 0};
     struct journal_error err;
     memset(st, 0, sizeof *st);
     char path[4200];
@@ -105,7 +106,8 @@ int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, voi
             rc.committed = v;
         fclose(f);
     }
-    if (journal_replay(cfg->journal_dir, replay_record, &rc, st, &err) != 0) {
+    int r = journal_replay(cfg->journal_dir, replay_record, &rc, st, &err);
+    if (r < 0) {
         snprintf(msg, msglen, "journal replay failed: %s", err.message);
         return -1;
     }
@@ -115,7 +117,7 @@ int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, voi
     if (rc.bad_records)
         log_warn("[journal] %llu records in %s were not frames and were skipped",
                  (unsigned long long)rc.bad_records, cfg->journal_dir);
-    return 0;
+    return r == 0 ? 0 : 1;
 }
 
 /* ---- writing ------------------------------------------------------------------ */
@@ -223,14 +225,19 @@ static void sync_timer_cb(uv_timer_t *t)
         jr->writing = jr->syncing = false;
 }
 
-int journaler_open(struct journaler *jr, uv_loop_t *loop, const struct trackd_config *cfg,
-                   const struct journaler_cbs *cbs, void *ctx, char *msg, size_t msglen)
+void journaler_init(struct journaler *jr, uv_loop_t *loop, const struct trackd_config *cfg,
+                    const struct journaler_cbs *cbs, void *ctx)
 {
     memset(jr, 0, sizeof *jr);
     jr->loop = loop;
     jr->cfg = cfg;
     jr->cbs = *cbs;
     jr->ctx = ctx;
+}
+
+int journaler_open(struct journaler *jr, char *msg, size_t msglen)
+{
+    const struct trackd_config *cfg = jr->cfg;
     struct journal_config jc = {
         .dir = cfg->journal_dir,
         .quota_bytes = cfg->journal_quota_bytes,
@@ -247,7 +254,13 @@ int journaler_open(struct journaler *jr, uv_loop_t *loop, const struct trackd_co
     struct journal_usage u;
     journal_usage(jr->j, &u);
     jr->appended_lsn = jr->durable_lsn = u.next_lsn ? u.next_lsn - 1 : 0;
-    uv_timer_init(loop, &jr->sync_timer);
+    if (jr->released_lsn) {
+        /* Committed during the replay: those segments can go now. */
+        int n = journal_release(jr->j, jr->released_lsn);
+        if (n < 0)
+            log_limited(LOG_WARN, "[journal] cannot delete committed segments: %s", strerror(-n));
+    }
+    uv_timer_init(jr->loop, &jr->sync_timer);
     jr->sync_timer.data = jr;
     if (jc.fsync == JOURNAL_FSYNC_INTERVAL)
         uv_timer_start(&jr->sync_timer, sync_timer_cb, cfg->journal_fsync_interval_ms,
@@ -300,6 +313,13 @@ void journaler_kick(struct journaler *jr)
 
 void journaler_release(struct journaler *jr, uint64_t lsn)
 {
+    if (jr->j == NULL) {
+        if (lsn > jr->released_lsn && !jr->closing) {
+            write_marker(jr, lsn);
+            jr->released_lsn = jr->release_lsn = lsn;
+        }
+        return;
+    }
     if (lsn > jr->release_lsn)
         jr->release_lsn = lsn;
     if (!jr->writing)
@@ -308,8 +328,9 @@ void journaler_release(struct journaler *jr, uint64_t lsn)
 
 void journaler_usage(const struct journaler *jr, uint64_t *bytes, uint64_t *quota)
 {
-    struct journal_usage u;
-    journal_usage(jr->j, &u);
+    struct journal_usage u = {0};
+    if (jr->j)
+        journal_usage(jr->j, &u);
     *bytes = u.disk_bytes + u.pending_bytes;
     *quota = jr->cfg->journal_quota_bytes;
 }
@@ -327,6 +348,12 @@ void journaler_close(struct journaler *jr, void (*closed)(struct journaler *))
 {
     jr->closing = true;
     jr->closed = closed;
+    if (jr->j == NULL) {
+        /* Never opened (stopped during the replay): no handle to close. */
+        if (closed)
+            closed(jr);
+        return;
+    }
     if (jr->writing)
         return; /* after_work_cb comes back here */
     if (jr->inflight) {

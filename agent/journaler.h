@@ -59,21 +59,29 @@ struct journaler {
 
 /*
  * Replays the journal in dir before the agent serves anyone: cb receives each frame with
- * its origin and LSN, in LSN order. Returns 0 or -1 with msg.
+ * its origin and LSN, in LSN order, and pace runs after each one (it may run the loop until
+ * memory allows more; non-zero stops the replay). Returns 0, 1 when pace stopped it, or -1
+ * with msg.
  */
 typedef void (*journaler_frame_cb)(void *ctx, const struct frame_origin *o,
                                    const struct proto_header *h, const uint8_t *body, uint64_t lsn);
-int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, void *ctx,
-                     struct journal_replay_stats *st, char *msg, size_t msglen);
+int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, int (*pace)(void *),
+                     void *ctx, struct journal_replay_stats *st, char *msg, size_t msglen);
 
-int journaler_open(struct journaler *jr, uv_loop_t *loop, const struct trackd_config *cfg,
-                   const struct journaler_cbs *cbs, void *ctx, char *msg, size_t msglen);
+/* Sets jr up without opening the journal: releases may come in already (during replay). */
+void journaler_init(struct journaler *jr, uv_loop_t *loop, const struct trackd_config *cfg,
+                    const struct journaler_cbs *cbs, void *ctx);
+/* Opens the journal for appending (after the replay). Returns 0 or -1 with msg. */
+int journaler_open(struct journaler *jr, char *msg, size_t msglen);
 /* Appends one frame (header + body); -ENOSPC when the journal is at its quota. */
 int journaler_append(struct journaler *jr, const struct frame_origin *o,
                      const struct proto_header *h, const uint8_t *body, uint64_t *lsn);
 /* Starts writing the open block unless a write is already running. */
 void journaler_kick(struct journaler *jr);
-/* Everything up to lsn is committed in PostgreSQL: whole segments may go. */
+/*
+ * Everything up to lsn is committed in PostgreSQL: whole segments may go. Before
+ * journaler_open only the committed position is recorded (replayed records are on disk).
+ */
 void journaler_release(struct journaler *jr, uint64_t lsn);
 /* Bytes on disk and pending, against the quota. */
 void journaler_usage(const struct journaler *jr, uint64_t *bytes, uint64_t *quota);

@@ -51,6 +51,9 @@ struct agent {
     uint64_t started_ms;
     uint64_t shutdown_deadline_ms;
     uint64_t last_committed;
+    uint64_t replay_log_ms; /* last progress line while the replay waits */
+    bool replaying;         /* the journal is being replayed; nobody is served yet */
+    bool replay_complete;   /* every journaled record went through ingest */
     bool stopping;
 };
 
@@ -121,6 +124,8 @@ static void on_released(void *ctx, uint64_t lsn)
 {
     struct agent *a = ctx;
     journaler_release(&a->journal, lsn);
+    if (a->replaying)
+        return;
     uint64_t bytes, quota;
     journaler_usage(&a->journal, &bytes, &quota);
     stats.journal_bytes = bytes;
@@ -150,6 +155,33 @@ static void on_replayed(void *ctx, const struct frame_origin *o, const struct pr
     stats.replayed_frames++;
 }
 
+/*
+ * Between replayed records: while the replayed events hold more than the pending-memory
+ * bound, the loop runs (the writer commits, timers and signals fire) until they fall below
+ * half of it, so a journal of any size replays in bounded memory. Nothing else is served
+ * yet, so clients' frames still come after the journal's. Non-zero stops the replay.
+ */
+static int replay_pace(void *ctx)
+{
+    struct agent *a = ctx;
+    size_t limit = a->cfg.max_pending_bytes;
+    if (ingest_pending_bytes(&a->ingest) < limit)
+        return a->stopping;
+    while (!a->stopping && ingest_pending_bytes(&a->ingest) >= limit / 2) {
+        ingest_cut(&a->ingest);
+        uint64_t now = uv_now(&a->loop);
+        if (now - a->replay_log_ms >= 10000) {
+            a->replay_log_ms = now;
+            log_info("[journal] replay: %llu frames so far, %zu bytes waiting for PostgreSQL "
+                     "(writer %s); clients are served once the journal is through",
+                     (unsigned long long)stats.replayed_frames, ingest_pending_bytes(&a->ingest),
+                     writer_state_name(a->writer.state));
+        }
+        uv_run(&a->loop, UV_RUN_ONCE);
+    }
+    return a->stopping;
+}
+
 /* ---- lifecycle ------------------------------------------------------------- */
 
 static void writer_closed(struct writer *w)
@@ -169,6 +201,9 @@ static void finish(struct agent *a)
         log_warn("[agent] shutdown grace of %u ms ended with %llu events not written; they stay "
                  "in the journal for the next start",
                  a->cfg.shutdown_grace_ms, (unsigned long long)left);
+    else if (!a->replay_complete)
+        log_warn("[agent] stopped during the journal replay; the rest is replayed at the next "
+                 "start");
     else
         journaler_release(&a->journal, a->journal.appended_lsn); /* everything is committed */
     journaler_close(&a->journal, journal_closed);
@@ -206,10 +241,12 @@ static void on_signal(uv_signal_t *s, int signum)
     a->stopping = true;
     log_info("[agent] %s: no new connections; writing buffered events (up to %u ms)",
              signum == SIGTERM ? "SIGTERM" : "SIGINT", a->cfg.shutdown_grace_ms);
+    a->shutdown_deadline_ms = uv_now(&a->loop) + a->cfg.shutdown_grace_ms;
+    if (a->replaying)
+        return; /* run_agent sees stopping when the replay returns */
     listener_close(&a->listener);
     conn_drain_all(&a->conns);
     ingest_cut(&a->ingest);
-    a->shutdown_deadline_ms = uv_now(&a->loop) + a->cfg.shutdown_grace_ms;
     uv_timer_start(&a->shutdown, shutdown_tick, 0, 20);
 }
 
@@ -274,56 +311,28 @@ static int run_agent(const char *config_path)
     log_info("[agent] trackd %s starting (config %s)", trackd_version,
              config_path ? config_path : "built-in defaults");
 
-    if (pgconn_check_schema(&a.cfg, msg, sizeof msg) != 0) {
+    int chk = pgconn_check_schema(&a.cfg, msg, sizeof msg);
+    if (chk == PGCONN_CHECK_FAILED) {
         log_error("[agent] %s", msg);
         config_free(&a.cfg);
         return 1;
     }
+    if (chk == PGCONN_CHECK_UNREACHABLE)
+        log_warn("[agent] %s; starting offline: events are journaled and written once "
+                 "PostgreSQL answers",
+                 msg);
 
     uv_loop_init(&a.loop);
     a.started_ms = uv_now(&a.loop);
     struct writer_cbs wcbs = {on_reject, on_batch_done};
     struct ingest_cbs icbs = {on_pause, on_flushed, on_error, on_released};
+    struct journaler_cbs jcbs = {on_durable};
     if (writer_init(&a.writer, &a.loop, &a.cfg, &wcbs, &a) != 0)
         return 1;
     ingest_init(&a.ingest, &a.loop, &a.cfg, &a.writer, &icbs, &a);
+    journaler_init(&a.journal, &a.loop, &a.cfg, &jcbs, &a);
     if (conn_server_init(&a.conns, &a.loop, &a.cfg, &a.ingest) != 0) {
         log_error("[agent] out of memory");
-        return 1;
-    }
-    /* Replay may reject events, so the dead-letter file must be open before it. */
-    if (mkdir_p(a.cfg.journal_dir) != 0) {
-        log_error("[agent] cannot create the journal directory %s: %s", a.cfg.journal_dir,
-                  strerror(errno));
-        return 1;
-    }
-    deadletter_open(&a.dead, a.cfg.journal_dir);
-    struct journal_replay_stats rs;
-    if (journaler_replay(&a.cfg, on_replayed, &a, &rs, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    if (rs.records || rs.quarantined || rs.torn_tail_bytes)
-        log_info("[journal] replayed %llu frames from %llu segments (%llu quarantined, %llu torn "
-                 "bytes skipped)%s%s",
-                 (unsigned long long)rs.records, (unsigned long long)rs.segments,
-                 (unsigned long long)rs.quarantined, (unsigned long long)rs.torn_tail_bytes,
-                 rs.last_problem[0] ? ": " : "", rs.last_problem);
-    struct journaler_cbs jcbs = {on_durable};
-    if (journaler_open(&a.journal, &a.loop, &a.cfg, &jcbs, &a, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    a.conns.journal = &a.journal;
-    a.conns.durable_lsn = a.journal.durable_lsn;
-    if (listener_start(&a.listener, &a.loop, &a.cfg, &a.conns, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        journaler_close(&a.journal, journal_closed);
-        writer_close(&a.writer, writer_closed);
-        ingest_close(&a.ingest);
-        uv_run(&a.loop, UV_RUN_DEFAULT);
-        uv_loop_close(&a.loop);
-        config_free(&a.cfg);
         return 1;
     }
     uv_signal_init(&a.loop, &a.sigterm);
@@ -334,6 +343,62 @@ static int run_agent(const char *config_path)
     uv_timer_init(&a.loop, &a.tick);
     uv_timer_init(&a.loop, &a.shutdown);
     a.tick.data = a.shutdown.data = &a;
+
+    /* Replay may reject events, so the dead-letter file must be open before it. */
+    if (mkdir_p(a.cfg.journal_dir) != 0) {
+        log_error("[agent] cannot create the journal directory %s: %s", a.cfg.journal_dir,
+                  strerror(errno));
+        return 1;
+    }
+    deadletter_open(&a.dead, a.cfg.journal_dir);
+    struct journal_replay_stats rs;
+    a.replaying = true;
+    a.replay_log_ms = 0; /* the first wait is logged at once */
+    int rrc = journaler_replay(&a.cfg, on_replayed, replay_pace, &a, &rs, msg, sizeof msg);
+    a.replaying = false;
+    if (rrc < 0) {
+        log_error("[agent] %s", msg);
+        return 1;
+    }
+    a.replay_complete = rrc == 0;
+    if (rs.records || rs.quarantined || rs.torn_tail_bytes)
+        log_info("[journal] replayed %llu frames from %llu segments (%llu quarantined, %llu torn "
+                 "bytes skipped)%s%s",
+                 (unsigned long long)rs.records, (unsigned long long)rs.segments,
+                 (unsigned long long)rs.quarantined, (unsigned long long)rs.torn_tail_bytes,
+                 rs.last_problem[0] ? ": " : "", rs.last_problem);
+    if (a.stopping) {
+        /* A signal came during the replay: write what is queued, within the grace period. */
+        ingest_cut(&a.ingest);
+        uv_timer_start(&a.shutdown, shutdown_tick, 0, 20);
+        uv_run(&a.loop, UV_RUN_DEFAULT);
+        uv_loop_close(&a.loop);
+        log_info("[agent] stopped");
+        conn_server_free(&a.conns);
+        deadletter_close(&a.dead);
+        config_free(&a.cfg);
+        return 0;
+    }
+    if (journaler_open(&a.journal, msg, sizeof msg) != 0) {
+        log_error("[agent] %s", msg);
+        return 1;
+    }
+    a.conns.journal = &a.journal;
+    a.conns.durable_lsn = a.journal.durable_lsn;
+    if (listener_start(&a.listener, &a.loop, &a.cfg, &a.conns, msg, sizeof msg) != 0) {
+        log_error("[agent] %s", msg);
+        journaler_close(&a.journal, journal_closed);
+        writer_close(&a.writer, writer_closed);
+        ingest_close(&a.ingest);
+        uv_close((uv_handle_t *)&a.tick, NULL);
+        uv_close((uv_handle_t *)&a.shutdown, NULL);
+        uv_close((uv_handle_t *)&a.sigterm, NULL);
+        uv_close((uv_handle_t *)&a.sigint, NULL);
+        uv_run(&a.loop, UV_RUN_DEFAULT);
+        uv_loop_close(&a.loop);
+        config_free(&a.cfg);
+        return 1;
+    }
     uv_timer_start(&a.tick, on_tick, 1000, 1000);
     log_info("[agent] ready");
 

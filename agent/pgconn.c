@@ -67,6 +67,11 @@ int pgconn_params_init(struct pgconn_params *p, const struct trackd_config *cfg,
 {
     size_t n = 0;
     memset(p, 0, sizeof *p);
+    /* First, so that a connect_timeout in the DSN wins; libpq's minimum is 2 s. */
+    unsigned secs = (cfg->pg_connect_timeout_ms + 999) / 1000;
+    snprintf(p->timeout, sizeof p->timeout, "%u", secs < 2 ? 2 : secs);
+    p->keys[n] = "connect_timeout";
+    p->values[n++] = p->timeout;
     p->keys[n] = "dbname";
     p->values[n++] = cfg->pg_dsn;
     p->keys[n] = "fallback_application_name";
@@ -135,84 +140,109 @@ static bool revision_allowed(const struct trackd_config *cfg, const char *rev)
     return false;
 }
 
-static int check_on(PGconn *c, const struct trackd_config *cfg, char *msg, size_t msglen)
+const char pgconn_check_sql[] =
+    "SELECT version_num FROM alembic_version;"
+    "SELECT table_name || '.' || column_name FROM information_schema.columns"
+    " WHERE table_schema = current_schema()";
+
+int pgconn_check_results(const struct trackd_config *cfg, const char *dbname, const PGresult *rev,
+                         const PGresult *cols, char *msg, size_t msglen)
 {
-    int rc = -1;
-    PGresult *r = PQexec(c, "SELECT to_regclass('alembic_version') IS NOT NULL");
-    if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-        snprintf(msg, msglen, "schema check failed: %s", PQerrorMessage(c));
-        goto out;
+    if (rev == NULL || PQresultStatus(rev) != PGRES_TUPLES_OK) {
+        const char *st = rev ? PQresultErrorField(rev, PG_DIAG_SQLSTATE) : NULL;
+        if (st && strcmp(st, "42P01") == 0)
+            snprintf(msg, msglen,
+                     "database %s has no MLflow schema (table alembic_version is missing). "
+                     "Initialise it with MLflow once, e.g. `mlflow server --backend-store-uri "
+                     "postgresql://...` or `mlflow db upgrade` followed by one start of the "
+                     "server; trackd never creates MLflow's tables",
+                     dbname);
+        else
+            snprintf(msg, msglen, "schema check failed: %.*s",
+                     rev ? (int)strcspn(PQresultErrorMessage(rev), "\n") : 15,
+                     rev ? PQresultErrorMessage(rev) : "no result");
+        return -1;
     }
-    if (strcmp(PQgetvalue(r, 0, 0), "t") != 0) {
-        snprintf(msg, msglen,
-                 "database %s has no MLflow schema (table alembic_version is missing). "
-                 "Initialise it with MLflow once, e.g. `mlflow server --backend-store-uri "
-                 "postgresql://...` or `mlflow db upgrade` followed by one start of the server; "
-                 "trackd never creates MLflow's tables",
-                 PQdb(c));
-        goto out;
-    }
-    PQclear(r);
-    r = PQexec(c, "SELECT version_num FROM alembic_version");
-    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+    if (PQntuples(rev) != 1) {
         snprintf(msg, msglen,
                  "alembic_version must hold exactly one row (found %d); the MLflow schema is "
                  "incomplete: run `mlflow db upgrade` on it",
-                 PQresultStatus(r) == PGRES_TUPLES_OK ? PQntuples(r) : -1);
-        goto out;
+                 PQntuples(rev));
+        return -1;
     }
-    const char *rev = PQgetvalue(r, 0, 0);
-    if (!revision_allowed(cfg, rev)) {
+    const char *version = PQgetvalue(rev, 0, 0);
+    if (!revision_allowed(cfg, version)) {
         snprintf(msg, msglen,
                  "MLflow schema revision %s is not one trackd is tested with (tested: %s). "
                  "Upgrade or downgrade the database with the matching MLflow release, or add the "
                  "revision to [mlflow] allowed_revisions after checking it",
-                 rev, pgconn_tested_revisions[0]);
-        goto out;
+                 version, pgconn_tested_revisions[0]);
+        return -1;
     }
-    log_info("[postgres] MLflow schema revision %s", rev);
-    PQclear(r);
-    r = PQexec(c, "SELECT table_name || '.' || column_name FROM information_schema.columns"
-                  " WHERE table_schema = current_schema()");
-    if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-        snprintf(msg, msglen, "cannot read information_schema.columns: %s", PQerrorMessage(c));
-        goto out;
+    if (cols == NULL || PQresultStatus(cols) != PGRES_TUPLES_OK) {
+        snprintf(msg, msglen, "cannot read information_schema.columns: %.*s",
+                 cols ? (int)strcspn(PQresultErrorMessage(cols), "\n") : 15,
+                 cols ? PQresultErrorMessage(cols) : "no result");
+        return -1;
     }
     for (size_t i = 0; i < sizeof required_columns / sizeof required_columns[0]; i++) {
         char want[128];
         snprintf(want, sizeof want, "%s.%s", required_columns[i][0], required_columns[i][1]);
         bool found = false;
-        for (int row = 0; row < PQntuples(r) && !found; row++)
-            found = strcmp(PQgetvalue(r, row, 0), want) == 0;
+        for (int row = 0; row < PQntuples(cols) && !found; row++)
+            found = strcmp(PQgetvalue(cols, row, 0), want) == 0;
         if (!found) {
             snprintf(msg, msglen,
                      "column %s is missing from the MLflow schema; the database was not "
                      "initialised by a supported MLflow release (run `mlflow db upgrade`)",
                      want);
-            goto out;
+            return -1;
         }
     }
-    rc = 0;
-out:
-    PQclear(r);
-    return rc;
+    return 0;
+}
+
+const char *pgconn_check_revision(const PGresult *rev)
+{
+    return PQntuples(rev) == 1 ? PQgetvalue(rev, 0, 0) : "?";
 }
 
 int pgconn_check_schema(const struct trackd_config *cfg, char *msg, size_t msglen)
 {
     struct pgconn_params p;
     if (pgconn_params_init(&p, cfg, msg, msglen) != 0)
-        return -1;
+        return PGCONN_CHECK_FAILED;
     PGconn *c = PQconnectdbParams(p.keys, p.values, 1);
     pgconn_params_clear(&p);
-    int rc = -1;
     if (PQstatus(c) != CONNECTION_OK) {
         snprintf(msg, msglen, "cannot connect to PostgreSQL: %.*s",
                  (int)strcspn(PQerrorMessage(c), "\n"), PQerrorMessage(c));
-    } else {
-        PQsetNoticeProcessor(c, pgconn_notice, NULL);
-        rc = check_on(c, cfg, msg, msglen);
+        PQfinish(c);
+        return PGCONN_CHECK_UNREACHABLE;
     }
+    PQsetNoticeProcessor(c, pgconn_notice, NULL);
+    PGresult *rev = NULL, *cols = NULL, *r;
+    if (PQsendQuery(c, pgconn_check_sql)) {
+        while ((r = PQgetResult(c)) != NULL) {
+            if (rev == NULL)
+                rev = r;
+            else if (cols == NULL)
+                cols = r;
+            else
+                PQclear(r);
+        }
+    }
+    int rc = PGCONN_CHECK_FAILED;
+    if (rev == NULL && PQstatus(c) == CONNECTION_BAD) {
+        snprintf(msg, msglen, "PostgreSQL connection lost during the schema check: %.*s",
+                 (int)strcspn(PQerrorMessage(c), "\n"), PQerrorMessage(c));
+        rc = PGCONN_CHECK_UNREACHABLE;
+    } else if (pgconn_check_results(cfg, PQdb(c), rev, cols, msg, msglen) == 0) {
+        log_info("[postgres] MLflow schema revision %s", pgconn_check_revision(rev));
+        rc = PGCONN_CHECK_OK;
+    }
+    PQclear(rev);
+    PQclear(cols);
     PQfinish(c);
     return rc;
 }

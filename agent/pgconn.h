@@ -1,8 +1,9 @@
 /*
  * PostgreSQL plumbing shared by the start-up check and the writer: libpq
  * connection parameters from the configuration (the password stays out of
- * every log line), SQLSTATE classification, and the blocking schema check
- * that runs once before the event loop starts.
+ * every log line), SQLSTATE classification, and the schema check: blocking
+ * once before the event loop starts, and non-blocking in the writer on every
+ * new connection (after an offline start or a failover).
  */
 #ifndef TRACKD_PGCONN_H
 #define TRACKD_PGCONN_H
@@ -17,8 +18,9 @@ extern const char *const pgconn_tested_revisions[];
 
 /* libpq keyword/value arrays for PQconnectStartParams(..., expand_dbname=1). */
 struct pgconn_params {
-    const char *keys[5];
-    const char *values[5];
+    const char *keys[6];
+    const char *values[6];
+    char timeout[16];
     char password[1024]; /* from [postgres] password_file; never logged */
 };
 
@@ -37,9 +39,23 @@ enum pgconn_class {
 enum pgconn_class pgconn_classify(const char *sqlstate);
 
 /*
- * Connects (blocking), verifies alembic_version is a tested revision and
- * that every column the writer fills exists. On failure returns -1 and puts
- * a sentence naming what is missing and how to fix it into msg.
+ * The schema check: one simple query of two statements (alembic_version, then the columns of
+ * the current schema), sent by the start-up check and by the writer on every new connection.
+ * pgconn_check_results judges their results (either may be NULL or an error); on failure it
+ * returns -1 with a sentence naming what is missing and how to fix it in msg.
+ */
+extern const char pgconn_check_sql[];
+int pgconn_check_results(const struct trackd_config *cfg, const char *dbname, const PGresult *rev,
+                         const PGresult *cols, char *msg, size_t msglen);
+/* The revision a successful check saw. */
+const char *pgconn_check_revision(const PGresult *rev);
+
+enum { PGCONN_CHECK_OK = 0, PGCONN_CHECK_FAILED = -1, PGCONN_CHECK_UNREACHABLE = -2 };
+
+/*
+ * Connects (blocking, bounded by [postgres] connect_timeout_ms) and runs the schema check.
+ * Returns PGCONN_CHECK_OK, PGCONN_CHECK_FAILED (the schema or configuration is wrong) or
+ * PGCONN_CHECK_UNREACHABLE (no connection: the agent starts offline), with msg set.
  */
 int pgconn_check_schema(const struct trackd_config *cfg, char *msg, size_t msglen);
 

@@ -38,10 +38,13 @@
     X(batch_splits)                                                                                \
     X(db_retries)                                                                                  \
     X(db_connects)                                                                                 \
+    X(db_connected)                                                                                \
+    X(db_schema_errors)                                                                            \
     X(db_rtt_us_last)                                                                              \
     X(db_rtt_us_max)                                                                               \
     X(queue_events)                                                                                \
     X(queue_bytes)                                                                                 \
+    X(queue_bytes_peak)                                                                            \
     X(backpressure_pauses)                                                                         \
     X(duplicates_dropped)                                                                          \
     X(dead_lettered)                                                                               \

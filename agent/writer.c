@@ -38,15 +38,16 @@ enum stmt {
 };
 
 static void drive(struct writer *w);
+static void clear_check(struct writer *w);
 static void start_next(struct writer *w);
 static int push_range(struct writer *w, size_t lo, size_t hi);
 static void connect_start(struct writer *w);
 
 const char *writer_state_name(enum writer_state s)
 {
-    static const char *const names[] = {"disconnected", "connecting", "idle",
-                                        "txn_start",    "copy_data",  "pipeline",
-                                        "rollback",     "backoff",    "closing"};
+    static const char *const names[] = {"disconnected", "connecting", "checking", "idle",
+                                        "txn_start",    "copy_data",  "pipeline", "rollback",
+                                        "backoff",      "closing"};
     return names[s];
 }
 
@@ -182,7 +183,9 @@ static void conn_lost(struct writer *w, const char *what)
     log_limited(LOG_WARN, "[writer] PostgreSQL connection lost during %s: %.*s; retrying", what,
                 (int)strcspn(err, "\n"), err);
     stats.db_retries++;
+    stats.db_connected = 0;
     requeue_current(w);
+    clear_check(w);
     if (w->pg)
         PQfinish(w->pg);
     w->pg = NULL;
@@ -202,12 +205,12 @@ static void connect_poll(struct writer *w)
             conn_lost(w, "connect");
             return;
         }
-        log_info("[writer] connected to PostgreSQL %s (server %d)", PQdb(w->pg),
-                 PQserverVersion(w->pg));
-        w->attempts = 0;
-        poll_watch(w, PQsocket(w->pg), UV_READABLE);
-        set_state(w, W_IDLE);
-        start_next(w);
+        log_info("[writer] connected to PostgreSQL %s on %s (server %d)", PQdb(w->pg),
+                 PQhost(w->pg), PQserverVersion(w->pg));
+        /* Every new server is checked: after an offline start or a failover it is new to us. */
+        set_state(w, W_CHECKING);
+        if (!PQsendQuery(w->pg, pgconn_check_sql) || flush_out(w) != 0)
+            conn_lost(w, "schema check");
         return;
     case PGRES_POLLING_READING: poll_watch(w, PQsocket(w->pg), UV_READABLE); return;
     case PGRES_POLLING_WRITING: poll_watch(w, PQsocket(w->pg), UV_WRITABLE); return;
@@ -597,11 +600,60 @@ static void note_param_changes(struct writer *w, const PGresult *res)
     }
 }
 
+static void clear_check(struct writer *w)
+{
+    PQclear(w->check_rev);
+    PQclear(w->check_cols);
+    w->check_rev = w->check_cols = NULL;
+}
+
+/* The schema check's results are in: serve, or stay away from a database we must not write. */
+static void check_done(struct writer *w)
+{
+    char msg[700];
+    int rc =
+        pgconn_check_results(w->cfg, PQdb(w->pg), w->check_rev, w->check_cols, msg, sizeof msg);
+    if (rc == 0 && !w->schema_ok)
+        log_info("[postgres] MLflow schema revision %s", pgconn_check_revision(w->check_rev));
+    clear_check(w);
+    if (rc != 0) {
+        /* Events stay queued (and journaled) until an operator fixes the database. */
+        stats.db_schema_errors++;
+        log_limited(LOG_ERROR, "[writer] %s; not writing, checking again in %u s", msg,
+                    BACKOFF_MAX_MS / 1000);
+        PQfinish(w->pg);
+        w->pg = NULL;
+        poll_stop(w);
+        set_state(w, W_BACKOFF);
+        uv_timer_start(&w->timer, backoff_cb, BACKOFF_MAX_MS, 0);
+        return;
+    }
+    w->schema_ok = true;
+    w->attempts = 0;
+    stats.db_connected = 1;
+    set_state(w, W_IDLE);
+    start_next(w);
+}
+
 /* Reads every result that has arrived and advances the state. */
 static void drive(struct writer *w)
 {
     while (w->pg && !PQisBusy(w->pg)) {
         enum writer_state st = w->state;
+        if (st == W_CHECKING) {
+            PGresult *res = PQgetResult(w->pg);
+            if (res == NULL) {
+                check_done(w);
+                continue;
+            }
+            if (w->check_rev == NULL)
+                w->check_rev = res;
+            else if (w->check_cols == NULL)
+                w->check_cols = res;
+            else
+                PQclear(res);
+            continue;
+        }
         if (st != W_TXN_START && st != W_PIPELINE && st != W_ROLLBACK)
             return;
         PGresult *res = PQgetResult(w->pg);
@@ -778,6 +830,7 @@ void writer_close(struct writer *w, void (*closed)(struct writer *))
     }
     w->tail = NULL;
     w->queued = 0;
+    clear_check(w);
     if (w->pg)
         PQfinish(w->pg);
     w->pg = NULL;

@@ -29,6 +29,7 @@ struct writer_cbs {
 enum writer_state {
     W_DISCONNECTED,
     W_CONNECTING,
+    W_CHECKING, /* schema check sent on a new connection */
     W_IDLE,
     W_TXN_START, /* BEGIN (and COPY start / end) results pending */
     W_COPY_DATA, /* streaming COPY rows */
@@ -75,7 +76,9 @@ struct writer {
     size_t *param_changed; /* event indexes, reported after COMMIT succeeds */
     char **param_old;
     size_t n_param_changed;
-    unsigned attempts; /* consecutive failures, for backoff */
+    PGresult *check_rev, *check_cols; /* schema check results so far */
+    bool schema_ok;                   /* a check passed since the agent started */
+    unsigned attempts;                /* consecutive failures, for backoff */
     unsigned unknown_failures;
     uint64_t sync_sent_us;
     void (*closed_cb)(struct writer *);
