@@ -57,11 +57,31 @@ class Postgres:
             _as_postgres() + [str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
                               "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._set_opts(durable)
+        self.resume()
+        return self
+
+    def start_standby(self, primary, durable=False):
+        """A streaming replica of primary (pg_basebackup -R), read-only until promote()."""
+        subprocess.run(
+            _as_postgres() + [str(PG_BIN / "pg_basebackup"), "-D", str(self.data), "-R",
+                              "-X", "stream", "-c", "fast", "-h", str(primary.dir), "-U", "postgres"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._set_opts(durable)
+        self.resume()
+        return self
+
+    def _set_opts(self, durable):
         self.opts = f"-k {self.dir} -c listen_addresses=''"
         if not durable:
             self.opts += " -c fsync=off -c full_page_writes=off"
-        self.resume()
-        return self
+
+    def promote(self):
+        self._pg_ctl("-w", "-t", "60", "promote")
+
+    def crash(self):
+        """Stops the server the way a power cut would: no shutdown checkpoint."""
+        self._pg_ctl("-m", "immediate", "-w", "stop")
 
     def pause(self):
         """Stops the server, keeping its data: an outage."""
@@ -95,6 +115,15 @@ class Postgres:
                 c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
             else:
                 c.execute(f'CREATE DATABASE "{name}"')
+
+    def copy_db(self, source, db, name):
+        """Copies database db of another cluster here (pg_dump | psql)."""
+        self.create_db(name)
+        dump = subprocess.run([str(PG_BIN / "pg_dump"), "-d", source.dsn(db)], check=True,
+                              capture_output=True).stdout
+        subprocess.run([str(PG_BIN / "psql"), "-q", "-v", "ON_ERROR_STOP=1", "-d",
+                        self.dsn(name)], input=dump, check=True, capture_output=True)
+        return name
 
     def bootstrap_template(self, artifact_root):
         """Lets the pinned MLflow create its schema once; test databases copy it."""

@@ -5,7 +5,7 @@ import time
 import signal
 import subprocess
 
-from harness import BUILD, Agent, wait_for
+from harness import BUILD, Agent, run_driver, wait_for
 
 TS0 = 1_700_000_000_000
 
@@ -332,3 +332,164 @@ def test_through_pgbouncer_transaction_pooling(pg, db, tmp_path):
         bouncer.terminate()
         bouncer.wait(30)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_offline_start_then_database_arrives(pg, db, tmp_path):
+    """a') The database is down when the agent starts: it starts anyway (offline), journals
+    and acknowledges what clients log, and writes it all once PostgreSQL answers."""
+    pg.pause()
+    try:
+        a = Agent(pg, db, tmp_path / "a").start()
+    except BaseException:
+        pg.resume()
+        raise
+    s = Streamer(a.socket)
+    try:
+        assert "starting offline" in a.log()
+        s.send("run", "r", "offline-exp", "o", "now")
+        run_id = s.read("run")[2]
+        keys, steps = 10, 2000
+        s.send("gen", "r", keys, steps, TS0)
+        wait_for(lambda: a.stats()["events_received"] >= keys * steps, 60,
+                 "the points to reach the agent while the database is down")
+        assert a.stats()["db_connected"] == 0 and a.stats()["events_committed"] == 0
+        pg.resume()
+        gen = s.read("gen")
+        counters = s.finish()
+        rows, distinct = count(pg, db, run_id)
+        report("offline-start", keys * steps, rows, rows - distinct,
+               dropped=int(counters["dropped"]) + int(counters["lost"]))
+        assert "flush=0" in gen, gen
+        assert rows == distinct == keys * steps
+        st = a.stats()
+        assert st["db_connected"] == 1 and st["db_schema_errors"] == 0
+    finally:
+        pg.resume() if not (pg.dir / ".s.PGSQL.5432").exists() else None
+        assert a.stop() == 0
+
+
+def test_replay_larger_than_memory_bound(pg, db, tmp_path):
+    """b') A journal holding far more than [batch] max_pending_bytes (the agent was killed
+    during an outage, then restarted with a smaller bound) replays in bounded memory: the
+    replay waits for the database instead of loading everything, then all of it lands."""
+    a = Agent(pg, db, tmp_path / "a").start()
+    b = None
+    s = Streamer(a.socket)
+    resumed = False
+    pg.pause()
+    try:
+        s.send("run", "r", "replay-exp", "r", "now")
+        run_id = s.read("run")[2]
+        keys, steps = 20, 10000
+        s.send("gen", "r", keys, steps, TS0)
+        wait_for(lambda: a.stats()["events_received"] >= keys * steps + 1, 120,
+                 "every point in the journal")
+        held = a.stats()["queue_bytes"]
+        a.kill()
+        limit = 1 << 20
+        assert held > 4 * limit, held
+        b = Agent(pg, db, tmp_path / "a", extra="[batch]\nmax_pending_bytes = 1048576\n")
+        b.start(wait=False)
+        wait_for(lambda: "waiting for PostgreSQL" in b.log(), 60, "the replay to wait")
+        assert "[agent] ready" not in b.log().split("trackd 0")[-1]
+        pg.resume()
+        resumed = True
+        wait_for(lambda: b.log().count("[agent] ready") >= 2, 120, "the replay to finish")
+        gen = s.read("gen")
+        counters = s.finish()
+        rows, distinct = count(pg, db, run_id)
+        st = b.stats()
+        report("replay-bounded", keys * steps, rows, rows - distinct,
+               dropped=int(counters["dropped"]) + int(counters["lost"]))
+        print(f"journal held {held} pending bytes; replay peak {st['queue_bytes_peak']} "
+              f"bytes against max_pending_bytes={limit}")
+        assert "flush=0" in gen, gen
+        assert rows == distinct == keys * steps
+        assert st["replayed_frames"] > 0
+        # The bound, plus what one frame (up to 8,192 points) adds before the replay waits:
+        # the open batch's arrays grow by doubling, so up to 3 MiB here.
+        assert st["queue_bytes_peak"] < limit + (3 << 20), st["queue_bytes_peak"]
+        assert st["queue_bytes_peak"] < held // 4, (st["queue_bytes_peak"], held)
+    finally:
+        if not resumed:
+            pg.resume()
+        a.kill()
+        if b is not None:
+            assert b.stop() == 0
+
+
+def test_primary_failover_to_promoted_standby(pg, db, tmp_path):
+    """e) The agent's DSN lists a primary and its streaming standby with
+    target_session_attrs=read-write. The primary crashes mid-stream and the standby is
+    promoted: to the agent this is one more outage, and every point lands once."""
+    from harness import Postgres
+
+    primary = Postgres().start()
+    standby = None
+    try:
+        primary.copy_db(pg, db, "fo")
+        standby = Postgres().start_standby(primary)
+        # Synchronous replication: a commit the agent saw is on the standby too. Set after
+        # the base backup, so the promoted standby does not wait for a standby of its own.
+        with primary.connect() as c:
+            c.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            c.execute("SELECT pg_reload_conf()")
+        wait_for(lambda: primary.query("postgres", "SELECT sync_state FROM pg_stat_replication")
+                 == [("sync",)], 30, "the standby to replicate synchronously")
+        a = Agent(pg, db, tmp_path / "a")
+        a.config.write_text(a.config.read_text().replace(
+            f'dsn = "{pg.dsn(db)}"',
+            f'dsn = "host={primary.dir},{standby.dir} user=postgres dbname=fo '
+            f'target_session_attrs=read-write"'))
+        a.start()
+        try:
+            s = Streamer(a.socket)
+            s.send("run", "r", "failover-exp", "f", "now")
+            run_id = s.read("run")[2]
+            keys, steps = 10, 5000
+            s.send("gen", "r", keys, steps, TS0)
+            wait_for(lambda: count(primary, "fo", run_id)[0] > 0, 60,
+                     "the first committed points on the primary")
+            primary.crash()
+            standby.promote()
+            gen = s.read("gen")
+            counters = s.finish()
+            rows, distinct = count(standby, "fo", run_id)
+            report("primary-failover", keys * steps, rows, rows - distinct,
+                   dropped=int(counters["dropped"]) + int(counters["lost"]))
+            assert "flush=0" in gen, gen
+            assert rows == distinct == keys * steps
+            assert a.stats()["db_connects"] >= 2
+            assert f"on {standby.dir}" in a.log()
+        finally:
+            assert a.stop() == 0
+    finally:
+        primary.stop()
+        if standby:
+            standby.stop()
+
+
+def test_offline_start_against_a_database_without_schema(pg, tmp_path):
+    """An agent that started offline checks the schema when the database appears: a database
+    MLflow never initialised is not written to; the error is logged and counted, and the
+    events stay in the journal."""
+    empty = "t_offline_no_schema"
+    pg.create_db(empty)
+    pg.pause()
+    a = Agent(pg, empty, tmp_path / "a")
+    a.config.write_text(a.config.read_text().replace("shutdown_grace_ms = 20000",
+                                                     "shutdown_grace_ms = 500"))
+    try:
+        a.start()
+    finally:
+        pg.resume()
+    try:
+        out, _ = run_driver(a.socket, [["run", "r", "e", "x", "now"], ["flush", "1000"]],
+                            check=False)
+        wait_for(lambda: a.stats()["db_schema_errors"] >= 1, 30, "the schema check to fail")
+        assert f"database {empty} has no MLflow schema" in a.log()
+        assert a.stats()["events_committed"] == 0 and a.stats()["db_connected"] == 0
+        assert ["flush", "0"] not in out
+    finally:
+        assert a.stop() == 0
+    assert "they stay in the journal" in a.log()
