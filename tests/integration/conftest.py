@@ -38,3 +38,16 @@ def agent(pg, db, tmp_path, artifact_root):
     yield a
     rc = a.stop()
     assert rc == 0, f"agent exit code {rc}; log:\n{a.log()[-4000:]}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Prints every fault scenario's accounting line, passed or not, after the run."""
+    lines = []
+    for outcome in ("passed", "failed"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if rep.when == "call":
+                lines += [l for l in rep.capstdout.splitlines() if l.startswith("scenario=")]
+    if lines:
+        terminalreporter.section("fault scenarios")
+        for line in lines:
+            terminalreporter.write_line(line)
