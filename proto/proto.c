@@ -50,6 +50,7 @@ const char *proto_kind_name(int kind)
         [PROTO_DELETE_TAG] = "delete_tag",
         [PROTO_UPDATE_RUN] = "update_run",
         [PROTO_ACK] = "ack",
+        [PROTO_ARTIFACT] = "artifact",
     };
     if (kind < 1 || kind > PROTO_KIND_MAX)
         return "unknown";
@@ -342,6 +343,18 @@ int proto_encode_delete_tag(struct proto_buf *b, uint64_t seq, const char *run_i
     enc_array(&e, 2);
     enc_str(&e, run_str(run_id));
     enc_str(&e, key);
+    return enc_end(&e);
+}
+
+int proto_encode_artifact(struct proto_buf *b, uint64_t seq, const char *run_id,
+                          struct proto_str path, uint64_t size)
+{
+    struct enc e;
+    enc_begin(&e, b, PROTO_ARTIFACT, seq);
+    enc_array(&e, 3);
+    enc_str(&e, run_str(run_id));
+    enc_str(&e, path);
+    enc_uint(&e, size);
     return enc_end(&e);
 }
 
@@ -981,6 +994,12 @@ int proto_msg_decode(const struct proto_header *h, const uint8_t *body, struct p
         TRY(rd_run_id(&c, &out->u.delete_tag.run_id));
         TRY(rd_str(&c, &out->u.delete_tag.key));
         return rd_finish(&c, n, 2);
+    case PROTO_ARTIFACT:
+        TRY(rd_top(&c, 3, &n));
+        TRY(rd_run_id(&c, &out->u.artifact.run_id));
+        TRY(rd_str(&c, &out->u.artifact.path));
+        TRY(rd_uint(&c, &out->u.artifact.size));
+        return rd_finish(&c, n, 3);
     case PROTO_UPDATE_RUN:
         TRY(rd_top(&c, 4, &n));
         TRY(rd_run_id(&c, &out->u.update_run.run_id));

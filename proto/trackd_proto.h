@@ -39,7 +39,8 @@ enum proto_kind {
     PROTO_DELETE_TAG = 15,
     PROTO_UPDATE_RUN = 16,
     PROTO_ACK = 17,
-    PROTO_KIND_MAX = 17
+    PROTO_ARTIFACT = 18, /* carries one file descriptor (SCM_RIGHTS) */
+    PROTO_KIND_MAX = 18
 };
 
 /*
@@ -58,6 +59,7 @@ enum proto_error_code {
     PROTO_ERR_PARAM_CHANGED = 20, /* a param logged again with another value */
     PROTO_ERR_DATABASE = 21,      /* PostgreSQL rejected the event (e.g. unknown run) */
     PROTO_ERR_RUN_NAME_CONFLICT = 22,
+    PROTO_ERR_ARTIFACT = 23, /* the file could not be taken or uploaded; see the message */
     PROTO_ERR_PROTOCOL = 30, /* malformed frame; the connection is closed */
     PROTO_ERR_SHUTDOWN = 31  /* agent stopped before the event was written */
 };
@@ -153,6 +155,12 @@ int proto_encode_experiment_at(struct proto_buf *b, uint64_t seq, struct proto_s
                                const struct proto_str *artifact_location);
 int proto_encode_delete_tag(struct proto_buf *b, uint64_t seq, const char *run_id,
                             struct proto_str key);
+/*
+ * ARTIFACT: the file travels as a descriptor passed with the frame's first byte; path is
+ * where it goes below the run's artifact root ("plots/loss.png"), size what the client saw.
+ */
+int proto_encode_artifact(struct proto_buf *b, uint64_t seq, const char *run_id,
+                          struct proto_str path, uint64_t size);
 /* UPDATE_RUN: each of status, end_time, run_name may be NULL to keep the stored value. */
 int proto_encode_update_run(struct proto_buf *b, uint64_t seq, const char *run_id,
                             const struct proto_str *status, const int64_t *end_time,
@@ -221,6 +229,10 @@ struct proto_msg {
         struct {
             struct proto_str run_id, key;
         } delete_tag;
+        struct {
+            struct proto_str run_id, path;
+            uint64_t size;
+        } artifact;
         struct {
             struct proto_str run_id, status, run_name;
             int64_t end_time;

@@ -424,6 +424,25 @@ static void test_vec_end_run(void **state)
     vec_free(&v);
 }
 
+static void test_vec_artifact(void **state)
+{
+    (void)state;
+    struct vec v;
+    struct proto_msg m;
+    vec_load("artifact", &v);
+    vec_decode(&v, PROTO_ARTIFACT, 12, &m);
+    assert_str(m.u.artifact.run_id, R1);
+    assert_str(m.u.artifact.path, "plots/loss.png");
+    assert_int_equal(m.u.artifact.size, 1024);
+
+    struct proto_buf b;
+    proto_buf_init(&b, 0);
+    assert_int_equal(proto_encode_artifact(&b, 12, R1, S("plots/loss.png"), 1024), 0);
+    assert_bytes(b.data, b.len, v.data, v.len);
+    proto_buf_free(&b);
+    vec_free(&v);
+}
+
 static void empty_vector(const char *name, int kind, uint64_t seq)
 {
     struct vec v;
@@ -539,8 +558,8 @@ static void test_names(void **state)
     static const char *const kinds[] = {
         "unknown",     "hello",      "welcome",    "experiment", "start_run", "metric", "metrics",
         "params",      "tags",       "end_run",    "flush",      "flushed",   "error",  "stats",
-        "stats_reply", "delete_tag", "update_run", "ack",        "unknown"};
-    for (int k = 0; k <= 18; k++)
+        "stats_reply", "delete_tag", "update_run", "ack",        "artifact",  "unknown"};
+    for (int k = 0; k <= 19; k++)
         assert_string_equal(proto_kind_name(k), kinds[k]);
     assert_string_equal(proto_kind_name(-1), "unknown");
     assert_string_equal(proto_kind_name(255), "unknown");
@@ -563,10 +582,10 @@ static void test_names(void **state)
 /* ---- (b) incremental reassembly ---------------------------------------- */
 
 static const char *const stream_names[] = {
-    "hello",       "welcome", "experiment",    "start_run", "start_run_nil_name",
-    "metric",      "metrics", "metrics_mixed", "params",    "tags",
-    "end_run",     "flush",   "flushed",       "error",     "stats",
-    "stats_reply",
+    "hello",       "welcome",  "experiment",    "start_run", "start_run_nil_name",
+    "metric",      "metrics",  "metrics_mixed", "params",    "tags",
+    "end_run",     "flush",    "flushed",       "error",     "stats",
+    "stats_reply", "artifact",
 };
 #define N_STREAM (sizeof stream_names / sizeof stream_names[0])
 
@@ -2066,6 +2085,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_vec_params),
         cmocka_unit_test(test_vec_tags),
         cmocka_unit_test(test_vec_end_run),
+        cmocka_unit_test(test_vec_artifact),
         cmocka_unit_test(test_vec_flush),
         cmocka_unit_test(test_vec_flushed),
         cmocka_unit_test(test_vec_error),
