@@ -134,6 +134,22 @@ TRACKD_API int trackd_delete_tag(trackd_client *c, const char *run_id, const cha
  */
 TRACKD_API int trackd_update_run(trackd_client *c, const char *run_id, const char *status,
                                  int64_t end_time_ms, const char *run_name);
+/*
+ * Hands a file to the agent for upload to the run's artifact store, as
+ * artifact_path/<file name> (artifact_path NULL or "" = the root). Returns at once: the
+ * open file travels to the agent as a descriptor, so the caller may delete or rename the
+ * file right away. Rewriting the same file in place (same inode) before the agent has
+ * copied it is the one race left. The upload itself happens later; flush() waits for the
+ * agent to have taken the file, not for the upload. -EISDIR for a directory (see below).
+ */
+TRACKD_API int trackd_log_artifact(trackd_client *c, const char *run_id, const char *local_path,
+                                   const char *artifact_path);
+/*
+ * Every regular file below local_dir, keeping its relative path under artifact_path.
+ * Returns the number of files handed over, or the first error.
+ */
+TRACKD_API int trackd_log_artifacts(trackd_client *c, const char *run_id, const char *local_dir,
+                                    const char *artifact_path);
 /* status: "FINISHED" (NULL), "FAILED" or "KILLED"; end_time_ms may be TRACKD_NOW. */
 TRACKD_API int trackd_end_run(trackd_client *c, const char *run_id, const char *status,
                               int64_t end_time_ms);

@@ -18,8 +18,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <dirent.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -34,6 +36,8 @@
 #define RECONNECT_MIN_MS 50
 #define RECONNECT_MAX_MS 2000
 #define CLOSE_SEND_MS 2000
+#define MAX_ARTIFACT_FDS 256 /* files handed over and not yet acknowledged */
+#define MAX_ARTIFACT_DEPTH 64
 
 enum io_state { IO_DISCONNECTED, IO_CONNECTED };
 
@@ -82,6 +86,13 @@ struct trackd_client {
     struct trackd_counters ctr;
     struct trackd_error errs[ERROR_QUEUE];
     size_t err_head, err_count;
+
+    /* Open files of ARTIFACT frames, by frame seq, until the agent acknowledges them. */
+    struct fd_slot {
+        uint64_t seq;
+        int fd;
+    } * fds;
+    size_t nfds, capfds;
 
     bool forked;         /* set in a forked child; see CHECK_USABLE */
     trackd_client *next; /* all open clients, for the fork handler */
@@ -448,6 +459,123 @@ int trackd_delete_tag(trackd_client *c, const char *run_id, const char *key)
                  proto_encode_delete_tag(&c->pending, seq, run_id, to_str(key)));
 }
 
+int trackd_log_artifact(trackd_client *c, const char *run_id, const char *local_path,
+                        const char *artifact_path)
+{
+    CHECK_USABLE(c);
+    if (c == NULL || local_path == NULL || !run_id_ok(run_id))
+        return -EINVAL;
+    const char *base = strrchr(local_path, '/');
+    base = base ? base + 1 : local_path;
+    if (base[0] == '\0')
+        return -EINVAL;
+    char path[4096];
+    size_t dl = artifact_path ? strlen(artifact_path) : 0;
+    while (dl > 0 && artifact_path[dl - 1] == '/')
+        dl--;
+    int pl = dl ? snprintf(path, sizeof path, "%.*s/%s", (int)dl, artifact_path, base)
+                : snprintf(path, sizeof path, "%s", base);
+    if (pl < 0 || (size_t)pl >= sizeof path)
+        return -ENAMETOOLONG;
+    int fd = open(local_path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    int rc = fstat(fd, &st) != 0    ? -errno
+             : S_ISDIR(st.st_mode)  ? -EISDIR
+             : !S_ISREG(st.st_mode) ? -EINVAL
+                                    : 0;
+    if (rc != 0) {
+        close(fd);
+        return rc;
+    }
+    size_t need = (size_t)pl + 96;
+    pthread_mutex_lock(&c->mu);
+    rc = admit(c, need, 1, need);
+    if (rc == 0 && c->nfds == MAX_ARTIFACT_FDS) {
+        c->ctr.dropped++;
+        rc = -ENOBUFS;
+    }
+    if (rc == 0 && c->nfds == c->capfds) {
+        size_t cap = c->capfds ? c->capfds * 2 : 8;
+        struct fd_slot *f = realloc(c->fds, cap * sizeof *f);
+        if (f == NULL)
+            rc = -ENOMEM;
+        else {
+            c->fds = f;
+            c->capfds = cap;
+        }
+    }
+    if (rc == 0) {
+        uint64_t seq = c->next_seq++;
+        c->metrics_open = false;
+        if (proto_encode_artifact(&c->pending, seq, run_id, (struct proto_str){path, (uint32_t)pl},
+                                  (uint64_t)st.st_size) != 0)
+            rc = -ENOMEM;
+        else
+            c->fds[c->nfds++] = (struct fd_slot){seq, fd};
+    }
+    if (rc != 0) {
+        pthread_mutex_unlock(&c->mu);
+        close(fd);
+        return rc;
+    }
+    return appended(c, 1);
+}
+
+/* Walks dir (path relative to the top in rel), handing over each regular file. */
+static int log_dir(trackd_client *c, const char *run_id, const char *dir, const char *rel,
+                   int depth)
+{
+    if (depth > MAX_ARTIFACT_DEPTH)
+        return -ELOOP;
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return -errno;
+    int count = 0, rc = 0;
+    struct dirent *e;
+    while (rc >= 0 && (e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        char path[4096], sub[4096];
+        struct stat st;
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, e->d_name) >= sizeof path ||
+            (size_t)snprintf(sub, sizeof sub, "%s%s%s", rel, rel[0] ? "/" : "", e->d_name) >=
+                sizeof sub) {
+            rc = -ENAMETOOLONG;
+            break;
+        }
+        /* Like MLflow: files behind symlinks are logged, symlinked directories are not walked. */
+        if (lstat(path, &st) != 0) {
+            rc = -errno;
+            break;
+        }
+        if (S_ISDIR(st.st_mode)) {
+            rc = log_dir(c, run_id, path, sub, depth + 1);
+            count += rc > 0 ? rc : 0;
+        } else if (stat(path, &st) == 0 && S_ISREG(st.st_mode)) {
+            rc = trackd_log_artifact(c, run_id, path, rel);
+            count += rc == 0;
+        }
+    }
+    closedir(d);
+    return rc < 0 ? rc : count;
+}
+
+int trackd_log_artifacts(trackd_client *c, const char *run_id, const char *local_dir,
+                         const char *artifact_path)
+{
+    CHECK_USABLE(c);
+    if (c == NULL || local_dir == NULL || !run_id_ok(run_id))
+        return -EINVAL;
+    char rel[4096];
+    size_t dl = artifact_path ? strlen(artifact_path) : 0;
+    while (dl > 0 && artifact_path[dl - 1] == '/')
+        dl--;
+    snprintf(rel, sizeof rel, "%.*s", (int)dl, dl ? artifact_path : "");
+    return log_dir(c, run_id, local_dir, rel, 0);
+}
+
 int trackd_update_run(trackd_client *c, const char *run_id, const char *status, int64_t end_time_ms,
                       const char *run_name)
 {
@@ -656,14 +784,42 @@ static int wait_events(struct trackd_client *c, int ms)
     return 0;
 }
 
-/* Writes all of buf, reading replies meanwhile; gives up after limit_ms (< 0: never). */
-static int write_all(struct trackd_client *c, const uint8_t *buf, size_t len, int limit_ms)
+/* Sends with pass_fd (>= 0) attached as SCM_RIGHTS to the first byte sent. */
+static ssize_t send_fd(int sock, const uint8_t *buf, size_t len, int pass_fd)
+{
+    if (pass_fd < 0)
+        return send(sock, buf, len, MSG_NOSIGNAL);
+    union {
+        char b[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    memset(&u, 0, sizeof u);
+    struct iovec iov = {(void *)buf, len};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = u.b;
+    msg.msg_controllen = sizeof u.b;
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &pass_fd, sizeof pass_fd);
+    return sendmsg(sock, &msg, MSG_NOSIGNAL);
+}
+
+/*
+ * Writes all of buf, reading replies meanwhile; gives up after limit_ms (< 0: never).
+ * pass_fd (>= 0) travels with the first byte.
+ */
+static int write_all_fd(struct trackd_client *c, const uint8_t *buf, size_t len, int pass_fd,
+                        int limit_ms)
 {
     struct timespec start, now;
     clock_gettime(CLOCK_MONOTONIC, &start);
     size_t off = 0;
     while (off < len) {
-        ssize_t n = send(c->fd, buf + off, len - off, MSG_NOSIGNAL);
+        ssize_t n = send_fd(c->fd, buf + off, len - off, off == 0 ? pass_fd : -1);
         if (n > 0) {
             off += (size_t)n;
             continue;
@@ -692,6 +848,55 @@ static int write_all(struct trackd_client *c, const uint8_t *buf, size_t len, in
             return -1;
     }
     return 0;
+}
+
+static int write_all(struct trackd_client *c, const uint8_t *buf, size_t len, int limit_ms)
+{
+    return write_all_fd(c, buf, len, -1, limit_ms);
+}
+
+static int fd_for_seq(struct trackd_client *c, uint64_t seq)
+{
+    int fd = -1;
+    pthread_mutex_lock(&c->mu);
+    for (size_t i = 0; i < c->nfds && fd < 0; i++)
+        if (c->fds[i].seq == seq)
+            fd = c->fds[i].fd;
+    pthread_mutex_unlock(&c->mu);
+    return fd;
+}
+
+/* Writes whole frames; each ARTIFACT frame goes with its file's descriptor. */
+static int send_frames(struct trackd_client *c, const uint8_t *buf, size_t len, int limit_ms)
+{
+    size_t off = 0, start = 0;
+    struct proto_header h;
+    while (len - off >= PROTO_HEADER_LEN &&
+           proto_header_decode(buf + off, PROTO_MAX_BODY_HARD, &h) == 0) {
+        size_t flen = PROTO_HEADER_LEN + (size_t)h.body_len;
+        if (h.kind == PROTO_ARTIFACT) {
+            if (start < off && write_all(c, buf + start, off - start, limit_ms) != 0)
+                return -1;
+            if (write_all_fd(c, buf + off, flen, fd_for_seq(c, h.seq), limit_ms) != 0)
+                return -1;
+            start = off + flen;
+        }
+        off += flen;
+    }
+    return start < len ? write_all(c, buf + start, len - start, limit_ms) : 0;
+}
+
+/* Closes the files of acknowledged ARTIFACT frames (all of them: acked = UINT64_MAX). */
+static void release_fds(struct trackd_client *c, uint64_t acked)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < c->nfds; i++) {
+        if (c->fds[i].seq <= acked)
+            close(c->fds[i].fd);
+        else
+            c->fds[k++] = c->fds[i];
+    }
+    c->nfds = k;
 }
 
 /* Connects and says hello; re-sends a barrier lost with the previous connection. */
@@ -728,7 +933,7 @@ static int try_connect(struct trackd_client *c)
      * newer; the agent recognises the session and drops the ones it already has.
      */
     if (rc == 0 && c->unacked.len > 0)
-        rc = write_all(c, c->unacked.data, c->unacked.len, -1);
+        rc = send_frames(c, c->unacked.data, c->unacked.len, -1);
     /*
      * A barrier the old agent acknowledged but never answered would wait forever: ask again
      * with the same seq, after everything resent. Only then: a flush frame still waiting in
@@ -775,6 +980,8 @@ static void trim_unacked(struct trackd_client *c)
             break;
         off += PROTO_HEADER_LEN + h.body_len;
     }
+    if (c->nfds)
+        release_fds(c, c->agent_acked);
     if (off > 0) {
         proto_buf_consume(&c->unacked, off);
         if (c->unacked.len == 0)
@@ -843,7 +1050,7 @@ static void *io_main(void *arg)
         pthread_cond_broadcast(&c->cv);
         pthread_mutex_unlock(&c->mu);
 
-        int rc = write_all(c, c->sendbuf.data, c->sendbuf.len, stopping ? CLOSE_SEND_MS : -1);
+        int rc = send_frames(c, c->sendbuf.data, c->sendbuf.len, stopping ? CLOSE_SEND_MS : -1);
         /* Sent or not, the frames wait in unacked until the agent confirms them. */
         int keep = proto_buf_reserve(&c->unacked, c->sendbuf.len);
         if (keep == 0) {
@@ -1018,6 +1225,8 @@ void trackd_close(trackd_client *c, int timeout_ms)
         proto_buf_free(&c->pending);
         proto_buf_free(&c->sendbuf);
         proto_buf_free(&c->unacked);
+        release_fds(c, UINT64_MAX);
+        free(c->fds);
         free(c);
         return;
     }
@@ -1035,6 +1244,8 @@ void trackd_close(trackd_client *c, int timeout_ms)
     proto_buf_free(&c->pending);
     proto_buf_free(&c->sendbuf);
     proto_buf_free(&c->unacked);
+    release_fds(c, UINT64_MAX);
+    free(c->fds);
     close(c->wake_fd);
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->cv);
