@@ -171,6 +171,41 @@ const char batch_sql_delete_tags[] =
     "DELETE FROM tags USING unnest($1::text[], $2::text[]) AS t(run, key)"
     " WHERE tags.run_uuid = t.run AND tags.key = t.key";
 
+/*
+ * Ledger rows take the destination from the run's artifact_uri, in the same transaction
+ * order as the run's own insert. A replayed upload meets its row again (DO UPDATE, so it
+ * is returned with its status); an unknown run returns no row and the event is rejected.
+ */
+const char batch_sql_artifacts[] =
+    "INSERT INTO trackd_artifacts (upload_id, run_uuid, path, size, sha256, store_uri, status,"
+    " created_time)"
+    " SELECT u.id, u.run, u.path, u.size, u.sha, rtrim(r.artifact_uri, '/') || '/' || u.path,"
+    " 'pending', $6::bigint"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[])"
+    " AS u(id, run, path, size, sha) JOIN runs r ON r.run_uuid = u.run"
+    " ON CONFLICT (upload_id) DO UPDATE SET upload_id = EXCLUDED.upload_id"
+    " RETURNING upload_id, store_uri, status";
+
+const char batch_sql_artifacts_done[] =
+    "UPDATE trackd_artifacts t SET status = u.status, error = NULLIF(u.err, ''),"
+    " finished_time = $4::bigint"
+    " FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, status, err)"
+    " WHERE t.upload_id = u.id";
+
+const char batch_sql_create_ledger[] =
+    "CREATE TABLE IF NOT EXISTS trackd_artifacts ("
+    " upload_id text PRIMARY KEY,"
+    " run_uuid varchar(32) NOT NULL,"
+    " path text NOT NULL,"
+    " size bigint NOT NULL,"
+    " sha256 char(64) NOT NULL,"
+    " store_uri text NOT NULL,"
+    " status text NOT NULL CHECK (status IN ('pending', 'done', 'failed')),"
+    " error text,"
+    " created_time bigint NOT NULL,"
+    " finished_time bigint);"
+    "CREATE INDEX IF NOT EXISTS trackd_artifacts_run ON trackd_artifacts (run_uuid)";
+
 /* ---- array literals ---------------------------------------------------- */
 
 int batch_array_append(struct proto_buf *arr, const char *s, size_t len)
@@ -356,7 +391,9 @@ static size_t *dedup_find(struct dedup *d, const struct batch *b, size_t i, enum
         &(s)->run_names, &(s)->run_users, &(s)->run_starts, &(s)->run_exps, &(s)->tag_keys,        \
         &(s)->tag_values, &(s)->tag_runs, &(s)->rename_runs, &(s)->rename_values,                  \
         &(s)->param_keys, &(s)->param_values, &(s)->param_runs, &(s)->param_ords, &(s)->end_runs,  \
-        &(s)->end_statuses, &(s)->end_times, &(s)->copy
+        &(s)->end_statuses, &(s)->end_times, &(s)->art_ids, &(s)->art_runs, &(s)->art_paths,       \
+        &(s)->art_sizes, &(s)->art_shas, &(s)->done_ids, &(s)->done_statuses, &(s)->done_errors,   \
+        &(s)->copy
 
 void batch_sql_init(struct batch_sql *s)
 {
@@ -536,6 +573,22 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
                 batch_array_append(&s->del_keys, a, ev->a.len))
                 goto out;
             s->n_dels++;
+            break;
+        case EV_ARTIFACT:
+            if (batch_array_append(&s->art_ids, batch_sptr(b, ev->b), ev->b.len) ||
+                batch_array_append(&s->art_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
+                batch_array_append(&s->art_paths, a, ev->a.len) ||
+                array_int(&s->art_sizes, ev->step) ||
+                batch_array_append(&s->art_shas, batch_sptr(b, ev->c), ev->c.len))
+                goto out;
+            s->n_arts++;
+            break;
+        case EV_ARTIFACT_DONE:
+            if (batch_array_append(&s->done_ids, batch_sptr(b, ev->b), ev->b.len) ||
+                batch_array_append(&s->done_statuses, a, ev->a.len) ||
+                batch_array_append(&s->done_errors, batch_sptr(b, ev->c), ev->c.len))
+                goto out;
+            s->n_dones++;
             break;
         }
     }

@@ -28,7 +28,9 @@ enum ev_kind {
     EV_PARAM,
     EV_TAG,
     EV_END_RUN,
-    EV_DELETE_TAG
+    EV_DELETE_TAG,
+    EV_ARTIFACT,     /* ledger row: a = path, b = upload id, c = sha256, step = size */
+    EV_ARTIFACT_DONE /* ledger update: a = status, b = upload id, c = error */
 };
 
 enum ev_flag {
@@ -110,6 +112,11 @@ struct batch_sql {
     struct proto_buf end_runs, end_statuses, end_times;
     size_t n_ends;
 
+    struct proto_buf art_ids, art_runs, art_paths, art_sizes, art_shas;
+    size_t n_arts;
+    struct proto_buf done_ids, done_statuses, done_errors;
+    size_t n_dones;
+
     struct proto_buf copy;
     size_t n_metrics;
 
@@ -134,6 +141,12 @@ extern const char batch_sql_metrics[];
 extern const char batch_sql_latest[];
 extern const char batch_sql_end_runs[];
 extern const char batch_sql_delete_tags[];
+/* $1 ids, $2 runs, $3 paths, $4 sizes, $5 sha256, $6 now ms; returns id, store_uri, status */
+extern const char batch_sql_artifacts[];
+/* $1 ids, $2 statuses, $3 errors, $4 now ms */
+extern const char batch_sql_artifacts_done[];
+/* trackd's own ledger of uploads, created when missing. */
+extern const char batch_sql_create_ledger[];
 
 /* Appends s as one element of a text array literal (quoted and escaped). */
 int batch_array_append(struct proto_buf *arr, const char *s, size_t len);

@@ -10,12 +10,15 @@
 #include "conn.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
+#include "artifacts.h"
 #include "config.h"
 #include "ingest.h"
 #include "journaler.h"
@@ -37,6 +40,7 @@ static void conn_close(struct conn *c);
 static void apply_reading(struct conn_server *s);
 static bool conn_may_read(const struct conn *c);
 static void stop_reading(struct conn *c);
+static void start_reading(struct conn *c);
 
 int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
                      struct ingest *ingest)
@@ -229,6 +233,68 @@ static void journal_full(struct conn *c, int rc)
         conn_close(c);
 }
 
+/* A frame handled without the journal (an artifact) is accepted like a journaled one. */
+static void accept_seq(struct conn *c, uint64_t seq)
+{
+    if (seq > c->last_seq)
+        c->last_seq = seq;
+    session_note(&c->srv->sessions, c->session, seq, uv_now(c->srv->loop));
+}
+
+/*
+ * ARTIFACT: the descriptor that came with the frame is copied into the spool before the
+ * frame is accepted; frames after it wait, so their order and acknowledgements hold.
+ */
+static void on_artifact(struct conn *c, const struct proto_msg *m)
+{
+    if (c->nfds == 0) {
+        protocol_error(c, m->seq,
+                       "artifact frame without a file descriptor (pass it with SCM_RIGHTS on "
+                       "the frame's first byte)");
+        return;
+    }
+    int fd = c->fds[0];
+    memmove(c->fds, c->fds + 1, --c->nfds * sizeof c->fds[0]);
+    if (c->session && m->seq <= c->last_seq) {
+        close(fd);
+        stats.duplicates_dropped++;
+        return;
+    }
+    const struct proto_str path = m->u.artifact.path;
+    const char *problem = artifacts_path_problem(path.ptr, path.len);
+    if (c->srv->artifacts == NULL)
+        problem = "this agent does not take artifacts";
+    if (problem == NULL &&
+        (m->u.artifact.run_id.len != PROTO_RUN_ID_LEN || memchr(path.ptr, '\0', path.len) != NULL))
+        problem = "bad run id or path";
+    struct artifact *a = NULL;
+    int rc = problem ? -EINVAL
+                     : artifacts_snapshot(c->srv->artifacts, c->id, c->session, m->seq,
+                                          m->u.artifact.run_id.ptr, path, fd, &a);
+    if (problem)
+        close(fd);
+    if (rc == -EEXIST) {
+        /* Resent after an agent restart: the spool already holds it. */
+        stats.duplicates_dropped++;
+        accept_seq(c, m->seq);
+        return;
+    }
+    if (rc != 0) {
+        char msg[300];
+        snprintf(msg, sizeof msg, "artifact '%.*s' not taken: %s",
+                 (int)(path.len > 200 ? 200 : path.len), path.ptr,
+                 problem          ? problem
+                 : rc == -ENOBUFS ? "too many artifacts pending"
+                                  : strerror(-rc));
+        stats.artifacts_failed++;
+        conn_send_error(c, m->seq, PROTO_ERR_ARTIFACT, msg);
+        accept_seq(c, m->seq);
+        return;
+    }
+    c->snapshotting = true;
+    stop_reading(c);
+}
+
 static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t *body)
 {
     struct proto_msg m;
@@ -259,6 +325,7 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
         if (m.seq > c->last_seq)
             c->last_seq = m.seq;
         return;
+    case PROTO_ARTIFACT: on_artifact(c, &m); return;
     case PROTO_WELCOME:
     case PROTO_FLUSHED:
     case PROTO_ERROR:
@@ -291,6 +358,50 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
         return;
     }
     }
+}
+
+static void process_frames(struct conn *c);
+
+static void free_handle_cb(uv_handle_t *h)
+{
+    free(h);
+}
+
+/*
+ * Takes the next descriptor the client passed. libuv queues received descriptors on the
+ * pipe and hands them out through uv_accept into a handle; a throwaway pipe handle takes
+ * it, and a duplicate survives the handle's close.
+ */
+static int take_fd(struct conn *c)
+{
+    uv_pipe_t *tmp = malloc(sizeof *tmp);
+    if (tmp == NULL || uv_pipe_init(c->srv->loop, tmp, 0) != 0) {
+        free(tmp);
+        return -1;
+    }
+    int fd = -1;
+    uv_os_fd_t raw;
+    if (uv_accept((uv_stream_t *)&c->pipe, (uv_stream_t *)tmp) == 0 &&
+        uv_fileno((uv_handle_t *)tmp, &raw) == 0)
+        fd = fcntl(raw, F_DUPFD_CLOEXEC, 3);
+    uv_close((uv_handle_t *)tmp, free_handle_cb);
+    return fd;
+}
+
+void conn_artifact_taken(struct conn *c, uint64_t seq, int rc, const char *msg)
+{
+    if (rc != 0) {
+        char text[700];
+        snprintf(text, sizeof text, "artifact not taken: %s", msg);
+        conn_send_error(c, seq, PROTO_ERR_ARTIFACT, text);
+    }
+    accept_seq(c, seq);
+    c->snapshotting = false;
+    if (c->state == CONN_CLOSING)
+        return;
+    process_frames(c);
+    if (c->state != CONN_CLOSING && conn_may_read(c))
+        start_reading(c);
 }
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
@@ -330,7 +441,23 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     proto_reader_commit(&c->reader, (size_t)nread);
     stats.bytes_received += (uint64_t)nread;
-    for (;;) {
+    while (uv_pipe_pending_count(&c->pipe) > 0) {
+        int fd = take_fd(c);
+        if (fd < 0 || c->nfds == sizeof c->fds / sizeof c->fds[0]) {
+            if (fd >= 0)
+                close(fd);
+            protocol_error(c, 0, "too many file descriptors sent ahead of their frames");
+            return;
+        }
+        c->fds[c->nfds++] = fd;
+    }
+    process_frames(c);
+}
+
+/* Dispatches every whole frame buffered, unless an artifact snapshot holds them back. */
+static void process_frames(struct conn *c)
+{
+    while (!c->snapshotting) {
         struct proto_header h;
         const uint8_t *body;
         int rc = proto_reader_next(&c->reader, &h, &body);
@@ -381,6 +508,8 @@ static bool may_read(const struct conn_server *s)
  */
 static bool conn_may_read(const struct conn *c)
 {
+    if (c->snapshotting)
+        return false;
     return may_read(c->srv) || (c->state == CONN_HELLO && !c->srv->draining);
 }
 
@@ -412,6 +541,8 @@ void conn_drain_all(struct conn_server *s)
 static void close_cb(uv_handle_t *h)
 {
     struct conn *c = h->data;
+    for (size_t i = 0; i < c->nfds; i++)
+        close(c->fds[i]);
     proto_reader_free(&c->reader);
     free(c);
 }
@@ -498,7 +629,8 @@ void conn_accept(struct conn_server *s, uv_stream_t *listener)
     struct conn *c = calloc(1, sizeof *c);
     if (c == NULL)
         return;
-    if (uv_pipe_init(s->loop, &c->pipe, 0) != 0) {
+    /* IPC mode: libuv then reads with recvmsg and keeps the descriptors clients pass. */
+    if (uv_pipe_init(s->loop, &c->pipe, 1) != 0) {
         free(c);
         return;
     }

@@ -45,6 +45,9 @@ struct conn {
     struct proto_reader reader;
     bool reading;
     size_t out_bytes; /* queued for writing */
+    int fds[8];       /* descriptors received ahead of their ARTIFACT frames */
+    size_t nfds;
+    bool snapshotting; /* frames wait until the artifact before them is in the spool */
     uint64_t errors_sent;
     struct conn *prev, *next;
 };
@@ -60,9 +63,10 @@ struct conn_server {
     bool paused;   /* backpressure: no socket is read */
     bool draining; /* shutdown: no new messages */
     struct session_table sessions;
-    struct journaler *journal; /* NULL: frames are acknowledged once ingested */
-    uint64_t durable_lsn;      /* the journal is written up to here */
-    bool journal_full;         /* reads paused until the journal has room again */
+    struct journaler *journal;   /* NULL: frames are acknowledged once ingested */
+    struct artifacts *artifacts; /* NULL: ARTIFACT frames are refused */
+    uint64_t durable_lsn;        /* the journal is written up to here */
+    bool journal_full;           /* reads paused until the journal has room again */
 };
 
 int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
@@ -78,6 +82,11 @@ void conn_pause_all(struct conn_server *s, bool pause);
 /* Stops reading for good (shutdown): later bytes are not accepted. */
 void conn_drain_all(struct conn_server *s);
 void conn_close_all(struct conn_server *s);
+/*
+ * The artifact of frame seq is in the spool (rc 0) or could not be taken (msg says why):
+ * the frame counts as accepted and the frames after it are read again.
+ */
+void conn_artifact_taken(struct conn *c, uint64_t seq, int rc, const char *msg);
 /* The journal is durable up to lsn: acknowledge what every connection has there. */
 void conn_journal_durable(struct conn_server *s, uint64_t lsn);
 /* The journal has room again after being full. */

@@ -97,6 +97,55 @@ static void age_cb(uv_timer_t *t)
         in->age_due = true;
 }
 
+/* True when every event up to serial is finished and no upload at or below it runs. */
+static bool barrier_passed(const struct ingest *in, uint64_t serial)
+{
+    if (serial > in->done_serial)
+        return false;
+    for (size_t i = 0; i < in->nholds; i++)
+        if (in->holds[i] <= serial)
+            return false;
+    return true;
+}
+
+static void answer_waiters(struct ingest *in)
+{
+    size_t keep = 0;
+    for (size_t i = 0; i < in->nwaiters; i++) {
+        struct flush_waiter *fw = &in->waiters[i];
+        if (barrier_passed(in, fw->serial))
+            in->cbs.flushed(in->ctx, fw->conn_id, fw->flush_seq);
+        else
+            in->waiters[keep++] = *fw;
+    }
+    in->nwaiters = keep;
+}
+
+int ingest_hold(struct ingest *in, uint64_t serial)
+{
+    if (in->nholds == in->capholds) {
+        size_t cap = in->capholds ? in->capholds * 2 : 16;
+        uint64_t *h = realloc(in->holds, cap * sizeof *h);
+        if (h == NULL)
+            return -ENOMEM;
+        in->holds = h;
+        in->capholds = cap;
+    }
+    in->holds[in->nholds++] = serial;
+    return 0;
+}
+
+void ingest_unhold(struct ingest *in, uint64_t serial)
+{
+    for (size_t i = 0; i < in->nholds; i++) {
+        if (in->holds[i] == serial) {
+            in->holds[i] = in->holds[--in->nholds];
+            answer_waiters(in);
+            return;
+        }
+    }
+}
+
 void ingest_batch_done(struct ingest *in, struct batch *b)
 {
     size_t bytes = batch_bytes(b);
@@ -108,16 +157,7 @@ void ingest_batch_done(struct ingest *in, struct batch *b)
         in->cbs.released(in->ctx, b->evs[b->n - 1].lsn);
     batch_free(b);
     free(b);
-
-    size_t keep = 0;
-    for (size_t i = 0; i < in->nwaiters; i++) {
-        struct flush_waiter *fw = &in->waiters[i];
-        if (fw->serial <= in->done_serial)
-            in->cbs.flushed(in->ctx, fw->conn_id, fw->flush_seq);
-        else
-            in->waiters[keep++] = *fw;
-    }
-    in->nwaiters = keep;
+    answer_waiters(in);
     if (writer_idle(in->writer) && (in->age_due || in->nwaiters > 0))
         ingest_cut(in);
     check_pressure(in);
@@ -127,7 +167,7 @@ void ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq)
 {
     stats.flushes++;
     uint64_t target = in->next_serial - 1;
-    if (target <= in->done_serial) {
+    if (barrier_passed(in, target)) {
         in->cbs.flushed(in->ctx, conn_id, flush_seq);
         return;
     }
@@ -157,6 +197,9 @@ void ingest_forget_conn(struct ingest *in, uint32_t conn_id)
 
 void ingest_close(struct ingest *in)
 {
+    free(in->holds);
+    in->holds = NULL;
+    in->nholds = in->capholds = 0;
     if (in->open) {
         batch_free(in->open);
         free(in->open);
@@ -503,6 +546,44 @@ static void do_update_run(struct mctx *m, const struct proto_msg *msg)
         ev->flags |= EV_KEEP_END;
 }
 
+/* Cuts a full batch, or stops the age timer of an empty one, and applies the memory bound. */
+static void after_message(struct ingest *in)
+{
+    struct batch *b = in->open;
+    if (b->n >= in->cfg->batch_max_rows || batch_bytes(b) >= in->cfg->batch_max_bytes)
+        ingest_cut(in);
+    else if (b->n == 0)
+        uv_timer_stop(&in->age_timer);
+    check_pressure(in);
+}
+
+uint64_t ingest_artifact(struct ingest *in, const struct ingest_origin *o, uint64_t seq,
+                         const char *run_id, const char *path, const char *id, uint64_t size,
+                         const char *sha256)
+{
+    struct mctx m = {in, o, seq, open_batch(in), 0};
+    if (m.b == NULL)
+        return 0;
+    struct ev *ev = add_ev(&m, EV_ARTIFACT, run_id, pstr(path), pstr(id), pstr(sha256));
+    if (ev == NULL)
+        return 0;
+    ev->step = (int64_t)size;
+    uint64_t serial = ev->serial;
+    after_message(in);
+    return serial;
+}
+
+int ingest_artifact_done(struct ingest *in, const char *id, const char *status, const char *error)
+{
+    static const struct ingest_origin internal = {0, "", "", "", false, 0};
+    struct mctx m = {in, &internal, 0, open_batch(in), 0};
+    if (m.b == NULL || add_ev(&m, EV_ARTIFACT_DONE, NULL, pstr(status), pstr(id),
+                              pstr(error ? error : "")) == NULL)
+        return -ENOMEM;
+    after_message(in);
+    return 0;
+}
+
 int ingest_message(struct ingest *in, const struct ingest_origin *o, const struct proto_msg *msg)
 {
     struct mctx m = {in, o, msg->seq, open_batch(in), 0};
@@ -544,12 +625,7 @@ int ingest_message(struct ingest *in, const struct ingest_origin *o, const struc
     }
     if (m.rc != 0)
         fail(&m, PROTO_ERR_SHUTDOWN, "agent out of memory; event dropped");
-    struct batch *b = in->open;
-    if (b->n >= in->cfg->batch_max_rows || batch_bytes(b) >= in->cfg->batch_max_bytes)
-        ingest_cut(in);
-    else if (b->n == 0)
-        uv_timer_stop(&in->age_timer);
-    check_pressure(in);
+    after_message(in);
     return m.rc;
 }
 

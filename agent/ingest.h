@@ -64,6 +64,9 @@ struct ingest {
     struct flush_waiter *waiters;
     size_t nwaiters;
     size_t capwaiters;
+
+    uint64_t *holds; /* serials of artifacts still uploading: barriers wait for them */
+    size_t nholds, capholds;
 };
 
 int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *cfg,
@@ -76,6 +79,18 @@ int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *
 int ingest_message(struct ingest *in, const struct ingest_origin *o, const struct proto_msg *msg);
 /* Registers a barrier for everything accepted so far. */
 void ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq);
+/*
+ * A snapshotted artifact: its ledger row (trackd_artifacts) goes in with the open batch.
+ * Strings are NUL-terminated. Returns the event's serial, or 0 if it could not be stored.
+ */
+uint64_t ingest_artifact(struct ingest *in, const struct ingest_origin *o, uint64_t seq,
+                         const char *run_id, const char *path, const char *id, uint64_t size,
+                         const char *sha256);
+/* The upload of artifact id ended: status "done" or "failed" (error says why). */
+int ingest_artifact_done(struct ingest *in, const char *id, const char *status, const char *error);
+/* Flush barriers covering serial wait until ingest_unhold(serial): an upload in progress. */
+int ingest_hold(struct ingest *in, uint64_t serial);
+void ingest_unhold(struct ingest *in, uint64_t serial);
 /* Hands the open batch to the writer now. */
 void ingest_cut(struct ingest *in);
 /* Writer callback: b is finished; frees it and answers satisfied barriers. */

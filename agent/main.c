@@ -16,6 +16,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "artifacts.h"
 #include "config.h"
 #include "deadletter.h"
 #include "conn.h"
@@ -45,6 +46,7 @@ struct agent {
     struct journaler journal;
     struct deadletter dead;
     struct listener listener;
+    struct artifacts art;
     uv_signal_t sigterm, sigint;
     uv_timer_t tick;     /* 1 s: rates and uptime */
     uv_timer_t shutdown; /* polls for drain until the grace period ends */
@@ -77,6 +79,15 @@ static void on_reject(void *ctx, const struct batch *b, const struct ev *ev, uin
                       const char *message)
 {
     struct agent *a = ctx;
+    if (ev->kind == EV_ARTIFACT && code != PROTO_ERR_SHUTDOWN) {
+        char id[64];
+        snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
+        struct artifact *art = artifacts_find(&a->art, id);
+        if (art) {
+            ingest_unhold(&a->ingest, art->serial);
+            artifacts_forget(&a->art, art);
+        }
+    }
     /* Not written at shutdown is not rejected: those events stay in the journal. */
     if (code != PROTO_ERR_SHUTDOWN)
         deadletter_event(&a->dead, b, ev, code,
@@ -86,6 +97,93 @@ static void on_reject(void *ctx, const struct batch *b, const struct ev *ev, uin
         conn_send_error(c, ev->seq, code, message);
     else
         stats.errors_undeliverable++;
+}
+
+/* ---- artifacts -------------------------------------------------------------- */
+
+static void artifact_problem(struct agent *a, const struct artifact *art, const char *msg)
+{
+    char text[700];
+    snprintf(text, sizeof text, "artifact '%.200s' of run %s: %.400s", art->path, art->run_id, msg);
+    deadletter_frame(&a->dead, art->conn_id, art->seq, PROTO_ERR_ARTIFACT, text);
+    struct conn *c = art->conn_id ? conn_find(&a->conns, art->conn_id) : NULL;
+    if (c)
+        conn_send_error(c, art->seq, PROTO_ERR_ARTIFACT, text);
+    else
+        stats.errors_undeliverable++;
+}
+
+/* Queues the ledger row of a spooled artifact; flush barriers wait for its upload. */
+static void queue_artifact(struct agent *a, struct artifact *art, const struct conn *c)
+{
+    struct ingest_origin o = {0, "", "", "", false, 0};
+    if (c) {
+        o.conn_id = c->id;
+        o.user = c->user;
+    }
+    art->serial = ingest_artifact(&a->ingest, &o, art->seq, art->run_id, art->path, art->id,
+                                  art->size, art->sha256);
+    if (art->serial && ingest_hold(&a->ingest, art->serial) != 0)
+        log_warn("[artifacts] out of memory: a flush may return before %s is uploaded", art->id);
+    if (art->serial == 0)
+        log_error("[artifacts] out of memory queueing %s; it is retried at the next start",
+                  art->id);
+}
+
+static void on_snapshotted(void *ctx, struct artifact *art, int rc, const char *msg)
+{
+    struct agent *a = ctx;
+    struct conn *c = conn_find(&a->conns, art->conn_id);
+    if (rc == 0)
+        queue_artifact(a, art, c);
+    else
+        deadletter_frame(&a->dead, art->conn_id, art->seq, PROTO_ERR_ARTIFACT, msg);
+    if (c)
+        conn_artifact_taken(c, art->seq, rc, msg);
+}
+
+static void on_recovered(void *ctx, struct artifact *art)
+{
+    queue_artifact(ctx, art, NULL);
+}
+
+static void on_uploaded(void *ctx, struct artifact *art, int rc, const char *msg)
+{
+    struct agent *a = ctx;
+    ingest_unhold(&a->ingest, art->serial);
+    if (rc != 0)
+        artifact_problem(a, art, msg);
+    if (ingest_artifact_done(&a->ingest, art->id, rc == 0 ? "done" : "failed",
+                             rc == 0 ? NULL : msg) != 0)
+        log_error("[artifacts] out of memory recording %s; it is uploaded again at the next "
+                  "start",
+                  art->id);
+}
+
+static void on_artifact_ready(void *ctx, const struct batch *b, const struct ev *ev,
+                              const char *store_uri, const char *status)
+{
+    struct agent *a = ctx;
+    char id[64];
+    snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
+    struct artifact *art = artifacts_find(&a->art, id);
+    if (art == NULL)
+        return; /* recorded twice (a replay): the first one is at work */
+    if (strcmp(status, "pending") == 0) {
+        artifacts_upload(&a->art, art, store_uri);
+        return;
+    }
+    /* Uploaded (or given up on) before a restart: only the spool copy is left to delete. */
+    ingest_unhold(&a->ingest, art->serial);
+    artifacts_forget(&a->art, art);
+}
+
+static void on_artifact_recorded(void *ctx, const char *id)
+{
+    struct agent *a = ctx;
+    struct artifact *art = artifacts_find(&a->art, id);
+    if (art)
+        artifacts_forget(&a->art, art);
 }
 
 static void on_batch_done(void *ctx, struct batch *b)
@@ -206,6 +304,7 @@ static void finish(struct agent *a)
                  "start");
     else
         journaler_release(&a->journal, a->journal.appended_lsn); /* everything is committed */
+    artifacts_close(&a->art);
     journaler_close(&a->journal, journal_closed);
     ingest_cut(&a->ingest);
     conn_close_all(&a->conns);
@@ -324,7 +423,8 @@ static int run_agent(const char *config_path)
 
     uv_loop_init(&a.loop);
     a.started_ms = uv_now(&a.loop);
-    struct writer_cbs wcbs = {on_reject, on_batch_done};
+    struct writer_cbs wcbs = {on_reject, on_batch_done, on_artifact_ready, on_artifact_recorded};
+    struct artifacts_cbs acbs = {on_snapshotted, on_uploaded};
     struct ingest_cbs icbs = {on_pause, on_flushed, on_error, on_released};
     struct journaler_cbs jcbs = {on_durable};
     if (writer_init(&a.writer, &a.loop, &a.cfg, &wcbs, &a) != 0)
@@ -351,6 +451,11 @@ static int run_agent(const char *config_path)
         return 1;
     }
     deadletter_open(&a.dead, a.cfg.journal_dir);
+    if (artifacts_init(&a.art, &a.loop, a.cfg.journal_dir, &acbs, &a, msg, sizeof msg) != 0) {
+        log_error("[agent] %s", msg);
+        return 1;
+    }
+    a.conns.artifacts = &a.art;
     struct journal_replay_stats rs;
     a.replaying = true;
     a.replay_log_ms = 0; /* the first wait is logged at once */
@@ -379,6 +484,9 @@ static int run_agent(const char *config_path)
         config_free(&a.cfg);
         return 0;
     }
+    int recovered = artifacts_recover(&a.art, on_recovered, &a);
+    if (recovered > 0)
+        log_info("[artifacts] %d spooled artifact(s) from before the restart resume", recovered);
     if (journaler_open(&a.journal, msg, sizeof msg) != 0) {
         log_error("[agent] %s", msg);
         return 1;

@@ -53,6 +53,11 @@
     X(journal_full)                                                                                \
     X(journal_bytes)                                                                               \
     X(replayed_frames)                                                                             \
+    X(artifacts_received)                                                                          \
+    X(artifacts_uploaded)                                                                          \
+    X(artifacts_failed)                                                                            \
+    X(artifacts_pending)                                                                           \
+    X(artifact_bytes_uploaded)                                                                     \
     X(errors_to_clients)                                                                           \
     X(errors_undeliverable)                                                                        \
     X(rows_per_sec)                                                                                \

@@ -33,11 +33,15 @@ enum stmt {
     STMT_LATEST,
     STMT_ENDS,
     STMT_DELETES,
+    STMT_ARTIFACTS,
+    STMT_ARTIFACTS_DONE,
     STMT_COMMIT,
     STMT_COUNT
 };
 
 static void drive(struct writer *w);
+static void note_artifacts(struct writer *w, const PGresult *res);
+static void report_artifacts(struct writer *w);
 static void clear_check(struct writer *w);
 static void start_next(struct writer *w);
 static int push_range(struct writer *w, size_t lo, size_t hi);
@@ -45,9 +49,9 @@ static void connect_start(struct writer *w);
 
 const char *writer_state_name(enum writer_state s)
 {
-    static const char *const names[] = {"disconnected", "connecting", "checking", "idle",
-                                        "txn_start",    "copy_data",  "pipeline", "rollback",
-                                        "backoff",      "closing"};
+    static const char *const names[] = {"disconnected", "connecting", "checking",  "ledger",
+                                        "idle",         "txn_start",  "copy_data", "pipeline",
+                                        "rollback",     "backoff",    "closing"};
     return names[s];
 }
 
@@ -236,9 +240,9 @@ static void connect_start(struct writer *w)
 
 /* ---- transaction steps ----------------------------------------------------- */
 
-static const char *const stmt_names[] = {"experiments", "runs",    "tags",           "run names",
-                                         "params",      "metrics", "latest_metrics", "end runs",
-                                         "tag deletes", "commit"};
+static const char *const stmt_names[] = {
+    "experiments",    "runs",     "tags",        "run names",       "params",           "metrics",
+    "latest_metrics", "end runs", "tag deletes", "artifact ledger", "artifact results", "commit"};
 
 static void record_failure(struct writer *w, const PGresult *res)
 {
@@ -257,8 +261,18 @@ static void record_failure(struct writer *w, const PGresult *res)
              where, d ? ": " : "", d ? d : "");
 }
 
+static void clear_art_ret(struct writer *w)
+{
+    for (size_t i = 0; i < w->n_art_ret * 3; i++)
+        free(w->art_ret[i]);
+    free(w->art_ret);
+    w->art_ret = NULL;
+    w->n_art_ret = 0;
+}
+
 static void clear_param_changes(struct writer *w)
 {
+    clear_art_ret(w);
     for (size_t i = 0; i < w->n_param_changed; i++)
         free(w->param_old[i]);
     free(w->param_changed);
@@ -333,6 +347,16 @@ static void send_pipeline(struct writer *w)
     if (s->n_dels) {
         const char *v[] = {BUFSTR(s->del_runs), BUFSTR(s->del_keys)};
         rc |= send_stmt(w, STMT_DELETES, batch_sql_delete_tags, 2, v);
+    }
+    if (s->n_arts) {
+        const char *v[] = {BUFSTR(s->art_ids),   BUFSTR(s->art_runs), BUFSTR(s->art_paths),
+                           BUFSTR(s->art_sizes), BUFSTR(s->art_shas), now};
+        rc |= send_stmt(w, STMT_ARTIFACTS, batch_sql_artifacts, 6, v);
+    }
+    if (s->n_dones) {
+        const char *v[] = {BUFSTR(s->done_ids), BUFSTR(s->done_statuses), BUFSTR(s->done_errors),
+                           now};
+        rc |= send_stmt(w, STMT_ARTIFACTS_DONE, batch_sql_artifacts_done, 4, v);
     }
     rc |= send_stmt(w, STMT_COMMIT, "COMMIT", 0, NULL);
     if (rc != 0 || !PQpipelineSync(w->pg) || flush_out(w) != 0) {
@@ -530,6 +554,7 @@ static void range_committed(struct writer *w)
         stats.rejected_param_changed++;
         reject_ev(w, w->param_changed[k], PROTO_ERR_PARAM_CHANGED, msg);
     }
+    report_artifacts(w);
     clear_param_changes(w);
     count_committed(w);
     w->attempts = 0;
@@ -631,8 +656,59 @@ static void check_done(struct writer *w)
     w->schema_ok = true;
     w->attempts = 0;
     stats.db_connected = 1;
+    if (!w->ledger_ok) {
+        set_state(w, W_LEDGER);
+        if (!PQsendQuery(w->pg, batch_sql_create_ledger) || flush_out(w) != 0)
+            conn_lost(w, "ledger");
+        return;
+    }
     set_state(w, W_IDLE);
     start_next(w);
+}
+
+static void note_artifacts(struct writer *w, const PGresult *res)
+{
+    int n = PQntuples(res);
+    w->art_ret = calloc((size_t)n * 3 + 1, sizeof *w->art_ret);
+    if (w->art_ret == NULL)
+        return; /* reported below as rows the database did not return */
+    for (int r = 0; r < n; r++)
+        for (int f = 0; f < 3; f++)
+            w->art_ret[(size_t)r * 3 + (size_t)f] = strdup(PQgetvalue(res, r, f));
+    w->n_art_ret = (size_t)n;
+}
+
+/* After COMMIT: uploads can start, finished uploads are on record, unknown runs rejected. */
+static void report_artifacts(struct writer *w)
+{
+    const struct batch *b = w->head;
+    for (size_t i = w->cur.lo; i < w->cur.hi; i++) {
+        const struct ev *ev = &b->evs[i];
+        if (ev->flags & EV_REJECTED)
+            continue;
+        if (ev->kind == EV_ARTIFACT_DONE) {
+            char id[64];
+            snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
+            w->cbs.artifact_recorded(w->ctx, id);
+            continue;
+        }
+        if (ev->kind != EV_ARTIFACT)
+            continue;
+        size_t k = 0;
+        while (k < w->n_art_ret &&
+               (w->art_ret[k * 3] == NULL || strlen(w->art_ret[k * 3]) != ev->b.len ||
+                memcmp(w->art_ret[k * 3], batch_sptr(b, ev->b), ev->b.len) != 0))
+            k++;
+        if (k < w->n_art_ret && w->art_ret[k * 3 + 1] && w->art_ret[k * 3 + 2]) {
+            w->cbs.artifact_ready(w->ctx, b, ev, w->art_ret[k * 3 + 1], w->art_ret[k * 3 + 2]);
+        } else {
+            char msg[128];
+            snprintf(msg, sizeof msg, "run '%.*s' does not exist: artifact not uploaded",
+                     PROTO_RUN_ID_LEN, ev->run_id);
+            stats.rejected_database++;
+            reject_ev(w, i, PROTO_ERR_DATABASE, msg);
+        }
+    }
 }
 
 /* Reads every result that has arrived and advances the state. */
@@ -640,6 +716,23 @@ static void drive(struct writer *w)
 {
     while (w->pg && !PQisBusy(w->pg)) {
         enum writer_state st = w->state;
+        if (st == W_LEDGER) {
+            PGresult *res = PQgetResult(w->pg);
+            if (res == NULL) {
+                set_state(w, W_IDLE);
+                start_next(w);
+                continue;
+            }
+            w->ledger_ok = PQresultStatus(res) != PGRES_FATAL_ERROR;
+            if (!w->ledger_ok)
+                log_limited(LOG_ERROR,
+                            "[writer] cannot create trackd's table trackd_artifacts: %.*s; "
+                            "artifacts will be rejected until it exists",
+                            (int)strcspn(PQresultErrorMessage(res), "\n"),
+                            PQresultErrorMessage(res));
+            PQclear(res);
+            continue;
+        }
         if (st == W_CHECKING) {
             PGresult *res = PQgetResult(w->pg);
             if (res == NULL) {
@@ -682,10 +775,13 @@ static void drive(struct writer *w)
                     range_committed(w);
                 continue;
             }
+            bool ok = t == PGRES_TUPLES_OK && !w->failed && w->stmt_index < w->pending_results;
             if (t == PGRES_FATAL_ERROR)
                 record_failure(w, res);
-            else if (t == PGRES_TUPLES_OK && PQnfields(res) == 2 && !w->failed)
+            else if (ok && w->stmts[w->stmt_index] == STMT_PARAMS)
                 note_param_changes(w, res);
+            else if (ok && w->stmts[w->stmt_index] == STMT_ARTIFACTS)
+                note_artifacts(w, res);
             PQclear(res);
             continue;
         }

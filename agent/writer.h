@@ -24,12 +24,19 @@ struct writer_cbs {
                    const char *message);
     /* Every event of b is committed or rejected; the callee takes b back. */
     void (*batch_done)(void *ctx, struct batch *b);
+    /* An EV_ARTIFACT's ledger row is committed: upload to store_uri (status "pending"),
+     * or nothing more to do ("done"). */
+    void (*artifact_ready)(void *ctx, const struct batch *b, const struct ev *ev,
+                           const char *store_uri, const char *status);
+    /* An EV_ARTIFACT_DONE's ledger update is committed. */
+    void (*artifact_recorded)(void *ctx, const char *upload_id);
 };
 
 enum writer_state {
     W_DISCONNECTED,
     W_CONNECTING,
     W_CHECKING, /* schema check sent on a new connection */
+    W_LEDGER,   /* creating trackd's own tables if missing */
     W_IDLE,
     W_TXN_START, /* BEGIN (and COPY start / end) results pending */
     W_COPY_DATA, /* streaming COPY rows */
@@ -76,6 +83,9 @@ struct writer {
     size_t *param_changed; /* event indexes, reported after COMMIT succeeds */
     char **param_old;
     size_t n_param_changed;
+    char **art_ret; /* ledger rows returned: id, store_uri, status triples */
+    size_t n_art_ret;
+    bool ledger_ok;
     PGresult *check_rev, *check_cols; /* schema check results so far */
     bool schema_ok;                   /* a check passed since the agent started */
     unsigned attempts;                /* consecutive failures, for backoff */

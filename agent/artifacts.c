@@ -1,0 +1,579 @@
+/*
+ * Artifact snapshots and uploads. Worker threads do all file I/O: a snapshot reads the
+ * client's descriptor with pread (its file offset stays the client's), hashes with SHA-256
+ * and writes the spool copy; an upload copies the spool file to a temporary name next to
+ * the destination (copy_file_range where the kernel can), fsyncs and renames it into place,
+ * so MLflow never lists a partial file. Artifacts are owned by the loop thread; a worker
+ * touches only the one it was given.
+ */
+#define _GNU_SOURCE /* copy_file_range */
+#include "artifacts.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "stats.h"
+
+#define COPY_BUF (1024 * 1024)
+
+static void start_uploads(struct artifacts *ar);
+
+static void spool_name(const struct artifacts *ar, const char *id, const char *ext, char *out,
+                       size_t n)
+{
+    snprintf(out, n, "%s/%s%s", ar->spool, id, ext);
+}
+
+static int fsync_dir_of(const char *path)
+{
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash == NULL)
+        return 0;
+    *slash = '\0';
+    int fd = open(dir[0] ? dir : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = fsync(fd) == 0 ? 0 : -errno;
+    close(fd);
+    return rc;
+}
+
+static int write_full(int fd, const void *buf, size_t n)
+{
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return w < 0 ? -errno : -EIO;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Sets a->msg to "<what>: <strerror(-rc)>" and returns rc. */
+__attribute__((format(printf, 3, 4))) static int fail(struct artifact *a, int rc, const char *fmt,
+                                                      ...)
+{
+    char what[300];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    snprintf(a->msg, sizeof a->msg, "%s: %s", what, strerror(-rc));
+    return rc;
+}
+
+/* ---- snapshot (worker thread) --------------------------------------------------- */
+
+static int copy_and_hash(struct artifact *a, int out, uint8_t *buf)
+{
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    if (md == NULL || EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) {
+        EVP_MD_CTX_free(md);
+        return fail(a, -ENOMEM, "%s", "cannot start SHA-256");
+    }
+    uint64_t off = 0;
+    int rc = 0;
+    for (;;) {
+        ssize_t n = pread(a->fd, buf, COPY_BUF, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            rc = fail(a, -errno, "%s", "cannot read the client's file");
+            break;
+        }
+        if (n == 0)
+            break;
+        EVP_DigestUpdate(md, buf, (size_t)n);
+        if ((rc = write_full(out, buf, (size_t)n)) != 0) {
+            fail(a, rc, "cannot write the spool copy in %s", a->ar->spool);
+            break;
+        }
+        off += (uint64_t)n;
+    }
+    uint8_t digest[32];
+    unsigned len = 0;
+    EVP_DigestFinal_ex(md, digest, &len);
+    EVP_MD_CTX_free(md);
+    for (unsigned i = 0; i < 32; i++)
+        snprintf(a->sha256 + 2 * i, 3, "%02x", digest[i]);
+    a->size = off;
+    return rc;
+}
+
+static void snapshot_work(uv_work_t *w)
+{
+    struct artifact *a = w->data;
+    char part[4200], data[4200], meta[4200], metapart[4200];
+    spool_name(a->ar, a->id, ".part", part, sizeof part);
+    spool_name(a->ar, a->id, ".data", data, sizeof data);
+    spool_name(a->ar, a->id, ".meta", meta, sizeof meta);
+    spool_name(a->ar, a->id, ".meta.part", metapart, sizeof metapart);
+    a->rc = 0;
+    uint8_t *buf = malloc(COPY_BUF);
+    int out = open(part, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (buf == NULL || out < 0) {
+        a->rc = fail(a, buf ? -errno : -ENOMEM, "cannot create %s", part);
+    } else if ((a->rc = copy_and_hash(a, out, buf)) == 0) {
+        if (fsync(out) != 0)
+            a->rc = fail(a, -errno, "cannot fsync %s", part);
+    }
+    if (out >= 0)
+        close(out);
+    free(buf);
+    close(a->fd);
+    a->fd = -1;
+    if (a->rc == 0 && rename(part, data) != 0)
+        a->rc = fail(a, -errno, "cannot rename %s", part);
+    if (a->rc == 0) {
+        /* One line: what the upload needs after a restart. The path has no tab or newline. */
+        char line[ARTIFACT_PATH_MAX + 200];
+        int n = snprintf(line, sizeof line, "%s\t%s\t%" PRIu64 "\t%s\t%s\n", a->id, a->run_id,
+                         a->size, a->sha256, a->path);
+        int mf = open(metapart, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (mf < 0 || write_full(mf, line, (size_t)n) != 0 || fsync(mf) != 0)
+            a->rc = fail(a, -(errno ? errno : EIO), "cannot write %s", metapart);
+        if (mf >= 0)
+            close(mf);
+        if (a->rc == 0 && rename(metapart, meta) != 0)
+            a->rc = fail(a, -errno, "cannot rename %s", metapart);
+        if (a->rc == 0 && fsync_dir_of(meta) != 0)
+            a->rc = fail(a, -EIO, "cannot fsync %s", a->ar->spool);
+    }
+    if (a->rc != 0) {
+        unlink(part);
+        unlink(data);
+        unlink(metapart);
+        unlink(meta);
+    }
+}
+
+static void free_artifact(struct artifact *a)
+{
+    if (a->fd >= 0)
+        close(a->fd);
+    free(a->store_uri);
+    free(a);
+}
+
+static void unlink_live(struct artifacts *ar, struct artifact *a)
+{
+    for (struct artifact **p = &ar->live; *p; p = &(*p)->next) {
+        if (*p == a) {
+            *p = a->next;
+            ar->nlive--;
+            break;
+        }
+    }
+}
+
+static void snapshot_done(uv_work_t *w, int status)
+{
+    struct artifact *a = w->data;
+    struct artifacts *ar = a->ar;
+    a->uploading = false;
+    if (status != 0 && a->rc == 0) {
+        a->rc = status;
+        snprintf(a->msg, sizeof a->msg, "snapshot cancelled");
+    }
+    if (ar->closing) {
+        unlink_live(ar, a);
+        free_artifact(a);
+        return;
+    }
+    if (a->rc != 0) {
+        log_limited(LOG_WARN, "[artifacts] %s (%s): %s", a->id, a->path, a->msg);
+        unlink_live(ar, a);
+        ar->cbs.snapshotted(ar->ctx, a, a->rc, a->msg);
+        free_artifact(a);
+        return;
+    }
+    stats.artifacts_received++;
+    stats.artifacts_pending = ar->nlive;
+    ar->cbs.snapshotted(ar->ctx, a, 0, "");
+}
+
+/* ---- upload (worker thread) ----------------------------------------------------- */
+
+static int mkdir_parents(char *path)
+{
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        int rc = mkdir(path, 0755) != 0 && errno != EEXIST ? -errno : 0;
+        *p = '/';
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
+static int copy_file(int in, int out, uint64_t size)
+{
+    uint64_t done = 0;
+    bool plain = false;
+    while (done < size && !plain) {
+        ssize_t n = copy_file_range(in, NULL, out, NULL, size - done, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP ||
+                      errno == EBADF)) {
+            plain = true; /* another file system or kernel: copy through a buffer */
+            break;
+        }
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO; /* the spool file shrank */
+        done += (uint64_t)n;
+    }
+    if (!plain)
+        return 0;
+    uint8_t *buf = malloc(COPY_BUF);
+    if (buf == NULL)
+        return -ENOMEM;
+    int rc = 0;
+    while (rc == 0 && done < size) {
+        ssize_t n = pread(in, buf, COPY_BUF, (off_t)done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            rc = n < 0 ? -errno : -EIO;
+        else if ((rc = write_full(out, buf, (size_t)n)) == 0)
+            done += (uint64_t)n;
+    }
+    free(buf);
+    return rc;
+}
+
+/* Local paths and file:// URIs (NFS included): temporary name, fsync, rename. */
+static int upload_local(struct artifact *a, const char *dest)
+{
+    char tmp[4300], data[4200], parents[4300];
+    spool_name(a->ar, a->id, ".data", data, sizeof data);
+    if ((size_t)snprintf(tmp, sizeof tmp, "%s.trackd-%s.tmp", dest, a->id) >= sizeof tmp)
+        return fail(a, -ENAMETOOLONG, "destination %s", dest);
+    snprintf(parents, sizeof parents, "%s", dest);
+    int rc = mkdir_parents(parents);
+    if (rc != 0)
+        return fail(a, rc, "cannot create the directories of %s", dest);
+    int in = open(data, O_RDONLY | O_CLOEXEC);
+    if (in < 0)
+        return fail(a, -errno, "cannot open the spool copy %s", data);
+    int out = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (out < 0) {
+        rc = fail(a, -errno, "cannot create %s", tmp);
+        close(in);
+        return rc;
+    }
+    rc = copy_file(in, out, a->size);
+    if (rc != 0)
+        fail(a, rc, "cannot write %s", tmp);
+    else if (fsync(out) != 0)
+        rc = fail(a, -errno, "cannot fsync %s", tmp);
+    close(in);
+    close(out);
+    if (rc == 0 && rename(tmp, dest) != 0)
+        rc = fail(a, -errno, "cannot rename into %s", dest);
+    if (rc == 0 && (rc = fsync_dir_of(dest)) != 0)
+        fail(a, rc, "cannot fsync the directory of %s", dest);
+    if (rc != 0)
+        unlink(tmp);
+    return rc;
+}
+
+static void upload_work(uv_work_t *w)
+{
+    struct artifact *a = w->data;
+    const char *uri = a->store_uri;
+    a->rc = 0;
+    if (strncmp(uri, "file://", 7) == 0) {
+        if (uri[7] != '/') {
+            a->rc = fail(a, -EPROTONOSUPPORT, "file URI with a host (%s)", uri);
+            return;
+        }
+        uri += 7;
+    }
+    if (uri[0] == '/') {
+        a->rc = upload_local(a, uri);
+        return;
+    }
+    snprintf(a->msg, sizeof a->msg,
+             "artifact store %.300s is not supported by this agent yet (local paths and "
+             "file:// are)",
+             a->store_uri);
+    a->rc = -EPROTONOSUPPORT;
+}
+
+static void upload_done(uv_work_t *w, int status)
+{
+    struct artifact *a = w->data;
+    struct artifacts *ar = a->ar;
+    ar->running--;
+    a->uploading = false;
+    if (status != 0 && a->rc == 0) {
+        a->rc = status;
+        snprintf(a->msg, sizeof a->msg, "upload cancelled");
+    }
+    if (ar->closing) {
+        unlink_live(ar, a);
+        free_artifact(a);
+        return;
+    }
+    if (a->rc == 0) {
+        stats.artifacts_uploaded++;
+        stats.artifact_bytes_uploaded += a->size;
+        log_debug("[artifacts] %s uploaded to %s (%" PRIu64 " bytes)", a->id, a->store_uri,
+                  a->size);
+    } else {
+        stats.artifacts_failed++;
+        log_limited(LOG_WARN, "[artifacts] upload of %s (%s) failed: %s", a->id, a->path, a->msg);
+    }
+    ar->cbs.uploaded(ar->ctx, a, a->rc, a->msg);
+    start_uploads(ar);
+}
+
+static void start_uploads(struct artifacts *ar)
+{
+    while (!ar->closing && ar->qhead && ar->running < ARTIFACTS_MAX_UPLOADS) {
+        struct artifact *a = ar->qhead;
+        ar->qhead = a->qnext;
+        if (ar->qhead == NULL)
+            ar->qtail = NULL;
+        a->qnext = NULL;
+        a->work.data = a;
+        a->uploading = true;
+        if (uv_queue_work(ar->loop, &a->work, upload_work, upload_done) != 0) {
+            a->uploading = false;
+            snprintf(a->msg, sizeof a->msg, "cannot start a worker");
+            ar->cbs.uploaded(ar->ctx, a, -EAGAIN, a->msg);
+            continue;
+        }
+        ar->running++;
+    }
+}
+
+/* ---- public --------------------------------------------------------------------- */
+
+int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_dir,
+                   const struct artifacts_cbs *cbs, void *ctx, char *msg, size_t msglen)
+{
+    memset(ar, 0, sizeof *ar);
+    ar->loop = loop;
+    ar->cbs = *cbs;
+    ar->ctx = ctx;
+    if ((size_t)snprintf(ar->spool, sizeof ar->spool, "%s/artifacts", journal_dir) >=
+        sizeof ar->spool) {
+        snprintf(msg, msglen, "journal directory name too long");
+        return -ENAMETOOLONG;
+    }
+    if (mkdir(ar->spool, 0700) != 0 && errno != EEXIST) {
+        int e = errno;
+        snprintf(msg, msglen, "cannot create the artifact spool %s: %s", ar->spool, strerror(e));
+        return -e;
+    }
+    return 0;
+}
+
+const char *artifacts_path_problem(const char *path, size_t len)
+{
+    if (len == 0)
+        return "the artifact path is empty";
+    if (len > ARTIFACT_PATH_MAX)
+        return "the artifact path is longer than 1024 bytes";
+    if (path[0] == '/')
+        return "the artifact path must be relative to the run's artifact root";
+    size_t seg = 0;
+    for (size_t i = 0; i <= len; i++) {
+        if (i == len || path[i] == '/') {
+            const char *s = path + seg;
+            size_t n = i - seg;
+            if (n == 0)
+                return "the artifact path has an empty segment ('//' or a trailing '/')";
+            if ((n == 1 && s[0] == '.') || (n == 2 && s[0] == '.' && s[1] == '.'))
+                return "the artifact path may not contain '.' or '..' segments";
+            seg = i + 1;
+        } else if ((unsigned char)path[i] < 0x20 || path[i] == 0x7f) {
+            return "the artifact path contains a control character";
+        }
+    }
+    return NULL;
+}
+
+struct artifact *artifacts_find(struct artifacts *ar, const char *id)
+{
+    for (struct artifact *a = ar->live; a; a = a->next)
+        if (strcmp(a->id, id) == 0)
+            return a;
+    return NULL;
+}
+
+static struct artifact *new_artifact(struct artifacts *ar, const char *id)
+{
+    struct artifact *a = calloc(1, sizeof *a);
+    if (a == NULL)
+        return NULL;
+    a->ar = ar;
+    a->fd = -1;
+    snprintf(a->id, sizeof a->id, "%s", id);
+    a->next = ar->live;
+    ar->live = a;
+    ar->nlive++;
+    return a;
+}
+
+int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session, uint64_t seq,
+                       const char *run_id, struct proto_str path, int fd, struct artifact **out)
+{
+    char id[40], meta[4200];
+    snprintf(id, sizeof id, "%016" PRIx64 "-%016" PRIx64, session, seq);
+    spool_name(ar, id, ".meta", meta, sizeof meta);
+    if (artifacts_find(ar, id) != NULL || access(meta, F_OK) == 0) {
+        close(fd);
+        return -EEXIST;
+    }
+    if (ar->closing || ar->nlive >= ARTIFACTS_MAX_LIVE) {
+        close(fd);
+        return -ENOBUFS;
+    }
+    struct artifact *a = new_artifact(ar, id);
+    if (a == NULL) {
+        close(fd);
+        return -ENOMEM;
+    }
+    a->conn_id = conn_id;
+    a->seq = seq;
+    a->fd = fd;
+    memcpy(a->run_id, run_id, PROTO_RUN_ID_LEN);
+    snprintf(a->path, sizeof a->path, "%.*s", (int)path.len, path.ptr);
+    a->work.data = a;
+    a->uploading = true; /* a worker owns it */
+    if (uv_queue_work(ar->loop, &a->work, snapshot_work, snapshot_done) != 0) {
+        unlink_live(ar, a);
+        free_artifact(a);
+        return -EAGAIN;
+    }
+    *out = a;
+    return 0;
+}
+
+void artifacts_upload(struct artifacts *ar, struct artifact *a, const char *store_uri)
+{
+    free(a->store_uri);
+    a->store_uri = strdup(store_uri);
+    if (a->store_uri == NULL) {
+        snprintf(a->msg, sizeof a->msg, "out of memory");
+        ar->cbs.uploaded(ar->ctx, a, -ENOMEM, a->msg);
+        return;
+    }
+    if (ar->qtail)
+        ar->qtail->qnext = a;
+    else
+        ar->qhead = a;
+    ar->qtail = a;
+    start_uploads(ar);
+}
+
+void artifacts_forget(struct artifacts *ar, struct artifact *a)
+{
+    if (a->uploading)
+        return; /* a worker holds it: a resend recorded it meanwhile; its end frees it */
+    for (struct artifact **p = &ar->qhead; *p; p = &(*p)->qnext) {
+        if (*p == a) {
+            *p = a->qnext;
+            if (ar->qtail == a)
+                ar->qtail = NULL;
+            break;
+        }
+    }
+    if (ar->qtail == NULL)
+        for (struct artifact *q = ar->qhead; q; q = q->qnext)
+            ar->qtail = q;
+    const char *exts[] = {".meta", ".data"};
+    for (size_t i = 0; i < 2; i++) {
+        char path[4200];
+        spool_name(ar, a->id, exts[i], path, sizeof path);
+        if (unlink(path) != 0 && errno != ENOENT)
+            log_limited(LOG_WARN, "[artifacts] cannot delete %s: %s", path, strerror(errno));
+    }
+    unlink_live(ar, a);
+    stats.artifacts_pending = ar->nlive;
+    free_artifact(a);
+}
+
+int artifacts_recover(struct artifacts *ar, void (*cb)(void *ctx, struct artifact *a), void *ctx)
+{
+    DIR *d = opendir(ar->spool);
+    if (d == NULL)
+        return -errno;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        size_t len = strlen(e->d_name);
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s", ar->spool, e->d_name);
+        if (len > 5 && strcmp(e->d_name + len - 5, ".part") == 0) {
+            unlink(path); /* a snapshot cut short: its client was never acknowledged */
+            continue;
+        }
+        if (len <= 5 || strcmp(e->d_name + len - 5, ".meta") != 0)
+            continue;
+        FILE *f = fopen(path, "r");
+        char line[ARTIFACT_PATH_MAX + 200];
+        bool ok = f && fgets(line, sizeof line, f) != NULL;
+        if (f)
+            fclose(f);
+        char *fields[5], *save = NULL, *p = line;
+        int k = 0;
+        line[ok ? strcspn(line, "\n") : 0] = '\0';
+        while (ok && k < 5 && (fields[k] = strtok_r(p, "\t", &save)) != NULL) {
+            p = NULL;
+            k++;
+        }
+        if (k != 5 || strlen(fields[1]) != PROTO_RUN_ID_LEN || strlen(fields[3]) != 64 ||
+            artifacts_find(ar, fields[0]) != NULL) {
+            log_warn("[artifacts] %s is not a valid spool record; left in place", path);
+            continue;
+        }
+        struct artifact *a = new_artifact(ar, fields[0]);
+        if (a == NULL)
+            break;
+        memcpy(a->run_id, fields[1], PROTO_RUN_ID_LEN);
+        a->size = strtoull(fields[2], NULL, 10);
+        memcpy(a->sha256, fields[3], 64);
+        snprintf(a->path, sizeof a->path, "%s", fields[4]);
+        stats.artifacts_pending = ar->nlive;
+        cb(ctx, a);
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+void artifacts_close(struct artifacts *ar)
+{
+    ar->closing = true;
+    ar->qhead = ar->qtail = NULL;
+    struct artifact *a = ar->live, *next;
+    for (; a; a = next) {
+        next = a->next;
+        if (!a->uploading) {
+            unlink_live(ar, a);
+            free_artifact(a);
+        }
+    }
+}

@@ -1,0 +1,90 @@
+/*
+ * Artifacts: files clients hand over as descriptors. Each one is first copied into the
+ * spool (`<journal dir>/artifacts`: <id>.data plus a <id>.meta line, both fsynced) on a
+ * worker thread, so the client may delete its file and a crash loses nothing; then, once
+ * its ledger row is committed with the run's artifact_uri, uploaded to the store on a
+ * worker thread (at most ARTIFACTS_MAX_UPLOADS at once, so the journal's writes always
+ * find a thread); the spool copy goes when the ledger records the upload. The loop never
+ * touches file contents.
+ */
+#ifndef TRACKD_ARTIFACTS_H
+#define TRACKD_ARTIFACTS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "trackd_proto.h"
+
+#define ARTIFACTS_MAX_UPLOADS 2
+#define ARTIFACTS_MAX_LIVE 4096 /* snapshotted and not yet recorded as uploaded */
+#define ARTIFACT_PATH_MAX 1024
+
+struct trackd_config;
+struct artifacts;
+
+struct artifact {
+    /* Identity and what the snapshot found; read-only for the owner. */
+    char id[40]; /* "<session hex>-<seq hex>": unique per client frame */
+    char run_id[PROTO_RUN_ID_LEN + 1];
+    char path[ARTIFACT_PATH_MAX + 1];
+    char sha256[65];
+    uint64_t size;
+    /* The owner's. */
+    uint32_t conn_id;
+    uint64_t seq;
+    uint64_t serial; /* ingest serial of its ledger event: flush barriers wait for it */
+
+    /* Private. */
+    struct artifacts *ar;
+    uv_work_t work;
+    int fd; /* the client's file until snapshotted */
+    bool uploading;
+    int rc;
+    char msg[512];
+    char *store_uri; /* the destination, while uploading */
+    struct artifact *next, *qnext;
+};
+
+struct artifacts_cbs {
+    /* The snapshot is durable (rc 0) or failed (-errno, msg says why). */
+    void (*snapshotted)(void *ctx, struct artifact *a, int rc, const char *msg);
+    /* The upload finished (rc 0) or failed (-errno, msg says why). */
+    void (*uploaded)(void *ctx, struct artifact *a, int rc, const char *msg);
+};
+
+struct artifacts {
+    uv_loop_t *loop;
+    struct artifacts_cbs cbs;
+    void *ctx;
+    char spool[4096];
+    struct artifact *live; /* every artifact the module holds */
+    size_t nlive;
+    struct artifact *qhead, *qtail; /* uploads waiting for a slot */
+    unsigned running;               /* uploads on worker threads */
+    bool closing;
+};
+
+/* Creates the spool directory. Returns 0 or -errno with msg. */
+int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_dir,
+                   const struct artifacts_cbs *cbs, void *ctx, char *msg, size_t msglen);
+/* NULL when path is a safe relative artifact path, else why it is not. */
+const char *artifacts_path_problem(const char *path, size_t len);
+/*
+ * Takes fd and starts copying it into the spool; *out is the new artifact. -EEXIST when
+ * this frame's artifact is already held (a resend: fd is closed), -ENOBUFS at the limit.
+ */
+int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session, uint64_t seq,
+                       const char *run_id, struct proto_str path, int fd, struct artifact **out);
+struct artifact *artifacts_find(struct artifacts *ar, const char *id);
+/* Queues the upload of a to store_uri (the full destination URI). */
+void artifacts_upload(struct artifacts *ar, struct artifact *a, const char *store_uri);
+/* Deletes a's spool files and frees it. */
+void artifacts_forget(struct artifacts *ar, struct artifact *a);
+/* At start: each spooled artifact (with no client) goes to cb, in no particular order. */
+int artifacts_recover(struct artifacts *ar, void (*cb)(void *ctx, struct artifact *a), void *ctx);
+/* Stops starting work; running workers finish and their artifacts stay in the spool. */
+void artifacts_close(struct artifacts *ar);
+
+#endif
