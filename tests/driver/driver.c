@@ -9,6 +9,7 @@
  *   end ALIAS STATUS TS|now
  *   experiment NAME LOCATION     (with an artifact location)
  *   deltag ALIAS KEY
+ *   artifact ALIAS LOCAL_PATH ARTIFACT_DIR|""  (prints "artifact RC"; also for a directory)
  *   update ALIAS STATUS|- END|now|- NAME|-   ("-" keeps the stored value)
  *   backend_uri                  (prints "backend_uri RC URI")
  *   gen ALIAS NKEYS NSTEPS TS0   (NKEYS x NSTEPS points; prints the time taken)
@@ -124,6 +125,12 @@ int main(int argc, char **argv)
             failures += check(trackd_create_experiment(c, f[1]), lineno, cmd) != 0;
         } else if (strcmp(cmd, "deltag") == 0 && n >= 3) {
             failures += check(trackd_delete_tag(c, run_of(f[1]), f[2]), lineno, cmd) != 0;
+        } else if (strcmp(cmd, "artifact") == 0 && n >= 4) {
+            int rc = trackd_log_artifact(c, run_of(f[1]), f[2], f[3]);
+            if (rc == -EISDIR)
+                rc = trackd_log_artifacts(c, run_of(f[1]), f[2], f[3]);
+            printf("artifact\t%d\n", rc);
+            fflush(stdout);
         } else if (strcmp(cmd, "update") == 0 && n >= 5) {
             bool keep_status = strcmp(f[2], "-") == 0, keep_end = strcmp(f[3], "-") == 0;
             bool keep_name = strcmp(f[4], "-") == 0;
