@@ -82,3 +82,66 @@ def test_local_store_sizes_listed_and_downloaded_by_mlflow(pg, db, agent, artifa
     wait_for(lambda: agent.stats()["artifacts_pending"] == 0, 30, "the spool to empty")
     spool = agent.workdir / "journal" / "artifacts"
     assert os.listdir(spool) == []
+
+
+MLFLOW_SCRIPT = '''
+import hashlib, json, os, sys, time
+import mlflow
+from mlflow import MlflowClient
+
+src = sys.argv[1]
+with mlflow.start_run(run_name="with-artifacts") as run:
+    t0 = time.perf_counter()
+    mlflow.log_artifact(os.path.join(src, "model.bin"), "checkpoints")
+    took = time.perf_counter() - t0
+    os.unlink(os.path.join(src, "model.bin"))     # gone at once: the agent holds the file
+    mlflow.log_artifacts(os.path.join(src, "plots"), "plots")
+    mlflow.log_metric("loss", 0.5, step=1)
+# Reads through trackd: wait for the uploads (the store's barrier) and see them.
+client = MlflowClient()
+listed = sorted((a.path, a.file_size) for a in client.list_artifacts(run.info.run_id, "plots"))
+local = client.download_artifacts(run.info.run_id, "checkpoints/model.bin", sys.argv[2])
+digest = hashlib.sha256(open(local, "rb").read()).hexdigest()
+print(json.dumps({"run": run.info.run_id, "took": took, "listed": listed, "sha": digest}))
+'''
+
+
+def test_mlflow_log_artifact_under_trackd(pg, tmp_path):
+    """mlflow.log_artifact(s) under trackd: hands files to the agent and returns at once;
+    MLflow reads them back from the store the run names, byte-identical."""
+    import json
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    (work / "src" / "plots" / "epoch1").mkdir(parents=True)
+    size = 64 << 20
+    make_file(work / "src" / "model.bin", size, seed=7)
+    want = sha256(work / "src" / "model.bin")
+    make_file(work / "src" / "plots" / "loss.png", 3000, seed=8)
+    make_file(work / "src" / "plots" / "epoch1" / "acc.png", 5, seed=9)
+    (work / "dl").mkdir()
+    (work / "script.py").write_text(MLFLOW_SCRIPT)
+    db = pg.mlflow_db("artifacts_plugin")
+    agent = Agent(pg, db, tmp_path / "agent", artifact_root=str(work / "mlruns"))
+    agent.config.write_text(agent.config.read_text().replace(
+        "[mlflow]\n", f'[mlflow]\nbackend_uri = "{pg.url(db)}"\n'))
+    agent.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TRACKD_"))}
+        env["MLFLOW_TRACKING_URI"] = f"trackd://{agent.socket}"
+        p = subprocess.run([sys.executable, "script.py", str(work / "src"), str(work / "dl")],
+                           cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-4000:]
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        st = agent.stats()
+    finally:
+        assert agent.stop() == 0
+    print(f"\nmlflow.log_artifact of {size >> 20} MiB under trackd: returned in "
+          f"{out['took'] * 1000:.1f} ms")
+    assert out["sha"] == want
+    assert out["listed"] == [["plots/epoch1", None], ["plots/loss.png", 3000]], out["listed"]
+    assert st["artifacts_uploaded"] == 3 and st["artifacts_failed"] == 0
+    rows = pg.query(db, "SELECT path, size, status FROM trackd_artifacts ORDER BY path")
+    assert rows == [("checkpoints/model.bin", size, "done"), ("plots/epoch1/acc.png", 5, "done"),
+                    ("plots/loss.png", 3000, "done")]

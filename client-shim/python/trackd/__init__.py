@@ -50,6 +50,8 @@ __all__ = [
     "errors",
     "flush",
     "get_client",
+    "log_artifact",
+    "log_artifacts",
     "log_metric",
     "log_metrics",
     "log_param",
@@ -369,6 +371,24 @@ def set_tags(tags: Mapping[str, Any]) -> bool:
     """Sets several tags on the active run; values are stringified with str()."""
     run = _active("set_tags")
     return run._client.set_tags(run.run_id, {k: str(v) for k, v in tags.items()})
+
+
+def log_artifact(local_path: "os.PathLike[str] | str",
+                 artifact_path: Optional[str] = None) -> bool:
+    """Hands a file to the agent for upload to the active run's artifact store, below
+    artifact_path. Returns at once: the agent holds the open file, so it may be deleted or
+    renamed right away (rewriting it in place before the agent has copied it is the one
+    race). flush() returns once the upload is done."""
+    run = _active("log_artifact")
+    return run._client.log_artifact(run.run_id, os.fspath(local_path), artifact_path)
+
+
+def log_artifacts(local_dir: "os.PathLike[str] | str",
+                  artifact_path: Optional[str] = None) -> int:
+    """Hands every file below local_dir to the agent, keeping relative paths under
+    artifact_path. Returns how many files were handed over."""
+    run = _active("log_artifacts")
+    return run._client.log_artifacts(run.run_id, os.fspath(local_dir), artifact_path)
 
 
 def flush(timeout: Optional[float] = None) -> bool:

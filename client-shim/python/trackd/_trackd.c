@@ -726,6 +726,44 @@ static PyObject *Client_delete_tag(ClientObject *self, PyObject *const *args, Py
     return result(rc, run_id);
 }
 
+/* log_artifact and log_artifacts: a file error names the file. */
+static PyObject *artifact_call(ClientObject *self, const char *what, PyObject *const *args,
+                               Py_ssize_t nargs, PyObject *kwnames, int dir)
+{
+    static const char *const names[] = {"run_id", "local_path", "artifact_path"};
+    PyObject *a[3];
+    const char *run_id, *path, *artifact_path;
+    trackd_client *c = client_of(self);
+    if (c == NULL || parse_args(what, args, nargs, kwnames, names, 3, 2, a) != 0 ||
+        as_cstr(a[0], "run_id", &run_id) != 0 || as_cstr(a[1], "local_path", &path) != 0 ||
+        as_opt_cstr(a[2], "artifact_path", &artifact_path) != 0)
+        return NULL;
+    int rc;
+    if (dir)
+        SHIM_CALL(self, rc, trackd_log_artifacts(c, run_id, path, artifact_path));
+    else
+        SHIM_CALL(self, rc, trackd_log_artifact(c, run_id, path, artifact_path));
+    if (rc < 0 && rc != -ENOBUFS && rc != -EINVAL && rc != -ENOMEM) {
+        errno = -rc;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    if (dir && rc >= 0)
+        return PyLong_FromLong(rc);
+    return result(rc, run_id);
+}
+
+static PyObject *Client_log_artifact(ClientObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                     PyObject *kwnames)
+{
+    return artifact_call(self, "log_artifact", args, nargs, kwnames, 0);
+}
+
+static PyObject *Client_log_artifacts(ClientObject *self, PyObject *const *args,
+                                      Py_ssize_t nargs, PyObject *kwnames)
+{
+    return artifact_call(self, "log_artifacts", args, nargs, kwnames, 1);
+}
+
 static PyObject *Client_update_run(ClientObject *self, PyObject *const *args, Py_ssize_t nargs,
                                    PyObject *kwnames)
 {
@@ -952,6 +990,12 @@ static PyMethodDef Client_methods[] = {
     FAST(set_tag, "run_id, key, value", "value must be str. Returns False if dropped."),
     FAST(set_tags, "run_id, tags", "tags: dict or pairs of str. Returns False if dropped."),
     FAST(delete_tag, "run_id, key", "Deletes a tag of the run. Returns False if dropped."),
+    FAST(log_artifact, "run_id, local_path, artifact_path=None",
+         "Hands a file to the agent for upload below the run's artifact root (in "
+         "artifact_path). Returns at once; the file may be deleted right away. False if "
+         "dropped."),
+    FAST(log_artifacts, "run_id, local_dir, artifact_path=None",
+         "Hands every file below local_dir over, keeping relative paths. Returns the count."),
     FAST(update_run, "run_id, status=None, end_time=None, run_name=None",
          "Changes what is given (None keeps the stored value); run_name also sets the\n"
          "mlflow.runName tag. Returns False if dropped."),

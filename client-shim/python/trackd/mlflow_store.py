@@ -31,6 +31,8 @@ from mlflow.protos.databricks_pb2 import (
     INVALID_STATE,
     RESOURCE_ALREADY_EXISTS,
 )
+from mlflow.store.artifact.artifact_repo import ArtifactRepository
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
 from mlflow.utils.name_utils import _generate_random_name
@@ -164,6 +166,31 @@ class TrackdStore(SqlAlchemyStore):
                 _log.warning("trackd: agent rejected an event (code %d): %s", code, message)
             raise MlflowException("; ".join(m for _, _, m in errors), INVALID_PARAMETER_VALUE)
 
+    # ---- artifacts -------------------------------------------------------------
+
+    def _route_artifacts(self, run_id, artifact_uri):
+        """Sends MLflow's log_artifact(s) for run_id through the agent. MLflow's tracking
+        client looks a run's artifact repository up in a per-process cache before building
+        one (mlflow.tracking._tracking_service.utils._artifact_repos_cache in the pinned
+        release); the agent's repository goes there, wrapping the one MLflow would use for
+        everything but uploads."""
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        cache = getattr(tracking_utils, "_artifact_repos_cache", None)
+        if cache is None:
+            _log.debug("trackd: this MLflow has no artifact repository cache; artifacts are "
+                       "uploaded by MLflow itself")
+            return
+        if not isinstance(cache.get(run_id), AgentArtifactRepository):
+            cache[run_id] = AgentArtifactRepository(self, run_id,
+                                                    get_artifact_repository(artifact_uri))
+
+    def get_run(self, run_id):
+        self._barrier()
+        run = super().get_run(run_id)
+        self._route_artifacts(run_id, run.info.artifact_uri)
+        return run
+
     # ---- experiments ---------------------------------------------------------
 
     def create_experiment(self, name, artifact_location=None, tags=None):
@@ -226,6 +253,7 @@ class TrackdStore(SqlAlchemyStore):
                        artifact_uri=append_to_uri_path(experiment.artifact_location, run_id,
                                                        SqlAlchemyStore.ARTIFACTS_FOLDER_NAME),
                        run_name=run_name)
+        self._route_artifacts(run_id, info.artifact_uri)
         return Run(info, RunData(tags=tags), RunInputs(dataset_inputs=[]))
 
     def update_run_info(self, run_id, run_status, end_time, run_name):
@@ -272,6 +300,59 @@ class TrackdStore(SqlAlchemyStore):
     def flush(self):
         """Commits everything logged so far (MLflow calls this before reads of its own)."""
         self._barrier()
+
+
+class AgentArtifactRepository(ArtifactRepository):
+    """A run's artifact repository whose uploads go through the agent: log_artifact hands
+    the open file over and returns, the agent uploads it to the same place MLflow would.
+    Reads (list, download) use MLflow's own repository after the store's barrier, which
+    also waits for this process's uploads."""
+
+    def __init__(self, store, run_id, inner):
+        super().__init__(inner.artifact_uri)
+        self._store = store
+        self._run_id = run_id
+        self._inner = inner
+
+    def log_artifact(self, local_file, artifact_path=None):
+        self._store._dirty = True
+        if not self._store._client().log_artifact(self._run_id, os.fspath(local_file),
+                                                  artifact_path):
+            raise MlflowException(
+                f"trackd: the client buffer is full; {local_file} was not handed to the agent "
+                "(see trackd stats)", INVALID_STATE)
+
+    def log_artifacts(self, local_dir, artifact_path=None):
+        self._store._dirty = True
+        self._store._client().log_artifacts(self._run_id, os.fspath(local_dir), artifact_path)
+
+    def list_artifacts(self, path=None):
+        self._store._barrier()
+        return self._inner.list_artifacts(path)
+
+    def download_artifacts(self, artifact_path, dst_path=None, **kwargs):
+        self._store._barrier()
+        return self._inner.download_artifacts(artifact_path, dst_path, **kwargs)
+
+    def _download_file(self, remote_file_path, local_path):
+        self._store._barrier()
+        return self._inner._download_file(remote_file_path, local_path)
+
+    def delete_artifacts(self, artifact_path=None):
+        self._store._barrier()
+        return self._inner.delete_artifacts(artifact_path)
+
+    def create_multipart_upload(self, local_file, num_parts, artifact_path=None):
+        return self._inner.create_multipart_upload(local_file, num_parts, artifact_path)
+
+    def complete_multipart_upload(self, local_file, upload_id, parts=None, artifact_path=None):
+        return self._inner.complete_multipart_upload(local_file, upload_id, parts, artifact_path)
+
+    def abort_multipart_upload(self, local_file, upload_id, artifact_path=None):
+        return self._inner.abort_multipart_upload(local_file, upload_id, artifact_path)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 # Every other public store method (reads, and writes the agent does not carry such as
