@@ -9,6 +9,7 @@
 #define _GNU_SOURCE /* copy_file_range */
 #include "artifacts.h"
 
+#include <curl/curl.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -296,6 +297,99 @@ static int upload_local(struct artifact *a, const char *dest)
     return rc;
 }
 
+/* Appends path to url with every segment percent-encoded ('/' kept). */
+static int append_escaped(CURL *h, char *url, size_t cap, const char *path)
+{
+    size_t len = strlen(url);
+    while (*path) {
+        size_t n = strcspn(path, "/");
+        char *e = curl_easy_escape(h, path, (int)n);
+        if (e == NULL)
+            return -ENOMEM;
+        int w = snprintf(url + len, cap - len, "%s%s", e, path[n] ? "/" : "");
+        curl_free(e);
+        if (w < 0 || (size_t)w >= cap - len)
+            return -ENAMETOOLONG;
+        len += (size_t)w;
+        path += n + (path[n] ? 1 : 0);
+    }
+    return 0;
+}
+
+/* HTTP PUT of the spool copy, streamed from the file: memory stays flat whatever its size. */
+static int upload_put(struct artifact *a, CURL *h, const char *url)
+{
+    char data[4200], err[CURL_ERROR_SIZE] = "";
+    spool_name(a->ar, a->id, ".data", data, sizeof data);
+    FILE *f = fopen(data, "rb");
+    if (f == NULL)
+        return fail(a, -errno, "cannot open the spool copy %s", data);
+    struct curl_slist *hdr = curl_slist_append(NULL, "Content-Type: application/octet-stream");
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
+    curl_easy_setopt(h, CURLOPT_READDATA, f);
+    curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)a->size);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdr);
+    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, err);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, 10000L);
+    /* A store that stalls is a store that is down: below 1 KiB/s for 60 s, retry later. */
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1024L);
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, 60L);
+    CURLcode cc = curl_easy_perform(h);
+    long code = 0;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
+    curl_slist_free_all(hdr);
+    fclose(f);
+    if (cc != CURLE_OK) {
+        int rc = cc == CURLE_COULDNT_CONNECT        ? -ECONNREFUSED
+                 : cc == CURLE_OPERATION_TIMEDOUT   ? -ETIMEDOUT
+                 : cc == CURLE_COULDNT_RESOLVE_HOST ? -EHOSTUNREACH
+                                                    : -EIO;
+        snprintf(a->msg, sizeof a->msg, "PUT %.300s: %s", url,
+                 err[0] ? err : curl_easy_strerror(cc));
+        return rc;
+    }
+    if (code >= 200 && code < 300)
+        return 0;
+    snprintf(a->msg, sizeof a->msg, "PUT %.300s: HTTP %ld", url, code);
+    return code >= 500 || code == 429 || code == 408 ? -EAGAIN : -EACCES;
+}
+
+/* mlflow-artifacts:/path (the configured server) or mlflow-artifacts://host:port/path. */
+static int upload_mlflow(struct artifact *a, const char *uri)
+{
+    const char *rest = uri + strlen("mlflow-artifacts:");
+    char url[8192];
+    if (strncmp(rest, "//", 2) == 0) {
+        size_t host = strcspn(rest + 2, "/");
+        snprintf(url, sizeof url, "http://%.*s", (int)host, rest + 2);
+        rest += 2 + host;
+    } else if (a->ar->mlflow_server[0]) {
+        snprintf(url, sizeof url, "%s", a->ar->mlflow_server);
+    } else {
+        snprintf(a->msg, sizeof a->msg,
+                 "%.300s names no server: set [artifacts] mlflow_server_url to the MLflow server "
+                 "that serves artifacts",
+                 uri);
+        return -EDESTADDRREQ;
+    }
+    while (*rest == '/')
+        rest++;
+    size_t ul = strlen(url);
+    snprintf(url + ul, sizeof url - ul, "/api/2.0/mlflow-artifacts/artifacts/");
+    CURL *h = curl_easy_init();
+    if (h == NULL)
+        return fail(a, -ENOMEM, "%s", "cannot start libcurl");
+    int rc = append_escaped(h, url, sizeof url, rest);
+    if (rc != 0)
+        fail(a, rc, "URL for %.300s", uri);
+    else
+        rc = upload_put(a, h, url);
+    curl_easy_cleanup(h);
+    return rc;
+}
+
 static void upload_work(uv_work_t *w)
 {
     struct artifact *a = w->data;
@@ -312,11 +406,77 @@ static void upload_work(uv_work_t *w)
         a->rc = upload_local(a, uri);
         return;
     }
+    if (strncmp(uri, "mlflow-artifacts:", 17) == 0) {
+        a->rc = upload_mlflow(a, uri);
+        return;
+    }
     snprintf(a->msg, sizeof a->msg,
-             "artifact store %.300s is not supported by this agent yet (local paths and "
-             "file:// are)",
+             "artifact store %.300s is not supported by this agent yet (local paths, file:// "
+             "and mlflow-artifacts: are)",
              a->store_uri);
     a->rc = -EPROTONOSUPPORT;
+}
+
+/* Errors of a store that is down or full, as opposed to a file that cannot go there. */
+static bool retryable(int rc)
+{
+    switch (-rc) {
+    case EIO:
+    case ETIMEDOUT:
+    case ESTALE:
+    case ENOSPC:
+    case EDQUOT:
+    case EAGAIN:
+    case ECONNREFUSED:
+    case ECONNRESET:
+    case ECONNABORTED:
+    case EHOSTUNREACH:
+    case ENETUNREACH:
+    case ENOTCONN:
+    case EPIPE: return true;
+    default: return false;
+    }
+}
+
+static void retry_cb(uv_timer_t *t);
+
+static void schedule_retry(struct artifacts *ar, struct artifact *a)
+{
+    uint64_t ms = ARTIFACTS_RETRY_MIN_MS;
+    for (unsigned i = 1; i < a->attempts && ms < ARTIFACTS_RETRY_MAX_MS; i++)
+        ms *= 2;
+    if (ms > ARTIFACTS_RETRY_MAX_MS)
+        ms = ARTIFACTS_RETRY_MAX_MS;
+    ms = ms / 2 + (uint64_t)rand() % (ms / 2 + 1);
+    a->retry_at = uv_now(ar->loop) + ms;
+    a->qnext = ar->retry;
+    ar->retry = a;
+    if (!uv_is_active((uv_handle_t *)&ar->retry_timer))
+        uv_timer_start(&ar->retry_timer, retry_cb, 250, 250);
+}
+
+static void retry_cb(uv_timer_t *t)
+{
+    struct artifacts *ar = t->data;
+    uint64_t now = uv_now(ar->loop);
+    struct artifact **p = &ar->retry;
+    while (*p) {
+        struct artifact *a = *p;
+        if (a->retry_at > now) {
+            p = &a->qnext;
+            continue;
+        }
+        *p = a->qnext;
+        a->qnext = NULL;
+        if (ar->qtail)
+            ar->qtail->qnext = a;
+        else
+            ar->qhead = a;
+        ar->qtail = a;
+    }
+    if (ar->retry == NULL)
+        uv_timer_stop(&ar->retry_timer);
+    start_uploads(ar);
 }
 
 static void upload_done(uv_work_t *w, int status)
@@ -339,9 +499,18 @@ static void upload_done(uv_work_t *w, int status)
         stats.artifact_bytes_uploaded += a->size;
         log_debug("[artifacts] %s uploaded to %s (%" PRIu64 " bytes)", a->id, a->store_uri,
                   a->size);
+    } else if (retryable(a->rc) && a->attempts < ARTIFACTS_MAX_ATTEMPTS) {
+        stats.artifact_retries++;
+        log_limited(LOG_WARN, "[artifacts] upload of %s (%s) failed: %s; retrying (attempt %u)",
+                    a->id, a->path, a->msg, a->attempts + 1);
+        schedule_retry(ar, a);
+        start_uploads(ar);
+        return;
     } else {
         stats.artifacts_failed++;
-        log_limited(LOG_WARN, "[artifacts] upload of %s (%s) failed: %s", a->id, a->path, a->msg);
+        log_limited(LOG_WARN,
+                    "[artifacts] upload of %s (%s) failed for good after %u attempt(s): %s", a->id,
+                    a->path, a->attempts, a->msg);
     }
     ar->cbs.uploaded(ar->ctx, a, a->rc, a->msg);
     start_uploads(ar);
@@ -357,6 +526,7 @@ static void start_uploads(struct artifacts *ar)
         a->qnext = NULL;
         a->work.data = a;
         a->uploading = true;
+        a->attempts++;
         if (uv_queue_work(ar->loop, &a->work, upload_work, upload_done) != 0) {
             a->uploading = false;
             snprintf(a->msg, sizeof a->msg, "cannot start a worker");
@@ -370,9 +540,14 @@ static void start_uploads(struct artifacts *ar)
 /* ---- public --------------------------------------------------------------------- */
 
 int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_dir,
-                   const struct artifacts_cbs *cbs, void *ctx, char *msg, size_t msglen)
+                   const char *mlflow_server, const struct artifacts_cbs *cbs, void *ctx, char *msg,
+                   size_t msglen)
 {
     memset(ar, 0, sizeof *ar);
+    snprintf(ar->mlflow_server, sizeof ar->mlflow_server, "%s", mlflow_server ? mlflow_server : "");
+    size_t sl = strlen(ar->mlflow_server);
+    while (sl > 0 && ar->mlflow_server[sl - 1] == '/')
+        ar->mlflow_server[--sl] = '\0';
     ar->loop = loop;
     ar->cbs = *cbs;
     ar->ctx = ctx;
@@ -386,6 +561,8 @@ int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_di
         snprintf(msg, msglen, "cannot create the artifact spool %s: %s", ar->spool, strerror(e));
         return -e;
     }
+    uv_timer_init(loop, &ar->retry_timer);
+    ar->retry_timer.data = ar;
     return 0;
 }
 
@@ -503,6 +680,12 @@ void artifacts_forget(struct artifacts *ar, struct artifact *a)
     if (ar->qtail == NULL)
         for (struct artifact *q = ar->qhead; q; q = q->qnext)
             ar->qtail = q;
+    for (struct artifact **p = &ar->retry; *p; p = &(*p)->qnext) {
+        if (*p == a) {
+            *p = a->qnext;
+            break;
+        }
+    }
     const char *exts[] = {".meta", ".data"};
     for (size_t i = 0; i < 2; i++) {
         char path[4200];
@@ -564,10 +747,20 @@ int artifacts_recover(struct artifacts *ar, void (*cb)(void *ctx, struct artifac
     return n;
 }
 
-void artifacts_close(struct artifacts *ar)
+static void timer_closed(uv_handle_t *h)
+{
+    struct artifacts *ar = h->data;
+    if (ar->closed)
+        ar->closed(ar);
+}
+
+void artifacts_close(struct artifacts *ar, void (*closed)(struct artifacts *))
 {
     ar->closing = true;
-    ar->qhead = ar->qtail = NULL;
+    ar->closed = closed;
+    ar->qhead = ar->qtail = ar->retry = NULL;
+    uv_timer_stop(&ar->retry_timer);
+    uv_close((uv_handle_t *)&ar->retry_timer, timer_closed);
     struct artifact *a = ar->live, *next;
     for (; a; a = next) {
         next = a->next;

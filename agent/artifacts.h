@@ -20,6 +20,10 @@
 #define ARTIFACTS_MAX_UPLOADS 2
 #define ARTIFACTS_MAX_LIVE 4096 /* snapshotted and not yet recorded as uploaded */
 #define ARTIFACT_PATH_MAX 1024
+/* A store that is down: retried after 1 s, doubling to 60 s, for about 30 minutes. */
+#define ARTIFACTS_RETRY_MIN_MS 1000
+#define ARTIFACTS_RETRY_MAX_MS 60000
+#define ARTIFACTS_MAX_ATTEMPTS 36
 
 struct trackd_config;
 struct artifacts;
@@ -41,6 +45,8 @@ struct artifact {
     uv_work_t work;
     int fd; /* the client's file until snapshotted */
     bool uploading;
+    unsigned attempts; /* uploads tried */
+    uint64_t retry_at; /* loop time of the next attempt, while waiting */
     int rc;
     char msg[512];
     char *store_uri; /* the destination, while uploading */
@@ -59,16 +65,24 @@ struct artifacts {
     struct artifacts_cbs cbs;
     void *ctx;
     char spool[4096];
-    struct artifact *live; /* every artifact the module holds */
+    char mlflow_server[1024]; /* for mlflow-artifacts: URIs without a host */
+    struct artifact *live;    /* every artifact the module holds */
     size_t nlive;
     struct artifact *qhead, *qtail; /* uploads waiting for a slot */
-    unsigned running;               /* uploads on worker threads */
+    struct artifact *retry;         /* uploads waiting for their next attempt (qnext) */
+    uv_timer_t retry_timer;
+    unsigned running; /* uploads on worker threads */
     bool closing;
+    void (*closed)(struct artifacts *);
 };
 
-/* Creates the spool directory. Returns 0 or -errno with msg. */
+/*
+ * Creates the spool directory. mlflow_server ("" = none) serves mlflow-artifacts: URIs
+ * that name no host. Returns 0 or -errno with msg. Call curl_global_init first.
+ */
 int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_dir,
-                   const struct artifacts_cbs *cbs, void *ctx, char *msg, size_t msglen);
+                   const char *mlflow_server, const struct artifacts_cbs *cbs, void *ctx, char *msg,
+                   size_t msglen);
 /* NULL when path is a safe relative artifact path, else why it is not. */
 const char *artifacts_path_problem(const char *path, size_t len);
 /*
@@ -84,7 +98,10 @@ void artifacts_upload(struct artifacts *ar, struct artifact *a, const char *stor
 void artifacts_forget(struct artifacts *ar, struct artifact *a);
 /* At start: each spooled artifact (with no client) goes to cb, in no particular order. */
 int artifacts_recover(struct artifacts *ar, void (*cb)(void *ctx, struct artifact *a), void *ctx);
-/* Stops starting work; running workers finish and their artifacts stay in the spool. */
-void artifacts_close(struct artifacts *ar);
+/*
+ * Stops starting work; running workers finish and their artifacts stay in the spool.
+ * closed runs once the module's timer handle is closed.
+ */
+void artifacts_close(struct artifacts *ar, void (*closed)(struct artifacts *));
 
 #endif

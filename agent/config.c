@@ -85,6 +85,8 @@ static const struct config_key keys[] = {
         "Comma-separated alembic revisions accepted besides the built-in tested list"),
     STR("mlflow", "backend_uri", backend_uri, "", 0, CONFIG_MAX_LINE,
         "MLflow backend store URI announced to clients for reads; never with a password"),
+    STR("artifacts", "mlflow_server_url", mlflow_server_url, "", 0, CONFIG_MAX_LINE,
+        "MLflow server serving artifacts, for mlflow-artifacts: URIs without a host"),
     STR("journal", "dir", journal_dir, "/var/lib/trackd/journal", 1, CONFIG_MAX_PATH,
         "Directory of the on-disk journal"),
     STR("journal", "fsync", journal_fsync, "interval", 1, 8,
@@ -107,7 +109,8 @@ static const struct config_key keys[] = {
 
 #define NKEYS (sizeof keys / sizeof keys[0])
 
-static const char *const sections[] = {"agent", "postgres", "mlflow", "journal", "batch"};
+static const char *const sections[] = {"agent",     "postgres", "mlflow",
+                                       "artifacts", "journal",  "batch"};
 
 #define NSECTIONS (sizeof sections / sizeof sections[0])
 

@@ -35,6 +35,7 @@ struct trackd_config {
     char *artifact_root;     /* experiment artifact_location = root + "/" + experiment_id */
     char *allowed_revisions; /* comma-separated extra alembic revisions; "" = none */
     char *backend_uri;       /* announced to clients in the welcome; "" = none; no password */
+    char *mlflow_server_url; /* for mlflow-artifacts: URIs without a host; "" = none */
     /* [journal] */
     char *journal_dir;
     char *journal_fsync; /* "always" | "interval" | "never" */

@@ -14,6 +14,7 @@
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+#include <curl/curl.h>
 #include <uv.h>
 
 #include "artifacts.h"
@@ -304,7 +305,7 @@ static void finish(struct agent *a)
                  "start");
     else
         journaler_release(&a->journal, a->journal.appended_lsn); /* everything is committed */
-    artifacts_close(&a->art);
+    artifacts_close(&a->art, NULL);
     journaler_close(&a->journal, journal_closed);
     ingest_cut(&a->ingest);
     conn_close_all(&a->conns);
@@ -406,6 +407,7 @@ static int run_agent(const char *config_path)
         return 2;
     log_set_level(a.cfg.log_level);
     signal(SIGPIPE, SIG_IGN);
+    curl_global_init(CURL_GLOBAL_DEFAULT); /* before any thread: it is not thread-safe */
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
     log_info("[agent] trackd %s starting (config %s)", trackd_version,
              config_path ? config_path : "built-in defaults");
@@ -451,7 +453,8 @@ static int run_agent(const char *config_path)
         return 1;
     }
     deadletter_open(&a.dead, a.cfg.journal_dir);
-    if (artifacts_init(&a.art, &a.loop, a.cfg.journal_dir, &acbs, &a, msg, sizeof msg) != 0) {
+    if (artifacts_init(&a.art, &a.loop, a.cfg.journal_dir, a.cfg.mlflow_server_url, &acbs, &a, msg,
+                       sizeof msg) != 0) {
         log_error("[agent] %s", msg);
         return 1;
     }
@@ -495,6 +498,7 @@ static int run_agent(const char *config_path)
     a.conns.durable_lsn = a.journal.durable_lsn;
     if (listener_start(&a.listener, &a.loop, &a.cfg, &a.conns, msg, sizeof msg) != 0) {
         log_error("[agent] %s", msg);
+        artifacts_close(&a.art, NULL);
         journaler_close(&a.journal, journal_closed);
         writer_close(&a.writer, writer_closed);
         ingest_close(&a.ingest);

@@ -56,6 +56,7 @@
     X(artifacts_received)                                                                          \
     X(artifacts_uploaded)                                                                          \
     X(artifacts_failed)                                                                            \
+    X(artifact_retries)                                                                            \
     X(artifacts_pending)                                                                           \
     X(artifact_bytes_uploaded)                                                                     \
     X(errors_to_clients)                                                                           \

@@ -60,8 +60,16 @@ class MlflowServer:
                                      f"log {self.logpath}:\n{self.log()[-6000:]}")
         return self
 
-    def _spawn(self):
-        self.port = free_port()
+    def restart(self, timeout=180):
+        """Starts the server again on the port it had (after stop()): an outage ends."""
+        self._spawn(self.port)
+        wait_for(lambda: self.proc.poll() is not None or self._healthy(), timeout,
+                 f"mlflow server on port {self.port} to answer /health again", interval=0.25)
+        assert self.proc.poll() is None, f"mlflow server did not restart:\n{self.log()[-4000:]}"
+        return self
+
+    def _spawn(self, port=None):
+        self.port = port or free_port()
         env = dict(os.environ)
         # The job runner forks a pool of huey consumers that these tests never use;
         # on a 2-core machine they only slow the start. Telemetry would try the network.

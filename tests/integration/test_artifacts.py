@@ -145,3 +145,65 @@ def test_mlflow_log_artifact_under_trackd(pg, tmp_path):
     rows = pg.query(db, "SELECT path, size, status FROM trackd_artifacts ORDER BY path")
     assert rows == [("checkpoints/model.bin", size, "done"), ("plots/epoch1/acc.png", 5, "done"),
                     ("plots/loss.png", 3000, "done")]
+
+
+def test_mlflow_artifacts_store_down_30s(pg, db, tmp_path):
+    """mlflow-artifacts: through a real `mlflow server --serve-artifacts`. The server stops
+    for 30 s while an artifact waits: the agent retries with backoff, and the artifact
+    lands byte-identical once the server is back; flush waits for it."""
+    import subprocess
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from mlflow_server import MlflowServer
+    from harness import BUILD
+
+    server = MlflowServer(pg.url(db), tmp_path / "srv").start()
+    try:
+        a = Agent(pg, db, tmp_path / "a", artifact_root="mlflow-artifacts:/",
+                  extra=f'[artifacts]\nmlflow_server_url = "{server.url}"\n').start()
+        src = tmp_path / "src"
+        src.mkdir()
+        make_file(src / "before.bin", 16 << 20, seed=1)
+        make_file(src / "during.bin", 8 << 20, seed=2)
+        digests = {n: sha256(src / n) for n in ("before.bin", "during.bin")}
+        p = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", a.socket],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        try:
+            p.stdin.write(f"run\tr\tstore-exp\ts\tnow\nartifact\tr\t{src / 'before.bin'}\tm\n"
+                          "flush\t60000\n")
+            run_id = p.stdout.readline().split("\t")[2].strip()
+            assert p.stdout.readline().strip() == "artifact\t0"
+            assert p.stdout.readline().strip() == "flush\t0"
+            server.stop()
+            down_at = time.monotonic()
+            p.stdin.write(f"artifact\tr\t{src / 'during.bin'}\tm\nflush\t120000\n")
+            assert p.stdout.readline().strip() == "artifact\t0"
+            wait_for(lambda: a.stats()["artifact_retries"] > 0, 30, "the agent to retry")
+            wait_for(lambda: time.monotonic() - down_at >= 30, 40, "the 30 s outage")
+            server.restart()
+            assert p.stdout.readline().strip() == "flush\t0"
+            p.stdin.write("errors\n")
+            p.stdin.close()
+            rest = p.stdout.read()
+            assert p.wait(60) == 0 and "error" not in rest, rest
+        finally:
+            p.kill()
+        st = a.stats()
+        assert a.stop() == 0
+        client = MlflowClient(tracking_uri=server.url)
+        listed = {f.path: f.file_size for f in client.list_artifacts(run_id, "m")}
+        assert listed == {"m/before.bin": 16 << 20, "m/during.bin": 8 << 20}, listed
+        dl = tmp_path / "dl"
+        dl.mkdir()
+        local = client.download_artifacts(run_id, "m", str(dl))
+        for n, d in digests.items():
+            assert sha256(os.path.join(local, n)) == d, n
+        rows = pg.query(db, "SELECT path, status, store_uri FROM trackd_artifacts ORDER BY path")
+        assert [(r[0], r[1]) for r in rows] == [("m/before.bin", "done"), ("m/during.bin", "done")]
+        assert rows[0][2].startswith("mlflow-artifacts:/"), rows
+        print(f"\nscenario=artifact-store-down-30s sent=2 uploaded={st['artifacts_uploaded']} "
+              f"retries={st['artifact_retries']} failed={st['artifacts_failed']}")
+        assert st["artifacts_uploaded"] == 2 and st["artifacts_failed"] == 0
+    finally:
+        server.stop()
