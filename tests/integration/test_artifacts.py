@@ -207,3 +207,56 @@ def test_mlflow_artifacts_store_down_30s(pg, db, tmp_path):
         assert st["artifacts_uploaded"] == 2 and st["artifacts_failed"] == 0
     finally:
         server.stop()
+
+
+def test_agent_kill9_during_large_upload_resumes(pg, db, tmp_path, artifact_root):
+    """A 512 MiB artifact: the agent is killed with SIGKILL while uploading it. The next
+    agent finds it in the spool, uploads it again, and the flush the client started before
+    the crash returns once the bytes are in place, identical."""
+    import glob
+    import signal
+    import subprocess
+
+    src = tmp_path / "big.bin"
+    size = 512 << 20
+    make_file(src, size, seed=11)
+    want = sha256(src)
+    a = Agent(pg, db, tmp_path / "a", artifact_root=str(artifact_root)).start()
+    p = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", a.socket],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    b = None
+    try:
+        p.stdin.write(f"run\tr\tkill-art-exp\tk\tnow\nartifact\tr\t{src}\tckpt\nflush\t180000\n")
+        run_id = p.stdout.readline().split("\t")[2].strip()
+        assert p.stdout.readline().strip() == "artifact\t0"
+        os.unlink(src)
+        # Kill while the copy into the store runs (its temporary file exists), or at the
+        # latest once the snapshot is spooled and the upload has not finished.
+        tmp_glob = f"{artifact_root}/*/{run_id}/artifacts/ckpt/big.bin.trackd-*.tmp"
+        wait_for(lambda: glob.glob(tmp_glob) or a.stats()["artifacts_uploaded"] > 0, 120,
+                 "the upload to start")
+        caught = bool(glob.glob(tmp_glob))
+        os.kill(a.proc.pid, signal.SIGKILL)
+        a.proc.wait()
+        spool = tmp_path / "a" / "journal" / "artifacts"
+        assert len(glob.glob(f"{spool}/*.data")) == 1
+        b = Agent(pg, db, tmp_path / "a", artifact_root=str(artifact_root)).start()
+        assert "spooled artifact(s) from before the restart resume" in b.log()
+        assert p.stdout.readline().strip() == "flush\t0"
+        p.stdin.close()
+        assert p.wait(60) == 0
+        dest = glob.glob(f"{artifact_root}/*/{run_id}/artifacts/ckpt/big.bin")
+        assert len(dest) == 1 and os.path.getsize(dest[0]) == size
+        assert sha256(dest[0]) == want
+        assert glob.glob(tmp_glob) == []
+        rows = pg.query(db, "SELECT size, sha256, status FROM trackd_artifacts"
+                            " WHERE run_uuid = %s", (run_id,))
+        assert rows == [(size, want, "done")]
+        wait_for(lambda: glob.glob(f"{spool}/*") == [], 30, "the spool to empty")
+        print(f"\nscenario=agent-kill-9-during-upload size={size} caught_mid_copy={caught} "
+              f"uploaded_after_restart={b.stats()['artifacts_uploaded']}")
+    finally:
+        p.kill()
+        a.kill()
+        if b is not None:
+            assert b.stop() == 0
