@@ -192,20 +192,6 @@ const char batch_sql_artifacts_done[] =
     " FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, status, err)"
     " WHERE t.upload_id = u.id";
 
-const char batch_sql_create_ledger[] =
-    "CREATE TABLE IF NOT EXISTS trackd_artifacts ("
-    " upload_id text PRIMARY KEY,"
-    " run_uuid varchar(32) NOT NULL,"
-    " path text NOT NULL,"
-    " size bigint NOT NULL,"
-    " sha256 char(64) NOT NULL,"
-    " store_uri text NOT NULL,"
-    " status text NOT NULL CHECK (status IN ('pending', 'done', 'failed')),"
-    " error text,"
-    " created_time bigint NOT NULL,"
-    " finished_time bigint);"
-    "CREATE INDEX IF NOT EXISTS trackd_artifacts_run ON trackd_artifacts (run_uuid)";
-
 /* ---- array literals ---------------------------------------------------- */
 
 int batch_array_append(struct proto_buf *arr, const char *s, size_t len)

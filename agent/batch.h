@@ -145,8 +145,6 @@ extern const char batch_sql_delete_tags[];
 extern const char batch_sql_artifacts[];
 /* $1 ids, $2 statuses, $3 errors, $4 now ms */
 extern const char batch_sql_artifacts_done[];
-/* trackd's own ledger of uploads, created when missing. */
-extern const char batch_sql_create_ledger[];
 
 /* Appends s as one element of a text array literal (quoted and escaped). */
 int batch_array_append(struct proto_buf *arr, const char *s, size_t len);

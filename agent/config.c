@@ -27,7 +27,7 @@
 #define PRINTF_LIKE(fmt, args)
 #endif
 
-enum key_type { KEY_STRING, KEY_U32, KEY_U64, KEY_MODE, KEY_LEVEL };
+enum key_type { KEY_STRING, KEY_U32, KEY_U64, KEY_MODE, KEY_LEVEL, KEY_BOOL };
 
 /* Marks postgres.dsn, whose password config_dump() must never print. */
 #define KEY_SECRET_DSN 1u
@@ -79,6 +79,8 @@ static const struct config_key keys[] = {
         "File whose first line is the password; empty means none"),
     NUM("postgres", "connect_timeout_ms", KEY_U32, pg_connect_timeout_ms, 10000, 100, 600000,
         "Timeout for establishing one PostgreSQL connection"),
+    NUM("postgres", "seed_views", KEY_BOOL, seed_views, 0, 0, 1,
+        "Create the mlflow_* convenience views (they block MLflow column-type migrations)"),
     STR("mlflow", "default_artifact_root", artifact_root, "mlflow-artifacts:/", 1, CONFIG_MAX_PATH,
         "Artifact root for experiments the agent creates (root + \"/\" + experiment_id)"),
     STR("mlflow", "allowed_revisions", allowed_revisions, "", 0, CONFIG_MAX_LINE,
@@ -130,6 +132,7 @@ static uint64_t key_get_int(const struct trackd_config *c, const struct config_k
     case KEY_U64: return *(uint64_t *)p;
     case KEY_MODE: return *(unsigned *)p;
     case KEY_LEVEL: return (uint64_t) * (int *)p;
+    case KEY_BOOL: return *(bool *)p;
     case KEY_STRING: break;
     }
     assert(!"string key has no integer value");
@@ -145,6 +148,7 @@ static void key_set_int(struct trackd_config *c, const struct config_key *k, uin
     case KEY_U64: *(uint64_t *)p = v; break;
     case KEY_MODE: *(unsigned *)p = (unsigned)v; break;
     case KEY_LEVEL: *(int *)p = (int)v; break;
+    case KEY_BOOL: *(bool *)p = v != 0; break;
     case KEY_STRING: assert(!"string key has no integer value"); break;
     }
 }
@@ -202,6 +206,7 @@ static void key_expect(const struct config_key *k, char *buf, size_t len)
 {
     switch (k->type) {
     case KEY_STRING: snprintf(buf, len, "must be a string"); break;
+    case KEY_BOOL: snprintf(buf, len, "must be true or false"); break;
     case KEY_LEVEL:
         snprintf(buf, len, "must be one of \"%s\", \"%s\", \"%s\" or \"%s\"", level_names[0],
                  level_names[1], level_names[2], level_names[3]);
@@ -368,6 +373,11 @@ static bool value_store(struct trackd_config *work, const struct trackd_config *
         }
         key_set_str(work, orig, k, v->str);
         v->str = NULL;
+        return true;
+    case KEY_BOOL:
+        if (v->kind != VAL_BOOL)
+            break;
+        key_set_int(work, k, v->mag);
         return true;
     case KEY_LEVEL:
         if (v->kind != VAL_STRING || (level = level_find(v->str)) < 0)
@@ -607,6 +617,7 @@ static int parse_value(struct parser *p, const char *s, struct value *v)
     v->end = t;
     if (token_is(s, n, "true") || token_is(s, n, "false")) {
         v->kind = VAL_BOOL;
+        v->mag = token_is(s, n, "true");
         return 0;
     }
     if (n > 0 && (*s == '+' || *s == '-'))
@@ -836,7 +847,13 @@ static int env_apply_one(struct trackd_config *work, const struct trackd_config 
     if (!k)
         return error_set(err, name, 0, 0, "unknown setting: [%s] has no such key", section);
 
-    if (k->type == KEY_STRING || k->type == KEY_LEVEL) {
+    if (k->type == KEY_BOOL) {
+        bool t = strcmp(val, "true") == 0 || strcmp(val, "1") == 0;
+        if (t || strcmp(val, "false") == 0 || strcmp(val, "0") == 0) {
+            v.kind = VAL_BOOL;
+            v.mag = t;
+        }
+    } else if (k->type == KEY_STRING || k->type == KEY_LEVEL) {
         v.kind = VAL_STRING;
         v.len = strlen(val);
         if ((v.str = strdup(val)) == NULL) {
@@ -1022,6 +1039,7 @@ void config_dump(const struct trackd_config *c, FILE *out)
             dump_quoted(out, v <= k->max ? level_names[v] : "info");
             break;
         case KEY_MODE: fprintf(out, "0o%03" PRIo64, key_get_int(c, k)); break;
+        case KEY_BOOL: fputs(key_get_int(c, k) ? "true" : "false", out); break;
         case KEY_U32:
         case KEY_U64: fprintf(out, "%" PRIu64, key_get_int(c, k)); break;
         }

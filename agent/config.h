@@ -9,6 +9,7 @@
 #define TRACKD_CONFIG_H
 
 #include <stddef.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -31,6 +32,7 @@ struct trackd_config {
     char *pg_dsn;           /* libpq keyword string or URI; may hold a password */
     char *pg_password_file; /* "" = none; first line is the password */
     uint32_t pg_connect_timeout_ms;
+    bool seed_views; /* create the mlflow_* views; `trackd views drop` removes them */
     /* [mlflow] */
     char *artifact_root;     /* experiment artifact_location = root + "/" + experiment_id */
     char *allowed_revisions; /* comma-separated extra alembic revisions; "" = none */

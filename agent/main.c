@@ -19,6 +19,7 @@
 
 #include "artifacts.h"
 #include "config.h"
+#include "dbobjects.h"
 #include "deadletter.h"
 #include "conn.h"
 #include "ingest.h"
@@ -62,16 +63,20 @@ struct agent {
 
 static void usage(FILE *out)
 {
-    fprintf(out, "usage: trackd [--config FILE]              run the agent in the foreground\n"
-                 "       trackd --check-config [FILE]        validate a configuration and exit\n"
-                 "       trackd stats [--socket PATH | --config FILE]\n"
-                 "                                           print a running agent's counters\n"
-                 "       trackd journal verify|status [--config FILE | DIR]\n"
-                 "                                           check the journal, or summarise it\n"
-                 "       trackd --help | --version\n"
-                 "\n"
-                 "Every configuration key can be overridden by TRACKD_<SECTION>_<KEY>, e.g.\n"
-                 "TRACKD_POSTGRES_DSN or TRACKD_AGENT_SOCKET. See agent.toml.example.\n");
+    fprintf(out,
+            "usage: trackd [--config FILE]              run the agent in the foreground\n"
+            "       trackd --check-config [FILE]        validate a configuration and exit\n"
+            "       trackd stats [--socket PATH | --config FILE]\n"
+            "                                           print a running agent's counters\n"
+            "       trackd journal verify|status [--config FILE | DIR]\n"
+            "                                           check the journal, or summarise it\n"
+            "       trackd artifacts RUN_ID [--config FILE]\n"
+            "                                           list a run's uploads (trackd_artifacts)\n"
+            "       trackd views drop [--config FILE]   drop the mlflow_* views\n"
+            "       trackd --help | --version\n"
+            "\n"
+            "Every configuration key can be overridden by TRACKD_<SECTION>_<KEY>, e.g.\n"
+            "TRACKD_POSTGRES_DSN or TRACKD_AGENT_SOCKET. See agent.toml.example.\n");
 }
 
 /* ---- callbacks wiring the modules together -------------------------------- */
@@ -593,7 +598,8 @@ static int run_stats(const char *socket_path)
 int main(int argc, char **argv)
 {
     const char *config_path = NULL, *socket_path = NULL, *journal_cmd = NULL, *journal_dir = NULL;
-    bool check = false, stats_cmd = false;
+    const char *artifacts_run = NULL;
+    bool check = false, stats_cmd = false, views_drop = false;
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
         if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
@@ -623,6 +629,18 @@ int main(int argc, char **argv)
                 fprintf(stderr, "trackd: journal needs 'verify' or 'status'\n");
                 return 2;
             }
+        } else if (strcmp(arg, "artifacts") == 0) {
+            if (++i >= argc || argv[i][0] == '-') {
+                fprintf(stderr, "trackd: artifacts needs a run id\n");
+                return 2;
+            }
+            artifacts_run = argv[i];
+        } else if (strcmp(arg, "views") == 0) {
+            if (++i >= argc || strcmp(argv[i], "drop") != 0) {
+                fprintf(stderr, "trackd: views needs 'drop'\n");
+                return 2;
+            }
+            views_drop = true;
         } else if (journal_cmd && arg[0] != '-' && journal_dir == NULL) {
             journal_dir = arg;
         } else {
@@ -651,6 +669,15 @@ int main(int argc, char **argv)
         if (rc < 0)
             fprintf(stderr, "trackd journal %s: %s: %s\n", journal_cmd, dir, strerror(-rc));
         return rc == 0 ? 0 : 1;
+    }
+    if (artifacts_run || views_drop) {
+        struct trackd_config cfg;
+        if (load_config(&cfg, config_path) != 0)
+            return 1;
+        int rc = artifacts_run ? dbobjects_list_artifacts(&cfg, artifacts_run, stdout)
+                               : dbobjects_drop_views(&cfg, stdout);
+        config_free(&cfg);
+        return rc;
     }
     if (stats_cmd) {
         if (socket_path)

@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "config.h"
+#include "dbobjects.h"
 #include "log.h"
 #include "stats.h"
 
@@ -658,7 +659,8 @@ static void check_done(struct writer *w)
     stats.db_connected = 1;
     if (!w->ledger_ok) {
         set_state(w, W_LEDGER);
-        if (!PQsendQuery(w->pg, batch_sql_create_ledger) || flush_out(w) != 0)
+        w->ledger_ok = true; /* until a statement fails */
+        if (!PQsendQuery(w->pg, w->ledger_sql) || flush_out(w) != 0)
             conn_lost(w, "ledger");
         return;
     }
@@ -723,13 +725,14 @@ static void drive(struct writer *w)
                 start_next(w);
                 continue;
             }
-            w->ledger_ok = PQresultStatus(res) != PGRES_FATAL_ERROR;
-            if (!w->ledger_ok)
+            if (PQresultStatus(res) == PGRES_FATAL_ERROR) {
+                w->ledger_ok = false;
                 log_limited(LOG_ERROR,
-                            "[writer] cannot create trackd's table trackd_artifacts: %.*s; "
-                            "artifacts will be rejected until it exists",
+                            "[writer] cannot create trackd's table trackd_artifacts (or the "
+                            "mlflow_* views): %.*s; artifacts are rejected until it exists",
                             (int)strcspn(PQresultErrorMessage(res), "\n"),
                             PQresultErrorMessage(res));
+            }
             PQclear(res);
             continue;
         }
@@ -866,6 +869,16 @@ int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *c
     size_t rl = strlen(cfg->artifact_root);
     snprintf(w->artifact_root, sizeof w->artifact_root, "%s%s", cfg->artifact_root,
              rl && cfg->artifact_root[rl - 1] == '/' ? "" : "/");
+    /* trackd's own objects: one simple query, so PgBouncer's transaction mode can run it. */
+    size_t ll = strlen(dbobjects_ledger_sql), vl = strlen(dbobjects_views_sql);
+    w->ledger_sql = malloc(ll + vl + 2);
+    if (w->ledger_sql == NULL)
+        return -ENOMEM;
+    memcpy(w->ledger_sql, dbobjects_ledger_sql, ll + 1);
+    if (cfg->seed_views) {
+        w->ledger_sql[ll] = ';';
+        memcpy(w->ledger_sql + ll + 1, dbobjects_views_sql, vl + 1);
+    }
     char msg[512];
     if (pgconn_params_init(&w->params, cfg, msg, sizeof msg) != 0) {
         log_error("[writer] %s", msg);
@@ -936,6 +949,8 @@ void writer_close(struct writer *w, void (*closed)(struct writer *))
     free(w->stack);
     w->stack = NULL;
     pgconn_params_clear(&w->params);
+    free(w->ledger_sql);
+    w->ledger_sql = NULL;
     uv_timer_stop(&w->timer);
     uv_close((uv_handle_t *)&w->timer, timer_closed_cb);
 }

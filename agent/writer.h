@@ -86,6 +86,7 @@ struct writer {
     char **art_ret; /* ledger rows returned: id, store_uri, status triples */
     size_t n_art_ret;
     bool ledger_ok;
+    char *ledger_sql;                 /* trackd_artifacts, and the mlflow_* views when configured */
     PGresult *check_rev, *check_cols; /* schema check results so far */
     bool schema_ok;                   /* a check passed since the agent started */
     unsigned attempts;                /* consecutive failures, for backoff */

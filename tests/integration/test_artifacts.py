@@ -260,3 +260,44 @@ def test_agent_kill9_during_large_upload_resumes(pg, db, tmp_path, artifact_root
         a.kill()
         if b is not None:
             assert b.stop() == 0
+
+
+def test_seed_views_and_cli(pg, db, tmp_path, artifact_root):
+    """[postgres] seed_views = true: the mlflow_* views answer the usual queries;
+    `trackd artifacts RUN_ID` lists the ledger; `trackd views drop` removes the views."""
+    import subprocess
+
+    a = Agent(pg, db, tmp_path / "a", artifact_root=str(artifact_root))
+    a.config.write_text(a.config.read_text().replace("[postgres]\n",
+                                                     "[postgres]\nseed_views = true\n"))
+    a.start()
+    try:
+        f = make_file(tmp_path / "notes.txt", 100, seed=3)
+        out, _ = run_driver(a.socket, [["run", "r", "views-exp", "view-run", "now"],
+                                       ["param", "r", "learning_rate", "0.01"],
+                                       ["artifact", "r", str(f), ""], ["flush", "30000"]])
+        run_id = next(l[2] for l in out if l[0] == "run")
+        assert ["flush", "0"] in out
+        assert pg.query(db, "SELECT run_uuid, run_name FROM mlflow_runs WHERE run_uuid = %s",
+                        (run_id,)) == [(run_id, "view-run")]
+        assert pg.query(db, "SELECT key, value FROM mlflow_params WHERE run_uuid = %s"
+                            " AND key = 'learning_rate'", (run_id,)) == [("learning_rate", "0.01")]
+        assert pg.query(db, "SELECT path, size, status FROM mlflow_artifacts WHERE run_uuid = %s",
+                        (run_id,)) == [("notes.txt", 100, "done")]
+        for v in ("mlflow_metrics", "mlflow_tags", "mlflow_experiments",
+                  "mlflow_registered_models", "mlflow_model_versions"):
+            pg.query(db, f"SELECT count(*) FROM {v}")
+    finally:
+        assert a.stop() == 0
+    ls = subprocess.run([str(BUILD / "trackd"), "artifacts", run_id, "--config", str(a.config)],
+                        capture_output=True, text=True)
+    assert ls.returncode == 0, ls.stderr
+    assert "notes.txt" in ls.stdout and " 100 " in ls.stdout and "done" in ls.stdout
+    assert sha256(f) in ls.stdout
+    none = subprocess.run([str(BUILD / "trackd"), "artifacts", "0" * 32, "--config",
+                           str(a.config)], capture_output=True, text=True)
+    assert none.returncode == 0 and "no artifacts" in none.stdout
+    drop = subprocess.run([str(BUILD / "trackd"), "views", "drop", "--config", str(a.config)],
+                          capture_output=True, text=True)
+    assert drop.returncode == 0, drop.stderr
+    assert pg.query(db, "SELECT count(*) FROM pg_views WHERE viewname LIKE 'mlflow\\_%%'") == [(0,)]
