@@ -1,0 +1,272 @@
+/*
+ * Unit tests for agent/artifacts.c on a real libuv loop and real files: path rules, the
+ * spool copy and its SHA-256, uploads to local paths and file:// URIs, recovery of a
+ * spooled artifact after a "restart", and the messages for stores that cannot be used.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <curl/curl.h>
+
+#include "artifacts.h"
+
+struct seen {
+    int snapshots, uploads;
+    int rc;
+    char msg[512];
+    struct artifact *last;
+};
+
+static void on_snapshot(void *ctx, struct artifact *a, int rc, const char *msg)
+{
+    struct seen *s = ctx;
+    s->snapshots++;
+    s->rc = rc;
+    s->last = rc == 0 ? a : NULL;
+    snprintf(s->msg, sizeof s->msg, "%s", msg);
+}
+
+static void on_upload(void *ctx, struct artifact *a, int rc, const char *msg)
+{
+    struct seen *s = ctx;
+    s->uploads++;
+    s->rc = rc;
+    s->last = a;
+    snprintf(s->msg, sizeof s->msg, "%s", msg);
+}
+
+static const struct artifacts_cbs cbs = {on_snapshot, on_upload};
+
+static char *tmpdir(void)
+{
+    char *d = strdup("/tmp/trackd-art-test-XXXXXX");
+    assert_non_null(mkdtemp(d));
+    return d;
+}
+
+static void write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+static void read_file(const char *path, char *out, size_t n)
+{
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    size_t got = fread(out, 1, n - 1, f);
+    out[got] = '\0';
+    fclose(f);
+}
+
+static int count_files(const char *dir)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "ls -A %s | wc -l", dir);
+    FILE *p = popen(cmd, "r");
+    int n = -1;
+    assert_int_equal(fscanf(p, "%d", &n), 1);
+    pclose(p);
+    return n;
+}
+
+static void rm_rf(const char *dir)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static const char RUN[] = "0123456789abcdef0123456789abcdef";
+
+static struct artifact *snapshot(struct artifacts *ar, uv_loop_t *loop, struct seen *s,
+                                 const char *file, const char *path, uint64_t seq)
+{
+    int fd = open(file, O_RDONLY);
+    assert_true(fd >= 0);
+    struct artifact *a = NULL;
+    struct proto_str p = {path, (uint32_t)strlen(path)};
+    assert_int_equal(artifacts_snapshot(ar, 7, 0xabc, seq, RUN, p, fd, &a), 0);
+    int before = s->snapshots;
+    while (s->snapshots == before)
+        uv_run(loop, UV_RUN_ONCE);
+    assert_int_equal(s->rc, 0);
+    assert_ptr_equal(s->last, a);
+    return a;
+}
+
+static void test_path_rules(void **state)
+{
+    (void)state;
+    const char *ok[] = {"a", "plots/loss.png", "a b/c.d", "deep/er/still/x", ".hidden", "a..b"};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
+        assert_null(artifacts_path_problem(ok[i], strlen(ok[i])));
+    const char *bad[] = {"", "/abs", "a//b", "a/", "./a", "a/../b", "..", "a/.", "a\nb", "t\tab"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_non_null(artifacts_path_problem(bad[i], strlen(bad[i])));
+    char longp[1100];
+    memset(longp, 'x', sizeof longp);
+    assert_string_equal(artifacts_path_problem(longp, 1025),
+                        "the artifact path is longer than 1024 bytes");
+    assert_null(artifacts_path_problem(longp, 1024));
+}
+
+static void test_snapshot_upload_forget(void **state)
+{
+    (void)state;
+    char *dir = tmpdir(), src[300], spool[300], dest[400], got[64];
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    struct artifacts ar;
+    struct seen s = {0};
+    char msg[256];
+    assert_int_equal(artifacts_init(&ar, &loop, dir, "", &cbs, &s, msg, sizeof msg), 0);
+    snprintf(src, sizeof src, "%s/in.txt", dir);
+    write_file(src, "abc");
+    struct artifact *a = snapshot(&ar, &loop, &s, src, "x/y.txt", 5);
+    unlink(src); /* the spool copy is what counts now */
+    assert_string_equal(a->sha256,
+                        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    assert_int_equal(a->size, 3);
+    assert_string_equal(a->id, "0000000000000abc-0000000000000005");
+    snprintf(spool, sizeof spool, "%s/artifacts", dir);
+    assert_int_equal(count_files(spool), 2); /* .data and .meta */
+
+    /* The same frame again (a resend) is recognised. */
+    int fd = open("/dev/null", O_RDONLY);
+    struct artifact *dup = NULL;
+    assert_int_equal(
+        artifacts_snapshot(&ar, 7, 0xabc, 5, RUN, (struct proto_str){"x/y.txt", 7}, fd, &dup),
+        -EEXIST);
+
+    snprintf(dest, sizeof dest, "file://%s/store/run/artifacts/x/y.txt", dir);
+    artifacts_upload(&ar, a, dest);
+    while (s.uploads == 0)
+        uv_run(&loop, UV_RUN_ONCE);
+    assert_int_equal(s.rc, 0);
+    read_file(dest + 7, got, sizeof got);
+    assert_string_equal(got, "abc");
+    char tmpdir_path[400];
+    snprintf(tmpdir_path, sizeof tmpdir_path, "%s/store/run/artifacts/x", dir);
+    assert_int_equal(count_files(tmpdir_path), 1); /* no temporary file left */
+    artifacts_forget(&ar, a);
+    assert_int_equal(count_files(spool), 0);
+    assert_null(artifacts_find(&ar, "0000000000000abc-0000000000000005"));
+
+    artifacts_close(&ar, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    rm_rf(dir);
+    free(dir);
+}
+
+static int recovered;
+static char recovered_sha[65];
+
+static void on_recover(void *ctx, struct artifact *a)
+{
+    (void)ctx;
+    recovered++;
+    snprintf(recovered_sha, sizeof recovered_sha, "%s", a->sha256);
+}
+
+static void test_recover_after_restart(void **state)
+{
+    (void)state;
+    char *dir = tmpdir(), src[300], part[400];
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    struct artifacts ar;
+    struct seen s = {0};
+    char msg[256];
+    assert_int_equal(artifacts_init(&ar, &loop, dir, "", &cbs, &s, msg, sizeof msg), 0);
+    snprintf(src, sizeof src, "%s/in.txt", dir);
+    write_file(src, "");
+    struct artifact *a = snapshot(&ar, &loop, &s, src, "empty", 9);
+    assert_int_equal(a->size, 0);
+    char sha[65];
+    snprintf(sha, sizeof sha, "%s", a->sha256);
+    artifacts_close(&ar, NULL); /* a "crash": the spool stays */
+    uv_run(&loop, UV_RUN_DEFAULT);
+    /* A snapshot cut short leaves a .part, which recovery deletes. */
+    snprintf(part, sizeof part, "%s/artifacts/0000000000000abc-000000000000000a.part", dir);
+    write_file(part, "partial");
+
+    assert_int_equal(artifacts_init(&ar, &loop, dir, "", &cbs, &s, msg, sizeof msg), 0);
+    recovered = 0;
+    assert_int_equal(artifacts_recover(&ar, on_recover, NULL), 1);
+    assert_int_equal(recovered, 1);
+    assert_string_equal(recovered_sha, sha);
+    assert_int_equal(access(part, F_OK), -1);
+    struct artifact *back = artifacts_find(&ar, "0000000000000abc-0000000000000009");
+    assert_non_null(back);
+    assert_string_equal(back->path, "empty");
+    assert_memory_equal(back->run_id, RUN, 32);
+    artifacts_forget(&ar, back);
+    artifacts_close(&ar, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    rm_rf(dir);
+    free(dir);
+}
+
+static void upload_fails_with(const char *uri, const char *server, int want_rc, const char *want)
+{
+    char *dir = tmpdir(), src[300];
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    struct artifacts ar;
+    struct seen s = {0};
+    char msg[256];
+    assert_int_equal(artifacts_init(&ar, &loop, dir, server, &cbs, &s, msg, sizeof msg), 0);
+    snprintf(src, sizeof src, "%s/in.txt", dir);
+    write_file(src, "data");
+    struct artifact *a = snapshot(&ar, &loop, &s, src, "f", 1);
+    artifacts_upload(&ar, a, uri);
+    while (s.uploads == 0)
+        uv_run(&loop, UV_RUN_ONCE);
+    assert_int_equal(s.rc, want_rc);
+    if (strstr(s.msg, want) == NULL)
+        fail_msg("message '%s' lacks '%s'", s.msg, want);
+    artifacts_forget(&ar, a);
+    artifacts_close(&ar, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    rm_rf(dir);
+    free(dir);
+}
+
+static void test_stores_that_cannot_be_used(void **state)
+{
+    (void)state;
+    upload_fails_with("s3://bucket/run/artifacts/f", "", -EPROTONOSUPPORT,
+                      "is not supported by this agent yet");
+    upload_fails_with("mlflow-artifacts:/1/run/artifacts/f", "", -EDESTADDRREQ,
+                      "set [artifacts] mlflow_server_url");
+    upload_fails_with("file://host/x/f", "", -EPROTONOSUPPORT, "file URI with a host");
+}
+
+int main(void)
+{
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_path_rules),
+        cmocka_unit_test(test_snapshot_upload_forget),
+        cmocka_unit_test(test_recover_after_restart),
+        cmocka_unit_test(test_stores_that_cannot_be_used),
+    };
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    curl_global_cleanup();
+    return rc;
+}
