@@ -346,7 +346,7 @@ static int upload_put(struct artifact *a, CURL *h, const char *url)
                  : cc == CURLE_OPERATION_TIMEDOUT   ? -ETIMEDOUT
                  : cc == CURLE_COULDNT_RESOLVE_HOST ? -EHOSTUNREACH
                                                     : -EIO;
-        snprintf(a->msg, sizeof a->msg, "PUT %.300s: %s", url,
+        snprintf(a->msg, sizeof a->msg, "PUT %.200s: %.200s", url,
                  err[0] ? err : curl_easy_strerror(cc));
         return rc;
     }

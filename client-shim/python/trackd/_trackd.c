@@ -758,8 +758,8 @@ static PyObject *Client_log_artifact(ClientObject *self, PyObject *const *args, 
     return artifact_call(self, "log_artifact", args, nargs, kwnames, 0);
 }
 
-static PyObject *Client_log_artifacts(ClientObject *self, PyObject *const *args,
-                                      Py_ssize_t nargs, PyObject *kwnames)
+static PyObject *Client_log_artifacts(ClientObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                      PyObject *kwnames)
 {
     return artifact_call(self, "log_artifacts", args, nargs, kwnames, 1);
 }
