@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -626,6 +627,19 @@ int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session,
     if (ar->closing || ar->nlive >= ARTIFACTS_MAX_LIVE) {
         close(fd);
         return -ENOBUFS;
+    }
+    /* Only regular files: a pipe or /dev/zero would never end or never start. */
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return -EBADF;
+    }
+    /* The spool copy must fit, with room to spare for the journal on the same disk. */
+    struct statvfs vfs;
+    if (statvfs(ar->spool, &vfs) == 0 &&
+        (uint64_t)vfs.f_bavail * vfs.f_frsize < (uint64_t)st.st_size + ARTIFACTS_SPOOL_RESERVE) {
+        close(fd);
+        return -ENOSPC;
     }
     struct artifact *a = new_artifact(ar, id);
     if (a == NULL) {

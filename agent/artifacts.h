@@ -20,6 +20,8 @@
 #define ARTIFACTS_MAX_UPLOADS 2
 #define ARTIFACTS_MAX_LIVE 4096 /* snapshotted and not yet recorded as uploaded */
 #define ARTIFACT_PATH_MAX 1024
+/* Free space the spool leaves on its file system (for the journal), in bytes. */
+#define ARTIFACTS_SPOOL_RESERVE (1024ull * 1024 * 1024)
 /* A store that is down: retried after 1 s, doubling to 60 s, for about 30 minutes. */
 #define ARTIFACTS_RETRY_MIN_MS 1000
 #define ARTIFACTS_RETRY_MAX_MS 60000
@@ -87,7 +89,8 @@ int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_di
 const char *artifacts_path_problem(const char *path, size_t len);
 /*
  * Takes fd and starts copying it into the spool; *out is the new artifact. -EEXIST when
- * this frame's artifact is already held (a resend: fd is closed), -ENOBUFS at the limit.
+ * this frame's artifact is already held (a resend), -ENOBUFS at the limit, -EBADF for
+ * anything but a regular file, -ENOSPC when the copy would not fit; fd is closed on error.
  */
 int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session, uint64_t seq,
                        const char *run_id, struct proto_str path, int fd, struct artifact **out);

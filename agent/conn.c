@@ -241,6 +241,16 @@ static void accept_seq(struct conn *c, uint64_t seq)
     session_note(&c->srv->sessions, c->session, seq, uv_now(c->srv->loop));
 }
 
+static const char *artifact_refusal(int rc)
+{
+    switch (rc) {
+    case -ENOBUFS: return "too many artifacts pending in the agent";
+    case -EBADF: return "the descriptor is not a regular file";
+    case -ENOSPC: return "the agent's spool has no room for it (1 GiB stays free for the journal)";
+    default: return strerror(-rc);
+    }
+}
+
 /*
  * ARTIFACT: the descriptor that came with the frame is copied into the spool before the
  * frame is accepted; frames after it wait, so their order and acknowledgements hold.
@@ -283,9 +293,7 @@ static void on_artifact(struct conn *c, const struct proto_msg *m)
         char msg[300];
         snprintf(msg, sizeof msg, "artifact '%.*s' not taken: %s",
                  (int)(path.len > 200 ? 200 : path.len), path.ptr,
-                 problem          ? problem
-                 : rc == -ENOBUFS ? "too many artifacts pending"
-                                  : strerror(-rc));
+                 problem ? problem : artifact_refusal(rc));
         stats.artifacts_failed++;
         conn_send_error(c, m->seq, PROTO_ERR_ARTIFACT, msg);
         accept_seq(c, m->seq);

@@ -27,7 +27,7 @@ def mp(obj):
 
 KINDS = {"hello": 1, "welcome": 2, "experiment": 3, "start_run": 4, "metric": 5, "metrics": 6,
          "params": 7, "tags": 8, "end_run": 9, "flush": 10, "flushed": 11, "error": 12,
-         "stats": 13, "ack": 17}
+         "stats": 13, "ack": 17, "artifact": 18}
 
 
 def frame(kind, body, seq=1, magic=b"TK", version=1):
@@ -46,6 +46,12 @@ class Raw:
 
     def send(self, data):
         self.s.sendall(data)
+
+    def send_with_fds(self, data, fds):
+        """data with descriptors attached to its first byte (SCM_RIGHTS)."""
+        n = socket.send_fds(self.s, [data], fds)
+        if n < len(data):
+            self.s.sendall(data[n:])
 
     def hello(self):
         self.send(frame("hello", [1, 4242, "raw", "raw.py", "LOCAL", "rawproto"], seq=1))

@@ -301,3 +301,59 @@ def test_seed_views_and_cli(pg, db, tmp_path, artifact_root):
                           capture_output=True, text=True)
     assert drop.returncode == 0, drop.stderr
     assert pg.query(db, "SELECT count(*) FROM pg_views WHERE viewname LIKE 'mlflow\\_%%'") == [(0,)]
+
+
+def test_bad_artifact_frames(pg, db, agent, tmp_path):
+    """Raw clients: an ARTIFACT frame without a descriptor closes that connection; a pipe
+    instead of a file, a path escaping the run's root and a file larger than the spool's
+    disk are refused with error 23 and the connection goes on; a good client is unaffected."""
+    from rawproto import KINDS, Raw, error_fields, frame
+
+    out, _ = run_driver(agent.socket, [["run", "r", "bad-art", "b", "now"], ["flush", "10000"]])
+    run_id = next(l[2] for l in out if l[0] == "run")
+    good = make_file(tmp_path / "good.txt", 10, seed=5)
+
+    r = Raw(agent.socket)
+    r.hello()
+    rd, wr = os.pipe()
+    r.send_with_fds(frame("artifact", [run_id, "p.bin", 0], seq=2), [rd])
+    with open(good, "rb") as f:
+        r.send_with_fds(frame("artifact", [run_id, "../escape", 10], seq=3), [f.fileno()])
+    sparse = tmp_path / "sparse.bin"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 43)  # an 8 TiB sparse file: no spool here has room for its copy
+    with open(sparse, "rb") as f:
+        r.send_with_fds(frame("artifact", [run_id, "huge.bin", 1 << 43], seq=4), [f.fileno()])
+    os.close(rd)
+    os.close(wr)
+    errors = []
+    for _ in range(3):
+        kind, _, body = r.read()
+        assert kind == KINDS["error"], kind
+        errors.append(error_fields(body))
+    assert [(s, c) for s, c, _ in errors] == [(2, 23), (3, 23), (4, 23)], errors
+    assert "not a regular file" in errors[0][2]
+    assert "'.' or '..'" in errors[1][2]
+    assert "no room" in errors[2][2]
+    r.send(frame("flush", [], seq=5))
+    assert r.read()[0] == KINDS["flushed"]
+    r.close()
+
+    r = Raw(agent.socket)
+    r.hello()
+    r.send(frame("artifact", [run_id, "nofd.bin", 3], seq=2))
+    kind, _, body = r.read()
+    assert kind == KINDS["error"] and error_fields(body)[1] == 30
+    assert "without a file descriptor" in error_fields(body)[2]
+    assert r.read() is None  # closed
+    r.close()
+
+    out, _ = run_driver(agent.socket, [["run", "g", "bad-art", "g", "now"],
+                                       ["artifact", "g", str(good), ""], ["flush", "30000"]])
+    assert ["flush", "0"] in out
+    assert agent.stats()["artifacts_uploaded"] == 1
+    # Refused at the door, the client told at once: nothing was accepted, nothing is
+    # dead-lettered (that file is for accepted work that fails later).
+    dl = agent.workdir / "journal" / "dead-letter.jsonl"
+    assert not dl.exists() or dl.read_text() == ""
+    assert agent.stats()["artifacts_failed"] == 3
