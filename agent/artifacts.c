@@ -411,9 +411,23 @@ static void upload_work(uv_work_t *w)
         a->rc = upload_mlflow(a, uri);
         return;
     }
+    if (strncmp(uri, "s3://", 5) == 0) {
+        char bucket[256], data[4200];
+        size_t bl = strcspn(uri + 5, "/");
+        if (bl == 0 || bl >= sizeof bucket || uri[5 + bl] != '/') {
+            snprintf(a->msg, sizeof a->msg, "malformed S3 URI %.300s", uri);
+            a->rc = -EINVAL;
+            return;
+        }
+        snprintf(bucket, sizeof bucket, "%.*s", (int)bl, uri + 5);
+        spool_name(a->ar, a->id, ".data", data, sizeof data);
+        a->rc = s3_upload(&a->ar->s3, bucket, uri + 5 + bl + 1, data, a->size, a->sha256, a->msg,
+                          sizeof a->msg);
+        return;
+    }
     snprintf(a->msg, sizeof a->msg,
-             "artifact store %.300s is not supported by this agent yet (local paths, file:// "
-             "and mlflow-artifacts: are)",
+             "artifact store %.300s is not supported by this agent (local paths, file://, "
+             "mlflow-artifacts: and s3:// are)",
              a->store_uri);
     a->rc = -EPROTONOSUPPORT;
 }
@@ -541,10 +555,12 @@ static void start_uploads(struct artifacts *ar)
 /* ---- public --------------------------------------------------------------------- */
 
 int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_dir,
-                   const char *mlflow_server, const struct artifacts_cbs *cbs, void *ctx, char *msg,
-                   size_t msglen)
+                   const char *mlflow_server, const struct s3_config *s3,
+                   const struct artifacts_cbs *cbs, void *ctx, char *msg, size_t msglen)
 {
     memset(ar, 0, sizeof *ar);
+    if (s3)
+        ar->s3 = *s3;
     snprintf(ar->mlflow_server, sizeof ar->mlflow_server, "%s", mlflow_server ? mlflow_server : "");
     size_t sl = strlen(ar->mlflow_server);
     while (sl > 0 && ar->mlflow_server[sl - 1] == '/')

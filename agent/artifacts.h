@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "s3.h"
 #include "trackd_proto.h"
 
 #define ARTIFACTS_MAX_UPLOADS 2
@@ -68,7 +69,8 @@ struct artifacts {
     void *ctx;
     char spool[4096];
     char mlflow_server[1024]; /* for mlflow-artifacts: URIs without a host */
-    struct artifact *live;    /* every artifact the module holds */
+    struct s3_config s3;
+    struct artifact *live; /* every artifact the module holds */
     size_t nlive;
     struct artifact *qhead, *qtail; /* uploads waiting for a slot */
     struct artifact *retry;         /* uploads waiting for their next attempt (qnext) */
@@ -80,11 +82,12 @@ struct artifacts {
 
 /*
  * Creates the spool directory. mlflow_server ("" = none) serves mlflow-artifacts: URIs
- * that name no host. Returns 0 or -errno with msg. Call curl_global_init first.
+ * that name no host; s3 (NULL = none) signs s3:// uploads. Returns 0 or -errno with msg.
+ * Call curl_global_init first.
  */
 int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_dir,
-                   const char *mlflow_server, const struct artifacts_cbs *cbs, void *ctx, char *msg,
-                   size_t msglen);
+                   const char *mlflow_server, const struct s3_config *s3,
+                   const struct artifacts_cbs *cbs, void *ctx, char *msg, size_t msglen);
 /* NULL when path is a safe relative artifact path, else why it is not. */
 const char *artifacts_path_problem(const char *path, size_t len);
 /*

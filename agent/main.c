@@ -458,8 +458,14 @@ static int run_agent(const char *config_path)
         return 1;
     }
     deadletter_open(&a.dead, a.cfg.journal_dir);
-    if (artifacts_init(&a.art, &a.loop, a.cfg.journal_dir, a.cfg.mlflow_server_url, &acbs, &a, msg,
-                       sizeof msg) != 0) {
+    static struct s3_config s3;
+    if (s3_config_init(&s3, a.cfg.s3_endpoint_url, a.cfg.s3_region, a.cfg.s3_access_key_id,
+                       a.cfg.s3_secret_file, msg, sizeof msg) != 0) {
+        log_error("[agent] %s", msg);
+        return 1;
+    }
+    if (artifacts_init(&a.art, &a.loop, a.cfg.journal_dir, a.cfg.mlflow_server_url, &s3, &acbs, &a,
+                       msg, sizeof msg) != 0) {
         log_error("[agent] %s", msg);
         return 1;
     }

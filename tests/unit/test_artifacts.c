@@ -18,6 +18,7 @@
 #include <curl/curl.h>
 
 #include "artifacts.h"
+#include "s3.h"
 
 struct seen {
     int snapshots, uploads;
@@ -131,7 +132,7 @@ static void test_snapshot_upload_forget(void **state)
     struct artifacts ar;
     struct seen s = {0};
     char msg[256];
-    assert_int_equal(artifacts_init(&ar, &loop, dir, "", &cbs, &s, msg, sizeof msg), 0);
+    assert_int_equal(artifacts_init(&ar, &loop, dir, "", NULL, &cbs, &s, msg, sizeof msg), 0);
     snprintf(src, sizeof src, "%s/in.txt", dir);
     write_file(src, "abc");
     struct artifact *a = snapshot(&ar, &loop, &s, src, "x/y.txt", 5);
@@ -190,7 +191,7 @@ static void test_recover_after_restart(void **state)
     struct artifacts ar;
     struct seen s = {0};
     char msg[256];
-    assert_int_equal(artifacts_init(&ar, &loop, dir, "", &cbs, &s, msg, sizeof msg), 0);
+    assert_int_equal(artifacts_init(&ar, &loop, dir, "", NULL, &cbs, &s, msg, sizeof msg), 0);
     snprintf(src, sizeof src, "%s/in.txt", dir);
     write_file(src, "");
     struct artifact *a = snapshot(&ar, &loop, &s, src, "empty", 9);
@@ -203,7 +204,7 @@ static void test_recover_after_restart(void **state)
     snprintf(part, sizeof part, "%s/artifacts/0000000000000abc-000000000000000a.part", dir);
     write_file(part, "partial");
 
-    assert_int_equal(artifacts_init(&ar, &loop, dir, "", &cbs, &s, msg, sizeof msg), 0);
+    assert_int_equal(artifacts_init(&ar, &loop, dir, "", NULL, &cbs, &s, msg, sizeof msg), 0);
     recovered = 0;
     assert_int_equal(artifacts_recover(&ar, on_recover, NULL), 1);
     assert_int_equal(recovered, 1);
@@ -229,7 +230,7 @@ static void upload_fails_with(const char *uri, const char *server, int want_rc, 
     struct artifacts ar;
     struct seen s = {0};
     char msg[256];
-    assert_int_equal(artifacts_init(&ar, &loop, dir, server, &cbs, &s, msg, sizeof msg), 0);
+    assert_int_equal(artifacts_init(&ar, &loop, dir, server, NULL, &cbs, &s, msg, sizeof msg), 0);
     snprintf(src, sizeof src, "%s/in.txt", dir);
     write_file(src, "data");
     struct artifact *a = snapshot(&ar, &loop, &s, src, "f", 1);
@@ -250,11 +251,39 @@ static void upload_fails_with(const char *uri, const char *server, int want_rc, 
 static void test_stores_that_cannot_be_used(void **state)
 {
     (void)state;
-    upload_fails_with("s3://bucket/run/artifacts/f", "", -EPROTONOSUPPORT,
-                      "is not supported by this agent yet");
+    upload_fails_with("gs://bucket/run/artifacts/f", "", -EPROTONOSUPPORT,
+                      "is not supported by this agent");
+    upload_fails_with("s3://bucket/run/artifacts/f", "", -EACCES, "no S3 credentials");
     upload_fails_with("mlflow-artifacts:/1/run/artifacts/f", "", -EDESTADDRREQ,
                       "set [artifacts] mlflow_server_url");
     upload_fails_with("file://host/x/f", "", -EPROTONOSUPPORT, "file URI with a host");
+}
+
+/* AWS's published example: "GET Object" in the S3 Signature Version 4 documentation. */
+static void test_sigv4_matches_aws_example(void **state)
+{
+    (void)state;
+    struct s3_config cfg = {0};
+    snprintf(cfg.region, sizeof cfg.region, "us-east-1");
+    snprintf(cfg.access_key, sizeof cfg.access_key, "AKIAIOSFODNN7EXAMPLE");
+    snprintf(cfg.secret_key, sizeof cfg.secret_key, "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY");
+    const char *empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    struct s3_header hs[] = {{"host", "examplebucket.s3.amazonaws.com"},
+                             {"range", "bytes=0-9"},
+                             {"x-amz-content-sha256", empty},
+                             {"x-amz-date", "20130524T000000Z"}};
+    char auth[512];
+    assert_int_equal(s3_authorization(&cfg, "GET", "/test.txt", "", hs, 4, empty,
+                                      "20130524T000000Z", auth, sizeof auth),
+                     0);
+    assert_string_equal(auth, "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/"
+                              "us-east-1/s3/aws4_request,SignedHeaders=host;range;"
+                              "x-amz-content-sha256;x-amz-date,Signature="
+                              "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41");
+    char enc[64];
+    assert_int_equal(s3_encode_key("a b/\xc3\xbc+x~.y", enc, sizeof enc), 0);
+    assert_string_equal(enc, "a%20b/%C3%BC%2Bx~.y");
+    assert_int_equal(s3_encode_key("0123456789", enc, 8), -ENAMETOOLONG);
 }
 
 int main(void)
@@ -265,6 +294,7 @@ int main(void)
         cmocka_unit_test(test_snapshot_upload_forget),
         cmocka_unit_test(test_recover_after_restart),
         cmocka_unit_test(test_stores_that_cannot_be_used),
+        cmocka_unit_test(test_sigv4_matches_aws_example),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     curl_global_cleanup();
