@@ -1,6 +1,6 @@
 """Artifacts: what a 512 MiB upload costs the training process and the metric stream.
 
-    .venv/bin/python bench/artifacts.py [--mib 512] [--points 400000] [--keys 100]
+    .venv/bin/python bench/artifacts.py [--mib 512] [--points 1000000] [--keys 100]
 
 On one PostgreSQL 15 (default settings, fsync on), one agent, a local artifact store:
   call    mlflow.log_artifact(<mib> MiB file) under trackd: (the call only hands the open file
@@ -62,41 +62,74 @@ def call_cost(uri, path, work, env_extra):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+class Sampler:
+    """Polls the agent's counters every 0.1 s in a thread: (time, metrics committed,
+    artifacts uploaded) samples, to see the commit rate while an upload runs."""
+
+    def __init__(self, agent):
+        import threading
+        self.agent, self.samples, self.stop = agent, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            st = self.agent.stats()
+            self.samples.append((time.monotonic(), st["metrics_committed"],
+                                 st["artifacts_uploaded"]))
+            self.stop.wait(0.1)
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join()
+        return self.samples
+
+
 def metric_run(agent, keys, steps, artifact=None):
     """Points through trackd-driver until durable; with artifact, a second client logs it
-    once the first points are flowing. Returns (seconds, upload seconds or None, points/s
-    committed while the upload ran or None)."""
-    drv = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", agent.socket],
+    once the stream is under way. Returns (seconds, upload seconds or None, points/s
+    committed between the artifact call and the end of its upload, or None)."""
+    before = agent.stats()
+    sampler = Sampler(agent)
+    # A buffer that holds the whole burst, so both runs commit every point and compare rates.
+    drv = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", agent.socket,
+                            "--buffer", str(256 << 20)],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     drv.stdin.write(f"run\tr\tw1\tw1\tnow\ngen\tr\t{keys}\t{steps}\t{TS0}\n")
     drv.stdin.close()
     upload = window = None
     if artifact:
-        base = agent.stats()["metrics_committed"]
-        wait_for(lambda: agent.stats()["metrics_committed"] > base + 20_000, 60,
-                 "the stream to be under way")
-        c0 = agent.stats()["metrics_committed"]
+        wait_for(lambda: agent.stats()["metrics_committed"] > before["metrics_committed"] + 40_000,
+                 60, "the stream to be under way")
         t0 = time.monotonic()
-        out = subprocess.run([str(BUILD / "trackd-driver"), "--socket", agent.socket],
-                             input=f"run\ta\tw3\tw3\tnow\nartifact\ta\t{artifact}\tckpt\n"
-                                   "flush\t600000\n", capture_output=True, text=True,
-                             timeout=900).stdout
-        assert "flush\t0" in out, out
+        art = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", agent.socket],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        art.stdin.write(f"run\ta\tw3\tw3\tnow\nartifact\ta\t{artifact}\tckpt\n")
+        art.stdin.close()
+        wait_for(lambda: agent.stats()["artifacts_uploaded"] > before["artifacts_uploaded"], 600,
+                 "the upload")
         upload = time.monotonic() - t0
-        window = (agent.stats()["metrics_committed"] - c0) / upload
+        art.wait(60)
     out = drv.stdout.read()
     assert drv.wait(900) == 0
+    samples = sampler.finish()
     gen = next(l.split("\t") for l in out.splitlines() if l.startswith("gen"))
     fields = dict(x.split("=") for x in gen[2:])
-    assert fields["flush"] == "0" and fields["dropped"] == "0", gen
-    return float(fields["durable_s"]), upload, window
+    assert fields["flush"] == "0", gen
+    dropped = int(fields["dropped"])
+    if artifact:
+        inside = [s for s in samples if t0 <= s[0] <= t0 + upload]
+        last_commit = max(s[0] for s in samples if s[1] == samples[-1][1])
+        assert last_commit > t0 + upload, "the metric stream ended before the upload did"
+        window = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+    return float(fields["durable_s"]), upload, window, dropped
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=512)
-    ap.add_argument("--points", type=int, default=400_000)
+    ap.add_argument("--points", type=int, default=1_000_000)
     ap.add_argument("--keys", type=int, default=100)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
@@ -122,9 +155,10 @@ def main():
             print(f"mlflow.log_artifact of {args.mib} MiB under trackd: ...", flush=True)
             tr = call_cost(f"trackd://{agent.socket}", big, work, {})
             print(f"W1 alone: {n:,} points ...", flush=True)
-            alone, _, _ = metric_run(agent, args.keys, steps)
+            alone, _, _, drop_alone = metric_run(agent, args.keys, steps)
             print(f"W1 with a {args.mib} MiB artifact from a second process ...", flush=True)
-            during, upload, window = metric_run(agent, args.keys, steps, artifact=big)
+            during, upload, window, drop_during = metric_run(agent, args.keys, steps,
+                                                             artifact=big)
             st = agent.stats()
         finally:
             assert agent.stop() == 0
@@ -146,14 +180,21 @@ def main():
              f"{ml['call'] * 1000:.1f} ms | {ml['call'] / tr['call']:,.0f}x |",
              f"| ... until list_artifacts shows it | {tr['visible'] * 1000:.0f} ms | "
              f"{ml['visible'] * 1000:.0f} ms | |", "",
-             "| W1 metric stream | seconds | points/s | vs alone |", "|---|---:|---:|---:|",
-             f"| alone | {alone:.3f} | {n / alone:,.0f} | 1.00 |",
+             "| W1 metric stream | seconds | points/s committed | vs alone | dropped by the "
+             "shim |", "|---|---:|---:|---:|---:|",
+             f"| alone | {alone:.3f} | {(n - drop_alone) / alone:,.0f} | 1.00 | {drop_alone:,} |",
              f"| whole run, with a {args.mib} MiB upload from another process | {during:.3f} | "
-             f"{n / during:,.0f} | {alone / during:.2f} |",
-             f"| only while that upload ran ({upload:.2f} s) | | {window:,.0f} | "
-             f"{window / (n / alone):.2f} |", "",
-             f"- The {args.mib} MiB artifact of the second run took {upload:.2f} s from the call "
-             "until its flush returned (spool copy, ledger row, copy into the store).",
+             f"{(n - drop_during) / during:,.0f} | "
+             f"{(n - drop_during) / during / ((n - drop_alone) / alone):.2f} | {drop_during:,} |",
+             f"| only while that upload ran ({upload:.2f} s, sampled every 0.1 s) | | "
+             f"{window:,.0f} | {window / ((n - drop_alone) / alone):.2f} | |", "",
+             "W1 logs its points as fast as the shim takes them (about 0.2 s for all), far above "
+             "what PostgreSQL commits here; the driver's shim buffer is 256 MiB so that neither "
+             "run drops a point (with the default 16 MiB, drops depend on when acknowledgements "
+             "arrive and blur the comparison).", "",
+             f"- The {args.mib} MiB artifact of the second process took {upload:.2f} s from the "
+             "call until the agent counted it uploaded (spool copy with fsync, ledger row in the "
+             "same writer queue as the stream, copy into the store with fsync).",
              f"- Agent counters at the end: artifacts_uploaded={st['artifacts_uploaded']}, "
              f"artifact_bytes_uploaded={st['artifact_bytes_uploaded']:,}, "
              f"artifacts_failed={st['artifacts_failed']}."]
