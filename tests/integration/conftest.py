@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,7 +16,9 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def artifact_root():
-    return Path(tempfile.mkdtemp(prefix="trackd-art-"))
+    root = Path(tempfile.mkdtemp(prefix="trackd-art-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # artifact tests leave GiBs here
 
 
 @pytest.fixture(scope="session")

@@ -28,12 +28,12 @@ def make_file(path, size, seed=0):
 
 
 def test_local_store_sizes_listed_and_downloaded_by_mlflow(pg, db, agent, artifact_root, tmp_path):
-    """0 B, 1 KiB and 64 MiB files, each deleted by the caller right after the call: MLflow's
+    """0 B, 1 KiB and 512 MiB files, each deleted by the caller right after the call: MLflow's
     list_artifacts and download_artifacts return identical bytes, and the ledger has each
     with its size and sha256."""
     src = tmp_path / "src"
     src.mkdir()
-    files = {"empty.bin": 0, "small.txt": 1024, "big.bin": 64 << 20}
+    files = {"empty.bin": 0, "small.txt": 1024, "big.bin": 512 << 20}
     for i, (name, size) in enumerate(files.items()):
         make_file(src / name, size, seed=i)
     digests = {n: sha256(src / n) for n in files}
@@ -61,7 +61,7 @@ def test_local_store_sizes_listed_and_downloaded_by_mlflow(pg, db, agent, artifa
     listed = {a.path: a.file_size for a in client.list_artifacts(run_id)}
     assert listed.get("small.txt") == 1024, listed
     inner = {a.path: a.file_size for a in client.list_artifacts(run_id, "outputs")}
-    assert inner == {"outputs/empty.bin": 0, "outputs/big.bin": 64 << 20}, inner
+    assert inner == {"outputs/empty.bin": 0, "outputs/big.bin": 512 << 20}, inner
     dl = tmp_path / "dl"
     dl.mkdir()
     local = client.download_artifacts(run_id, "", str(dl))
@@ -115,7 +115,7 @@ def test_mlflow_log_artifact_under_trackd(pg, tmp_path):
 
     work = tmp_path / "work"
     (work / "src" / "plots" / "epoch1").mkdir(parents=True)
-    size = 64 << 20
+    size = 512 << 20
     make_file(work / "src" / "model.bin", size, seed=7)
     want = sha256(work / "src" / "model.bin")
     make_file(work / "src" / "plots" / "loss.png", 3000, seed=8)
@@ -148,9 +148,10 @@ def test_mlflow_log_artifact_under_trackd(pg, tmp_path):
 
 
 def test_mlflow_artifacts_store_down_30s(pg, db, tmp_path):
-    """mlflow-artifacts: through a real `mlflow server --serve-artifacts`. The server stops
-    for 30 s while an artifact waits: the agent retries with backoff, and the artifact
-    lands byte-identical once the server is back; flush waits for it."""
+    """mlflow-artifacts: through a real `mlflow server --serve-artifacts`: 0 B, 1 KiB and
+    512 MiB land byte-identical. Then the server stops for 30 s while another artifact
+    waits: the agent retries with backoff, and it lands once the server is back; flush
+    waits for it."""
     import subprocess
     import time
 
@@ -164,16 +165,19 @@ def test_mlflow_artifacts_store_down_30s(pg, db, tmp_path):
                   extra=f'[artifacts]\nmlflow_server_url = "{server.url}"\n').start()
         src = tmp_path / "src"
         src.mkdir()
-        make_file(src / "before.bin", 16 << 20, seed=1)
-        make_file(src / "during.bin", 8 << 20, seed=2)
-        digests = {n: sha256(src / n) for n in ("before.bin", "during.bin")}
+        sizes = {"empty.bin": 0, "small.txt": 1024, "big.bin": 512 << 20, "during.bin": 8 << 20}
+        for i, (n, size) in enumerate(sizes.items()):
+            make_file(src / n, size, seed=30 + i)
+        digests = {n: sha256(src / n) for n in sizes}
         p = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", a.socket],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         try:
-            p.stdin.write(f"run\tr\tstore-exp\ts\tnow\nartifact\tr\t{src / 'before.bin'}\tm\n"
-                          "flush\t60000\n")
+            p.stdin.write("run\tr\tstore-exp\ts\tnow\n" + "".join(
+                f"artifact\tr\t{src / n}\tm\n" for n in ("empty.bin", "small.txt", "big.bin"))
+                + "flush\t300000\n")
             run_id = p.stdout.readline().split("\t")[2].strip()
-            assert p.stdout.readline().strip() == "artifact\t0"
+            for _ in range(3):
+                assert p.stdout.readline().strip() == "artifact\t0"
             assert p.stdout.readline().strip() == "flush\t0"
             server.stop()
             down_at = time.monotonic()
@@ -192,19 +196,20 @@ def test_mlflow_artifacts_store_down_30s(pg, db, tmp_path):
         st = a.stats()
         assert a.stop() == 0
         client = MlflowClient(tracking_uri=server.url)
-        listed = {f.path: f.file_size for f in client.list_artifacts(run_id, "m")}
-        assert listed == {"m/before.bin": 16 << 20, "m/during.bin": 8 << 20}, listed
+        # MLflow's artifact proxy reports an empty file's size as unset (protobuf's 0).
+        listed = {f.path: f.file_size or 0 for f in client.list_artifacts(run_id, "m")}
+        assert listed == {f"m/{n}": s for n, s in sizes.items()}, listed
         dl = tmp_path / "dl"
         dl.mkdir()
         local = client.download_artifacts(run_id, "m", str(dl))
         for n, d in digests.items():
             assert sha256(os.path.join(local, n)) == d, n
         rows = pg.query(db, "SELECT path, status, store_uri FROM trackd_artifacts ORDER BY path")
-        assert [(r[0], r[1]) for r in rows] == [("m/before.bin", "done"), ("m/during.bin", "done")]
+        assert [(r[0], r[1]) for r in rows] == sorted((f"m/{n}", "done") for n in sizes)
         assert rows[0][2].startswith("mlflow-artifacts:/"), rows
-        print(f"\nscenario=artifact-store-down-30s sent=2 uploaded={st['artifacts_uploaded']} "
+        print(f"\nscenario=artifact-store-down-30s sent=4 uploaded={st['artifacts_uploaded']} "
               f"retries={st['artifact_retries']} failed={st['artifacts_failed']}")
-        assert st["artifacts_uploaded"] == 2 and st["artifacts_failed"] == 0
+        assert st["artifacts_uploaded"] == 4 and st["artifacts_failed"] == 0
     finally:
         server.stop()
 
