@@ -1,12 +1,14 @@
 /*
  * A small training loop logging through libtrackd: the shape of a real job
- * (params, per-step loss and accuracy, an end status) without a framework.
+ * (params, per-step loss and accuracy, a report file as an artifact, an end
+ * status) without a framework.
  * Usage: trackd-example [--experiment NAME] [--steps N] [--socket PATH]
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "trackd.h"
 
@@ -48,6 +50,21 @@ int main(int argc, char **argv)
         trackd_log_metrics(c, run, m, 2);
         if (step % 100 == 99)
             trackd_log_metric(c, run, "val/loss", loss * 1.1, step, TRACKD_NOW);
+    }
+    /* A report as an artifact: the file may go right after the call, the agent holds it. */
+    char dir[] = "/tmp/trackd-example-XXXXXX", report[64];
+    if (mkdtemp(dir) != NULL) {
+        snprintf(report, sizeof report, "%s/summary.txt", dir);
+        FILE *f = fopen(report, "w");
+        if (f != NULL) {
+            fprintf(f, "steps %ld\nfinal train/loss %.6f\n", steps, loss);
+            fclose(f);
+            rc = trackd_log_artifact(c, run, report, "reports");
+            if (rc != 0)
+                fprintf(stderr, "trackd_log_artifact: %s\n", trackd_strerror(rc));
+            unlink(report);
+        }
+        rmdir(dir);
     }
     trackd_end_run(c, run, "FINISHED", TRACKD_NOW);
     rc = trackd_flush(c, 30000);
