@@ -23,6 +23,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include "http.h"
 #include "log.h"
 #include "stats.h"
 
@@ -343,41 +344,30 @@ static int append_escaped(CURL *h, char *url, size_t cap, const char *path)
 /* HTTP PUT of the spool copy, streamed from the file: memory stays flat whatever its size. */
 static int upload_put(struct artifact *a, CURL *h, const char *url)
 {
-    char data[4200], err[CURL_ERROR_SIZE] = "";
+    char data[4200], err[CURL_ERROR_SIZE];
     spool_name(a->ar, a->id, ".data", data, sizeof data);
     FILE *f = fopen(data, "rb");
     if (f == NULL)
         return fail(a, -errno, "cannot open the spool copy %s", data);
     struct curl_slist *hdr = curl_slist_append(NULL, "Content-Type: application/octet-stream");
-    curl_easy_setopt(h, CURLOPT_URL, url);
+    http_prepare(h, url, hdr, err);
     curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
     curl_easy_setopt(h, CURLOPT_READDATA, f);
     curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)a->size);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdr);
-    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, err);
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, 10000L);
-    /* A store that stalls is a store that is down: below 1 KiB/s for 60 s, retry later. */
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1024L);
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, 60L);
     CURLcode cc = curl_easy_perform(h);
     long code = 0;
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
     curl_slist_free_all(hdr);
     fclose(f);
     if (cc != CURLE_OK) {
-        int rc = cc == CURLE_COULDNT_CONNECT        ? -ECONNREFUSED
-                 : cc == CURLE_OPERATION_TIMEDOUT   ? -ETIMEDOUT
-                 : cc == CURLE_COULDNT_RESOLVE_HOST ? -EHOSTUNREACH
-                                                    : -EIO;
         snprintf(a->msg, sizeof a->msg, "PUT %.200s: %.200s", url,
                  err[0] ? err : curl_easy_strerror(cc));
-        return rc;
+        return http_transfer_error(cc);
     }
-    if (code >= 200 && code < 300)
-        return 0;
-    snprintf(a->msg, sizeof a->msg, "PUT %.300s: HTTP %ld", url, code);
-    return code >= 500 || code == 429 || code == 408 ? -EAGAIN : -EACCES;
+    int rc = http_status_error(code);
+    if (rc != 0)
+        snprintf(a->msg, sizeof a->msg, "PUT %.300s: HTTP %ld", url, code);
+    return rc;
 }
 
 /* mlflow-artifacts:/path (the configured server) or mlflow-artifacts://host:port/path. */

@@ -21,6 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "http.h"
+
 static const char EMPTY_SHA256[] =
     "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
@@ -279,14 +281,8 @@ static int request(const struct s3_config *cfg, const struct target *t, const ch
     for (size_t i = 0; i < nh; i++)
         list = curl_slist_append(list, hdr[i]);
     list = curl_slist_append(list, "Expect:");
-    char err[CURL_ERROR_SIZE] = "";
-    curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, list);
-    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, err);
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, 10000L);
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1024L);
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, 60L);
+    char err[CURL_ERROR_SIZE];
+    http_prepare(h, url, list, err);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
@@ -314,10 +310,7 @@ static int request(const struct s3_config *cfg, const struct target *t, const ch
     if (cc != CURLE_OK) {
         snprintf(msg, msglen, "%s %.200s: %.200s", method, url,
                  err[0] ? err : curl_easy_strerror(cc));
-        return cc == CURLE_COULDNT_CONNECT        ? -ECONNREFUSED
-               : cc == CURLE_OPERATION_TIMEDOUT   ? -ETIMEDOUT
-               : cc == CURLE_COULDNT_RESOLVE_HOST ? -EHOSTUNREACH
-                                                  : -EIO;
+        return http_transfer_error(cc);
     }
     /* S3 may answer 200 with an <Error> body (CompleteMultipartUpload does). */
     if (code >= 200 && code < 300 && strstr(r->text, "<Error>") == NULL)
@@ -325,7 +318,7 @@ static int request(const struct s3_config *cfg, const struct target *t, const ch
     const char *c = strstr(r->text, "<Code>");
     snprintf(msg, msglen, "%s %.200s: HTTP %ld %.*s", method, url, code,
              c ? (int)strcspn(c + 6, "<") : 0, c ? c + 6 : "");
-    return code >= 500 || code == 429 || code == 408 || code < 300 ? -EAGAIN : -EACCES;
+    return code < 300 ? -EAGAIN : http_status_error(code);
 }
 
 static int part_sha(int fd, uint64_t off, uint64_t len, char out[65])

@@ -683,6 +683,8 @@ static void note_artifacts(struct writer *w, const PGresult *res)
 /* After COMMIT: uploads can start, finished uploads are on record, unknown runs rejected. */
 static void report_artifacts(struct writer *w)
 {
+    if (w->sql.n_arts == 0 && w->sql.n_dones == 0)
+        return; /* the common range: metrics only */
     const struct batch *b = w->head;
     for (size_t i = w->cur.lo; i < w->cur.hi; i++) {
         const struct ev *ev = &b->evs[i];

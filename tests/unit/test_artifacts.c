@@ -107,6 +107,43 @@ static struct artifact *snapshot(struct artifacts *ar, uv_loop_t *loop, struct s
     return a;
 }
 
+/* A module on its own loop over a fresh directory, as the tests below use it. */
+struct fx {
+    char *dir;
+    uv_loop_t loop;
+    struct artifacts ar;
+    struct seen s;
+};
+
+static void fx_init_module(struct fx *f, const char *server)
+{
+    char msg[256];
+    assert_int_equal(
+        artifacts_init(&f->ar, &f->loop, f->dir, server, NULL, &cbs, &f->s, msg, sizeof msg), 0);
+}
+
+static void fx_start(struct fx *f, const char *server)
+{
+    memset(f, 0, sizeof *f);
+    f->dir = tmpdir();
+    uv_loop_init(&f->loop);
+    fx_init_module(f, server);
+}
+
+static void fx_stop_module(struct fx *f)
+{
+    artifacts_close(&f->ar, NULL);
+    uv_run(&f->loop, UV_RUN_DEFAULT);
+}
+
+static void fx_end(struct fx *f)
+{
+    fx_stop_module(f);
+    assert_int_equal(uv_loop_close(&f->loop), 0);
+    rm_rf(f->dir);
+    free(f->dir);
+}
+
 static void test_path_rules(void **state)
 {
     (void)state;
@@ -126,50 +163,42 @@ static void test_path_rules(void **state)
 static void test_snapshot_upload_forget(void **state)
 {
     (void)state;
-    char *dir = tmpdir(), src[300], spool[300], dest[400], got[64];
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    struct artifacts ar;
-    struct seen s = {0};
-    char msg[256];
-    assert_int_equal(artifacts_init(&ar, &loop, dir, "", NULL, &cbs, &s, msg, sizeof msg), 0);
-    snprintf(src, sizeof src, "%s/in.txt", dir);
+    char src[300], spool[300], dest[400], got[64];
+    struct fx f;
+    fx_start(&f, "");
+    snprintf(src, sizeof src, "%s/in.txt", f.dir);
     write_file(src, "abc");
-    struct artifact *a = snapshot(&ar, &loop, &s, src, "x/y.txt", 5);
+    struct artifact *a = snapshot(&f.ar, &f.loop, &f.s, src, "x/y.txt", 5);
     unlink(src); /* the spool copy is what counts now */
     assert_string_equal(a->sha256,
                         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     assert_int_equal(a->size, 3);
     assert_string_equal(a->id, "0000000000000abc-0000000000000005");
-    snprintf(spool, sizeof spool, "%s/artifacts", dir);
+    snprintf(spool, sizeof spool, "%s/artifacts", f.dir);
     assert_int_equal(count_files(spool), 2); /* .data and .meta */
 
     /* The same frame again (a resend) is recognised. */
     int fd = open("/dev/null", O_RDONLY);
     struct artifact *dup = NULL;
     assert_int_equal(
-        artifacts_snapshot(&ar, 7, 0xabc, 5, RUN, (struct proto_str){"x/y.txt", 7}, fd, &dup),
+        artifacts_snapshot(&f.ar, 7, 0xabc, 5, RUN, (struct proto_str){"x/y.txt", 7}, fd, &dup),
         -EEXIST);
 
-    snprintf(dest, sizeof dest, "file://%s/store/run/artifacts/x/y.txt", dir);
-    artifacts_upload(&ar, a, dest);
-    while (s.uploads == 0)
-        uv_run(&loop, UV_RUN_ONCE);
-    assert_int_equal(s.rc, 0);
+    snprintf(dest, sizeof dest, "file://%s/store/run/artifacts/x/y.txt", f.dir);
+    artifacts_upload(&f.ar, a, dest);
+    while (f.s.uploads == 0)
+        uv_run(&f.loop, UV_RUN_ONCE);
+    assert_int_equal(f.s.rc, 0);
     read_file(dest + 7, got, sizeof got);
     assert_string_equal(got, "abc");
     char tmpdir_path[400];
-    snprintf(tmpdir_path, sizeof tmpdir_path, "%s/store/run/artifacts/x", dir);
+    snprintf(tmpdir_path, sizeof tmpdir_path, "%s/store/run/artifacts/x", f.dir);
     assert_int_equal(count_files(tmpdir_path), 1); /* no temporary file left */
-    artifacts_forget(&ar, a);
+    artifacts_forget(&f.ar, a);
     assert_int_equal(count_files(spool), 0);
-    assert_null(artifacts_find(&ar, "0000000000000abc-0000000000000005"));
+    assert_null(artifacts_find(&f.ar, "0000000000000abc-0000000000000005"));
 
-    artifacts_close(&ar, NULL);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    assert_int_equal(uv_loop_close(&loop), 0);
-    rm_rf(dir);
-    free(dir);
+    fx_end(&f);
 }
 
 static int recovered;
@@ -185,67 +214,50 @@ static void on_recover(void *ctx, struct artifact *a)
 static void test_recover_after_restart(void **state)
 {
     (void)state;
-    char *dir = tmpdir(), src[300], part[400];
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    struct artifacts ar;
-    struct seen s = {0};
-    char msg[256];
-    assert_int_equal(artifacts_init(&ar, &loop, dir, "", NULL, &cbs, &s, msg, sizeof msg), 0);
-    snprintf(src, sizeof src, "%s/in.txt", dir);
+    char src[300], part[400];
+    struct fx f;
+    fx_start(&f, "");
+    snprintf(src, sizeof src, "%s/in.txt", f.dir);
     write_file(src, "");
-    struct artifact *a = snapshot(&ar, &loop, &s, src, "empty", 9);
+    struct artifact *a = snapshot(&f.ar, &f.loop, &f.s, src, "empty", 9);
     assert_int_equal(a->size, 0);
     char sha[65];
     snprintf(sha, sizeof sha, "%s", a->sha256);
-    artifacts_close(&ar, NULL); /* a "crash": the spool stays */
-    uv_run(&loop, UV_RUN_DEFAULT);
+    fx_stop_module(&f); /* a "crash": the spool stays */
     /* A snapshot cut short leaves a .part, which recovery deletes. */
-    snprintf(part, sizeof part, "%s/artifacts/0000000000000abc-000000000000000a.part", dir);
+    snprintf(part, sizeof part, "%s/artifacts/0000000000000abc-000000000000000a.part", f.dir);
     write_file(part, "partial");
 
-    assert_int_equal(artifacts_init(&ar, &loop, dir, "", NULL, &cbs, &s, msg, sizeof msg), 0);
+    fx_init_module(&f, "");
     recovered = 0;
-    assert_int_equal(artifacts_recover(&ar, on_recover, NULL), 1);
+    assert_int_equal(artifacts_recover(&f.ar, on_recover, NULL), 1);
     assert_int_equal(recovered, 1);
     assert_string_equal(recovered_sha, sha);
     assert_int_equal(access(part, F_OK), -1);
-    struct artifact *back = artifacts_find(&ar, "0000000000000abc-0000000000000009");
+    struct artifact *back = artifacts_find(&f.ar, "0000000000000abc-0000000000000009");
     assert_non_null(back);
     assert_string_equal(back->path, "empty");
     assert_memory_equal(back->run_id, RUN, 32);
-    artifacts_forget(&ar, back);
-    artifacts_close(&ar, NULL);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    assert_int_equal(uv_loop_close(&loop), 0);
-    rm_rf(dir);
-    free(dir);
+    artifacts_forget(&f.ar, back);
+    fx_end(&f);
 }
 
 static void upload_fails_with(const char *uri, const char *server, int want_rc, const char *want)
 {
-    char *dir = tmpdir(), src[300];
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    struct artifacts ar;
-    struct seen s = {0};
-    char msg[256];
-    assert_int_equal(artifacts_init(&ar, &loop, dir, server, NULL, &cbs, &s, msg, sizeof msg), 0);
-    snprintf(src, sizeof src, "%s/in.txt", dir);
+    char src[300];
+    struct fx f;
+    fx_start(&f, server);
+    snprintf(src, sizeof src, "%s/in.txt", f.dir);
     write_file(src, "data");
-    struct artifact *a = snapshot(&ar, &loop, &s, src, "f", 1);
-    artifacts_upload(&ar, a, uri);
-    while (s.uploads == 0)
-        uv_run(&loop, UV_RUN_ONCE);
-    assert_int_equal(s.rc, want_rc);
-    if (strstr(s.msg, want) == NULL)
-        fail_msg("message '%s' lacks '%s'", s.msg, want);
-    artifacts_forget(&ar, a);
-    artifacts_close(&ar, NULL);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    assert_int_equal(uv_loop_close(&loop), 0);
-    rm_rf(dir);
-    free(dir);
+    struct artifact *a = snapshot(&f.ar, &f.loop, &f.s, src, "f", 1);
+    artifacts_upload(&f.ar, a, uri);
+    while (f.s.uploads == 0)
+        uv_run(&f.loop, UV_RUN_ONCE);
+    assert_int_equal(f.s.rc, want_rc);
+    if (strstr(f.s.msg, want) == NULL)
+        fail_msg("message '%s' lacks '%s'", f.s.msg, want);
+    artifacts_forget(&f.ar, a);
+    fx_end(&f);
 }
 
 static void test_stores_that_cannot_be_used(void **state)
