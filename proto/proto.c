@@ -511,22 +511,83 @@ uint32_t proto_metrics_count(const struct proto_buf *b, size_t frame_off)
     return get_be32(b->data + frame_off + METRICS_COUNT_OFF) / 4;
 }
 
+/* Writes v big-endian in n bytes at p; returns p + n. */
+static uint8_t *put_be(uint8_t *p, uint64_t v, int n)
+{
+    for (int i = n - 1; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+    return p + n;
+}
+
+/* msgpack's smallest form of a signed integer, as msgpack_pack_int64 writes it. */
+static uint8_t *put_int(uint8_t *p, int64_t v)
+{
+    if (v >= 0) {
+        uint64_t u = (uint64_t)v;
+        if (u < 0x80)
+            return *p = (uint8_t)u, p + 1;
+        if (u <= UINT8_MAX)
+            return *p = 0xcc, put_be(p + 1, u, 1);
+        if (u <= UINT16_MAX)
+            return *p = 0xcd, put_be(p + 1, u, 2);
+        if (u <= UINT32_MAX)
+            return *p = 0xce, put_be(p + 1, u, 4);
+        return *p = 0xcf, put_be(p + 1, u, 8);
+    }
+    if (v >= -32)
+        return *p = (uint8_t)v, p + 1;
+    if (v >= INT8_MIN)
+        return *p = 0xd0, put_be(p + 1, (uint64_t)v, 1);
+    if (v >= INT16_MIN)
+        return *p = 0xd1, put_be(p + 1, (uint64_t)v, 2);
+    if (v >= INT32_MIN)
+        return *p = 0xd2, put_be(p + 1, (uint64_t)v, 4);
+    return *p = 0xd3, put_be(p + 1, (uint64_t)v, 8);
+}
+
+static size_t int_size(int64_t v)
+{
+    if (v >= -32 && v < 0x80)
+        return 1;
+    if (v >= 0)
+        return v <= UINT8_MAX ? 2 : v <= UINT16_MAX ? 3 : v <= UINT32_MAX ? 5 : 9;
+    return v >= INT8_MIN ? 2 : v >= INT16_MIN ? 3 : v >= INT32_MIN ? 5 : 9;
+}
+
+/*
+ * The hot path of every logged point: one reservation, then the bytes written
+ * in place, exactly as msgpack-c would pack them (the test vectors hold both
+ * to the same bytes).
+ */
 int proto_metrics_add(struct proto_buf *b, size_t frame_off, const struct proto_point *p)
 {
-    size_t before = b->len;
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, b, buf_write_cb);
-    if (msgpack_pack_str_with_body(&pk, p->key.ptr ? p->key.ptr : "", p->key.len) != 0 ||
-        msgpack_pack_double(&pk, p->value) != 0 || msgpack_pack_int64(&pk, p->timestamp) != 0 ||
-        msgpack_pack_int64(&pk, p->step) != 0) {
-        b->len = before;
+    uint32_t klen = p->key.len;
+    size_t hdr = klen < 32 ? 1 : klen <= UINT8_MAX ? 2 : klen <= UINT16_MAX ? 3 : 5;
+    if (proto_buf_reserve(b, hdr + klen + 9 + int_size(p->timestamp) + int_size(p->step)) != 0)
         return PROTO_ENOMEM;
-    }
-    size_t body = b->len - frame_off - PROTO_HEADER_LEN;
-    if (body > PROTO_MAX_BODY_HARD) {
-        b->len = before;
+    uint8_t *w = b->data + b->len;
+    if (klen < 32)
+        *w++ = (uint8_t)(0xa0 | klen);
+    else if (klen <= UINT8_MAX)
+        *w++ = 0xd9, w = put_be(w, klen, 1);
+    else if (klen <= UINT16_MAX)
+        *w++ = 0xda, w = put_be(w, klen, 2);
+    else
+        *w++ = 0xdb, w = put_be(w, klen, 4);
+    if (klen)
+        memcpy(w, p->key.ptr, klen);
+    w += klen;
+    uint64_t bits;
+    memcpy(&bits, &p->value, sizeof bits);
+    *w++ = 0xcb;
+    w = put_be(w, bits, 8);
+    w = put_int(w, p->timestamp);
+    w = put_int(w, p->step);
+    size_t len = (size_t)(w - b->data);
+    size_t body = len - frame_off - PROTO_HEADER_LEN;
+    if (body > PROTO_MAX_BODY_HARD)
         return PROTO_ETOOBIG;
-    }
+    b->len = len;
     uint8_t *cnt = b->data + frame_off + METRICS_COUNT_OFF;
     put_be32(cnt, get_be32(cnt) + 4);
     put_be32(b->data + frame_off + 4, (uint32_t)body);

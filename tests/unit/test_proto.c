@@ -1751,6 +1751,50 @@ static void point_key(int i, char *buf, size_t n, struct proto_str *key)
     *key = (struct proto_str){buf, (uint32_t)len};
 }
 
+/*
+ * proto_metrics_add writes the points by hand: every integer width, sign and
+ * string-header size must come out byte for byte as msgpack-c packs them.
+ */
+static void test_metrics_add_matches_msgpack_c(void **state)
+{
+    (void)state;
+    static const int64_t ints[] = {
+        0,        1,     31,         127,        128,       255,       256,
+        65535,    65536, 4294967295, 4294967296, INT64_MAX, -1,        -32,
+        -33,      -128,  -129,       -32768,     -32769,    INT32_MIN, INT32_MIN - (int64_t)1,
+        INT64_MIN};
+    static const uint32_t klens[] = {0, 1, 31, 32, 255, 256, 65535, 65536};
+    char *key = malloc(65536);
+    assert_non_null(key);
+    memset(key, 'k', 65536);
+    size_t nints = sizeof ints / sizeof ints[0];
+    for (size_t ki = 0; ki < sizeof klens / sizeof klens[0]; ki++)
+        for (size_t i = 0; i < nints; i++) {
+            struct proto_point p = {
+                {key, klens[ki]}, -1.5 * (double)i, ints[i], ints[nints - 1 - i]};
+            struct proto_buf b;
+            proto_buf_init(&b, 0);
+            size_t off;
+            assert_int_equal(proto_metrics_begin(&b, 1, R1, &off), 0);
+            size_t before = b.len;
+            assert_int_equal(proto_metrics_add(&b, off, &p), 0);
+
+            msgpack_sbuffer sb;
+            msgpack_sbuffer_init(&sb);
+            msgpack_packer pk;
+            msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+            msgpack_pack_str_with_body(&pk, key, klens[ki]);
+            msgpack_pack_double(&pk, p.value);
+            msgpack_pack_int64(&pk, p.timestamp);
+            msgpack_pack_int64(&pk, p.step);
+            assert_int_equal(b.len - before, sb.size);
+            assert_memory_equal(b.data + before, sb.data, sb.size);
+            msgpack_sbuffer_destroy(&sb);
+            proto_buf_free(&b);
+        }
+    free(key);
+}
+
 static void test_metrics_patching(void **state)
 {
     (void)state;
@@ -2108,6 +2152,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_mutations),
         cmocka_unit_test(test_msgpack_c_reads_ours),
         cmocka_unit_test(test_ours_reads_msgpack_c),
+        cmocka_unit_test(test_metrics_add_matches_msgpack_c),
         cmocka_unit_test(test_metrics_patching),
         cmocka_unit_test(test_limit_encoders),
         cmocka_unit_test(test_limit_metrics_begin),
