@@ -35,6 +35,12 @@
 #define ERROR_QUEUE 256
 #define RECONNECT_MIN_MS 50
 #define RECONNECT_MAX_MS 2000
+/*
+ * After sending, the sender keeps looking for new events every linger_ms for
+ * this long before it sleeps until woken: a training loop that logs every few
+ * milliseconds then never pays for a wake-up system call in its logging calls.
+ */
+#define WARM_IDLE_MS 1000
 #define CLOSE_SEND_MS 2000
 #define MAX_ARTIFACT_FDS 256 /* files handed over and not yet acknowledged */
 #define MAX_ARTIFACT_DEPTH 64
@@ -107,6 +113,7 @@ struct trackd_client {
     struct proto_buf sendbuf;
     unsigned reconnect_ms;
     bool ever_connected;
+    int64_t last_send_ms; /* monotonic; see WARM_IDLE_MS */
 };
 
 const char *trackd_strerror(int rc)
@@ -126,6 +133,13 @@ static int64_t now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
@@ -337,15 +351,31 @@ static int add_point(struct trackd_client *c, const char *run_id, const struct p
     return proto_metrics_add(&c->pending, c->metrics_off, p) ? -ENOMEM : 0;
 }
 
+/*
+ * With mu held: whether run_id is the run of the open many-points frame, which
+ * was checked when the frame was opened. A training loop logs point after
+ * point for one run, so the 32-character check runs once per frame, not once
+ * per point.
+ */
+static bool same_open_run(const struct trackd_client *c, const char *run_id)
+{
+    return c->metrics_open && strncmp(c->metrics_run, run_id, PROTO_RUN_ID_LEN) == 0 &&
+           run_id[PROTO_RUN_ID_LEN] == '\0';
+}
+
 int trackd_log_metric(trackd_client *c, const char *run_id, const char *key, double value,
                       int64_t step, int64_t timestamp_ms)
 {
     CHECK_USABLE(c);
-    if (c == NULL || key == NULL || !run_id_ok(run_id))
+    if (c == NULL || key == NULL || run_id == NULL)
         return -EINVAL;
     struct proto_point p = {to_str(key), value,
                             timestamp_ms == TRACKD_NOW ? now_ms() : timestamp_ms, step};
     pthread_mutex_lock(&c->mu);
+    if (!same_open_run(c, run_id) && !run_id_ok(run_id)) {
+        pthread_mutex_unlock(&c->mu);
+        return -EINVAL;
+    }
     int rc = admit(c, p.key.len + 96, 1, p.key.len + 96);
     if (rc == 0)
         rc = add_point(c, run_id, &p);
@@ -994,6 +1024,7 @@ static void trim_unacked(struct trackd_client *c)
 static void *io_main(void *arg)
 {
     struct trackd_client *c = arg;
+    bool lingered = false; /* the pending events already waited linger_ms */
     pthread_mutex_lock(&c->mu);
     for (;;) {
         trim_unacked(c);
@@ -1013,9 +1044,11 @@ static void *io_main(void *arg)
         if (c->pending.len == 0) {
             if (stopping)
                 break;
-            c->io_idle = true;
+            /* Warm: producers do not wake us; we look again after linger_ms. */
+            bool warm = mono_ms() - c->last_send_ms < WARM_IDLE_MS;
+            c->io_idle = !warm;
             pthread_mutex_unlock(&c->mu);
-            int rc = wait_events(c, -1);
+            int rc = wait_events(c, warm ? c->linger_ms : -1);
             pthread_mutex_lock(&c->mu);
             c->io_idle = false;
             if (rc != 0) {
@@ -1023,10 +1056,11 @@ static void *io_main(void *arg)
                 disconnect(c);
                 pthread_mutex_lock(&c->mu);
             }
+            lingered = warm;
             continue;
         }
         bool urgent = stopping || c->flush_wanted > c->flushed || c->pending.len >= SEND_THRESHOLD;
-        if (!urgent) {
+        if (!urgent && !lingered) {
             /* Let a burst accumulate into one write. */
             pthread_mutex_unlock(&c->mu);
             int rc = wait_events(c, c->linger_ms);
@@ -1038,6 +1072,8 @@ static void *io_main(void *arg)
                 continue;
             }
         }
+        lingered = false;
+        c->last_send_ms = mono_ms();
         struct proto_buf tmp = c->sendbuf;
         c->sendbuf = c->pending;
         c->pending = tmp;
