@@ -16,11 +16,12 @@ def machine() -> str:
             "Unix socket.")
 
 
-def write(out_dir: str, kind: str, text: str) -> Path:
-    """Prints text and writes it to <out_dir>/<date>-<host>-<kind>.md."""
+def write(out_dir: str, kind, text: str) -> Path:
+    """Prints text and writes it to <out_dir>/<date>-<host>[-<kind>].md."""
     print(text)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / f"{datetime.date.today()}-{socket.gethostname()}-{kind}.md"
+    suffix = f"-{kind}" if kind else ""
+    path = Path(out_dir) / f"{datetime.date.today()}-{socket.gethostname()}{suffix}.md"
     path.write_text(text)
     print(f"written to {path}")
     return path
