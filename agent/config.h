@@ -21,13 +21,22 @@ enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONF
  */
 struct trackd_config {
     /* [agent] */
-    char *socket_path;          /* Unix socket the agent listens on */
-    unsigned socket_mode;       /* file mode of the socket, 0..0777 */
-    char *socket_group;         /* group name or numeric gid; "" = the agent's own group */
-    uint32_t max_connections;   /* concurrent client connections */
-    uint32_t max_frame_bytes;   /* hard cap on one frame body */
-    int log_level;              /* enum config_log_level */
-    uint32_t shutdown_grace_ms; /* drain time on SIGTERM */
+    char *socket_path;        /* Unix socket the agent listens on */
+    unsigned socket_mode;     /* file mode of the socket, 0..0777 */
+    char *socket_group;       /* group name or numeric gid; "" = the agent's own group */
+    uint32_t max_connections; /* concurrent client connections */
+    uint32_t max_frame_bytes; /* hard cap on one frame body */
+    bool trust_client_user;   /* mlflow.user from the client rather than SO_PEERCRED */
+    char *allowed_uids;       /* comma-separated names or uids; "" = no uid rule */
+    char *allowed_gids;       /* comma-separated names or gids; "" = no gid rule */
+    uint32_t hello_timeout_ms;
+    uint32_t frame_timeout_ms;      /* an incomplete frame may take this long */
+    uint32_t idle_timeout_ms;       /* 0 = never */
+    uint32_t max_frames_per_sec;    /* per connection; 0 = no limit */
+    uint32_t max_reply_bytes;       /* queued replies per connection */
+    uint64_t max_read_buffer_bytes; /* incomplete frames, all connections */
+    int log_level;                  /* enum config_log_level */
+    uint32_t shutdown_grace_ms;     /* drain time on SIGTERM */
     /* [postgres] */
     char *pg_dsn;           /* libpq keyword string or URI; may hold a password */
     char *pg_password_file; /* "" = none; first line is the password */

@@ -2,9 +2,14 @@
  * Per-connection I/O and protocol state. Reads land in the connection's
  * proto_reader, so a frame split at any byte is reassembled without copies;
  * a malformed frame gets one ERROR frame and the connection is closed, while
- * a bad event inside a good frame only costs that event. Outgoing frames are
- * bounded per connection: a client that never reads loses its error reports
- * (counted), not the agent's memory.
+ * a bad event inside a good frame only costs that event.
+ *
+ * Every connection is bounded: replies queued for a client that does not read
+ * them (max_reply_bytes), frames per second (max_frames_per_sec, by reading
+ * that client more slowly), time to say hello, time to finish a frame and,
+ * optionally, idle time. Incomplete frames over all connections share one
+ * memory budget (max_read_buffer_bytes). Each limit has a counter and a log
+ * line naming the peer.
  */
 #define _GNU_SOURCE /* struct ucred */
 #include "conn.h"
@@ -26,7 +31,8 @@
 #include "stats.h"
 
 #define READ_CHUNK (64 * 1024)
-#define MAX_OUT_BYTES (4u * 1024u * 1024u)
+#define SWEEP_MS 100
+#define RATE_WINDOW_MS 1000
 
 extern const char trackd_version[];
 
@@ -40,23 +46,43 @@ static void conn_close(struct conn *c);
 static void apply_reading(struct conn_server *s);
 static bool conn_may_read(const struct conn *c);
 static void stop_reading(struct conn *c);
+static void shed_reader_memory(struct conn_server *s);
 static void start_reading(struct conn *c);
 
+static void conn_sweep(uv_timer_t *t);
+
 int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
-                     struct ingest *ingest)
+                     struct ingest *ingest, char *msg, size_t msglen)
 {
     memset(s, 0, sizeof *s);
     s->loop = loop;
     s->cfg = cfg;
     s->ingest = ingest;
     s->next_id = 1;
+    int rc = identity_rules_parse(&s->rules, cfg->allowed_uids, cfg->allowed_gids, msg, msglen);
+    if (rc != 0)
+        return rc;
     /* Room for every connection plus as many sessions that recently went away. */
-    return session_table_init(&s->sessions, (size_t)cfg->max_connections * 4);
+    if (session_table_init(&s->sessions, (size_t)cfg->max_connections * 4) != 0) {
+        identity_rules_free(&s->rules);
+        snprintf(msg, msglen, "out of memory");
+        return -ENOMEM;
+    }
+    uv_timer_init(loop, &s->sweep);
+    s->sweep.data = s;
+    return 0;
+}
+
+void conn_server_start(struct conn_server *s)
+{
+    s->window_start_ms = uv_now(s->loop);
+    uv_timer_start(&s->sweep, conn_sweep, SWEEP_MS, SWEEP_MS);
 }
 
 void conn_server_free(struct conn_server *s)
 {
     session_table_free(&s->sessions);
+    identity_rules_free(&s->rules);
 }
 
 static void set_state(struct conn *c, enum conn_state st)
@@ -90,11 +116,27 @@ static void write_cb(uv_write_t *req, int status)
         conn_close(c);
 }
 
-/* Takes pb's bytes and writes them; returns false (and frees) when over the bound. */
+/*
+ * Takes pb's bytes and writes them; returns false (and frees) when it cannot.
+ * A client whose unread replies would pass max_reply_bytes is disconnected:
+ * it is not reading, and its acknowledgements would otherwise pile up here.
+ */
 static bool send_buf(struct conn *c, struct proto_buf *pb)
 {
-    if (uv_is_closing((uv_handle_t *)&c->pipe) || c->out_bytes + pb->len > MAX_OUT_BYTES) {
+    if (uv_is_closing((uv_handle_t *)&c->pipe)) {
         proto_buf_free(pb);
+        return false;
+    }
+    if (c->out_bytes + pb->len > c->srv->cfg->max_reply_bytes) {
+        proto_buf_free(pb);
+        set_state(c, CONN_CLOSING);
+        stats.closed_slow_reader++;
+        log_limited(LOG_WARN,
+                    "[conn %u] pid %d uid %u does not read its replies (%zu bytes queued, "
+                    "[agent] max_reply_bytes = %u); disconnecting",
+                    c->id, (int)c->pid, (unsigned)c->uid, c->out_bytes,
+                    c->srv->cfg->max_reply_bytes);
+        conn_close(c);
         return false;
     }
     struct out_req *o = malloc(sizeof *o);
@@ -120,7 +162,10 @@ void conn_send_error(struct conn *c, uint64_t about_seq, uint32_t code, const ch
 {
     struct proto_buf pb;
     proto_buf_init(&pb, 0);
-    struct proto_str m = {message, (uint32_t)strlen(message)};
+    char text[1024];
+    snprintf(text, sizeof text, "%s", message);
+    log_scrub(text);
+    struct proto_str m = {text, (uint32_t)strlen(text)};
     if (proto_encode_error(&pb, 0, about_seq, code, m) == 0 && send_buf(c, &pb)) {
         c->errors_sent++;
         stats.errors_to_clients++;
@@ -412,6 +457,24 @@ void conn_artifact_taken(struct conn *c, uint64_t seq, int rc, const char *msg)
         start_reading(c);
 }
 
+/* Brings the server's read_bytes in line with this connection's reader capacity. */
+static void count_reader(struct conn *c)
+{
+    struct conn_server *s = c->srv;
+    s->read_bytes = s->read_bytes - c->read_cap + c->reader.cap;
+    c->read_cap = c->reader.cap;
+    stats.read_buffer_bytes = s->read_bytes;
+}
+
+/* Gives an empty reader's buffer back (after a large frame, or when idle). */
+static void release_reader(struct conn *c)
+{
+    if (c->reader.cap > 0 && proto_reader_pending(&c->reader) == 0) {
+        proto_reader_free(&c->reader);
+        count_reader(c);
+    }
+}
+
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
     struct conn *c = h->data;
@@ -423,6 +486,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
         buf->len = 0;
         return;
     }
+    count_reader(c);
     buf->base = (char *)p;
     buf->len = n;
 }
@@ -434,10 +498,12 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (nread < 0) {
         if (nread != UV_EOF)
             log_debug("[conn %u] read error: %s", c->id, uv_strerror((int)nread));
-        else if (proto_reader_pending(&c->reader) > 0)
+        else if (proto_reader_pending(&c->reader) > 0) {
+            stats.closed_mid_frame++;
             log_limited(LOG_WARN,
                         "[conn %u] closed mid-frame (%zu bytes of a partial frame dropped)", c->id,
                         proto_reader_pending(&c->reader));
+        }
         conn_close(c);
         return;
     }
@@ -460,12 +526,68 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         c->fds[c->nfds++] = fd;
     }
     process_frames(c);
+    if (c->state == CONN_CLOSING || uv_is_closing((uv_handle_t *)&c->pipe))
+        return;
+    if (proto_reader_pending(&c->reader) == 0) {
+        c->partial_since_ms = 0;
+        if (c->reader.cap > READ_CHUNK)
+            release_reader(c);
+    } else if (c->partial_since_ms == 0) {
+        c->partial_since_ms = uv_now(c->srv->loop);
+    }
+    if (c->srv->read_bytes > c->srv->cfg->max_read_buffer_bytes)
+        shed_reader_memory(c->srv);
 }
 
-/* Dispatches every whole frame buffered, unless an artifact snapshot holds them back. */
+/*
+ * Over max_read_buffer_bytes: closes the connections whose incomplete frames
+ * are oldest until the budget holds. Complete frames are dispatched as they
+ * arrive, so what is held here is partial frames; the oldest is the likeliest
+ * to be a stalled or hostile sender.
+ */
+static void shed_reader_memory(struct conn_server *s)
+{
+    while (s->read_bytes > s->cfg->max_read_buffer_bytes) {
+        struct conn *oldest = NULL;
+        for (struct conn *c = s->head; c; c = c->next)
+            if (c->partial_since_ms && !c->snapshotting &&
+                (!oldest || c->partial_since_ms < oldest->partial_since_ms))
+                oldest = c;
+        if (oldest == NULL)
+            return;
+        stats.closed_read_memory++;
+        log_limited(LOG_WARN,
+                    "[conn %u] pid %d uid %u: incomplete frames over all clients hold %zu bytes "
+                    "([agent] max_read_buffer_bytes = %llu); closing this oldest one (%zu bytes)",
+                    oldest->id, (int)oldest->pid, (unsigned)oldest->uid, s->read_bytes,
+                    (unsigned long long)s->cfg->max_read_buffer_bytes,
+                    proto_reader_pending(&oldest->reader));
+        conn_send_error(
+            oldest, 0, PROTO_ERR_PROTOCOL,
+            "incomplete frame dropped: the agent's memory for incomplete frames is full");
+        conn_close(oldest); /* frees its reader in close_cb; uncount it now */
+    }
+}
+
+/*
+ * Dispatches every whole frame buffered, unless an artifact snapshot holds
+ * them back or the connection has used up this second's max_frames_per_sec:
+ * then the rest waits, unread, for the sweep to open the next window.
+ */
 static void process_frames(struct conn *c)
 {
-    while (!c->snapshotting) {
+    uint32_t max_rate = c->srv->cfg->max_frames_per_sec;
+    while (!c->snapshotting && !c->rate_paused) {
+        if (max_rate && c->frames_window >= max_rate) {
+            c->rate_paused = true;
+            stats.rate_limited++;
+            log_limited(LOG_WARN,
+                        "[conn %u] pid %d uid %u sent %u frames within a second ([agent] "
+                        "max_frames_per_sec); reading it more slowly",
+                        c->id, (int)c->pid, (unsigned)c->uid, c->frames_window);
+            stop_reading(c);
+            break;
+        }
         struct proto_header h;
         const uint8_t *body;
         int rc = proto_reader_next(&c->reader, &h, &body);
@@ -479,6 +601,8 @@ static void process_frames(struct conn *c)
             return;
         }
         stats.frames_received++;
+        c->last_frame_ms = uv_now(c->srv->loop);
+        c->frames_window++;
         dispatch(c, &h, body);
         if (c->state == CONN_CLOSING)
             return;
@@ -491,8 +615,12 @@ static void process_frames(struct conn *c)
 static void start_reading(struct conn *c)
 {
     if (!c->reading && c->state != CONN_CLOSING && !uv_is_closing((uv_handle_t *)&c->pipe)) {
-        if (uv_read_start((uv_stream_t *)&c->pipe, alloc_cb, read_cb) == 0)
+        if (uv_read_start((uv_stream_t *)&c->pipe, alloc_cb, read_cb) == 0) {
             c->reading = true;
+            /* Time spent paused by the agent does not count against the client. */
+            if (c->partial_since_ms)
+                c->partial_since_ms = uv_now(c->srv->loop);
+        }
     }
 }
 
@@ -516,7 +644,7 @@ static bool may_read(const struct conn_server *s)
  */
 static bool conn_may_read(const struct conn *c)
 {
-    if (c->snapshotting)
+    if (c->snapshotting || c->rate_paused)
         return false;
     return may_read(c->srv) || (c->state == CONN_HELLO && !c->srv->draining);
 }
@@ -568,6 +696,9 @@ static void conn_close(struct conn *c)
         c->next->prev = c->prev;
     s->count--;
     stats.connections_current = s->count;
+    s->read_bytes -= c->read_cap;
+    c->read_cap = 0;
+    stats.read_buffer_bytes = s->read_bytes;
     ingest_forget_conn(s->ingest, c->id);
     log_debug("[conn %u] closed", c->id);
     uv_close((uv_handle_t *)&c->pipe, close_cb);
@@ -593,6 +724,77 @@ void conn_close_all(struct conn_server *s)
 {
     while (s->head)
         conn_close(s->head);
+    if (!uv_is_closing((uv_handle_t *)&s->sweep))
+        uv_close((uv_handle_t *)&s->sweep, NULL);
+}
+
+/* Closes c for a limit: an error frame where the client can still read one, then the socket. */
+static void limit_close(struct conn *c, uint64_t *counter, const char *why)
+{
+    (*counter)++;
+    conn_send_error(c, 0, PROTO_ERR_PROTOCOL, why);
+    stop_reading(c);
+    set_state(c, CONN_CLOSING);
+    if (c->out_bytes == 0)
+        conn_close(c);
+}
+
+/* One rate-limited log line per cause (log_limited keeps its state per call site). */
+#define LIMIT_LOG(c, why)                                                                          \
+    log_limited(LOG_WARN, "[conn %u] pid %d uid %u: %s; closing", (c)->id, (int)(c)->pid,          \
+                (unsigned)(c)->uid, (why))
+
+/*
+ * Every SWEEP_MS: the hello, frame and idle timeouts, the end of each rate
+ * window, and the buffers of readers that have nothing in them.
+ */
+static void conn_sweep(uv_timer_t *t)
+{
+    struct conn_server *s = t->data;
+    const struct trackd_config *cfg = s->cfg;
+    uint64_t now = uv_now(s->loop);
+    bool new_window = now - s->window_start_ms >= RATE_WINDOW_MS;
+    if (new_window)
+        s->window_start_ms = now;
+    char why[160];
+    for (struct conn *c = s->head, *next; c; c = next) {
+        next = c->next;
+        if (c->state == CONN_CLOSING)
+            continue;
+        if (new_window) {
+            c->frames_window = 0;
+            if (c->rate_paused) {
+                c->rate_paused = false;
+                process_frames(c); /* what was held back; may pause again */
+                if (c->state == CONN_CLOSING || uv_is_closing((uv_handle_t *)&c->pipe))
+                    continue;
+                if (conn_may_read(c))
+                    start_reading(c);
+            }
+        }
+        if (c->state == CONN_HELLO && now - c->accepted_ms >= cfg->hello_timeout_ms) {
+            snprintf(why, sizeof why, "no hello within %u ms ([agent] hello_timeout_ms)",
+                     cfg->hello_timeout_ms);
+            LIMIT_LOG(c, why);
+            limit_close(c, &stats.timeouts_hello, why);
+        } else if (c->reading && !c->snapshotting && c->partial_since_ms &&
+                   now - c->partial_since_ms >= cfg->frame_timeout_ms) {
+            snprintf(why, sizeof why,
+                     "a frame still incomplete after %u ms (%zu bytes; [agent] frame_timeout_ms)",
+                     cfg->frame_timeout_ms, proto_reader_pending(&c->reader));
+            LIMIT_LOG(c, why);
+            limit_close(c, &stats.timeouts_frame, why);
+        } else if (cfg->idle_timeout_ms && c->state == CONN_OPEN &&
+                   now - (c->last_frame_ms ? c->last_frame_ms : c->accepted_ms) >=
+                       cfg->idle_timeout_ms) {
+            snprintf(why, sizeof why, "idle for %u ms ([agent] idle_timeout_ms)",
+                     cfg->idle_timeout_ms);
+            LIMIT_LOG(c, why);
+            limit_close(c, &stats.timeouts_idle, why);
+        } else if (c->partial_since_ms == 0 && now - c->last_frame_ms >= 1000) {
+            release_reader(c); /* an idle client holds no buffer */
+        }
+    }
 }
 
 static void lookup_user(uid_t uid, char *out, size_t n)
@@ -669,7 +871,18 @@ void conn_accept(struct conn_server *s, uv_stream_t *listener)
         return;
     }
     c->uid = cred.uid;
+    c->gid = cred.gid;
     c->pid = cred.pid;
+    c->accepted_ms = c->last_frame_ms = uv_now(s->loop);
+    if (!identity_allowed(&s->rules, cred.uid, cred.gid)) {
+        stats.connections_refused_identity++;
+        log_limited(LOG_WARN,
+                    "[conn %u] refused pid %d uid %u gid %u: not in [agent] allowed_uids or "
+                    "allowed_gids",
+                    c->id, (int)c->pid, (unsigned)c->uid, (unsigned)c->gid);
+        conn_close(c);
+        return;
+    }
     lookup_user(cred.uid, c->user, sizeof c->user);
     log_debug("[conn %u] accepted pid %d uid %u", c->id, (int)c->pid, (unsigned)c->uid);
     if (conn_may_read(c))

@@ -12,6 +12,7 @@
 #include <sys/types.h>
 #include <uv.h>
 
+#include "identity.h"
 #include "session.h"
 #include "trackd_proto.h"
 
@@ -32,6 +33,7 @@ struct conn {
     enum conn_state state;
     struct conn_server *srv;
     uid_t uid;
+    gid_t gid;
     pid_t pid;
     char user[64];
     char program[128];
@@ -49,6 +51,13 @@ struct conn {
     size_t nfds;
     bool snapshotting; /* frames wait until the artifact before them is in the spool */
     uint64_t errors_sent;
+    /* Limits (see conn_sweep in conn.c); times are the loop's milliseconds. */
+    uint64_t accepted_ms;
+    uint64_t last_frame_ms;
+    uint64_t partial_since_ms; /* first byte of the incomplete frame read; 0 = none */
+    uint32_t frames_window;    /* frames read in the current rate window */
+    bool rate_paused;          /* over max_frames_per_sec until the window ends */
+    size_t read_cap;           /* reader memory counted in the server's read_bytes */
     struct conn *prev, *next;
 };
 
@@ -67,10 +76,17 @@ struct conn_server {
     struct artifacts *artifacts; /* NULL: ARTIFACT frames are refused */
     uint64_t durable_lsn;        /* the journal is written up to here */
     bool journal_full;           /* reads paused until the journal has room again */
+    struct identity_rules rules; /* [agent] allowed_uids / allowed_gids */
+    uv_timer_t sweep;            /* timeouts, rate windows, idle read buffers */
+    uint64_t window_start_ms;
+    size_t read_bytes; /* reader memory over all connections */
 };
 
+/* Returns 0, or an errno with msg saying what is wrong (an unknown allowed user, say). */
 int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd_config *cfg,
-                     struct ingest *ingest);
+                     struct ingest *ingest, char *msg, size_t msglen);
+/* Starts the periodic sweep that enforces the timeouts and rate windows. */
+void conn_server_start(struct conn_server *s);
 /* Accepts one pending connection from listener (or refuses it at the limit). */
 void conn_accept(struct conn_server *s, uv_stream_t *listener);
 struct conn *conn_find(struct conn_server *s, uint32_t id);
@@ -81,6 +97,7 @@ void conn_send_flushed(struct conn *c, uint64_t flush_seq);
 void conn_pause_all(struct conn_server *s, bool pause);
 /* Stops reading for good (shutdown): later bytes are not accepted. */
 void conn_drain_all(struct conn_server *s);
+/* Closes every connection and the sweep timer (shutdown). */
 void conn_close_all(struct conn_server *s);
 /*
  * The artifact of frame seq is in the spool (rc 0) or could not be taken (msg says why):

@@ -346,6 +346,26 @@ static bool str_eq(struct proto_str s, const char *lit)
     return s.len == strlen(lit) && memcmp(s.ptr, lit, s.len) == 0;
 }
 
+/*
+ * The user a client names for a run (the mlflow.user tag) against the one its
+ * socket proves. Unless [agent] trust_client_user is set the socket wins, and
+ * a different claim is counted.
+ */
+static struct proto_str claimed_user(struct mctx *m, struct proto_str claim)
+{
+    struct proto_str peer = pstr(m->o->user);
+    if (m->in->cfg->trust_client_user)
+        return claim;
+    if (claim.len != peer.len || memcmp(claim.ptr, peer.ptr, peer.len) != 0) {
+        stats.identity_overridden++;
+        log_limited(LOG_INFO,
+                    "[ingest] conn %u claimed mlflow.user \"%.*s\"; using \"%s\" from its uid "
+                    "([agent] trust_client_user = false)",
+                    m->o->conn_id, (int)(claim.len < 64 ? claim.len : 64), claim.ptr, m->o->user);
+    }
+    return peer;
+}
+
 static void do_start_run(struct mctx *m, const struct proto_msg *msg)
 {
     struct validate_error e;
@@ -368,10 +388,15 @@ static void do_start_run(struct mctx *m, const struct proto_msg *msg)
     struct proto_iter it = msg->u.start_run.tags;
     struct proto_kv kv;
     struct proto_str tag_name = {NULL, 0};
-    bool has_tag_name = false, has_src_name = false, has_src_type = false;
+    struct proto_str user_claim = {NULL, 0};
+    bool has_tag_name = false, has_src_name = false, has_src_type = false, has_user = false;
     while (proto_iter_next_kv(&it, &kv)) {
         if (!check_kv(m, false, &kv))
             return; /* a run is all or nothing: a half-tagged run would mislead */
+        if (str_eq(kv.key, "mlflow.user")) {
+            user_claim = kv.value;
+            has_user = true;
+        }
         if (str_eq(kv.key, "mlflow.runName")) {
             tag_name = kv.value;
             has_tag_name = true;
@@ -403,21 +428,17 @@ static void do_start_run(struct mctx *m, const struct proto_msg *msg)
         fail_v(m, &e);
         return;
     }
-    struct proto_str user = pstr(m->o->user);
+    struct proto_str user = has_user ? claimed_user(m, user_claim) : pstr(m->o->user);
     struct ev *run = add_ev(m, EV_START_RUN, run_id, exp, name, user);
     if (run == NULL)
         return;
     run->ts = msg->u.start_run.start_time;
 
-    bool has_user = false;
     it = msg->u.start_run.tags;
     while (proto_iter_next_kv(&it, &kv)) {
         check_kv(m, false, &kv); /* truncates as the first pass did */
-        /* The user is who the socket says, not what the client claims. */
-        if (str_eq(kv.key, "mlflow.user")) {
-            has_user = true;
-            continue;
-        }
+        if (str_eq(kv.key, "mlflow.user"))
+            continue; /* added below, as decided above */
         add_tag(m, run_id, kv.key, kv.value);
     }
     if (!has_tag_name)
@@ -458,6 +479,8 @@ static void do_kvs(struct mctx *m, const struct proto_msg *msg)
     while (m->rc == 0 && proto_iter_next_kv(&it, &kv)) {
         if (!check_kv(m, is_param, &kv))
             continue;
+        if (!is_param && str_eq(kv.key, "mlflow.user"))
+            kv.value = claimed_user(m, kv.value);
         add_ev(m, is_param ? EV_PARAM : EV_TAG, msg->u.kvs.run_id.ptr, kv.key, kv.value, none);
     }
 }

@@ -6,11 +6,44 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 int log_level_current = LOG_INFO;
 
 static const char *const level_names[] = {"ERROR", "WARN", "INFO", "DEBUG"};
+
+#define MAX_SECRETS 4
+static char *secrets[MAX_SECRETS];
+static size_t nsecrets;
+
+void log_add_secret(const char *secret)
+{
+    if (secret == NULL || secret[0] == '\0' || nsecrets == MAX_SECRETS)
+        return;
+    for (size_t i = 0; i < nsecrets; i++)
+        if (strcmp(secrets[i], secret) == 0)
+            return;
+    char *copy = strdup(secret);
+    if (copy)
+        secrets[nsecrets++] = copy;
+}
+
+void log_scrub(char *buf)
+{
+    for (size_t i = 0; i < nsecrets; i++) {
+        size_t n = strlen(secrets[i]);
+        char *from = buf, *hit;
+        while ((hit = strstr(from, secrets[i])) != NULL) {
+            /* "****" for secrets of 4 bytes or more; as many stars as bytes below that. */
+            size_t stars = n < 4 ? n : 4;
+            memset(hit, '*', stars);
+            memmove(hit + stars, hit + n, strlen(hit + n) + 1);
+            from = hit + stars;
+        }
+    }
+}
 
 void log_set_level(int level)
 {
@@ -31,6 +64,7 @@ void log_write(int level, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    log_scrub(msg);
 
     struct timespec ts;
     struct tm tm;

@@ -26,6 +26,16 @@ void log_write(int level, const char *fmt, ...);
  */
 int64_t log_ratelimit(int64_t *last_ms, int64_t *suppressed, int64_t interval_ms);
 
+/*
+ * Text that must never be printed (the database password, from the DSN or
+ * password_file). Every log line, and every error message sent to a client,
+ * is scrubbed: each occurrence is printed as "****". Call at start-up, before
+ * other threads log; up to 4 secrets, empty ones ignored.
+ */
+void log_add_secret(const char *secret);
+/* Scrubs buf (NUL-terminated) in place; the text only gets shorter or stays the same. */
+void log_scrub(char *buf);
+
 #define log_at(level, ...)                                                                         \
     do {                                                                                           \
         if ((level) <= log_level_current)                                                          \

@@ -22,6 +22,7 @@
 #include "dbobjects.h"
 #include "deadletter.h"
 #include "conn.h"
+#include "identity.h"
 #include "ingest.h"
 #include "journaler.h"
 #include "listener.h"
@@ -404,6 +405,22 @@ static int mkdir_p(const char *path)
     return mkdir(buf, 0700) != 0 && errno != EEXIST ? -1 : 0;
 }
 
+/*
+ * The database password, wherever it is given, is never printed (see
+ * log_add_secret); a DSN libpq cannot parse is refused before it is echoed.
+ */
+static int check_dsn(const struct trackd_config *cfg, const char *config_path)
+{
+    char why[512];
+    log_add_secret(getenv("PGPASSWORD"));
+    if (pgconn_dsn_check(cfg->pg_dsn, why, sizeof why) != 0) {
+        log_error("[agent] %s: [postgres] dsn is not a libpq connection string: %s",
+                  config_path ? config_path : "(defaults)", why);
+        return -1;
+    }
+    return 0;
+}
+
 static int run_agent(const char *config_path)
 {
     static struct agent a; /* large; lives for the whole process */
@@ -411,6 +428,10 @@ static int run_agent(const char *config_path)
     if (load_config(&a.cfg, config_path) != 0)
         return 2;
     log_set_level(a.cfg.log_level);
+    if (check_dsn(&a.cfg, config_path) != 0) {
+        config_free(&a.cfg);
+        return 1;
+    }
     signal(SIGPIPE, SIG_IGN);
     curl_global_init(CURL_GLOBAL_DEFAULT); /* before any thread: it is not thread-safe */
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
@@ -438,8 +459,8 @@ static int run_agent(const char *config_path)
         return 1;
     ingest_init(&a.ingest, &a.loop, &a.cfg, &a.writer, &icbs, &a);
     journaler_init(&a.journal, &a.loop, &a.cfg, &jcbs, &a);
-    if (conn_server_init(&a.conns, &a.loop, &a.cfg, &a.ingest) != 0) {
-        log_error("[agent] out of memory");
+    if (conn_server_init(&a.conns, &a.loop, &a.cfg, &a.ingest, msg, sizeof msg) != 0) {
+        log_error("[agent] %s", msg);
         return 1;
     }
     uv_signal_init(&a.loop, &a.sigterm);
@@ -513,6 +534,7 @@ static int run_agent(const char *config_path)
         journaler_close(&a.journal, journal_closed);
         writer_close(&a.writer, writer_closed);
         ingest_close(&a.ingest);
+        conn_close_all(&a.conns);
         uv_close((uv_handle_t *)&a.tick, NULL);
         uv_close((uv_handle_t *)&a.shutdown, NULL);
         uv_close((uv_handle_t *)&a.sigterm, NULL);
@@ -523,6 +545,10 @@ static int run_agent(const char *config_path)
         return 1;
     }
     uv_timer_start(&a.tick, on_tick, 1000, 1000);
+    conn_server_start(&a.conns);
+    if (geteuid() == 0)
+        log_warn("[agent] running as root; an unprivileged user is enough (see "
+                 "agent/systemd/trackd.service)");
     log_info("[agent] ready");
 
     uv_run(&a.loop, UV_RUN_DEFAULT);
@@ -659,6 +685,19 @@ int main(int argc, char **argv)
         struct trackd_config cfg;
         if (load_config(&cfg, config_path) != 0)
             return 1;
+        if (check_dsn(&cfg, config_path) != 0) {
+            config_free(&cfg);
+            return 1;
+        }
+        /* The allow-lists name users and groups that must exist here. */
+        struct identity_rules rules;
+        char why[512];
+        if (identity_rules_parse(&rules, cfg.allowed_uids, cfg.allowed_gids, why, sizeof why)) {
+            fprintf(stderr, "trackd: %s: %s\n", config_path ? config_path : "(defaults)", why);
+            config_free(&cfg);
+            return 1;
+        }
+        identity_rules_free(&rules);
         printf("%s: configuration OK\n", config_path ? config_path : "(defaults)");
         config_free(&cfg);
         return 0;

@@ -62,6 +62,43 @@ static const char *const required_columns[][2] = {
     {"latest_metrics", "run_uuid"},
 };
 
+int pgconn_dsn_check(const char *dsn, char *msg, size_t msglen)
+{
+    char *err = NULL;
+    PQconninfoOption *opts = PQconninfoParse(dsn, &err);
+    if (opts == NULL) {
+        /* Keep libpq's words, drop what it quotes from the string (but a quoted "="). */
+        size_t o = 0;
+        bool quoted = false;
+        const char *e = err ? err : "out of memory";
+        for (const char *q = e; *q && o + 4 < msglen; q++) {
+            if (*q == '"') {
+                if (!quoted && q[1] == '=' && q[2] == '"') {
+                    memcpy(msg + o, "\"=\"", 3);
+                    o += 3;
+                    q += 2;
+                    continue;
+                }
+                if (!quoted) {
+                    memcpy(msg + o, "\"...\"", 5);
+                    o += 5;
+                }
+                quoted = !quoted;
+            } else if (!quoted && *q != '\n') {
+                msg[o++] = *q;
+            }
+        }
+        msg[o] = '\0';
+        PQfreemem(err);
+        return -EINVAL;
+    }
+    for (PQconninfoOption *opt = opts; opt->keyword; opt++)
+        if (strcmp(opt->keyword, "password") == 0 && opt->val)
+            log_add_secret(opt->val);
+    PQconninfoFree(opts);
+    return 0;
+}
+
 int pgconn_params_init(struct pgconn_params *p, const struct trackd_config *cfg, char *msg,
                        size_t msglen)
 {
@@ -88,6 +125,7 @@ int pgconn_params_init(struct pgconn_params *p, const struct trackd_config *cfg,
             p->password[0] = '\0';
         fclose(f);
         p->password[strcspn(p->password, "\r\n")] = '\0';
+        log_add_secret(p->password);
         p->keys[n] = "password";
         p->values[n++] = p->password;
     }

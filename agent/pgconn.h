@@ -25,6 +25,12 @@ struct pgconn_params {
 };
 
 /* Fills p from cfg; reads password_file. Returns 0 or -errno with msg set. */
+/*
+ * Checks that libpq can parse dsn and registers its password with
+ * log_add_secret(). libpq's parse errors quote pieces of the string, which may
+ * be the password, so msg gives the reason with every quoted piece elided.
+ */
+int pgconn_dsn_check(const char *dsn, char *msg, size_t msglen);
 int pgconn_params_init(struct pgconn_params *p, const struct trackd_config *cfg, char *msg,
                        size_t msglen);
 void pgconn_params_clear(struct pgconn_params *p);

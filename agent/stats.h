@@ -14,6 +14,16 @@
     X(connections_accepted)                                                                        \
     X(connections_current)                                                                         \
     X(connections_rejected)                                                                        \
+    X(connections_refused_identity)                                                                \
+    X(identity_overridden)                                                                         \
+    X(timeouts_hello)                                                                              \
+    X(timeouts_frame)                                                                              \
+    X(timeouts_idle)                                                                               \
+    X(rate_limited)                                                                                \
+    X(closed_slow_reader)                                                                          \
+    X(closed_read_memory)                                                                          \
+    X(closed_mid_frame)                                                                            \
+    X(read_buffer_bytes)                                                                           \
     X(frames_received)                                                                             \
     X(bytes_received)                                                                              \
     X(events_received)                                                                             \

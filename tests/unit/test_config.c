@@ -14,8 +14,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "config.h"
+#include "identity.h"
+#include "log.h"
+#include "pgconn.h"
 
 static const char *example_path = "../agent.toml.example";
 
@@ -602,6 +606,59 @@ static void test_format_error_truncates(void **state)
     assert_string_equal(small, "agent.t");
 }
 
+/* Allow-lists: names and ids, blanks, the agent's own uid always served, clear refusals. */
+static void test_identity_rules(void **state)
+{
+    (void)state;
+    struct identity_rules r;
+    char msg[512];
+    assert_int_equal(identity_rules_parse(&r, "", " , ", msg, sizeof msg), 0);
+    assert_true(identity_allowed(&r, 12345, 12345)); /* no rule: everyone */
+    identity_rules_free(&r);
+
+    assert_int_equal(identity_rules_parse(&r, " 54321 ,root", "777", msg, sizeof msg), 0);
+    assert_int_equal(r.nuids, 2);
+    assert_int_equal(r.uids[0], 54321);
+    assert_int_equal(r.uids[1], 0);
+    assert_true(identity_allowed(&r, 54321, 1));
+    assert_true(identity_allowed(&r, 4242, 777));
+    if (geteuid() != 4242) /* the agent's own uid is always served */
+        assert_false(identity_allowed(&r, 4242, 778));
+    identity_rules_free(&r);
+
+    assert_int_equal(identity_rules_parse(&r, "no-such-user-xyz", "", msg, sizeof msg), -EINVAL);
+    assert_string_equal(msg, "[agent] allowed_uids: no such user \"no-such-user-xyz\"");
+    assert_int_equal(identity_rules_parse(&r, "", "99999999999", msg, sizeof msg), -EINVAL);
+    assert_string_equal(msg, "[agent] allowed_gids: id out of range \"99999999999\"");
+    assert_null(r.uids);
+}
+
+/* Registered secrets never survive into a line, however often and wherever they appear. */
+static void test_log_scrub(void **state)
+{
+    (void)state;
+    log_add_secret("hunter22");
+    log_add_secret("pw");
+    log_add_secret("");
+    char line[128] = "auth hunter22 failed; hunter22hunter22 at end pw";
+    log_scrub(line);
+    assert_string_equal(line, "auth **** failed; ******** at end **");
+}
+
+/* A DSN libpq cannot parse is refused, and the reason never quotes the string. */
+static void test_dsn_check_elides_quoted_pieces(void **state)
+{
+    (void)state;
+    char msg[256];
+    assert_int_equal(pgconn_dsn_check("host=/x password=s3cr3t-one s3cr3t-one", msg, sizeof msg),
+                     -EINVAL);
+    assert_string_equal(msg, "missing \"=\" after \"...\" in connection info string");
+    assert_int_equal(pgconn_dsn_check("host=/x password=s3cr3t-two dbname=m", msg, sizeof msg), 0);
+    char line[64] = "x s3cr3t-two y";
+    log_scrub(line);
+    assert_string_equal(line, "x **** y");
+}
+
 int main(int argc, char **argv)
 {
     const struct CMUnitTest tests[] = {
@@ -620,6 +677,9 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_example_file),
         cmocka_unit_test(test_file_errors),
         cmocka_unit_test(test_format_error_truncates),
+        cmocka_unit_test(test_identity_rules),
+        cmocka_unit_test(test_log_scrub),
+        cmocka_unit_test(test_dsn_check_elides_quoted_pieces),
     };
 
     if (argc > 1)
