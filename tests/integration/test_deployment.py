@@ -1,11 +1,15 @@
-"""The systemd unit in agent/systemd: systemd accepts it, and its hardening keeps the exposure
-score systemd-analyze gives it low."""
+"""Deployment: the systemd unit in agent/systemd (systemd accepts it, and its hardening keeps the
+exposure score systemd-analyze gives it low), and the agent running as an unprivileged user."""
+import os
+import pwd
 import re
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
-from harness import BUILD
+from harness import BUILD, driver_runs, run_driver, wait_for
 
 UNIT = BUILD.parent / "agent" / "systemd" / "trackd.service"
 
@@ -36,3 +40,47 @@ def test_unit_exposure_is_low(unit):
     assert m, p.stdout[-2000:] + p.stderr[-2000:]
     print(f"\nsystemd-analyze security: exposure {m.group(1)} (0 = fully locked down, 10 = none)")
     assert float(m.group(1)) <= 2.0
+
+
+def test_agent_runs_unprivileged(pg, db, tmp_path, artifact_root):
+    """As the unit runs it: a user with no privileges, owning only its socket directory and
+    journal. Points logged through it land, and it does not warn about running as root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start the agent as another user")
+    nobody = pwd.getpwnam("nobody")
+    home = Path(tempfile.mkdtemp(prefix="trackd-unpriv-"))
+    os.chmod(home, 0o755)
+    for d in (home / "run", home / "state"):
+        d.mkdir()
+        os.chown(d, nobody.pw_uid, nobody.pw_gid)
+    cfg = home / "agent.toml"
+    cfg.write_text(f'[agent]\nsocket = "{home / "run" / "trackd.sock"}"\n'
+                   f'[postgres]\ndsn = "{pg.dsn(db)}"\n'
+                   f'[mlflow]\ndefault_artifact_root = "{artifact_root}"\n'
+                   f'[journal]\ndir = "{home / "state" / "journal"}"\n')
+    log = open(home / "agent.log", "wb")
+
+    def as_nobody():
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+    p = subprocess.Popen([str(BUILD / "trackd"), "--config", str(cfg)], preexec_fn=as_nobody,
+                         stdout=log, stderr=subprocess.STDOUT)
+    try:
+        text = lambda: (home / "agent.log").read_text()  # noqa: E731
+        wait_for(lambda: "[agent] ready" in text() or p.poll() is not None, 30, "the agent to start")
+        assert p.poll() is None, text()
+        out, _ = run_driver(str(home / "run" / "trackd.sock"),
+                            [["run", "r", "unpriv-exp", "", "now"], ["metric", "r", "m", "1", "0", "1700000000000"],
+                             ["flush", "30000"]])
+        assert ["flush", "0"] in out
+        run_id = driver_runs(out)["r"]
+        assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s", (run_id,)) == [(1,)]
+        assert "running as root" not in text()
+        st = os.stat(home / "state" / "journal")
+        assert (st.st_uid, st.st_mode & 0o777) == (nobody.pw_uid, 0o700)
+    finally:
+        p.terminate()
+        assert p.wait(30) == 0
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
