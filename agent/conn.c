@@ -607,6 +607,8 @@ static void process_frames(struct conn *c)
         if (c->state == CONN_CLOSING)
             return;
     }
+    if (proto_reader_pending(&c->reader) == 0)
+        c->partial_since_ms = 0; /* frames held back by a snapshot or the rate limit are done */
     if (c->srv->journal)
         journaler_kick(c->srv->journal);
     send_ack(c);
@@ -778,6 +780,7 @@ static void conn_sweep(uv_timer_t *t)
             LIMIT_LOG(c, why);
             limit_close(c, &stats.timeouts_hello, why);
         } else if (c->reading && !c->snapshotting && c->partial_since_ms &&
+                   proto_reader_pending(&c->reader) > 0 &&
                    now - c->partial_since_ms >= cfg->frame_timeout_ms) {
             snprintf(why, sizeof why,
                      "a frame still incomplete after %u ms (%zu bytes; [agent] frame_timeout_ms)",

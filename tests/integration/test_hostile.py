@@ -368,3 +368,33 @@ def test_idle_connections_and_a_flood_of_bad_clients(pg, db, tmp_path, artifact_
             r.close()
     finally:
         assert a.stop() == 0
+
+
+def test_frames_held_behind_an_artifact_do_not_count_as_incomplete(pg, db, tmp_path, artifact_root):
+    """Frames that arrive with an ARTIFACT wait, complete, while the file is copied; once they
+    are dispatched, a client that then stays quiet for longer than frame_timeout_ms is not a
+    slow sender."""
+    a = start_agent(pg, db, tmp_path, artifact_root, "frame_timeout_ms = 300\n")
+    try:
+        out, _ = run_driver(a.socket, [["run", "r", "held-exp", "held", "now"], ["flush", "10000"]])
+        run_id = driver_runs(out)["r"]
+        data = tmp_path / "a.bin"
+        data.write_bytes(os.urandom(4 << 20))
+        r = Raw(a.socket)
+        r.hello()
+        with open(data, "rb") as f:
+            r.send_with_fds(frame("artifact", [run_id, "a.bin", 4 << 20], seq=2)
+                            + frame("metrics", [run_id, ["m", 1.0, TS0, 0]], seq=3), [f.fileno()])
+        # No further byte: the point is written once the copy is in the spool.
+        wait_for(lambda: a.stats()["metrics_committed"] >= 1, 30, "the held point to be written")
+        # Quiet for more than three frame timeouts (the sweep runs every 100 ms).
+        start = a.stats()["uptime_s"]
+        wait_for(lambda: a.stats()["uptime_s"] >= start + 2, 30, "two seconds of agent uptime")
+        assert a.stats()["timeouts_frame"] == 0
+        r.send(frame("flush", [], seq=4))
+        kind, _, _ = r.read()
+        assert kind == KINDS["flushed"]  # still served on the same connection
+        r.close()
+        assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s", (run_id,)) == [(1,)]
+    finally:
+        assert a.stop() == 0
