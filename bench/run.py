@@ -157,7 +157,10 @@ class Poller(threading.Thread):
 
     def run(self):
         with self.pg.connect(self.db) as c:
-            while not self.halt.is_set():
+            while True:
+                # One last poll after stop(): the processes' flush barriers have returned, so
+                # it sees every step.
+                final = self.halt.is_set()
                 rows = c.execute("SELECT run_uuid, max(step) FROM metrics WHERE key = 'm0'"
                                  " GROUP BY run_uuid").fetchall() if self.steps else []
                 t = time.monotonic()
@@ -168,6 +171,8 @@ class Poller(threading.Thread):
                 n = c.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
                               " AND pid <> pg_backend_pid()", (self.db,)).fetchone()[0]
                 self.max_conns = max(self.max_conns, n)
+                if final:
+                    break
                 self.halt.wait(0.01)
 
     def stop(self):
@@ -792,6 +797,8 @@ def main():
         log(f"results: {path}")
     finally:
         b.close()
+    if args.smoke and b.failures:
+        sys.exit(f"bench smoke run: {len(b.failures)} part(s) failed (see above)")
 
 
 if __name__ == "__main__":
