@@ -97,7 +97,7 @@ static const struct config_key keys[] = {
     STR("postgres", "password_file", pg_password_file, "", 0, CONFIG_MAX_PATH,
         "File whose first line is the password; empty means none"),
     NUM("postgres", "connect_timeout_ms", KEY_U32, pg_connect_timeout_ms, 10000, 100, 600000,
-        "Timeout for establishing one PostgreSQL connection"),
+        "Timeout for one connection attempt to one address; a connect_timeout in the DSN wins"),
     NUM("postgres", "seed_views", KEY_BOOL, seed_views, 0, 0, 1,
         "Create the mlflow_* convenience views (they block MLflow column-type migrations)"),
     STR("mlflow", "default_artifact_root", artifact_root, "mlflow-artifacts:/", 1, CONFIG_MAX_PATH,

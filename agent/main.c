@@ -414,7 +414,7 @@ static int check_dsn(const struct trackd_config *cfg, const char *config_path)
     char why[512];
     log_add_secret(getenv("PGPASSWORD"));
     if (pgconn_dsn_check(cfg->pg_dsn, why, sizeof why) != 0) {
-        log_error("[agent] %s: [postgres] dsn is not a libpq connection string: %s",
+        log_error("[agent] %s: [postgres] dsn is not a usable libpq connection string: %s",
                   config_path ? config_path : "(defaults)", why);
         return -1;
     }

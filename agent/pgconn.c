@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "config.h"
@@ -96,7 +97,10 @@ int pgconn_dsn_check(const char *dsn, char *msg, size_t msglen)
         if (strcmp(opt->keyword, "password") == 0 && opt->val)
             log_add_secret(opt->val);
     PQconninfoFree(opts);
-    return 0;
+    struct pgconn_targets t;
+    int rc = pgconn_targets_parse(dsn, &t, msg, msglen);
+    pgconn_targets_free(&t);
+    return rc;
 }
 
 int pgconn_params_init(struct pgconn_params *p, const struct trackd_config *cfg, char *msg,
@@ -129,9 +133,143 @@ int pgconn_params_init(struct pgconn_params *p, const struct trackd_config *cfg,
         p->keys[n] = "password";
         p->values[n++] = p->password;
     }
+    p->n_base = n;
     p->keys[n] = NULL;
     p->values[n] = NULL;
     return 0;
+}
+
+void pgconn_params_target(struct pgconn_params *p, const char *host, const char *hostaddr,
+                          const char *port)
+{
+    size_t n = p->n_base;
+    const char *const keys[] = {"host", "hostaddr", "port"};
+    const char *const values[] = {host, hostaddr, port};
+    for (size_t i = 0; i < 3; i++) {
+        if (values[i] == NULL)
+            continue;
+        p->keys[n] = keys[i];
+        p->values[n++] = values[i];
+    }
+    p->keys[n] = NULL;
+    p->values[n] = NULL;
+}
+
+int pgconn_host_is_socket(const char *host)
+{
+    return host && (host[0] == '/' || host[0] == '@');
+}
+
+static size_t list_count(const char *s)
+{
+    size_t n = 1;
+    for (; *s; s++)
+        n += *s == ',';
+    return n;
+}
+
+/* Returns the next comma-separated entry of *s (split in place), advancing *s. */
+static char *list_next(char **s)
+{
+    char *e = *s, *c = strchr(e, ',');
+    if (c) {
+        *c = '\0';
+        *s = c + 1;
+    } else {
+        *s = e + strlen(e);
+    }
+    return e;
+}
+
+int pgconn_targets_parse(const char *dsn, struct pgconn_targets *t, char *msg, size_t msglen)
+{
+    memset(t, 0, sizeof *t);
+    PQconninfoOption *opts = PQconninfoParse(dsn, NULL);
+    if (opts == NULL) {
+        snprintf(msg, msglen, "libpq cannot parse it");
+        return -EINVAL;
+    }
+    const char *host = NULL, *hostaddr = NULL, *port = NULL, *timeout = NULL;
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        const char *v = o->val && o->val[0] ? o->val : NULL;
+        if (strcmp(o->keyword, "host") == 0)
+            host = v;
+        else if (strcmp(o->keyword, "hostaddr") == 0)
+            hostaddr = v;
+        else if (strcmp(o->keyword, "port") == 0)
+            port = v;
+        else if (strcmp(o->keyword, "connect_timeout") == 0)
+            timeout = v;
+    }
+    int rc = 0;
+    if (timeout) {
+        /* libpq's rule: whole seconds, 0 or negative means none, and at least 2. */
+        long secs = strtol(timeout, NULL, 10);
+        if (secs > 0)
+            t->timeout_ms = (unsigned)(secs < 2 ? 2 : secs > 600 ? 600 : secs) * 1000u;
+    }
+    if (host == NULL && hostaddr == NULL)
+        goto out;
+    size_t nh = host ? list_count(host) : 0, na = hostaddr ? list_count(hostaddr) : 0;
+    size_t n = nh > na ? nh : na, np = port ? list_count(port) : 0;
+    if ((nh && na && nh != na) || (np > 1 && np != n)) {
+        snprintf(msg, msglen,
+                 "its %zu host, %zu hostaddr and %zu port entries do not pair up (give one "
+                 "port for all hosts, or one per host)",
+                 nh, na, np);
+        rc = -EINVAL;
+        goto out;
+    }
+    size_t hl = host ? strlen(host) + 1 : 0, al = hostaddr ? strlen(hostaddr) + 1 : 0;
+    size_t pl = port ? strlen(port) + 1 : 0;
+    t->strings = malloc(hl + al + pl + 1);
+    t->v = calloc(n, sizeof *t->v);
+    if (t->strings == NULL || t->v == NULL) {
+        rc = -ENOMEM;
+        snprintf(msg, msglen, "out of memory");
+        goto out;
+    }
+    char *hs = t->strings, *as = hs + hl, *ps = as + al;
+    if (host)
+        memcpy(hs, host, hl);
+    if (hostaddr)
+        memcpy(as, hostaddr, al);
+    if (port)
+        memcpy(ps, port, pl);
+    const char *one_port = np == 1 ? ps : NULL;
+    for (size_t i = 0; i < n; i++) {
+        struct pgconn_target *x = &t->v[i];
+        x->host = nh ? list_next(&hs) : NULL;
+        x->hostaddr = na ? list_next(&as) : NULL;
+        x->port = np > 1 ? list_next(&ps) : one_port;
+        if (x->host && x->host[0] == '\0')
+            x->host = NULL;
+        if (x->hostaddr && x->hostaddr[0] == '\0')
+            x->hostaddr = NULL;
+        if (x->port && x->port[0] == '\0')
+            x->port = NULL;
+        if (x->host == NULL && x->hostaddr == NULL) {
+            /* An empty entry means libpq's default socket directory, which only libpq knows. */
+            free(t->v);
+            free(t->strings);
+            t->v = NULL;
+            t->strings = NULL;
+            goto out;
+        }
+    }
+    t->n = n;
+out:
+    PQconninfoFree(opts);
+    if (rc != 0)
+        pgconn_targets_free(t);
+    return rc;
+}
+
+void pgconn_targets_free(struct pgconn_targets *t)
+{
+    free(t->v);
+    free(t->strings);
+    memset(t, 0, sizeof *t);
 }
 
 void pgconn_params_clear(struct pgconn_params *p)

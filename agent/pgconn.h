@@ -16,12 +16,35 @@ struct trackd_config;
 /* Alembic revisions of MLflow's schema this build is tested with. */
 extern const char *const pgconn_tested_revisions[];
 
-/* libpq keyword/value arrays for PQconnectStartParams(..., expand_dbname=1). */
+/*
+ * libpq keyword/value arrays for PQconnectStartParams(..., expand_dbname=1). The first n_base
+ * entries come from the configuration; pgconn_params_target() appends host, hostaddr and port
+ * after them (libpq keeps the last value of a repeated keyword, so they override the DSN's).
+ */
 struct pgconn_params {
-    const char *keys[6];
-    const char *values[6];
+    const char *keys[10];
+    const char *values[10];
+    size_t n_base;
     char timeout[16];
     char password[1024]; /* from [postgres] password_file; never logged */
+};
+
+/*
+ * One host of the DSN's host list with its port, as libpq pairs them: host, hostaddr and port
+ * are comma-separated lists, and a single port applies to every host. Strings point into the
+ * owning pgconn_targets.
+ */
+struct pgconn_target {
+    const char *host;     /* a name, a socket directory ("/..." or "@..."), or NULL */
+    const char *hostaddr; /* a numeric address given in the DSN, or NULL */
+    const char *port;     /* NULL: libpq's default */
+};
+
+struct pgconn_targets {
+    struct pgconn_target *v; /* owned */
+    size_t n;                /* 0: the DSN names no host; libpq picks (PGHOST, service, socket) */
+    unsigned timeout_ms;     /* the DSN's connect_timeout in ms (libpq's 2 s minimum), or 0 */
+    char *strings;           /* owned: the lists, split in place */
 };
 
 /* Fills p from cfg; reads password_file. Returns 0 or -errno with msg set. */
@@ -34,6 +57,21 @@ int pgconn_dsn_check(const char *dsn, char *msg, size_t msglen);
 int pgconn_params_init(struct pgconn_params *p, const struct trackd_config *cfg, char *msg,
                        size_t msglen);
 void pgconn_params_clear(struct pgconn_params *p);
+
+/*
+ * Splits dsn's host, hostaddr and port lists into targets, with libpq's pairing rules (the
+ * lists have equal lengths, except a single port for all). A DSN without host and hostaddr
+ * gives n = 0, as does one with an empty entry in its host list (libpq's default socket
+ * directory is not known here): libpq then walks its own list. Returns 0, or -EINVAL with msg
+ * set when the lists do not pair, -ENOMEM. Free with pgconn_targets_free().
+ */
+int pgconn_targets_parse(const char *dsn, struct pgconn_targets *t, char *msg, size_t msglen);
+void pgconn_targets_free(struct pgconn_targets *t);
+/* True when host is a Unix socket directory (or abstract socket), not a name to resolve. */
+int pgconn_host_is_socket(const char *host);
+/* Sets p's overrides to one address; NULL leaves that keyword to the DSN. Borrows the strings. */
+void pgconn_params_target(struct pgconn_params *p, const char *host, const char *hostaddr,
+                          const char *port);
 
 enum pgconn_class {
     PGCONN_RETRY,   /* transient: connection, serialization, deadlock, shutdown, resources */

@@ -47,12 +47,13 @@ static void clear_check(struct writer *w);
 static void start_next(struct writer *w);
 static int push_range(struct writer *w, size_t lo, size_t hi);
 static void connect_start(struct writer *w);
+static void connect_failed(struct writer *w, const char *why);
 
 const char *writer_state_name(enum writer_state s)
 {
-    static const char *const names[] = {"disconnected", "connecting", "checking",  "ledger",
-                                        "idle",         "txn_start",  "copy_data", "pipeline",
-                                        "rollback",     "backoff",    "closing"};
+    static const char *const names[] = {"disconnected", "resolving", "connecting", "checking",
+                                        "ledger",       "idle",      "txn_start",  "copy_data",
+                                        "pipeline",     "rollback",  "backoff",    "closing"};
     return names[s];
 }
 
@@ -131,27 +132,17 @@ static int flush_out(struct writer *w)
 
 /* ---- connection ---------------------------------------------------------- */
 
-static void backoff_cb(uv_timer_t *t)
-{
-    struct writer *w = t->data;
-    if (w->state == W_BACKOFF) {
-        if (w->pg == NULL)
-            connect_start(w);
-        else {
-            set_state(w, W_IDLE);
-            start_next(w);
-        }
-    } else if (w->state == W_CONNECTING) {
-        log_limited(LOG_WARN, "[writer] connecting to PostgreSQL timed out after %u ms",
-                    w->cfg->pg_connect_timeout_ms);
-        PQfinish(w->pg);
-        w->pg = NULL;
-        poll_stop(w);
-        w->attempts++;
-        set_state(w, W_BACKOFF);
-        uv_timer_start(&w->timer, backoff_cb, BACKOFF_MAX_MS / 4, 0);
-    }
-}
+/*
+ * A connect cycle tries every address of every host of the DSN in turn, each bounded by the
+ * connect timeout, and backs off only after the last one failed. The agent resolves host names
+ * itself (uv_getaddrinfo, off the loop) and hands libpq one numeric hostaddr at a time: libpq
+ * never blocks the loop in DNS, and an address that does not answer costs one timeout instead
+ * of the whole cycle (libpq's own walk over its host list is not bounded in non-blocking mode).
+ */
+static void connect_attempt(struct writer *w);
+static void connect_target(struct writer *w);
+
+static void backoff_cb(uv_timer_t *t);
 
 static uint64_t backoff_ms(unsigned attempts)
 {
@@ -169,6 +160,23 @@ static void backoff(struct writer *w)
     set_state(w, W_BACKOFF);
     uv_timer_start(&w->timer, backoff_cb, backoff_ms(w->attempts), 0);
     w->attempts++;
+}
+
+static void backoff_cb(uv_timer_t *t)
+{
+    struct writer *w = t->data;
+    if (w->state == W_BACKOFF) {
+        if (w->pg == NULL)
+            connect_start(w);
+        else {
+            set_state(w, W_IDLE);
+            start_next(w);
+        }
+    } else if (w->state == W_CONNECTING) {
+        char why[64];
+        snprintf(why, sizeof why, "no answer within %u ms", w->connect_timeout_ms);
+        connect_failed(w, why);
+    }
 }
 
 /* The in-flight range goes back on the stack to be tried again. */
@@ -198,45 +206,162 @@ static void conn_lost(struct writer *w, const char *what)
     backoff(w);
 }
 
+/* Where the current attempt goes, for log lines: "db1 (10.0.0.5) port 5432". */
+static void describe_attempt(const struct writer *w, char *buf, size_t len)
+{
+    const struct pgconn_target *t = w->targets.n ? &w->targets.v[w->target_i] : NULL;
+    const char *host = t ? (t->host ? t->host : t->hostaddr) : "the DSN's default host";
+    const char *addr = w->addr ? w->addr_text : t && t->host && t->hostaddr ? t->hostaddr : NULL;
+    if (addr && strcmp(addr, host) == 0)
+        addr = NULL;
+    snprintf(buf, len, "%s%s%s%s port %s", host, addr ? " (" : "", addr ? addr : "",
+             addr ? ")" : "", t && t->port ? t->port : "default");
+}
+
+/* The current attempt failed (refused, timed out, rejected): move on to the next address. */
+static void connect_failed(struct writer *w, const char *why)
+{
+    char where[sizeof w->addr_text + 300];
+    describe_attempt(w, where, sizeof where);
+    int wl = (int)strcspn(why, "\n");
+    log_debug("[writer] cannot connect to PostgreSQL at %s: %.*s", where, wl, why);
+    size_t used = strlen(w->cycle_errors);
+    snprintf(w->cycle_errors + used, sizeof w->cycle_errors - used, "%s%s: %.*s", used ? "; " : "",
+             where, wl, why);
+    uv_timer_stop(&w->timer);
+    if (w->pg)
+        PQfinish(w->pg);
+    w->pg = NULL;
+    poll_stop(w);
+    if (w->addr)
+        w->addr = w->addr->ai_next;
+    if (w->addr) {
+        connect_attempt(w);
+        return;
+    }
+    if (w->addrs) {
+        uv_freeaddrinfo(w->addrs);
+        w->addrs = NULL;
+    }
+    if (++w->target_i < w->targets.n) {
+        connect_target(w);
+        return;
+    }
+    /* Every address failed: the cycle starts again after a back-off. */
+    log_limited(LOG_WARN, "[writer] cannot connect to PostgreSQL (%s); retrying", w->cycle_errors);
+    stats.db_retries++;
+    stats.db_connected = 0;
+    backoff(w);
+}
+
 static void connect_poll(struct writer *w)
 {
     PostgresPollingStatusType r = PQconnectPoll(w->pg);
     switch (r) {
     case PGRES_POLLING_OK:
         uv_timer_stop(&w->timer);
+        if (w->addrs) {
+            uv_freeaddrinfo(w->addrs);
+            w->addrs = NULL;
+            w->addr = NULL;
+        }
         stats.db_connects++;
         PQsetNoticeProcessor(w->pg, pgconn_notice, NULL);
         if (PQsetnonblocking(w->pg, 1) != 0) {
             conn_lost(w, "connect");
             return;
         }
-        log_info("[writer] connected to PostgreSQL %s on %s (server %d)", PQdb(w->pg),
-                 PQhost(w->pg), PQserverVersion(w->pg));
+        log_info("[writer] connected to PostgreSQL %s on %s port %s (server %d)%s%s", PQdb(w->pg),
+                 PQhost(w->pg), PQport(w->pg), PQserverVersion(w->pg),
+                 w->cycle_errors[0] ? "; failed before it: " : "", w->cycle_errors);
         /* Every new server is checked: after an offline start or a failover it is new to us. */
         set_state(w, W_CHECKING);
         if (!PQsendQuery(w->pg, pgconn_check_sql) || flush_out(w) != 0)
             conn_lost(w, "schema check");
         return;
-    case PGRES_POLLING_READING: poll_watch(w, PQsocket(w->pg), UV_READABLE); return;
-    case PGRES_POLLING_WRITING: poll_watch(w, PQsocket(w->pg), UV_WRITABLE); return;
-    default:
-        uv_timer_stop(&w->timer);
-        conn_lost(w, "connect");
+    case PGRES_POLLING_READING:
+    case PGRES_POLLING_WRITING:
+        /*
+         * libpq may have closed its socket and opened another during this step (SSL or GSS
+         * refused, so it retries in the clear); the new one often gets the same number, and
+         * epoll forgot the old file when it was closed. So the watch starts afresh each step.
+         */
+        poll_stop(w);
+        poll_watch(w, PQsocket(w->pg), r == PGRES_POLLING_READING ? UV_READABLE : UV_WRITABLE);
+        return;
+    default: connect_failed(w, PQerrorMessage(w->pg)); return;
+    }
+}
+
+/* Starts libpq on the current address (w->addr, or the target as the DSN gives it). */
+static void connect_attempt(struct writer *w)
+{
+    set_state(w, W_CONNECTING);
+    if (w->targets.n) {
+        const struct pgconn_target *t = &w->targets.v[w->target_i];
+        const char *hostaddr = t->hostaddr;
+        if (w->addr) {
+            if (uv_ip_name(w->addr->ai_addr, w->addr_text, sizeof w->addr_text) != 0) {
+                connect_failed(w, "unusable address from the resolver");
+                return;
+            }
+            hostaddr = w->addr_text;
+        }
+        pgconn_params_target(&w->params, t->host, hostaddr, t->port);
+    }
+    w->pg = PQconnectStartParams(w->params.keys, w->params.values, 1);
+    if (w->pg == NULL || PQstatus(w->pg) == CONNECTION_BAD) {
+        connect_failed(w, w->pg ? PQerrorMessage(w->pg) : "out of memory");
         return;
     }
+    uv_timer_start(&w->timer, backoff_cb, w->connect_timeout_ms, 0);
+    /* libpq: behave as if PQconnectPoll had returned PGRES_POLLING_WRITING. */
+    poll_watch(w, PQsocket(w->pg), UV_WRITABLE);
+}
+
+static void resolved_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    struct writer *w = req->data;
+    w->resolving = false;
+    if (w->state != W_RESOLVING) {
+        /* Closing: the request was cancelled or finished too late. */
+        uv_freeaddrinfo(res);
+        return;
+    }
+    if (status != 0) {
+        connect_failed(w, uv_strerror(status));
+        return;
+    }
+    w->addrs = w->addr = res;
+    connect_attempt(w);
+}
+
+/* Resolves the current target's host name off the loop, or attempts it as given. */
+static void connect_target(struct writer *w)
+{
+    const struct pgconn_target *t = w->targets.n ? &w->targets.v[w->target_i] : NULL;
+    w->addrs = w->addr = NULL;
+    if (t == NULL || t->hostaddr || pgconn_host_is_socket(t->host)) {
+        connect_attempt(w);
+        return;
+    }
+    /* As libpq asks: any family, stream sockets, every address in the resolver's order. */
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    set_state(w, W_RESOLVING);
+    w->gai.data = w;
+    int rc = uv_getaddrinfo(w->loop, &w->gai, resolved_cb, t->host, NULL, &hints);
+    if (rc != 0) {
+        connect_failed(w, uv_strerror(rc));
+        return;
+    }
+    w->resolving = true;
 }
 
 static void connect_start(struct writer *w)
 {
-    set_state(w, W_CONNECTING);
-    w->pg = PQconnectStartParams(w->params.keys, w->params.values, 1);
-    if (w->pg == NULL || PQstatus(w->pg) == CONNECTION_BAD) {
-        conn_lost(w, "connect");
-        return;
-    }
-    uv_timer_start(&w->timer, backoff_cb, w->cfg->pg_connect_timeout_ms, 0);
-    /* libpq: behave as if PQconnectPoll had returned PGRES_POLLING_WRITING. */
-    poll_watch(w, PQsocket(w->pg), UV_WRITABLE);
+    w->target_i = 0;
+    w->cycle_errors[0] = '\0';
+    connect_target(w);
 }
 
 /* ---- transaction steps ----------------------------------------------------- */
@@ -882,10 +1007,14 @@ int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *c
         memcpy(w->ledger_sql + ll + 1, dbobjects_views_sql, vl + 1);
     }
     char msg[512];
-    if (pgconn_params_init(&w->params, cfg, msg, sizeof msg) != 0) {
-        log_error("[writer] %s", msg);
+    if (pgconn_params_init(&w->params, cfg, msg, sizeof msg) != 0 ||
+        pgconn_targets_parse(cfg->pg_dsn, &w->targets, msg, sizeof msg) != 0) {
+        log_error("[writer] [postgres] dsn: %s", msg);
+        pgconn_params_clear(&w->params);
         return -EINVAL;
     }
+    w->connect_timeout_ms =
+        w->targets.timeout_ms ? w->targets.timeout_ms : cfg->pg_connect_timeout_ms;
     uv_timer_init(loop, &w->timer);
     w->timer.data = w;
     connect_start(w);
@@ -951,6 +1080,12 @@ void writer_close(struct writer *w, void (*closed)(struct writer *))
     free(w->stack);
     w->stack = NULL;
     pgconn_params_clear(&w->params);
+    if (w->resolving)
+        uv_cancel((uv_req_t *)&w->gai); /* resolved_cb still runs, and frees what it got */
+    if (w->addrs)
+        uv_freeaddrinfo(w->addrs);
+    w->addrs = w->addr = NULL;
+    pgconn_targets_free(&w->targets);
     free(w->ledger_sql);
     w->ledger_sql = NULL;
     uv_timer_stop(&w->timer);

@@ -34,9 +34,10 @@ struct writer_cbs {
 
 enum writer_state {
     W_DISCONNECTED,
-    W_CONNECTING,
-    W_CHECKING, /* schema check sent on a new connection */
-    W_LEDGER,   /* creating trackd's own tables if missing */
+    W_RESOLVING,  /* looking up the current host's addresses */
+    W_CONNECTING, /* libpq connecting to one address */
+    W_CHECKING,   /* schema check sent on a new connection */
+    W_LEDGER,     /* creating trackd's own tables if missing */
     W_IDLE,
     W_TXN_START, /* BEGIN (and COPY start / end) results pending */
     W_COPY_DATA, /* streaming COPY rows */
@@ -64,6 +65,14 @@ struct writer {
     int poll_events;
     uv_timer_t timer; /* backoff and connect timeout */
     struct pgconn_params params;
+    struct pgconn_targets targets; /* the DSN's hosts, tried in turn */
+    size_t target_i;
+    struct addrinfo *addrs, *addr; /* the current host's addresses (owned), the one tried */
+    char addr_text[64];            /* addr as text, libpq's hostaddr */
+    uv_getaddrinfo_t gai;
+    bool resolving;              /* gai is in the thread pool */
+    unsigned connect_timeout_ms; /* per address */
+    char cycle_errors[1024];     /* why each address of this connect cycle failed */
     char artifact_root[512];
 
     struct batch *head, *tail; /* queue; head is in progress */

@@ -53,7 +53,10 @@ def tls(artifact_root):
             os.chown(f, pw.pw_uid, pw.pw_gid)
     os.chmod(d / "server.key", 0o600)
     pg.pause()
+    # Database tls_clear refuses TLS and takes clear connections: sslmode=prefer's fallback.
     (pg.data / "pg_hba.conf").write_text("local all all trust\n"
+                                         "hostssl tls_clear all 127.0.0.1/32 reject\n"
+                                         "hostnossl tls_clear all 127.0.0.1/32 trust\n"
                                          "hostssl all all 127.0.0.1/32 scram-sha-256\n")
     pg.opts = (f"-k {pg.dir} -p {pg.port} -c listen_addresses=127.0.0.1 -c ssl=on "
                f"-c ssl_cert_file={d / 'server.crt'} -c ssl_key_file={d / 'server.key'} "
@@ -165,6 +168,27 @@ def test_verify_full_refuses_a_server_whose_name_does_not_match(tls, tmp_path, a
         assert a.stop() == 0
 
 
+def test_sslmode_prefer_retries_in_the_clear_on_a_new_socket(tls, tmp_path, artifact_root):
+    """The server refuses the TLS connection, so libpq closes that socket and connects again
+    without TLS; the new socket usually gets the old one's number. The writer must follow it."""
+    db = tls.mlflow_db("tls_clear")
+    a = agent_with(tls, db, tmp_path, artifact_root,
+                   f"host=127.0.0.1 port={tls.port} user=postgres dbname={db} sslmode=prefer").start()
+    try:
+        out, _ = run_driver(a.socket, [["run", "r", "tls-exp", "clear", "now"],
+                                       ["metric", "r", "loss", "0.5", "1", str(TS0)],
+                                       ["flush", "30000"]])
+        assert ["flush", "0"] in out
+        assert tls.query(db, "SELECT value FROM metrics WHERE run_uuid = %s",
+                         (driver_runs(out)["r"],)) == [(0.5,)]
+        rows = tls.query(db, "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)"
+                             " WHERE a.application_name = 'trackd' AND a.datname = %s", (db,))
+        assert rows == [(False,)], rows
+        assert a.stats()["db_retries"] == 0
+    finally:
+        assert a.stop() == 0
+
+
 def test_a_dsn_libpq_cannot_parse_is_refused_without_echoing_it(tmp_path):
     """libpq's parse errors quote pieces of the string: here the piece is the password."""
     cfg = tmp_path / "agent.toml"
@@ -174,6 +198,6 @@ def test_a_dsn_libpq_cannot_parse_is_refused_without_echoing_it(tmp_path):
     for args in (["--config", str(cfg)], ["--check-config", str(cfg)]):
         p = subprocess.run([str(BUILD / "trackd"), *args], capture_output=True, text=True, timeout=30)
         assert p.returncode == 1, (args, p.stdout, p.stderr)
-        assert ('[postgres] dsn is not a libpq connection string: missing "=" after "..." in '
+        assert ('[postgres] dsn is not a usable libpq connection string: missing "=" after "..." in '
                 "connection info string") in p.stderr
         assert PASSWORD not in p.stdout + p.stderr

@@ -659,6 +659,73 @@ static void test_dsn_check_elides_quoted_pieces(void **state)
     assert_string_equal(line, "x **** y");
 }
 
+/* Formats t as "host|hostaddr|port;..." with "-" for NULL. */
+static const char *targets_text(const struct pgconn_targets *t)
+{
+    static char buf[512];
+    size_t o = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < t->n; i++)
+        o += (size_t)snprintf(
+            buf + o, sizeof buf - o, "%s%s|%s|%s", i ? ";" : "", t->v[i].host ? t->v[i].host : "-",
+            t->v[i].hostaddr ? t->v[i].hostaddr : "-", t->v[i].port ? t->v[i].port : "-");
+    return buf;
+}
+
+/* libpq's pairing of host, hostaddr and port lists, as the writer walks them. */
+static void test_dsn_targets(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *dsn;
+        const char *want;
+        unsigned timeout_ms;
+    } ok[] = {
+        {"dbname=m", "", 0},
+        {"host=/run/pg dbname=m", "/run/pg|-|-", 0},
+        {"host=::1,127.0.0.1 port=5433", "::1|-|5433;127.0.0.1|-|5433", 0},
+        {"host=db1,db2 port=5432,5433 connect_timeout=1", "db1|-|5432;db2|-|5433", 2000},
+        {"host=db hostaddr=10.1.2.3 connect_timeout=7", "db|10.1.2.3|-", 7000},
+        {"hostaddr=127.0.0.1,::1 port=1,2", "-|127.0.0.1|1;-|::1|2", 0},
+        {"postgresql://a:5432,b:6543/m?target_session_attrs=read-write", "a|-|5432;b|-|6543", 0},
+        {"host=db connect_timeout=0", "db|-|-", 0},
+        /* An empty entry is libpq's default socket directory: libpq walks that list itself. */
+        {"host=,db2", "", 0},
+    };
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        struct pgconn_targets t;
+        char msg[256] = "";
+        assert_int_equal(pgconn_targets_parse(ok[i].dsn, &t, msg, sizeof msg), 0);
+        assert_string_equal(targets_text(&t), ok[i].want);
+        assert_int_equal(t.timeout_ms, ok[i].timeout_ms);
+        pgconn_targets_free(&t);
+    }
+    struct pgconn_targets t;
+    char msg[256];
+    assert_int_equal(pgconn_targets_parse("host=a,b,c port=1,2", &t, msg, sizeof msg), -EINVAL);
+    assert_string_equal(msg, "its 3 host, 0 hostaddr and 2 port entries do not pair up (give one "
+                             "port for all hosts, or one per host)");
+    assert_int_equal(pgconn_targets_parse("host=a,b hostaddr=1.2.3.4", &t, msg, sizeof msg),
+                     -EINVAL);
+    assert_int_equal(pgconn_dsn_check("host=a,b port=1,2,3", msg, sizeof msg), -EINVAL);
+
+    /* The overrides go after the configuration's keys, so libpq takes them over the DSN's. */
+    struct trackd_config c;
+    assert_int_equal(config_init(&c), 0);
+    struct pgconn_params p;
+    assert_int_equal(pgconn_params_init(&p, &c, msg, sizeof msg), 0);
+    size_t base = p.n_base;
+    pgconn_params_target(&p, "db1", "10.0.0.1", NULL);
+    assert_string_equal(p.keys[base], "host");
+    assert_string_equal(p.values[base + 1], "10.0.0.1");
+    assert_null(p.keys[base + 2]);
+    pgconn_params_target(&p, "/run/pg", NULL, "5433");
+    assert_string_equal(p.keys[base + 1], "port");
+    assert_null(p.keys[base + 2]);
+    pgconn_params_clear(&p);
+    config_free(&c);
+}
+
 int main(int argc, char **argv)
 {
     const struct CMUnitTest tests[] = {
@@ -680,6 +747,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_identity_rules),
         cmocka_unit_test(test_log_scrub),
         cmocka_unit_test(test_dsn_check_elides_quoted_pieces),
+        cmocka_unit_test(test_dsn_targets),
     };
 
     if (argc > 1)
