@@ -16,7 +16,8 @@ UNIT = BUILD.parent / "agent" / "systemd" / "trackd.service"
 
 @pytest.fixture
 def unit(tmp_path):
-    if shutil.which("systemd-analyze") is None:
+    # ./trackd-dev test installs it (Debian package systemd); only a hand-run suite may skip.
+    if shutil.which("systemd-analyze") is None and not os.environ.get("CI"):
         pytest.skip("systemd-analyze is not installed")
     # The unit names the installed binary; point it at the one built here.
     path = tmp_path / "trackd.service"
