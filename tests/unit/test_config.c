@@ -78,7 +78,7 @@ static void test_defaults(void **state)
     assert_string_equal(c.pg_dsn, "postgresql:///mlflow");
     assert_string_equal(c.pg_password_file, "");
     assert_int_equal(c.pg_connect_timeout_ms, 10000);
-    assert_string_equal(c.artifact_root, "mlflow-artifacts:/");
+    assert_string_equal(c.artifact_root, "/var/lib/trackd/artifacts");
     assert_string_equal(c.allowed_revisions, "");
     assert_string_equal(c.journal_dir, "/var/lib/trackd/journal");
     assert_int_equal(c.batch_max_rows, 20000);
