@@ -152,10 +152,11 @@ class Agent:
         self.socket = str(self.workdir / "trackd.sock")
         self.config = self.workdir / "agent.toml"
         self.logpath = self.workdir / "agent.log"
+        # artifact_root=None keeps the agent's default, as a user's configuration would.
+        mlflow = f'[mlflow]\ndefault_artifact_root = "{artifact_root}"\n' if artifact_root else ""
         self.config.write_text(
             f'[agent]\nsocket = "{self.socket}"\nlog_level = "{log_level}"\nshutdown_grace_ms = 20000\n'
-            f'[postgres]\ndsn = "{pg.dsn(db)}"\n'
-            f'[mlflow]\ndefault_artifact_root = "{artifact_root}"\n'
+            f'[postgres]\ndsn = "{pg.dsn(db)}"\n' + mlflow +
             f'[journal]\ndir = "{self.workdir / "journal"}"\n' + extra)
         self.proc = None
         self.command = [str(BUILD / "trackd")]  # a test may run it through a wrapper

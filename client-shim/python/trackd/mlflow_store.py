@@ -31,7 +31,7 @@ from mlflow.protos.databricks_pb2 import (
     INVALID_STATE,
     RESOURCE_ALREADY_EXISTS,
 )
-from mlflow.store.artifact.artifact_repo import ArtifactRepository
+from mlflow.store.artifact.artifact_repo import ArtifactRepository, verify_artifact_path
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
@@ -124,7 +124,11 @@ class TrackdStore(SqlAlchemyStore):
         self._pid = None
         self._client_obj = None
         self._experiment_names: dict[str, str] = {}
+        # Params this process logged, per run: a changed value is refused at the call, as
+        # MLflow refuses it there (the agent checks again against the database).
+        self._params: dict[str, dict[str, str]] = {}
         self._dirty = False  # writes sent since the last barrier
+        self._pending: list = []  # rejections taken from the client, not raised yet
         self._flush_timeout = float(os.environ.get(FLUSH_TIMEOUT_ENV, "30"))
         backend = os.environ.get(BACKEND_ENV) or self._client().backend_uri(timeout=10.0)
         if not backend:
@@ -148,6 +152,12 @@ class TrackdStore(SqlAlchemyStore):
                     self._pid = pid
         return self._client_obj
 
+    def _timeout_error(self):
+        return MlflowException(
+            f"trackd: the agent did not commit this process's writes within "
+            f"{self._flush_timeout:g} s ({FLUSH_TIMEOUT_ENV}); is it running and is the "
+            "database reachable? See `trackd stats`.", INVALID_STATE)
+
     def _barrier(self):
         """Waits until every write this process made is committed, then raises what the
         agent rejected, as MLflow would have raised it at the call."""
@@ -156,11 +166,8 @@ class TrackdStore(SqlAlchemyStore):
         dirty, self._dirty = self._dirty, False
         if dirty and not client.flush(self._flush_timeout):
             self._dirty = True
-            raise MlflowException(
-                f"trackd: the agent did not commit this process's writes within "
-                f"{self._flush_timeout:g} s ({FLUSH_TIMEOUT_ENV}); is it running and is the "
-                "database reachable? See `trackd stats`.", INVALID_STATE)
-        errors = client.errors()
+            raise self._timeout_error()
+        errors, self._pending = self._pending + client.errors(), []
         if errors:
             for _, code, message in errors:
                 _log.warning("trackd: agent rejected an event (code %d): %s", code, message)
@@ -172,8 +179,10 @@ class TrackdStore(SqlAlchemyStore):
         """Sends MLflow's log_artifact(s) for run_id through the agent. MLflow's tracking
         client looks a run's artifact repository up in a per-process cache before building
         one (mlflow.tracking._tracking_service.utils._artifact_repos_cache in the pinned
-        release); the agent's repository goes there, wrapping the one MLflow would use for
-        everything but uploads."""
+        release); the agent's repository goes there. It builds the repository MLflow would
+        use only when a read needs it: starting a run never needs one, whatever the scheme
+        of the experiment's artifact location (mlflow-artifacts: needs an http tracking URI
+        to build, which trackd: is not)."""
         from mlflow.tracking._tracking_service import utils as tracking_utils
 
         cache = getattr(tracking_utils, "_artifact_repos_cache", None)
@@ -182,8 +191,7 @@ class TrackdStore(SqlAlchemyStore):
                        "uploaded by MLflow itself")
             return
         if not isinstance(cache.get(run_id), AgentArtifactRepository):
-            cache[run_id] = AgentArtifactRepository(self, run_id,
-                                                    get_artifact_repository(artifact_uri))
+            cache[run_id] = AgentArtifactRepository(self, run_id, artifact_uri)
 
     def get_run(self, run_id):
         self._barrier()
@@ -257,11 +265,27 @@ class TrackdStore(SqlAlchemyStore):
         return Run(info, RunData(tags=tags), RunInputs(dataset_inputs=[]))
 
     def update_run_info(self, run_id, run_status, end_time, run_name):
+        """Ends or renames a run. The end event is always sent, before anything can raise,
+        so no run is left RUNNING. When the agent has rejected events of this process that
+        were not raised yet, a FINISHED run ends FAILED instead, as it would have under
+        MLflow, where the rejected call raised inside the run; then the rejection is raised."""
         _validate_run_id(run_id)
+        client = self._client()
+        flushed = True
+        if run_status == RunStatus.FINISHED and self._dirty:
+            # Let the agent answer what is in flight, within the barrier's bound; whatever
+            # it rejected is then known before the status is chosen.
+            flushed = client.flush(self._flush_timeout)
+            self._pending = self._pending + client.errors()
+            if self._pending:
+                run_status = RunStatus.FAILED
         status = RunStatus.to_string(run_status) if run_status is not None else None
         self._dirty = True
-        self._client().update_run(run_id, status=status, end_time=end_time,
-                                  run_name=run_name or None)
+        client.update_run(run_id, status=status, end_time=end_time, run_name=run_name or None)
+        if end_time is not None:
+            self._params.pop(run_id, None)
+        if not flushed:
+            raise self._timeout_error()  # the bound is spent; the end is on its way
         self._barrier()
         return super().get_run(run_id).info
 
@@ -272,6 +296,7 @@ class TrackdStore(SqlAlchemyStore):
         metrics, params, tags = _validate_batch_log_data(metrics, params, tags)
         _validate_batch_log_limits(metrics, params, tags)
         _validate_param_keys_unique(params)
+        self._check_params(run_id, params)
         self._dirty = True
         ok = self._client().log_batch(
             run_id,
@@ -282,10 +307,34 @@ class TrackdStore(SqlAlchemyStore):
             _log.warning("trackd: buffer full, %d events dropped (see trackd stats)",
                          len(metrics) + len(params) + len(tags))
 
+    def _check_params(self, run_id, params, single=False):
+        """Refuses params this process already logged on run_id with other values, with the
+        message MLflow's SqlAlchemyStore gives (log_param's for one param, log_batch's
+        otherwise); remembers the new ones. The agent checks again against the database."""
+        if not params:
+            return
+        seen = self._params.setdefault(run_id, {})
+        changed = [{"key": p.key, "old_value": seen[p.key], "new_value": str(p.value)}
+                   for p in params if seen.get(p.key, str(p.value)) != str(p.value)]
+        if changed and single:
+            c = changed[0]
+            raise MlflowException(
+                f"Changing param values is not allowed. Param with key='{c['key']}' was already "
+                f"logged with value='{c['old_value']}' for run ID='{run_id}'. Attempted logging "
+                f"new value '{c['new_value']}'.", INVALID_PARAMETER_VALUE)
+        if changed:
+            raise MlflowException(
+                f"Changing param values is not allowed. Params were already logged='{changed}' "
+                f"for run ID='{run_id}'.", INVALID_PARAMETER_VALUE)
+        for p in params:
+            seen[p.key] = str(p.value)
+
     def log_metric(self, run_id, metric):
         self.log_batch(run_id, [metric], [], [])
 
     def log_param(self, run_id, param):
+        _validate_run_id(run_id)
+        self._check_params(run_id, [param], single=True)
         self.log_batch(run_id, [], [param], [])
 
     def set_tag(self, run_id, tag):
@@ -305,16 +354,23 @@ class TrackdStore(SqlAlchemyStore):
 class AgentArtifactRepository(ArtifactRepository):
     """A run's artifact repository whose uploads go through the agent: log_artifact hands
     the open file over and returns, the agent uploads it to the same place MLflow would.
-    Reads (list, download) use MLflow's own repository after the store's barrier, which
-    also waits for this process's uploads."""
+    Reads (list, download) use the repository MLflow would use, built on first need, after
+    the store's barrier, which also waits for this process's uploads."""
 
-    def __init__(self, store, run_id, inner):
-        super().__init__(inner.artifact_uri)
+    def __init__(self, store, run_id, artifact_uri):
+        self._inner_repo = None
+        super().__init__(artifact_uri)
         self._store = store
         self._run_id = run_id
-        self._inner = inner
+
+    @property
+    def _inner(self):
+        if self._inner_repo is None:
+            self._inner_repo = get_artifact_repository(self.artifact_uri)
+        return self._inner_repo
 
     def log_artifact(self, local_file, artifact_path=None):
+        verify_artifact_path(artifact_path)  # MLflow's check and message, at the call
         self._store._dirty = True
         if not self._store._client().log_artifact(self._run_id, os.fspath(local_file),
                                                   artifact_path):
@@ -323,6 +379,7 @@ class AgentArtifactRepository(ArtifactRepository):
                 "(see trackd stats)", INVALID_STATE)
 
     def log_artifacts(self, local_dir, artifact_path=None):
+        verify_artifact_path(artifact_path)
         self._store._dirty = True
         self._store._client().log_artifacts(self._run_id, os.fspath(local_dir), artifact_path)
 
@@ -352,6 +409,8 @@ class AgentArtifactRepository(ArtifactRepository):
         return self._inner.abort_multipart_upload(local_file, upload_id, artifact_path)
 
     def __getattr__(self, name):
+        if name.startswith("__") or name == "_inner_repo":
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
 
@@ -360,8 +419,10 @@ class AgentArtifactRepository(ArtifactRepository):
 # and orders after everything this process logged.
 _OWN = {name for name, value in vars(TrackdStore).items() if callable(value)}
 # The *_async writers queue into MLflow's own logging thread, which calls our log_batch.
+# shut_down_async_logging runs in MlflowClient.set_terminated before the end event: a barrier
+# there could raise and leave the run RUNNING.
 _NO_BARRIER = {"log_batch_async", "log_metric_async", "log_param_async", "set_tag_async",
-               "log_spans_async", "sanitize_metric_value"}
+               "log_spans_async", "sanitize_metric_value", "shut_down_async_logging"}
 
 
 def _after_barrier(method):

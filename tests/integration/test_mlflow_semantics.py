@@ -1,0 +1,363 @@
+"""MLflow's semantics under trackd:, case by case. Each case is an unchanged MLflow script run
+twice, on postgresql:// and on trackd: (an agent with its default configuration: only the
+socket, the database and the journal directory are set, as every deployment sets them), into
+two databases. Compared per case: every call's outcome (the exception class and message, ids
+replaced by aliases), what the script read back, and the rows of runs, params, tags, metrics,
+latest_metrics and experiments, with two deliberate differences: artifact locations (MLflow
+puts them under the script's ./mlruns, the agent under its default root) and the run's user
+(the agent records the user the socket names, where MlflowClient.create_run lets MLflow record
+"unknown" or what the caller claims)."""
+import getpass
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from harness import Agent, wait_for
+
+TS0 = 1_700_000_000_000
+
+PRELUDE = textwrap.dedent('''
+    import json, os, re, subprocess, sys
+    import mlflow
+    from mlflow import MlflowClient
+
+    TS0 = 1_700_000_000_000
+    RESULT = {"steps": [], "ids": {}, "read": {}}
+
+    def note(alias, run_id):
+        RESULT["ids"][alias] = run_id
+
+    def step(name, fn, *args, **kwargs):
+        """Runs one call and records its outcome: ok, or the exception's class and text."""
+        try:
+            value = fn(*args, **kwargs)
+            RESULT["steps"].append([name, "ok"])
+            return value
+        except Exception as e:
+            RESULT["steps"].append([name, type(e).__name__, str(e)])
+
+    def read(name, value):
+        RESULT["read"][name] = value
+
+    def write(path, text):
+        with open(path, "w") as f:
+            f.write(text)
+''')
+
+EPILOGUE = '\nprint("RESULT " + json.dumps(RESULT))\n'
+
+CASES = {
+    # A first experiment and run with nothing configured for artifacts: the agent's default
+    # root must serve the upload and MLflow must read it back.
+    "new_experiment_first_run": '''
+        def body():
+            mlflow.set_experiment("brand-new")
+            with mlflow.start_run(run_name="first") as r:
+                note("r", r.info.run_id)
+                mlflow.log_param("lr", 0.1)
+                mlflow.log_metric("loss", 0.5, step=1, timestamp=TS0)
+                mlflow.set_tag("k", "v")
+                write("report.txt", "epoch 1: loss 0.5\\n")
+                mlflow.log_artifact("report.txt", artifact_path="reports")
+            c = MlflowClient()
+            read("listed", sorted(f.path for f in c.list_artifacts(r.info.run_id, "reports")))
+            path = mlflow.artifacts.download_artifacts(run_id=r.info.run_id,
+                                                       artifact_path="reports/report.txt")
+            read("content", open(path).read())
+            read("status", c.get_run(r.info.run_id).info.status)
+        step("script", body)
+    ''',
+    # A run without a name gets MLflow's random one, in runs.name and the mlflow.runName tag.
+    "random_run_name": '''
+        def body():
+            mlflow.set_experiment("names")
+            with mlflow.start_run() as r:
+                note("r", r.info.run_id)
+                read("name_matches_tag", r.info.run_name == r.data.tags["mlflow.runName"])
+            run = MlflowClient().get_run(r.info.run_id)
+            read("stored_name_matches", run.info.run_name == r.info.run_name != "")
+        step("script", body)
+    ''',
+    # Experiments whose artifact location has another scheme: starting, logging and ending
+    # a run needs no artifact repository (mlflow-artifacts: cannot be built for trackd:).
+    "served_artifacts_experiment": '''
+        def body():
+            c = MlflowClient()
+            c.create_experiment("served", artifact_location="mlflow-artifacts:/served")
+            mlflow.set_experiment("served")
+            with mlflow.start_run(run_name="s") as r:
+                note("r", r.info.run_id)
+                mlflow.log_metric("m", 1.0, step=0, timestamp=TS0)
+                mlflow.log_param("p", "x")
+            read("artifact_uri", c.get_run(r.info.run_id).info.artifact_uri.replace(
+                r.info.run_id, "<r>"))
+        step("script", body)
+    ''',
+    "file_uri_experiment": '''
+        def body():
+            c = MlflowClient()
+            root = "file://" + os.path.abspath("store")
+            c.create_experiment("files", artifact_location=root)
+            mlflow.set_experiment("files")
+            write("a.txt", "A")
+            os.makedirs("d/sub", exist_ok=True)
+            write("d/b.txt", "B")
+            write("d/sub/c.txt", "C")
+            with mlflow.start_run(run_name="f") as r:
+                note("r", r.info.run_id)
+                mlflow.log_artifact("a.txt")
+                mlflow.log_artifacts("d", artifact_path="dir")
+            read("top", sorted((f.path, f.is_dir) for f in c.list_artifacts(r.info.run_id)))
+            read("dir", sorted((f.path, f.is_dir) for f in c.list_artifacts(r.info.run_id, "dir")))
+            read("file", open(os.path.join("store", r.info.run_id, "artifacts", "dir", "sub",
+                                           "c.txt")).read())
+        step("script", body)
+    ''',
+    # A param changed inside the block: MLflow raises at the call and the run ends FAILED.
+    "param_changed_in_block": '''
+        def body():
+            mlflow.set_experiment("params")
+            with mlflow.start_run(run_name="p") as r:
+                note("r", r.info.run_id)
+                mlflow.log_param("lr", 0.1)
+                mlflow.log_param("lr", 0.1)
+                mlflow.log_param("lr", 0.2)
+                mlflow.log_metric("never", 1.0)
+        step("script", body)
+    ''',
+    "params_batch_changed": '''
+        def body():
+            mlflow.set_experiment("params")
+            with mlflow.start_run(run_name="b") as r:
+                note("r", r.info.run_id)
+                mlflow.log_params({"a": 1, "b": "two"})
+                step("again", mlflow.log_params, {"a": 1, "c": 3.5})
+                step("changed", mlflow.log_params, {"a": 2, "d": "new"})
+                step("one", mlflow.log_param, "b", "three")
+        step("script", body)
+    ''',
+    # A changed param caught by the script, then an explicit end: the run is FINISHED.
+    "param_changed_caught": '''
+        def body():
+            mlflow.set_experiment("params")
+            r = mlflow.start_run(run_name="c")
+            note("r", r.info.run_id)
+            mlflow.log_param("lr", 1)
+            step("changed", mlflow.log_param, "lr", 2)
+            mlflow.end_run()
+        step("script", body)
+    ''',
+    # The value in the database differs from the one this process logs now (the run was
+    # resumed by a new process): MLflow raises at the call; trackd learns it from the agent,
+    # ends the run FAILED all the same and raises MlflowException when the block ends.
+    "param_changed_in_database": '''
+        def body():
+            mlflow.set_experiment("params")
+            with mlflow.start_run(run_name="d") as r:
+                note("r", r.info.run_id)
+                mlflow.log_param("lr", 0.1)
+            code = ("import mlflow, sys\\n"
+                    "with mlflow.start_run(run_id=sys.argv[1]):\\n"
+                    "    mlflow.log_param('lr', 0.3)\\n")
+            p = subprocess.run([sys.executable, "-c", code, r.info.run_id], capture_output=True,
+                               text=True)
+            read("resumed_exit", p.returncode)
+            # The exception's class only: MLflow's own text here is the database driver's
+            # unique-violation message, which trackd has no reason to imitate.
+            raised = re.findall(r"^([A-Za-z_.]+(?:Exception|Error)): ", p.stderr, re.M)
+            read("resumed_raised", raised[-1:])
+            read("status", MlflowClient().get_run(r.info.run_id).info.status)
+        step("script", body)
+    ''',
+    # An artifact path that leaves the run's directory: refused at the call, as MLflow's
+    # artifact repository refuses it; the run ends FAILED.
+    "artifact_path_escapes": '''
+        def body():
+            mlflow.set_experiment("paths")
+            write("f.txt", "x")
+            with mlflow.start_run(run_name="e") as r:
+                note("r", r.info.run_id)
+                mlflow.log_artifact("f.txt", artifact_path="../outside")
+        step("script", body)
+        step("dir", mlflow.log_artifacts, ".", artifact_path="a/../../b")
+    ''',
+    # MlflowClient's own lifecycle calls.
+    "client_lifecycle": '''
+        def body():
+            c = MlflowClient()
+            exp = c.create_experiment("client-exp")
+            r = c.create_run(exp, run_name="cr", tags={"t": "1"})
+            note("r", r.info.run_id)
+            c.log_param(r.info.run_id, "p", 5)
+            c.log_metric(r.info.run_id, "m", 2.5, timestamp=TS0, step=3)
+            c.set_tag(r.info.run_id, "t", "2")
+            c.set_terminated(r.info.run_id, "KILLED", end_time=TS0 + 10)
+            read("status", c.get_run(r.info.run_id).info.status)
+            r2 = c.create_run(exp, run_name="renamed-later")
+            note("r2", r2.info.run_id)
+            c.update_run(r2.info.run_id, name="renamed")
+            c.set_terminated(r2.info.run_id)
+        step("script", body)
+    ''',
+    # A run the script never ends: MLflow ends it FINISHED at exit.
+    "ended_at_exit": '''
+        mlflow.set_experiment("exit")
+        r = mlflow.start_run(run_name="x")
+        note("r", r.info.run_id)
+        mlflow.log_metric("m", 3.0, step=1, timestamp=TS0)
+        mlflow.log_param("p", "v")
+    ''',
+    # A block that raises: FAILED, the exception propagates unchanged.
+    "block_raises": '''
+        def body():
+            mlflow.set_experiment("raises")
+            with mlflow.start_run(run_name="x") as r:
+                note("r", r.info.run_id)
+                mlflow.log_metric("m", 1.0, step=0, timestamp=TS0)
+                raise ValueError("diverged")
+        step("script", body)
+    ''',
+}
+
+
+def run_case(name, env, cwd):
+    src = PRELUDE + textwrap.dedent(CASES[name]) + EPILOGUE
+    cwd.mkdir(parents=True, exist_ok=True)
+    (cwd / "case.py").write_text(src)
+    p = subprocess.run([sys.executable, "case.py"], env=env, cwd=cwd, capture_output=True,
+                       text=True, timeout=300)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, f"{name} failed:\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def normalise(obj, ids):
+    text = json.dumps(obj, sort_keys=True)
+    for alias, run_id in ids.items():
+        text = text.replace(run_id, f"<{alias}>")
+    return json.loads(text)
+
+
+# MLflow's generated run names (mlflow.utils.name_utils): adjective-noun-number.
+RANDOM_NAME = re.compile(r"^[a-z]+-[a-z]+-[0-9]+$")
+
+
+def rows(pg, db, ids):
+    """What MLflow's tables hold for the case's runs, with ids replaced by aliases."""
+    alias = {v: k for k, v in ids.items()}
+    keys = list(ids.values())
+    exps = {r[0]: r[1] for r in pg.query(db, "SELECT experiment_id, name FROM experiments")}
+
+    def q(sql):
+        return sorted(tuple(alias.get(x, x) if isinstance(x, str) else x for x in r)
+                      for r in pg.query(db, sql, (keys,)))
+
+    out = {
+        "experiments": sorted(pg.query(db, "SELECT name, lifecycle_stage FROM experiments")),
+        "runs": sorted((alias[r[0]], RANDOM_NAME.sub("<random>", r[1]), r[2], r[3] is not None,
+                        r[4], exps[r[5]])
+                       for r in pg.query(db, "SELECT run_uuid, name, status, end_time,"
+                                             " lifecycle_stage, experiment_id FROM runs"
+                                             " WHERE run_uuid = ANY(%s)", (keys,))),
+        "users": q("SELECT run_uuid, user_id FROM runs WHERE run_uuid = ANY(%s)"),
+        "params": q("SELECT run_uuid, key, value FROM params WHERE run_uuid = ANY(%s)"),
+        # mlflow.runName is compared through runs.name; a random one differs by design.
+        "tags": q("SELECT run_uuid, key, value FROM tags WHERE run_uuid = ANY(%s)"
+                  " AND key NOT IN ('mlflow.runName', 'mlflow.user')"),
+        "metrics": q("SELECT run_uuid, key, value, timestamp, step, is_nan FROM metrics"
+                     " WHERE run_uuid = ANY(%s) AND key <> 'never'"),
+        "latest_metrics": q("SELECT run_uuid, key, value, timestamp, step, is_nan"
+                            " FROM latest_metrics WHERE run_uuid = ANY(%s)"),
+    }
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_agent(pg, tmp_path_factory):
+    """An agent as a user starts it: the default configuration but for where it listens, the
+    database and the journal."""
+    db = pg.mlflow_db("semantics_trackd")
+    a = Agent(pg, db, tmp_path_factory.mktemp("semantics") / "agent", artifact_root=None)
+    a.start()
+    yield a, db
+    assert a.stop() == 0, a.log()[-3000:]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_case_behaves_as_mlflow(case, pg, default_agent, tmp_path):
+    agent, db_tr = default_agent
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TRACKD_"))}
+    db_ml = pg.mlflow_db(f"sem_{case}"[:60])
+    res_ml = run_case(case, dict(base, MLFLOW_TRACKING_URI=pg.url(db_ml)), tmp_path / "ml")
+    res_tr = run_case(case, dict(base, MLFLOW_TRACKING_URI=f"trackd://{agent.socket}",
+                                 TRACKD_BACKEND_URI=pg.url(db_tr)), tmp_path / "tr")
+    seen_ml = normalise({k: res_ml[k] for k in ("steps", "read")}, res_ml["ids"])
+    seen_tr = normalise({k: res_tr[k] for k in ("steps", "read")}, res_tr["ids"])
+    assert seen_tr == seen_ml
+    rows_ml = rows(pg, db_ml, res_ml["ids"])
+    rows_tr = rows(pg, db_tr, res_tr["ids"])
+    # The trackd database is shared by every case: compare only this case's experiments.
+    names = {r[0] for r in rows_ml["experiments"]} - {"Default"}
+    rows_tr["experiments"] = [r for r in rows_tr["experiments"] if r[0] in names]
+    rows_ml["experiments"] = [r for r in rows_ml["experiments"] if r[0] in names]
+    users_ml, users_tr = rows_ml.pop("users"), rows_tr.pop("users")
+    assert {u for _, u in users_tr} <= {getpass.getuser()}, users_tr
+    assert [a for a, _ in users_tr] == [a for a, _ in users_ml]
+    for table in rows_ml:
+        assert rows_tr[table] == rows_ml[table], table
+    # No case leaves a run RUNNING.
+    assert all(r[2] != "RUNNING" and r[3] for r in rows_tr["runs"]), rows_tr["runs"]
+    print(f"\n{case}: {json.dumps(seen_ml['steps'])[:300]}")
+
+
+OUTAGE_SCRIPT = textwrap.dedent('''
+    import sys
+    import mlflow
+    mlflow.set_experiment("outage")
+    try:
+        with mlflow.start_run(run_name="o") as r:
+            print(r.info.run_id, flush=True)
+            mlflow.log_metric("m", 1.0, step=0, timestamp=1_700_000_000_000)
+            sys.stdin.readline()  # the test stops the database now
+            mlflow.log_metric("m", 2.0, step=1, timestamp=1_700_000_000_001)
+    except Exception as e:
+        print(type(e).__name__, str(e).split(";")[0], flush=True)
+''')
+
+
+def test_run_ends_after_an_outage_longer_than_the_exit_barrier(pg, default_agent, tmp_path):
+    """The database goes down inside the block, with a point still to write when the block
+    ends, and stays down past the store's barrier: the script gets the barrier's error, and
+    the run still ends FINISHED, with its end time, as soon as the database is back (the end
+    event was sent before any barrier)."""
+    agent, db = default_agent
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TRACKD_"))}
+    (tmp_path / "o.py").write_text(OUTAGE_SCRIPT)
+    env = dict(base, MLFLOW_TRACKING_URI=f"trackd://{agent.socket}",
+               TRACKD_BACKEND_URI=pg.url(db), TRACKD_FLUSH_TIMEOUT="2")
+    p = subprocess.Popen([sys.executable, "o.py"], env=env, cwd=tmp_path, text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run_id = p.stdout.readline().strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", run_id), (run_id, p.stderr.read()[-2000:])
+    # The run is in the database before the outage: only its end is left to write.
+    wait_for(lambda: pg.query(db, "SELECT status FROM runs WHERE run_uuid = %s", (run_id,)), 30,
+             "the run to be written")
+    pg.pause()
+    try:
+        out, err = p.communicate("go\n", timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        assert out.startswith("MlflowException trackd: the agent did not commit this process's "
+                              "writes within 2 s"), (out, err[-2000:])
+    finally:
+        pg.resume()
+    row = wait_for(lambda: pg.query(db, "SELECT status, end_time IS NOT NULL FROM runs"
+                                        " WHERE run_uuid = %s AND status <> 'RUNNING'",
+                                    (run_id,)), 60, "the run's end to be written")
+    assert row == [("FINISHED", True)]
+    assert pg.query(db, "SELECT value FROM metrics WHERE run_uuid = %s ORDER BY step",
+                    (run_id,)) == [(1.0,), (2.0,)]
