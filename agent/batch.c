@@ -115,35 +115,57 @@ const char batch_sql_runs[] =
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])"
     "  AS r(id, name, uid, st, exp)"
     " JOIN experiments e ON e.name = r.exp AND e.workspace = 'default'"
+    "  AND e.lifecycle_stage = 'active'"
     " ON CONFLICT (run_uuid) DO NOTHING";
+
+/*
+ * The range's runs MLflow would not write to (SqlAlchemyStore._get_run, _check_run_is_active):
+ * unknown, or not active; for a run the range starts, the experiment it names, so that a
+ * start in a deleted experiment says so (_check_experiment_is_active). Sent after the runs
+ * insert, in the same transaction, so runs started here count. Every write below skips
+ * these runs, and the writer rejects their events once the transaction commits.
+ */
+const char batch_sql_run_state[] =
+    "SELECT u.run, r.lifecycle_stage, x.experiment_id, x.lifecycle_stage"
+    " FROM unnest($1::text[], $2::text[]) AS u(run, exp)"
+    " LEFT JOIN runs r ON r.run_uuid = u.run"
+    " LEFT JOIN experiments x ON x.name = u.exp AND x.workspace = 'default'"
+    " WHERE r.lifecycle_stage IS DISTINCT FROM 'active'";
 
 const char batch_sql_tags[] =
     "INSERT INTO tags (key, value, run_uuid)"
-    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ORDER BY 3, 1"
+    " SELECT u.key, u.value, u.run FROM unnest($1::text[], $2::text[], $3::text[])"
+    "  AS u(key, value, run) JOIN runs r ON r.run_uuid = u.run AND r.lifecycle_stage = 'active'"
+    " ORDER BY 3, 1"
     " ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value";
 
 /* set_tag("mlflow.runName") renames the run too, as update_run_info does. */
 const char batch_sql_renames[] =
     "UPDATE runs SET name = t.value FROM unnest($1::text[], $2::text[]) AS t(run, value)"
-    " WHERE runs.run_uuid = t.run";
+    " WHERE runs.run_uuid = t.run AND runs.lifecycle_stage = 'active'";
 
 /*
  * Inserts new params and returns, by ord, those whose stored value differs:
  * the CTE's snapshot predates its own insert, so only earlier rows are seen.
  */
 const char batch_sql_params[] =
-    "WITH i AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[])"
-    "  AS u(key, value, run_uuid, ord)),"
+    "WITH i AS (SELECT u.* FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[])"
+    "  AS u(key, value, run_uuid, ord)"
+    "  JOIN runs r ON r.run_uuid = u.run_uuid AND r.lifecycle_stage = 'active'),"
     " ins AS (INSERT INTO params (key, value, run_uuid)"
     "  SELECT key, value, run_uuid FROM i ORDER BY run_uuid, key"
     "  ON CONFLICT (key, run_uuid) DO NOTHING)"
     " SELECT i.ord, p.value FROM i JOIN params p ON p.key = i.key AND p.run_uuid = i.run_uuid"
     " WHERE p.value <> i.value ORDER BY i.ord";
 
+#define ACTIVE_RUNS                                                                                \
+    " run_uuid IN (SELECT run_uuid FROM runs WHERE run_uuid = ANY($1::text[])"                     \
+    " AND lifecycle_stage = 'active')"
+
 const char batch_sql_metrics[] =
     "INSERT INTO metrics (key, value, \"timestamp\", run_uuid, step, is_nan)"
     " SELECT key, value, \"timestamp\", run_uuid, step, is_nan FROM trackd_stage_metrics"
-    " ON CONFLICT DO NOTHING";
+    " WHERE" ACTIVE_RUNS " ON CONFLICT DO NOTHING";
 
 /*
  * One row per (run, key): the largest (step, timestamp, value), earliest
@@ -152,7 +174,7 @@ const char batch_sql_metrics[] =
 const char batch_sql_latest[] =
     "INSERT INTO latest_metrics (key, value, \"timestamp\", step, is_nan, run_uuid)"
     " SELECT key, value, \"timestamp\", step, is_nan, run_uuid FROM ("
-    "  SELECT DISTINCT ON (run_uuid, key) * FROM trackd_stage_metrics"
+    "  SELECT DISTINCT ON (run_uuid, key) * FROM trackd_stage_metrics WHERE" ACTIVE_RUNS
     "  ORDER BY run_uuid, key, step DESC, \"timestamp\" DESC, value DESC, ord) s"
     " ORDER BY run_uuid, key"
     " ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value,"
@@ -165,11 +187,12 @@ const char batch_sql_end_runs[] =
     "UPDATE runs SET status = COALESCE(t.status, runs.status),"
     " end_time = COALESCE(t.et, runs.end_time)"
     " FROM unnest($1::text[], $2::text[], $3::int8[]) AS t(run, status, et)"
-    " WHERE runs.run_uuid = t.run";
+    " WHERE runs.run_uuid = t.run AND runs.lifecycle_stage = 'active'";
 
 const char batch_sql_delete_tags[] =
-    "DELETE FROM tags USING unnest($1::text[], $2::text[]) AS t(run, key)"
-    " WHERE tags.run_uuid = t.run AND tags.key = t.key";
+    "DELETE FROM tags USING unnest($1::text[], $2::text[]) AS t(run, key), runs r"
+    " WHERE tags.run_uuid = t.run AND tags.key = t.key"
+    "  AND r.run_uuid = t.run AND r.lifecycle_stage = 'active'";
 
 /*
  * Ledger rows take the destination from the run's artifact_uri, in the same transaction
@@ -182,7 +205,8 @@ const char batch_sql_artifacts[] =
     " SELECT u.id, u.run, u.path, u.size, u.sha, rtrim(r.artifact_uri, '/') || '/' || u.path,"
     " 'pending', $6::bigint"
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[])"
-    " AS u(id, run, path, size, sha) JOIN runs r ON r.run_uuid = u.run"
+    " AS u(id, run, path, size, sha)"
+    " JOIN runs r ON r.run_uuid = u.run AND r.lifecycle_stage = 'active'"
     " ON CONFLICT (upload_id) DO UPDATE SET upload_id = EXCLUDED.upload_id"
     " RETURNING upload_id, store_uri, status";
 
@@ -379,7 +403,7 @@ static size_t *dedup_find(struct dedup *d, const struct batch *b, size_t i, enum
         &(s)->param_keys, &(s)->param_values, &(s)->param_runs, &(s)->param_ords, &(s)->end_runs,  \
         &(s)->end_statuses, &(s)->end_times, &(s)->art_ids, &(s)->art_runs, &(s)->art_paths,       \
         &(s)->art_sizes, &(s)->art_shas, &(s)->done_ids, &(s)->done_statuses, &(s)->done_errors,   \
-        &(s)->copy
+        &(s)->state_runs, &(s)->state_exps, &(s)->copy
 
 void batch_sql_init(struct batch_sql *s)
 {
@@ -419,14 +443,14 @@ static bool is_run_name_tag(const struct batch *b, const struct ev *ev)
 
 int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
 {
-    struct dedup tags = {0}, params = {0}, ends = {0}, exps = {0};
+    struct dedup tags = {0}, params = {0}, ends = {0}, exps = {0}, runs = {0};
     size_t *tag_win = NULL, *end_win = NULL;
     int rc = -ENOMEM;
 
     batch_sql_free(s);
     size_t n = hi - lo;
     if (dedup_init(&tags, n) || dedup_init(&params, n) || dedup_init(&ends, n) ||
-        dedup_init(&exps, n))
+        dedup_init(&exps, n) || dedup_init(&runs, n))
         goto out;
     tag_win = malloc((n + 1) * sizeof *tag_win);
     end_win = malloc((n + 1) * sizeof *end_win);
@@ -474,6 +498,17 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
         if (ev->flags & EV_REJECTED)
             continue;
         const char *a = batch_sptr(b, ev->a);
+        if (ev->kind != EV_EXPERIMENT && ev->kind != EV_ARTIFACT_DONE) {
+            size_t prev, *slot = dedup_find(&runs, b, i, BY_RUN, &prev);
+            if (prev == SIZE_MAX) {
+                *slot = i + 1;
+                if (batch_array_append(&s->state_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
+                    (ev->kind == EV_START_RUN ? batch_array_append(&s->state_exps, a, ev->a.len)
+                                              : batch_array_append_null(&s->state_exps)))
+                    goto out;
+                s->n_state_runs++;
+            }
+        }
         switch (ev->kind) {
         case EV_EXPERIMENT:
         case EV_START_RUN: {
@@ -593,6 +628,7 @@ out:
     free(params.slot);
     free(ends.slot);
     free(exps.slot);
+    free(runs.slot);
     free(tag_win);
     free(end_win);
     return rc;

@@ -117,6 +117,10 @@ struct batch_sql {
     struct proto_buf done_ids, done_statuses, done_errors;
     size_t n_dones;
 
+    /* Every run the range names once, with the experiment name where the range starts it. */
+    struct proto_buf state_runs, state_exps;
+    size_t n_state_runs;
+
     struct proto_buf copy;
     size_t n_metrics;
 
@@ -134,9 +138,12 @@ extern const char batch_sql_begin_copy[];
 /* $1 names, $2 artifact root with '/', $3 now ms, $4 locations */
 extern const char batch_sql_experiments[];
 extern const char batch_sql_runs[];
+/* $1 state_runs, $2 state_exps; returns run, run stage, experiment id, experiment stage */
+extern const char batch_sql_run_state[];
 extern const char batch_sql_tags[];
 extern const char batch_sql_renames[];
 extern const char batch_sql_params[];
+/* $1 state_runs */
 extern const char batch_sql_metrics[];
 extern const char batch_sql_latest[];
 extern const char batch_sql_end_runs[];

@@ -43,6 +43,7 @@
     X(rejected_bad_name)                                                                           \
     X(rejected_param_changed)                                                                      \
     X(rejected_database)                                                                           \
+    X(rejected_run_state)                                                                          \
     X(batches_committed)                                                                           \
     X(batches_failed)                                                                              \
     X(batch_splits)                                                                                \

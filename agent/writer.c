@@ -27,6 +27,7 @@
 enum stmt {
     STMT_EXPS,
     STMT_RUNS,
+    STMT_RUN_STATE,
     STMT_TAGS,
     STMT_RENAMES,
     STMT_PARAMS,
@@ -41,6 +42,7 @@ enum stmt {
 };
 
 static void drive(struct writer *w);
+static void report_run_states(struct writer *w);
 static void note_artifacts(struct writer *w, const PGresult *res);
 static void report_artifacts(struct writer *w);
 static void clear_check(struct writer *w);
@@ -367,8 +369,10 @@ static void connect_start(struct writer *w)
 /* ---- transaction steps ----------------------------------------------------- */
 
 static const char *const stmt_names[] = {
-    "experiments",    "runs",     "tags",        "run names",       "params",           "metrics",
-    "latest_metrics", "end runs", "tag deletes", "artifact ledger", "artifact results", "commit"};
+    "experiments", "runs",        "run states",      "tags",
+    "run names",   "params",      "metrics",         "latest_metrics",
+    "end runs",    "tag deletes", "artifact ledger", "artifact results",
+    "commit"};
 
 static void record_failure(struct writer *w, const PGresult *res)
 {
@@ -396,9 +400,12 @@ static void clear_art_ret(struct writer *w)
     w->n_art_ret = 0;
 }
 
-static void clear_param_changes(struct writer *w)
+/* Forgets what the statements of the current range returned. */
+static void clear_range_results(struct writer *w)
 {
     clear_art_ret(w);
+    PQclear(w->run_states);
+    w->run_states = NULL;
     for (size_t i = 0; i < w->n_param_changed; i++)
         free(w->param_old[i]);
     free(w->param_changed);
@@ -449,6 +456,10 @@ static void send_pipeline(struct writer *w)
                            BUFSTR(s->run_starts), BUFSTR(s->run_exps)};
         rc |= send_stmt(w, STMT_RUNS, batch_sql_runs, 5, v);
     }
+    if (s->n_state_runs) {
+        const char *v[] = {BUFSTR(s->state_runs), BUFSTR(s->state_exps)};
+        rc |= send_stmt(w, STMT_RUN_STATE, batch_sql_run_state, 2, v);
+    }
     if (s->n_tags) {
         const char *v[] = {BUFSTR(s->tag_keys), BUFSTR(s->tag_values), BUFSTR(s->tag_runs)};
         rc |= send_stmt(w, STMT_TAGS, batch_sql_tags, 3, v);
@@ -463,8 +474,9 @@ static void send_pipeline(struct writer *w)
         rc |= send_stmt(w, STMT_PARAMS, batch_sql_params, 4, v);
     }
     if (s->n_metrics) {
-        rc |= send_stmt(w, STMT_METRICS, batch_sql_metrics, 0, NULL);
-        rc |= send_stmt(w, STMT_LATEST, batch_sql_latest, 0, NULL);
+        const char *v[] = {BUFSTR(s->state_runs)};
+        rc |= send_stmt(w, STMT_METRICS, batch_sql_metrics, 1, v);
+        rc |= send_stmt(w, STMT_LATEST, batch_sql_latest, 1, v);
     }
     if (s->n_ends) {
         const char *v[] = {BUFSTR(s->end_runs), BUFSTR(s->end_statuses), BUFSTR(s->end_times)};
@@ -530,7 +542,7 @@ static void start_range(struct writer *w)
     w->failed = false;
     w->fail_state[0] = '\0';
     w->copy_sent = 0;
-    clear_param_changes(w);
+    clear_range_results(w);
     set_state(w, W_TXN_START);
     const char *q = w->sql.n_metrics ? batch_sql_begin_copy : "BEGIN";
     if (!PQsendQuery(w->pg, q) || flush_out(w) != 0)
@@ -674,6 +686,7 @@ static void count_committed(struct writer *w)
 
 static void range_committed(struct writer *w)
 {
+    report_run_states(w);
     for (size_t k = 0; k < w->n_param_changed; k++) {
         char msg[1024];
         param_changed_message(w, w->param_changed[k], w->param_old[k], msg, sizeof msg);
@@ -681,7 +694,7 @@ static void range_committed(struct writer *w)
         reject_ev(w, w->param_changed[k], PROTO_ERR_PARAM_CHANGED, msg);
     }
     report_artifacts(w);
-    clear_param_changes(w);
+    clear_range_results(w);
     count_committed(w);
     w->attempts = 0;
     w->unknown_failures = 0;
@@ -731,6 +744,60 @@ static void range_failed(struct writer *w)
     }
     set_state(w, W_IDLE);
     start_next(w);
+}
+
+/* Keeps the run-state rows (runs this range must not write to) until COMMIT: takes res when
+ * it has rows and returns NULL then, else returns res for the caller to clear. */
+static PGresult *note_run_states(struct writer *w, PGresult *res)
+{
+    PQclear(w->run_states);
+    w->run_states = NULL;
+    if (PQntuples(res) == 0)
+        return res;
+    w->run_states = res;
+    return NULL;
+}
+
+/*
+ * After COMMIT: the events of runs MLflow would not have written to are rejected with
+ * MLflow's messages (SqlAlchemyStore._get_run, _check_run_is_active and, for a run started
+ * in a deleted experiment, _check_experiment_is_active). The statements skipped them.
+ */
+static void report_run_states(struct writer *w)
+{
+    const PGresult *res = w->run_states;
+    if (res == NULL)
+        return;
+    const struct batch *b = w->head;
+    for (size_t i = w->cur.lo; i < w->cur.hi; i++) {
+        const struct ev *ev = &b->evs[i];
+        if ((ev->flags & EV_REJECTED) || ev->kind == EV_EXPERIMENT || ev->kind == EV_ARTIFACT_DONE)
+            continue;
+        int row = 0, rows = PQntuples(res);
+        while (row < rows && memcmp(PQgetvalue(res, row, 0), ev->run_id, PROTO_RUN_ID_LEN) != 0)
+            row++;
+        if (row == rows)
+            continue;
+        char msg[300];
+        uint32_t code = PROTO_ERR_NOT_ACTIVE;
+        const char *exp_stage = PQgetvalue(res, row, 3);
+        /* A run not made because its experiment is deleted: its events share the reason. */
+        if (PQgetisnull(res, row, 1) && !PQgetisnull(res, row, 3) &&
+            strcmp(exp_stage, "active") != 0)
+            snprintf(msg, sizeof msg,
+                     "The experiment %s must be in the 'active' state. Current state is %s.",
+                     PQgetvalue(res, row, 2), exp_stage);
+        else if (!PQgetisnull(res, row, 1))
+            snprintf(msg, sizeof msg,
+                     "The run %.*s must be in the 'active' state. Current state is %s.",
+                     PROTO_RUN_ID_LEN, ev->run_id, PQgetvalue(res, row, 1));
+        else {
+            snprintf(msg, sizeof msg, "Run with id=%.*s not found", PROTO_RUN_ID_LEN, ev->run_id);
+            code = PROTO_ERR_RUN_NOT_FOUND;
+        }
+        stats.rejected_run_state++;
+        reject_ev(w, i, code, msg);
+    }
 }
 
 static void note_param_changes(struct writer *w, const PGresult *res)
@@ -910,6 +977,8 @@ static void drive(struct writer *w)
                 record_failure(w, res);
             else if (ok && w->stmts[w->stmt_index] == STMT_PARAMS)
                 note_param_changes(w, res);
+            else if (ok && w->stmts[w->stmt_index] == STMT_RUN_STATE)
+                res = note_run_states(w, res);
             else if (ok && w->stmts[w->stmt_index] == STMT_ARTIFACTS)
                 note_artifacts(w, res);
             PQclear(res);
@@ -1075,7 +1144,7 @@ void writer_close(struct writer *w, void (*closed)(struct writer *))
         PQfinish(w->pg);
     w->pg = NULL;
     poll_stop(w);
-    clear_param_changes(w);
+    clear_range_results(w);
     batch_sql_free(&w->sql);
     free(w->stack);
     w->stack = NULL;

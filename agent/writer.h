@@ -92,7 +92,8 @@ struct writer {
     size_t *param_changed; /* event indexes, reported after COMMIT succeeds */
     char **param_old;
     size_t n_param_changed;
-    char **art_ret; /* ledger rows returned: id, store_uri, status triples */
+    PGresult *run_states; /* runs of the range not to write to (batch_sql_run_state), or NULL */
+    char **art_ret;       /* ledger rows returned: id, store_uri, status triples */
     size_t n_art_ret;
     bool ledger_ok;
     char *ledger_sql;                 /* trackd_artifacts, and the mlflow_* views when configured */

@@ -482,13 +482,20 @@ class Bench:
                    "upload_s": side["t_uploaded"] - side["t_call"]}
 
 
-# trackd's metric statements (batch.c), on a staging table "stage" that psql \\copy filled.
+# trackd's metric statements (batch.c), on a staging table "stage" that psql \\copy filled:
+# only runs that are active are written to (trackd passes the batch's runs as an array).
 STAGE_METRICS = """
+SELECT array_agg(DISTINCT run_uuid) AS runs FROM stage \\gset
 INSERT INTO metrics (key, value, "timestamp", run_uuid, step, is_nan)
-  SELECT key, value, "timestamp", run_uuid, step, is_nan FROM stage ON CONFLICT DO NOTHING;
+  SELECT key, value, "timestamp", run_uuid, step, is_nan FROM stage
+  WHERE run_uuid IN (SELECT run_uuid FROM runs WHERE run_uuid = ANY(:'runs'::text[])
+                     AND lifecycle_stage = 'active')
+  ON CONFLICT DO NOTHING;
 INSERT INTO latest_metrics (key, value, "timestamp", step, is_nan, run_uuid)
   SELECT key, value, "timestamp", step, is_nan, run_uuid FROM (
     SELECT DISTINCT ON (run_uuid, key) * FROM stage
+    WHERE run_uuid IN (SELECT run_uuid FROM runs WHERE run_uuid = ANY(:'runs'::text[])
+                       AND lifecycle_stage = 'active')
     ORDER BY run_uuid, key, step DESC, "timestamp" DESC, value DESC) s
   ORDER BY run_uuid, key
   ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value, "timestamp" = EXCLUDED."timestamp",

@@ -59,9 +59,11 @@ enum proto_error_code {
     PROTO_ERR_PARAM_CHANGED = 20, /* a param logged again with another value */
     PROTO_ERR_DATABASE = 21,      /* PostgreSQL rejected the event (e.g. unknown run) */
     PROTO_ERR_RUN_NAME_CONFLICT = 22,
-    PROTO_ERR_ARTIFACT = 23, /* the file could not be taken or uploaded; see the message */
-    PROTO_ERR_PROTOCOL = 30, /* malformed frame; the connection is closed */
-    PROTO_ERR_SHUTDOWN = 31  /* agent stopped before the event was written */
+    PROTO_ERR_ARTIFACT = 23,      /* the file could not be taken or uploaded; see the message */
+    PROTO_ERR_RUN_NOT_FOUND = 24, /* no run has this id (MLflow: RESOURCE_DOES_NOT_EXIST) */
+    PROTO_ERR_NOT_ACTIVE = 25,    /* the run, or the experiment it starts in, is deleted */
+    PROTO_ERR_PROTOCOL = 30,      /* malformed frame; the connection is closed */
+    PROTO_ERR_SHUTDOWN = 31       /* agent stopped before the event was written */
 };
 
 /* Negative return codes of this module; proto_strerror() names them. */

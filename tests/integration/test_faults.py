@@ -236,10 +236,10 @@ def test_poison_rows_are_dead_lettered(pg, db, agent):
            dead_lettered=len(records))
     assert rows == distinct == good
     assert sum(1 for r in records if r["code"] == 2) == bad_keys
-    fk = [r for r in records if r["code"] == 21]
-    assert len(fk) == orphans
-    assert all(r["sqlstate"] == "23503" and r["event"]["run_id"] == run_b
-               and r["event"]["key"] == "orphan" for r in fk)
+    gone = [r for r in records if r["code"] == 24]
+    assert len(gone) == orphans
+    assert all(r["reason"] == f"Run with id={run_b} not found" and r["event"]["run_id"] == run_b
+               and r["event"]["key"] == "orphan" for r in gone)
     assert agent.stats()["dead_lettered"] == bad_keys + orphans
     assert int(counters["errors"]) == bad_keys + orphans
 

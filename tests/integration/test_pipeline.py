@@ -181,24 +181,50 @@ def test_invalid_keys_and_ids_are_rejected_and_the_rest_commits(pg, db, agent):
 
 
 def test_database_rejection_is_isolated(pg, db, agent):
-    """Points for a run that does not exist fail a foreign key; the batch is split until only
-    they are rejected."""
+    """Points PostgreSQL refuses for a data reason (here a CHECK constraint of this database,
+    SQLSTATE 23514) fail their batch; it is split until only they are rejected."""
+    with pg.connect(db) as c:
+        c.execute("ALTER TABLE metrics ADD CONSTRAINT no_poison CHECK (key <> 'poison')")
+    lines = [["run", "r", "iso-exp", "iso", "now"]]
+    for s in range(200):
+        lines.append(["metric", "r", "m", str(s), str(s), str(TS0)])
+        if s % 50 == 25:
+            lines.append(["metric", "r", "poison", str(s), str(s), str(TS0)])
+    lines += [["flush", "60000"], ["errors"]]
+    out, _ = run_driver(agent.socket, lines)
+    run_id = driver_runs(out)["r"]
+    errors = driver_errors(out)
+    assert len(errors) == 4
+    assert all(code == 21 and "SQLSTATE 23514" in msg and "no_poison" in msg
+               for _, code, msg in errors), errors
+    assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s", (run_id,)) == [(200,)]
+    stats = agent.stats()
+    assert stats["rejected_database"] == 4
+    assert stats["batch_splits"] > 0
+
+
+def test_unknown_run_is_refused_without_splitting(pg, db, agent):
+    """Points for a run no one started are refused as MLflow refuses them ("Run with id=… not
+    found"), found by the transaction's run check: nothing fails, nothing is split."""
     ghost = "f" * 32
     lines = [["run", "r", "iso-exp", "iso", "now"]]
     for s in range(200):
         lines.append(["metric", "r", "m", str(s), str(s), str(TS0)])
         if s % 50 == 25:
             lines.append(["metric", ghost, "m", str(s), str(s), str(TS0)])
-    lines += [["flush", "60000"], ["errors"]]
+    lines += [["param", ghost, "p", "v"], ["tag", ghost, "t", "v"], ["end", ghost, "FINISHED", "now"],
+              ["flush", "60000"], ["errors"]]
     out, _ = run_driver(agent.socket, lines)
     run_id = driver_runs(out)["r"]
     errors = driver_errors(out)
-    assert len(errors) == 4
-    assert all(code == 21 and "foreign key" in msg for _, code, msg in errors), errors
+    assert len(errors) == 7, errors
+    assert all(code == 24 and msg == f"Run with id={ghost} not found"
+               for _, code, msg in errors), errors
     assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s", (run_id,)) == [(200,)]
+    assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s", (ghost,)) == [(0,)]
     stats = agent.stats()
-    assert stats["rejected_database"] == 4
-    assert stats["batch_splits"] > 0
+    assert stats["rejected_run_state"] == 7
+    assert stats["batch_splits"] == 0 and stats["batches_failed"] == 0
 
 
 def test_agent_refuses_database_without_mlflow_schema(pg, tmp_path):

@@ -119,12 +119,12 @@ static void assert_nothing(const struct batch_sql *s)
         &s->exp_names,     &s->run_ids,      &s->run_names,    &s->run_users,  &s->run_starts,
         &s->run_exps,      &s->tag_keys,     &s->tag_values,   &s->tag_runs,   &s->rename_runs,
         &s->rename_values, &s->param_keys,   &s->param_values, &s->param_runs, &s->param_ords,
-        &s->end_runs,      &s->end_statuses, &s->end_times,
+        &s->end_runs,      &s->end_statuses, &s->end_times,    &s->state_runs, &s->state_exps,
     };
     for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++)
         assert_array(arrays[i], "{}");
     assert_int_equal(s->n_exps + s->n_runs + s->n_tags + s->n_renames + s->n_params + s->n_ends +
-                         s->n_metrics + s->n_rejected,
+                         s->n_metrics + s->n_rejected + s->n_state_runs,
                      0);
     assert_int_equal(s->copy.len, 0);
 }
@@ -308,6 +308,10 @@ static void test_experiments_and_runs(void **state)
     assert_array(&s.run_users, "{\"ana\",\"bo\\\"b\",\"\"}");
     assert_array(&s.run_starts, "{\"1700000000000\",\"-5\",\"0\"}");
     assert_array(&s.run_exps, "{\"b\",\"a\",\"c,\\\\\"}");
+    /* The runs whose state the transaction checks: each once, with the experiment it starts in. */
+    assert_int_equal(s.n_state_runs, 3);
+    assert_array(&s.state_runs, "{\"" R1 "\",\"" R2 "\",\"" R3 "\"}");
+    assert_array(&s.state_exps, "{\"b\",\"a\",\"c,\\\\\"}");
     assert_int_equal(s.n_rejected, 0);
     assert_int_equal(s.copy.len, 0);
     assert_array(&s.tag_keys, "{}");
@@ -505,6 +509,10 @@ static void test_sub_ranges(void **state)
     build(&b, 4, 8, &s);
     assert_array(&s.exp_names, "{}");
     assert_array(&s.run_ids, "{}");
+    /* A run the range only writes to is checked too, with no experiment to name. */
+    assert_int_equal(s.n_state_runs, 1);
+    assert_array(&s.state_runs, "{\"" R1 "\"}");
+    assert_array(&s.state_exps, "{NULL}");
     assert_array(&s.tag_values, "{\"b\"}");
     assert_array(&s.param_values, "{\"2\"}"); /* the first value is outside the range */
     assert_array(&s.param_ords, "{\"6\"}");

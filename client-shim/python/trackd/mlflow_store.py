@@ -30,6 +30,7 @@ from mlflow.protos.databricks_pb2 import (
     INVALID_PARAMETER_VALUE,
     INVALID_STATE,
     RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
 )
 from mlflow.store.artifact.artifact_repo import ArtifactRepository, verify_artifact_path
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -54,6 +55,9 @@ _log = logging.getLogger("trackd")
 
 BACKEND_ENV = "TRACKD_BACKEND_URI"
 FLUSH_TIMEOUT_ENV = "TRACKD_FLUSH_TIMEOUT"
+# The agent's RUN_NOT_FOUND (proto/PROTOCOL.md) is MLflow's RESOURCE_DOES_NOT_EXIST; every
+# other rejection is INVALID_PARAMETER_VALUE there too.
+_ERR_RUN_NOT_FOUND = 24
 DEFAULT_ARTIFACT_ROOT = "./mlruns"
 
 
@@ -171,7 +175,10 @@ class TrackdStore(SqlAlchemyStore):
         if errors:
             for _, code, message in errors:
                 _log.warning("trackd: agent rejected an event (code %d): %s", code, message)
-            raise MlflowException("; ".join(m for _, _, m in errors), INVALID_PARAMETER_VALUE)
+            code = (RESOURCE_DOES_NOT_EXIST if errors[0][1] == _ERR_RUN_NOT_FOUND
+                    else INVALID_PARAMETER_VALUE)
+            # One sentence per distinct rejection: a batch to a deleted run is one error.
+            raise MlflowException("; ".join(dict.fromkeys(m for _, _, m in errors)), code)
 
     # ---- artifacts -------------------------------------------------------------
 
