@@ -269,6 +269,36 @@ CASES = {
             step("start_run", synced, mlflow.start_run, experiment_id=exp, run_name="three")
         step("script", body)
     ''',
+    # The value, step and timestamp types MLflow accepts, and those it refuses, with its words.
+    "input_types": '''
+        import numpy as np
+        def body():
+            mlflow.set_experiment("types")
+            with mlflow.start_run(run_name="t") as r:
+                note("r", r.info.run_id)
+                values = [("int", 3), ("float", 2.5), ("bool", True), ("np_f32", np.float32(1.25)),
+                          ("np_f64", np.float64(-0.5)), ("np_i64", np.int64(7)),
+                          ("np_bool", np.bool_(False)), ("big", 10**20), ("str", "1.5"),
+                          ("none", None), ("list", [1.0])]
+                for i, (k, v) in enumerate(values):
+                    step("value_" + k, synced, mlflow.log_metric, "v_" + k, v, step=i,
+                         timestamp=TS0 + i)
+                steps = [("float_whole", 3.0), ("np_i32", np.int32(4)), ("float_frac", 2.5),
+                         ("str", "5"), ("negative", -1), ("none", None)]
+                for k, s in steps:
+                    step("step_" + k, synced, mlflow.log_metric, "s_" + k, 1.0, step=s,
+                         timestamp=TS0)
+                stamps = [("float_whole", float(TS0 + 1)), ("np_i64", np.int64(TS0 + 2)),
+                          ("str", str(TS0)), ("float_frac", TS0 + 0.5)]
+                for k, t in stamps:
+                    step("ts_" + k, synced, mlflow.log_metric, "t_" + k, 1.0, step=0,
+                         timestamp=t)
+                for k, v in [("int", 1), ("float", 0.1), ("bool", False), ("none", None),
+                             ("np", np.float32(0.5)), ("list", [1, 2]), ("dict", {"a": 1})]:
+                    step("param_" + k, synced, mlflow.log_param, "p_" + k, v)
+                    step("tag_" + k, synced, mlflow.set_tag, "t_" + k, v)
+        step("script", body)
+    ''',
     # A block that raises: FAILED, the exception propagates unchanged.
     "block_raises": '''
         def body():
@@ -366,6 +396,8 @@ def test_case_behaves_as_mlflow(case, pg, default_agent, tmp_path):
                                  TRACKD_BACKEND_URI=pg.url(db_tr)), tmp_path / "tr")
     seen_ml = normalise({k: res_ml[k] for k in ("steps", "read")}, res_ml["ids"])
     seen_tr = normalise({k: res_tr[k] for k in ("steps", "read")}, res_tr["ids"])
+    differ = [(ml, tr) for ml, tr in zip(seen_ml["steps"], seen_tr["steps"]) if ml != tr]
+    assert not differ, "calls that differ (MLflow, trackd):\n" + "\n".join(map(repr, differ))
     assert seen_tr == seen_ml
     rows_ml = rows(pg, db_ml, res_ml["ids"])
     rows_tr = rows(pg, db_tr, res_tr["ids"])

@@ -17,6 +17,7 @@ import functools
 import getpass
 import importlib.util
 import logging
+import numbers
 import os
 import sys
 import threading
@@ -44,8 +45,11 @@ from mlflow.utils.validation import (
     _validate_batch_log_limits,
     _validate_experiment_artifact_location_length,
     _validate_experiment_name,
+    _validate_metric,
+    _validate_param,
     _validate_param_keys_unique,
     _validate_run_id,
+    _validate_tag,
     _validate_tag_name,
 )
 
@@ -88,6 +92,15 @@ def _note_missing_pyspark():
     pyspark is installed nothing changes."""
     if "pyspark" not in sys.modules and importlib.util.find_spec("pyspark") is None:
         sys.modules["pyspark"] = None
+
+
+def _as_int(x) -> int:
+    """A step or timestamp as the database stores it. MLflow accepts any number there and
+    SqlAlchemyStore hands a float to PostgreSQL's bigint column, which rounds it half to even
+    (the float8-to-int8 cast); Python's round() follows the same rule."""
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    return int(round(float(x)))
 
 
 def backend_uri(store_uri: str | None) -> str:
@@ -304,10 +317,14 @@ class TrackdStore(SqlAlchemyStore):
         _validate_batch_log_limits(metrics, params, tags)
         _validate_param_keys_unique(params)
         self._check_params(run_id, params)
+        self._send(run_id, metrics, params, tags)
+
+    def _send(self, run_id, metrics, params, tags):
+        """Hands validated entities to the agent."""
         self._dirty = True
         ok = self._client().log_batch(
             run_id,
-            [(m.key, m.value, m.timestamp, m.step) for m in metrics],
+            [(m.key, m.value, _as_int(m.timestamp), _as_int(m.step)) for m in metrics],
             [(p.key, str(p.value)) for p in params],
             [(t.key, str(t.value)) for t in tags])
         if not ok:
@@ -336,16 +353,23 @@ class TrackdStore(SqlAlchemyStore):
         for p in params:
             seen[p.key] = str(p.value)
 
+    # One entity: MLflow's single-entity validation (SqlAlchemyStore.log_metric, log_param,
+    # set_tag), whose messages name the field without a batch path.
     def log_metric(self, run_id, metric):
-        self.log_batch(run_id, [metric], [], [])
+        _validate_run_id(run_id)
+        _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)
+        self._send(run_id, [metric], [], [])
 
     def log_param(self, run_id, param):
         _validate_run_id(run_id)
+        param = _validate_param(param.key, param.value)
         self._check_params(run_id, [param], single=True)
-        self.log_batch(run_id, [], [param], [])
+        self._send(run_id, [], [param], [])
 
     def set_tag(self, run_id, tag):
-        self.log_batch(run_id, [], [], [tag])
+        _validate_run_id(run_id)
+        tag = _validate_tag(tag.key, tag.value)
+        self._send(run_id, [], [], [tag])
 
     def delete_tag(self, run_id, key):
         _validate_run_id(run_id)
