@@ -299,6 +299,25 @@ CASES = {
                     step("tag_" + k, synced, mlflow.set_tag, "t_" + k, v)
         step("script", body)
     ''',
+    # MLflow 3's logged models: metrics with a model id, given or from the active model, and
+    # with a dataset, land in logged_model_metrics too; the model reads them back.
+    "model_metrics": '''
+        def body():
+            mlflow.set_experiment("models")
+            with mlflow.start_run(run_name="m") as r:
+                note("r", r.info.run_id)
+                model = mlflow.initialize_logged_model(name="net")
+                mlflow.log_metric("acc", 0.9, step=1, timestamp=TS0, model_id=model.model_id)
+                mlflow.log_metrics({"f1": 0.8, "p": 0.7}, step=2, timestamp=TS0 + 1,
+                                   model_id=model.model_id)
+                mlflow.set_active_model(model_id=model.model_id)
+                mlflow.log_metric("loss", 0.1, step=3, timestamp=TS0 + 2)
+                mlflow.log_metric("plain", 1.0, step=0, timestamp=TS0 + 3, model_id=None)
+            got = mlflow.get_logged_model(model.model_id)
+            read("model_metrics", sorted((m.key, m.value, m.step, m.timestamp)
+                                         for m in got.metrics))
+        step("script", body)
+    ''',
     # A block that raises: FAILED, the exception propagates unchanged.
     "block_raises": '''
         def body():
@@ -371,6 +390,9 @@ def rows(pg, db, ids):
                      " WHERE run_uuid = ANY(%s) AND key <> 'never'"),
         "latest_metrics": q("SELECT run_uuid, key, value, timestamp, step, is_nan"
                             " FROM latest_metrics WHERE run_uuid = ANY(%s)"),
+        "logged_model_metrics": q("SELECT run_id, metric_name, metric_value, metric_timestamp_ms,"
+                                  " metric_step, dataset_name, dataset_digest"
+                                  " FROM logged_model_metrics WHERE run_id = ANY(%s)"),
     }
     return out
 

@@ -320,7 +320,15 @@ class TrackdStore(SqlAlchemyStore):
         self._send(run_id, metrics, params, tags)
 
     def _send(self, run_id, metrics, params, tags):
-        """Hands validated entities to the agent."""
+        """Hands validated entities to the agent. Metrics of an MLflow 3 logged model (a
+        model_id, given or from the active model) are written by MLflow's own store, after the
+        barrier, into metrics and logged_model_metrics as MLflow writes them: the agent does
+        not carry model ids yet, and losing them is worse than a synchronous call."""
+        model_metrics = [m for m in metrics if getattr(m, "model_id", None)]
+        if model_metrics:
+            self._barrier()
+            SqlAlchemyStore.log_batch(self, run_id, model_metrics, [], [])
+            metrics = [m for m in metrics if not getattr(m, "model_id", None)]
         self._dirty = True
         ok = self._client().log_batch(
             run_id,
