@@ -318,6 +318,50 @@ CASES = {
                                          for m in got.metrics))
         step("script", body)
     ''',
+    # The script a new user tries first: a new experiment, params, metrics, tags, an artifact
+    # and a scikit-learn model, which MLflow loads back and which predicts the same.
+    "sklearn_log_model": '''
+        import numpy as np
+        from sklearn.linear_model import LogisticRegression
+        def body():
+            X = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]] * 5)
+            y = np.array([1, 0, 1, 0] * 5)
+            mlflow.set_experiment("sklearn-first")
+            with mlflow.start_run(run_name="lr") as r:
+                note("r", r.info.run_id)
+                clf = LogisticRegression(C=0.5).fit(X, y)
+                mlflow.log_params({"C": 0.5, "solver": clf.solver})
+                mlflow.log_metric("train_acc", float(clf.score(X, y)), step=0, timestamp=TS0)
+                mlflow.set_tag("team", "ml")
+                write("notes.txt", "fitted\\n")
+                mlflow.log_artifact("notes.txt")
+                info = mlflow.sklearn.log_model(clf, name="model", input_example=X[:2])
+            loaded = mlflow.sklearn.load_model(info.model_uri)
+            read("predictions", loaded.predict(X[:4]).tolist())
+            read("artifacts", sorted(f.path for f in MlflowClient().list_artifacts(r.info.run_id)))
+            read("model_name", mlflow.get_logged_model(info.model_id).name)
+        step("script", body)
+    ''',
+    # autolog: params, metrics of the run and of the logged model (63 logged_model_metrics
+    # rows for this estimator under MLflow 3.17), the model itself.
+    "sklearn_autolog": '''
+        import numpy as np
+        from sklearn.linear_model import LogisticRegression
+        def body():
+            X = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]] * 5)
+            y = np.array([1, 0, 1, 0] * 5)
+            mlflow.set_experiment("sklearn-auto")
+            mlflow.sklearn.autolog(log_input_examples=False, silent=True)
+            with mlflow.start_run(run_name="auto") as r:
+                note("r", r.info.run_id)
+                LogisticRegression(C=0.5).fit(X, y)
+            models = mlflow.search_logged_models(experiment_ids=[r.info.experiment_id],
+                                                 output_format="list")
+            read("models", len(models))
+            read("model_metrics", sorted((m.key, round(m.value, 9), m.step)
+                                         for m in models[0].metrics))
+        step("script", body)
+    ''',
     # A block that raises: FAILED, the exception propagates unchanged.
     "block_raises": '''
         def body():
@@ -364,11 +408,16 @@ def normalise(obj, ids):
 RANDOM_NAME = re.compile(r"^[a-z]+-[a-z]+-[0-9]+$")
 
 
-def rows(pg, db, ids):
+# Cases whose metrics MLflow stamps with the wall clock: their timestamps are not compared.
+CLOCKED = {"sklearn_autolog"}
+
+
+def rows(pg, db, ids, clocked=False):
     """What MLflow's tables hold for the case's runs, with ids replaced by aliases."""
     alias = {v: k for k, v in ids.items()}
     keys = list(ids.values())
     exps = {r[0]: r[1] for r in pg.query(db, "SELECT experiment_id, name FROM experiments")}
+    ts = "0" if clocked else "timestamp"
 
     def q(sql):
         return sorted(tuple(alias.get(x, x) if isinstance(x, str) else x for x in r)
@@ -386,13 +435,16 @@ def rows(pg, db, ids):
         # mlflow.runName is compared through runs.name; a random one differs by design.
         "tags": q("SELECT run_uuid, key, value FROM tags WHERE run_uuid = ANY(%s)"
                   " AND key NOT IN ('mlflow.runName', 'mlflow.user')"),
-        "metrics": q("SELECT run_uuid, key, value, timestamp, step, is_nan FROM metrics"
+        "metrics": q(f"SELECT run_uuid, key, value, {ts}, step, is_nan FROM metrics"
                      " WHERE run_uuid = ANY(%s) AND key <> 'never'"),
-        "latest_metrics": q("SELECT run_uuid, key, value, timestamp, step, is_nan"
+        "latest_metrics": q(f"SELECT run_uuid, key, value, {ts}, step, is_nan"
                             " FROM latest_metrics WHERE run_uuid = ANY(%s)"),
-        "logged_model_metrics": q("SELECT run_id, metric_name, metric_value, metric_timestamp_ms,"
+        "logged_model_metrics": q(f"SELECT run_id, metric_name, metric_value,"
+                                  f" {ts.replace('timestamp', 'metric_timestamp_ms')},"
                                   " metric_step, dataset_name, dataset_digest"
                                   " FROM logged_model_metrics WHERE run_id = ANY(%s)"),
+        "logged_models": q("SELECT source_run_id, name, status, lifecycle_stage"
+                           " FROM logged_models WHERE source_run_id = ANY(%s)"),
     }
     return out
 
@@ -421,8 +473,8 @@ def test_case_behaves_as_mlflow(case, pg, default_agent, tmp_path):
     differ = [(ml, tr) for ml, tr in zip(seen_ml["steps"], seen_tr["steps"]) if ml != tr]
     assert not differ, "calls that differ (MLflow, trackd):\n" + "\n".join(map(repr, differ))
     assert seen_tr == seen_ml
-    rows_ml = rows(pg, db_ml, res_ml["ids"])
-    rows_tr = rows(pg, db_tr, res_tr["ids"])
+    rows_ml = rows(pg, db_ml, res_ml["ids"], case in CLOCKED)
+    rows_tr = rows(pg, db_tr, res_tr["ids"], case in CLOCKED)
     # The trackd database is shared by every case: compare only this case's experiments.
     names = {r[0] for r in rows_ml["experiments"]} - {"Default"}
     rows_tr["experiments"] = [r for r in rows_tr["experiments"] if r[0] in names]
