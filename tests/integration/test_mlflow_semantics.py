@@ -362,6 +362,40 @@ CASES = {
                                          for m in models[0].metrics))
         step("script", body)
     ''',
+    # The rest of the tracking write API: artifact helpers, dataset inputs, experiment tags and
+    # names, nested runs, run names, terminal statuses.
+    "other_write_calls": '''
+        import numpy as np
+        def body():
+            c = MlflowClient()
+            exp = mlflow.set_experiment("others").experiment_id
+            mlflow.set_experiment_tag("owner", "ml")
+            mlflow.set_experiment_tags({"a": "1", "b": 2})
+            with mlflow.start_run(run_name="outer") as r:
+                note("r", r.info.run_id)
+                mlflow.log_dict({"k": [1, 2]}, "conf/config.json")
+                mlflow.log_text("hello", "notes/hello.txt")
+                ds = mlflow.data.from_numpy(np.arange(6).reshape(3, 2), name="train",
+                                            digest="d1")
+                mlflow.log_input(ds, context="training")
+                mlflow.set_tags({"x": 1, "y": "two"})
+                mlflow.log_metrics({"m1": 1.0, "m2": 2.0}, step=4, timestamp=TS0)
+                with mlflow.start_run(run_name="inner", nested=True) as n:
+                    note("n", n.info.run_id)
+                    mlflow.log_param("depth", 2)
+                c.update_run(r.info.run_id, name="outer-renamed")
+                mlflow.end_run(status="KILLED")
+            c.rename_experiment(exp, "others-renamed")
+            run = c.get_run(r.info.run_id)
+            read("inputs", [(d.dataset.name, d.dataset.digest, [t.value for t in d.tags])
+                            for d in run.inputs.dataset_inputs])
+            read("artifacts", sorted(f.path for f in c.list_artifacts(r.info.run_id)))
+            read("config", mlflow.artifacts.load_dict(run.info.artifact_uri + "/conf/config.json"))
+            read("experiment", [c.get_experiment(exp).name,
+                                sorted(c.get_experiment(exp).tags.items())])
+            read("status", [run.info.status, run.info.run_name])
+        step("script", body)
+    ''',
     # A block that raises: FAILED, the exception propagates unchanged.
     "block_raises": '''
         def body():
