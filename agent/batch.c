@@ -104,7 +104,10 @@ const char batch_sql_experiments[] =
     "  $3::int8, 'default' FROM ids"
     " ON CONFLICT DO NOTHING";
 
-/* As SqlAlchemyStore.create_run: artifact_uri = <location>/<run>/artifacts. */
+/*
+ * As SqlAlchemyStore.create_run: artifact_uri = <location>/<run>/artifacts, in the experiment
+ * with the id the client gave, else the one with the name; never in a deleted one.
+ */
 const char batch_sql_runs[] =
     "INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id,"
     " status, start_time, end_time, source_version, lifecycle_stage, artifact_uri,"
@@ -112,10 +115,10 @@ const char batch_sql_runs[] =
     " SELECT r.id, r.name, 'UNKNOWN', '', '', r.uid, 'RUNNING', r.st, NULL, '', 'active',"
     "  e.artifact_location || CASE WHEN right(e.artifact_location, 1) = '/' THEN '' ELSE '/'"
     "  END || r.id || '/artifacts', e.experiment_id, NULL"
-    " FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])"
-    "  AS r(id, name, uid, st, exp)"
-    " JOIN experiments e ON e.name = r.exp AND e.workspace = 'default'"
-    "  AND e.lifecycle_stage = 'active'"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int4[])"
+    "  AS r(id, name, uid, st, exp, eid)"
+    " JOIN experiments e ON ((r.eid IS NULL AND e.name = r.exp AND e.workspace = 'default')"
+    "  OR e.experiment_id = r.eid) AND e.lifecycle_stage = 'active'"
     " ON CONFLICT (run_uuid) DO NOTHING";
 
 /*
@@ -126,10 +129,11 @@ const char batch_sql_runs[] =
  * these runs, and the writer rejects their events once the transaction commits.
  */
 const char batch_sql_run_state[] =
-    "SELECT u.run, r.lifecycle_stage, x.experiment_id, x.lifecycle_stage"
-    " FROM unnest($1::text[], $2::text[]) AS u(run, exp)"
+    "SELECT u.run, r.lifecycle_stage, x.experiment_id, x.lifecycle_stage, u.eid"
+    " FROM unnest($1::text[], $2::text[], $3::int4[]) AS u(run, exp, eid)"
     " LEFT JOIN runs r ON r.run_uuid = u.run"
-    " LEFT JOIN experiments x ON x.name = u.exp AND x.workspace = 'default'"
+    " LEFT JOIN experiments x ON (u.eid IS NULL AND x.name = u.exp AND x.workspace = 'default')"
+    "  OR x.experiment_id = u.eid"
     " WHERE r.lifecycle_stage IS DISTINCT FROM 'active'";
 
 const char batch_sql_tags[] =
@@ -403,7 +407,7 @@ static size_t *dedup_find(struct dedup *d, const struct batch *b, size_t i, enum
         &(s)->param_keys, &(s)->param_values, &(s)->param_runs, &(s)->param_ords, &(s)->end_runs,  \
         &(s)->end_statuses, &(s)->end_times, &(s)->art_ids, &(s)->art_runs, &(s)->art_paths,       \
         &(s)->art_sizes, &(s)->art_shas, &(s)->done_ids, &(s)->done_statuses, &(s)->done_errors,   \
-        &(s)->state_runs, &(s)->state_exps, &(s)->copy
+        &(s)->state_runs, &(s)->state_exps, &(s)->state_exp_ids, &(s)->run_exp_ids, &(s)->copy
 
 void batch_sql_init(struct batch_sql *s)
 {
@@ -502,9 +506,12 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
             size_t prev, *slot = dedup_find(&runs, b, i, BY_RUN, &prev);
             if (prev == SIZE_MAX) {
                 *slot = i + 1;
+                bool start = ev->kind == EV_START_RUN;
                 if (batch_array_append(&s->state_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
-                    (ev->kind == EV_START_RUN ? batch_array_append(&s->state_exps, a, ev->a.len)
-                                              : batch_array_append_null(&s->state_exps)))
+                    (start ? batch_array_append(&s->state_exps, a, ev->a.len)
+                           : batch_array_append_null(&s->state_exps)) ||
+                    (start && ev->step > 0 ? array_int(&s->state_exp_ids, ev->step - 1)
+                                           : batch_array_append_null(&s->state_exp_ids)))
                     goto out;
                 s->n_state_runs++;
             }
@@ -512,8 +519,10 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
         switch (ev->kind) {
         case EV_EXPERIMENT:
         case EV_START_RUN: {
-            size_t prev, *slot = dedup_find(&exps, b, i, BY_NAME, &prev);
-            if (prev == SIZE_MAX) {
+            /* A run started by experiment id creates no experiment, as MLflow's create_run. */
+            bool by_name = ev->kind == EV_EXPERIMENT || ev->step == 0;
+            size_t prev, *slot = by_name ? dedup_find(&exps, b, i, BY_NAME, &prev) : NULL;
+            if (by_name && prev == SIZE_MAX) {
                 *slot = i + 1;
                 struct sref loc = ev->kind == EV_EXPERIMENT ? ev->b : (struct sref){0, 0};
                 if (batch_array_append(&s->exp_names, a, ev->a.len) ||
@@ -526,7 +535,9 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
                     batch_array_append(&s->run_names, batch_sptr(b, ev->b), ev->b.len) ||
                     batch_array_append(&s->run_users, batch_sptr(b, ev->c), ev->c.len) ||
                     array_int(&s->run_starts, ev->ts) ||
-                    batch_array_append(&s->run_exps, a, ev->a.len))
+                    batch_array_append(&s->run_exps, a, ev->a.len) ||
+                    (ev->step > 0 ? array_int(&s->run_exp_ids, ev->step - 1)
+                                  : batch_array_append_null(&s->run_exp_ids)))
                     goto out;
                 s->n_runs++;
             }

@@ -58,7 +58,7 @@ struct ev {
     struct sref c; /* run: user */
     double value;  /* metric, sanitised */
     int64_t ts;    /* metric timestamp | run start | run end */
-    int64_t step;
+    int64_t step;  /* metric step | run: experiment id + 1, 0 = by name (a) | artifact size */
 };
 
 struct batch {
@@ -96,7 +96,7 @@ struct batch_sql {
     struct proto_buf exp_names, exp_locations; /* location "" = the default root */
     size_t n_exps;
 
-    struct proto_buf run_ids, run_names, run_users, run_starts, run_exps;
+    struct proto_buf run_ids, run_names, run_users, run_starts, run_exps, run_exp_ids;
     size_t n_runs;
 
     struct proto_buf tag_keys, tag_values, tag_runs;
@@ -118,7 +118,7 @@ struct batch_sql {
     size_t n_dones;
 
     /* Every run the range names once, with the experiment name where the range starts it. */
-    struct proto_buf state_runs, state_exps;
+    struct proto_buf state_runs, state_exps, state_exp_ids;
     size_t n_state_runs;
 
     struct proto_buf copy;
@@ -138,7 +138,8 @@ extern const char batch_sql_begin_copy[];
 /* $1 names, $2 artifact root with '/', $3 now ms, $4 locations */
 extern const char batch_sql_experiments[];
 extern const char batch_sql_runs[];
-/* $1 state_runs, $2 state_exps; returns run, run stage, experiment id, experiment stage */
+/* $1 state_runs, $2 state_exps, $3 state_exp_ids; returns run, run stage, experiment id,
+ * experiment stage, the experiment id asked for */
 extern const char batch_sql_run_state[];
 extern const char batch_sql_tags[];
 extern const char batch_sql_renames[];

@@ -429,10 +429,16 @@ static void do_start_run(struct mctx *m, const struct proto_msg *msg)
         return;
     }
     struct proto_str user = has_user ? claimed_user(m, user_claim) : pstr(m->o->user);
+    if (msg->u.start_run.has_experiment_id && msg->u.start_run.experiment_id > INT32_MAX) {
+        fail(m, PROTO_ERR_RUN_NOT_FOUND, "No Experiment with id beyond 2147483647 exists");
+        return;
+    }
     struct ev *run = add_ev(m, EV_START_RUN, run_id, exp, name, user);
     if (run == NULL)
         return;
     run->ts = msg->u.start_run.start_time;
+    run->step =
+        msg->u.start_run.has_experiment_id ? (int64_t)msg->u.start_run.experiment_id + 1 : 0;
 
     it = msg->u.start_run.tags;
     while (proto_iter_next_kv(&it, &kv)) {

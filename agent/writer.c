@@ -452,13 +452,13 @@ static void send_pipeline(struct writer *w)
         rc |= send_stmt(w, STMT_EXPS, batch_sql_experiments, 4, v);
     }
     if (s->n_runs) {
-        const char *v[] = {BUFSTR(s->run_ids), BUFSTR(s->run_names), BUFSTR(s->run_users),
-                           BUFSTR(s->run_starts), BUFSTR(s->run_exps)};
-        rc |= send_stmt(w, STMT_RUNS, batch_sql_runs, 5, v);
+        const char *v[] = {BUFSTR(s->run_ids),    BUFSTR(s->run_names), BUFSTR(s->run_users),
+                           BUFSTR(s->run_starts), BUFSTR(s->run_exps),  BUFSTR(s->run_exp_ids)};
+        rc |= send_stmt(w, STMT_RUNS, batch_sql_runs, 6, v);
     }
     if (s->n_state_runs) {
-        const char *v[] = {BUFSTR(s->state_runs), BUFSTR(s->state_exps)};
-        rc |= send_stmt(w, STMT_RUN_STATE, batch_sql_run_state, 2, v);
+        const char *v[] = {BUFSTR(s->state_runs), BUFSTR(s->state_exps), BUFSTR(s->state_exp_ids)};
+        rc |= send_stmt(w, STMT_RUN_STATE, batch_sql_run_state, 3, v);
     }
     if (s->n_tags) {
         const char *v[] = {BUFSTR(s->tag_keys), BUFSTR(s->tag_values), BUFSTR(s->tag_runs)};
@@ -781,9 +781,13 @@ static void report_run_states(struct writer *w)
         char msg[300];
         uint32_t code = PROTO_ERR_NOT_ACTIVE;
         const char *exp_stage = PQgetvalue(res, row, 3);
-        /* A run not made because its experiment is deleted: its events share the reason. */
-        if (PQgetisnull(res, row, 1) && !PQgetisnull(res, row, 3) &&
-            strcmp(exp_stage, "active") != 0)
+        /* A run not made because its experiment is deleted or unknown: its events share the
+         * reason (SqlAlchemyStore._get_experiment, _check_experiment_is_active). */
+        if (PQgetisnull(res, row, 1) && PQgetisnull(res, row, 2) && !PQgetisnull(res, row, 4)) {
+            snprintf(msg, sizeof msg, "No Experiment with id=%s exists", PQgetvalue(res, row, 4));
+            code = PROTO_ERR_RUN_NOT_FOUND;
+        } else if (PQgetisnull(res, row, 1) && !PQgetisnull(res, row, 3) &&
+                   strcmp(exp_stage, "active") != 0)
             snprintf(msg, sizeof msg,
                      "The experiment %s must be in the 'active' state. Current state is %s.",
                      PQgetvalue(res, row, 2), exp_stage);

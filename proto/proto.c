@@ -383,11 +383,12 @@ int proto_encode_update_run(struct proto_buf *b, uint64_t seq, const char *run_i
 
 int proto_encode_start_run(struct proto_buf *b, uint64_t seq, const char *run_id,
                            struct proto_str experiment, const struct proto_str *run_name,
-                           int64_t start_time, const struct proto_kv *tags, size_t ntags)
+                           int64_t start_time, const struct proto_kv *tags, size_t ntags,
+                           const uint64_t *experiment_id)
 {
     struct enc e;
     enc_begin(&e, b, PROTO_START_RUN, seq);
-    enc_array(&e, 5);
+    enc_array(&e, experiment_id ? 6 : 5);
     enc_str(&e, run_str(run_id));
     enc_str(&e, experiment);
     if (run_name)
@@ -396,6 +397,8 @@ int proto_encode_start_run(struct proto_buf *b, uint64_t seq, const char *run_id
         enc_nil(&e);
     enc_int(&e, start_time);
     enc_kvs(&e, tags, ntags);
+    if (experiment_id)
+        enc_uint(&e, *experiment_id);
     return enc_end(&e);
 }
 
@@ -1080,7 +1083,11 @@ int proto_msg_decode(const struct proto_header *h, const uint8_t *body, struct p
         TRY(rd_opt_str(&c, &out->u.start_run.run_name, &out->u.start_run.has_run_name));
         TRY(rd_int(&c, &out->u.start_run.start_time));
         TRY(rd_kv_list(&c, &out->u.start_run.tags));
-        return rd_finish(&c, n, 5);
+        if (n < 6)
+            return rd_finish(&c, n, 5);
+        TRY(rd_uint(&c, &out->u.start_run.experiment_id));
+        out->u.start_run.has_experiment_id = true;
+        return rd_finish(&c, n, 6);
     case PROTO_METRIC:
         TRY(rd_top(&c, 5, &n));
         TRY(rd_run_id(&c, &out->u.metric.run_id));

@@ -167,9 +167,11 @@ int proto_encode_artifact(struct proto_buf *b, uint64_t seq, const char *run_id,
 int proto_encode_update_run(struct proto_buf *b, uint64_t seq, const char *run_id,
                             const struct proto_str *status, const int64_t *end_time,
                             const struct proto_str *run_name);
+/* START_RUN: experiment_id NULL starts the run in the experiment named experiment. */
 int proto_encode_start_run(struct proto_buf *b, uint64_t seq, const char *run_id,
                            struct proto_str experiment, const struct proto_str *run_name,
-                           int64_t start_time, const struct proto_kv *tags, size_t ntags);
+                           int64_t start_time, const struct proto_kv *tags, size_t ntags,
+                           const uint64_t *experiment_id);
 int proto_encode_metric(struct proto_buf *b, uint64_t seq, const char *run_id,
                         const struct proto_point *p);
 int proto_encode_kvs(struct proto_buf *b, uint64_t seq, int kind /* PARAMS or TAGS */,
@@ -242,9 +244,10 @@ struct proto_msg {
         } update_run;
         struct {
             struct proto_str run_id, experiment, run_name;
-            bool has_run_name;
+            bool has_run_name, has_experiment_id;
             int64_t start_time;
             struct proto_iter tags;
+            uint64_t experiment_id;
         } start_run;
         struct {
             struct proto_str run_id;

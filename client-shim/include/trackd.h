@@ -114,6 +114,15 @@ TRACKD_API int trackd_create_experiment_at(trackd_client *c, const char *name,
 TRACKD_API int trackd_start_run(trackd_client *c, const char *run_id, const char *experiment,
                                 const char *run_name, int64_t start_time_ms,
                                 const struct trackd_kv *tags, size_t ntags);
+/*
+ * The same in the experiment whose id is experiment_id (>= 0), as MLflow's create_run takes
+ * it: the run goes there even if another experiment now has the name, and never creates
+ * one. experiment is that experiment's name, for messages. -EINVAL for a negative id.
+ */
+TRACKD_API int trackd_start_run_in(trackd_client *c, const char *run_id, int64_t experiment_id,
+                                   const char *experiment, const char *run_name,
+                                   int64_t start_time_ms, const struct trackd_kv *tags,
+                                   size_t ntags);
 TRACKD_API int trackd_log_metric(trackd_client *c, const char *run_id, const char *key,
                                  double value, int64_t step, int64_t timestamp_ms);
 TRACKD_API int trackd_log_metrics(trackd_client *c, const char *run_id,

@@ -304,9 +304,9 @@ static int to_proto_kvs(const struct trackd_kv *in, size_t n, struct proto_kv **
     return 0;
 }
 
-int trackd_start_run(trackd_client *c, const char *run_id, const char *experiment,
-                     const char *run_name, int64_t start_time_ms, const struct trackd_kv *tags,
-                     size_t ntags)
+static int start_run(trackd_client *c, const char *run_id, const uint64_t *experiment_id,
+                     const char *experiment, const char *run_name, int64_t start_time_ms,
+                     const struct trackd_kv *tags, size_t ntags)
 {
     CHECK_USABLE(c);
     if (c == NULL || !run_id_ok(run_id) || (ntags && tags == NULL))
@@ -324,10 +324,11 @@ int trackd_start_run(trackd_client *c, const char *run_id, const char *experimen
     rc = admit(c, need, 1, need);
     if (rc == 0) {
         c->metrics_open = false;
-        rc = proto_encode_start_run(&c->pending, c->next_seq++, run_id, exp,
-                                    run_name ? &name : NULL, start_time_ms, kv, ntags)
-                 ? -ENOMEM
-                 : 0;
+        rc =
+            proto_encode_start_run(&c->pending, c->next_seq++, run_id, exp, run_name ? &name : NULL,
+                                   start_time_ms, kv, ntags, experiment_id)
+                ? -ENOMEM
+                : 0;
     }
     free(kv);
     if (rc != 0) {
@@ -335,6 +336,23 @@ int trackd_start_run(trackd_client *c, const char *run_id, const char *experimen
         return rc;
     }
     return appended(c, 1);
+}
+
+int trackd_start_run(trackd_client *c, const char *run_id, const char *experiment,
+                     const char *run_name, int64_t start_time_ms, const struct trackd_kv *tags,
+                     size_t ntags)
+{
+    return start_run(c, run_id, NULL, experiment, run_name, start_time_ms, tags, ntags);
+}
+
+int trackd_start_run_in(trackd_client *c, const char *run_id, int64_t experiment_id,
+                        const char *experiment, const char *run_name, int64_t start_time_ms,
+                        const struct trackd_kv *tags, size_t ntags)
+{
+    if (experiment_id < 0)
+        return -EINVAL;
+    uint64_t id = (uint64_t)experiment_id;
+    return start_run(c, run_id, &id, experiment, run_name, start_time_ms, tags, ntags);
 }
 
 /* Adds one point to the open many-points frame of run_id, opening one if needed. */

@@ -396,6 +396,24 @@ CASES = {
             read("status", [run.info.status, run.info.run_name])
         step("script", body)
     ''',
+    # A run started by experiment id after the experiment was renamed and another took its
+    # name: MLflow puts it in the experiment with that id, not in the namesake.
+    "renamed_experiment_namesake": '''
+        def body():
+            c = MlflowClient()
+            old = c.create_experiment("namesake")
+            r1 = c.create_run(old, run_name="first")
+            note("r1", r1.info.run_id)
+            c.set_terminated(r1.info.run_id, end_time=TS0)
+            c.rename_experiment(old, "namesake-old")
+            c.create_experiment("namesake")
+            r2 = c.create_run(old, run_name="second")
+            note("r2", r2.info.run_id)
+            c.set_terminated(r2.info.run_id, end_time=TS0)
+            read("second_in", c.get_experiment(c.get_run(r2.info.run_id).info.experiment_id).name)
+            step("unknown_id", synced, c.create_run, "987654")
+        step("script", body)
+    ''',
     # A block that raises: FAILED, the exception propagates unchanged.
     "block_raises": '''
         def body():

@@ -312,9 +312,24 @@ static void test_experiments_and_runs(void **state)
     assert_int_equal(s.n_state_runs, 3);
     assert_array(&s.state_runs, "{\"" R1 "\",\"" R2 "\",\"" R3 "\"}");
     assert_array(&s.state_exps, "{\"b\",\"a\",\"c,\\\\\"}");
+    assert_array(&s.run_exp_ids, "{NULL,NULL,NULL}");
+    assert_array(&s.state_exp_ids, "{NULL,NULL,NULL}");
     assert_int_equal(s.n_rejected, 0);
     assert_int_equal(s.copy.len, 0);
     assert_array(&s.tag_keys, "{}");
+
+    /* A run started by experiment id (stored + 1) goes by that id and creates nothing. */
+    struct batch b3;
+    batch_init(&b3);
+    size_t i = add_run(&b3, R1, "named", "", "ana", T0);
+    b3.evs[i].step = 7 + 1;
+    add_run(&b3, R2, "other", "", "ana", T0);
+    build(&b3, 0, b3.n, &s);
+    assert_array(&s.exp_names, "{\"other\"}");
+    assert_array(&s.run_exp_ids, "{\"7\",NULL}");
+    assert_array(&s.state_exp_ids, "{\"7\",NULL}");
+    assert_array(&s.run_exps, "{\"named\",\"other\"}");
+    batch_free(&b3);
 
     /* Names that differ only in length or case are different experiments. */
     struct batch b2;

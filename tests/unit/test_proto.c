@@ -255,7 +255,7 @@ static void test_vec_start_run(void **state)
     proto_buf_init(&b, 0);
     struct proto_kv tags[] = {{S("mlflow.user"), S("ana")}, {S("team"), S("vision")}};
     struct proto_str name = S("baseline");
-    assert_int_equal(proto_encode_start_run(&b, 3, R1, S("mnist"), &name, T0, tags, 2), 0);
+    assert_int_equal(proto_encode_start_run(&b, 3, R1, S("mnist"), &name, T0, tags, 2, NULL), 0);
     assert_bytes(b.data, b.len, v.data, v.len);
     proto_buf_free(&b);
     vec_free(&v);
@@ -279,9 +279,39 @@ static void test_vec_start_run_nil_name(void **state)
 
     struct proto_buf b;
     proto_buf_init(&b, 0);
-    assert_int_equal(proto_encode_start_run(&b, 4, R2, S("Default"), NULL, T0 + 1, NULL, 0), 0);
+    assert_int_equal(proto_encode_start_run(&b, 4, R2, S("Default"), NULL, T0 + 1, NULL, 0, NULL),
+                     0);
     assert_bytes(b.data, b.len, v.data, v.len);
     proto_buf_free(&b);
+    vec_free(&v);
+}
+
+/* An experiment id after the tags (a later field, as the protocol adds fields). */
+static void test_vec_start_run_exp_id(void **state)
+{
+    (void)state;
+    struct vec v;
+    struct proto_msg m;
+    vec_load("start_run_exp_id", &v);
+    vec_decode(&v, PROTO_START_RUN, 5, &m);
+    assert_str(m.u.start_run.run_id, R2);
+    assert_str(m.u.start_run.experiment, "Default");
+    assert_true(m.u.start_run.has_experiment_id);
+    assert_int_equal(m.u.start_run.experiment_id, 7);
+
+    struct proto_buf b;
+    proto_buf_init(&b, 0);
+    uint64_t id = 7;
+    assert_int_equal(proto_encode_start_run(&b, 5, R2, S("Default"), NULL, T0 + 1, NULL, 0, &id),
+                     0);
+    assert_bytes(b.data, b.len, v.data, v.len);
+    proto_buf_free(&b);
+    vec_free(&v);
+
+    /* Without it, the field is absent. */
+    vec_load("start_run_nil_name", &v);
+    vec_decode(&v, PROTO_START_RUN, 4, &m);
+    assert_false(m.u.start_run.has_experiment_id);
     vec_free(&v);
 }
 
@@ -1375,7 +1405,7 @@ static void test_msgpack_c_reads_ours(void **state)
         tags[i].value = (struct proto_str){big, (uint32_t)i};
     }
     proto_buf_init(&b, 0);
-    assert_int_equal(proto_encode_start_run(&b, 3, R1, S("e"), NULL, INT64_MIN, tags, 20), 0);
+    assert_int_equal(proto_encode_start_run(&b, 3, R1, S("e"), NULL, INT64_MIN, tags, 20, NULL), 0);
     unpack_frame(&b, PROTO_START_RUN, &u, &f, 5);
     OBJ_STR(&f[0], R1);
     OBJ_STR(&f[1], "e");
@@ -1572,10 +1602,10 @@ static void test_ours_reads_msgpack_c(void **state)
     assert_str(m.u.hello.client, "py/2");
     msgpack_sbuffer_destroy(&sb);
 
-    /* START_RUN with 10 tags (array16 of 20 from msgpack-c) and nil name. */
+    /* START_RUN with 10 tags (array16 of 20 from msgpack-c), nil name and experiment id 9. */
     msgpack_sbuffer_init(&sb);
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_array(&pk, 5 + N_FUTURE);
+    msgpack_pack_array(&pk, 6 + N_FUTURE);
     msgpack_pack_str_with_body(&pk, R1, 32);
     msgpack_pack_str_with_body(&pk, "exp", 3);
     msgpack_pack_nil(&pk);
@@ -1588,9 +1618,12 @@ static void test_ours_reads_msgpack_c(void **state)
         msgpack_pack_str_with_body(&pk, k, strlen(k));
         msgpack_pack_str_with_body(&pk, v, strlen(v));
     }
+    msgpack_pack_uint64(&pk, 9);
     pack_future_fields(&pk);
     assert_int_equal(((const uint8_t *)sb.data)[1 + 34 + 4 + 1 + 9], 0xdc);
     assert_int_equal(decode_sbuf(PROTO_START_RUN, &sb, &m), 0);
+    assert_true(m.u.start_run.has_experiment_id);
+    assert_int_equal(m.u.start_run.experiment_id, 9);
     assert_str(m.u.start_run.run_id, R1);
     assert_str(m.u.start_run.experiment, "exp");
     assert_false(m.u.start_run.has_run_name);
@@ -1883,8 +1916,9 @@ static int run_encoder(int e, struct proto_buf *b)
     case ENC_HELLO: return proto_encode_hello(b, 1, 99, S("prog"), S("src"), S("LOCAL"), S("c"));
     case ENC_WELCOME: return proto_encode_welcome(b, 0, S("0.1.0"), 1 << 20, 3);
     case ENC_EXPERIMENT: return proto_encode_experiment(b, 2, S("experiment"));
-    case ENC_START_RUN: return proto_encode_start_run(b, 3, R1, S("exp"), &name, T0, kv, 2);
-    case ENC_START_RUN_NIL: return proto_encode_start_run(b, 3, R1, S("exp"), NULL, T0, NULL, 0);
+    case ENC_START_RUN: return proto_encode_start_run(b, 3, R1, S("exp"), &name, T0, kv, 2, NULL);
+    case ENC_START_RUN_NIL:
+        return proto_encode_start_run(b, 3, R1, S("exp"), NULL, T0, NULL, 0, NULL);
     case ENC_METRIC: return proto_encode_metric(b, 4, R1, &p);
     case ENC_PARAMS: return proto_encode_kvs(b, 5, PROTO_PARAMS, R1, kv, 2);
     case ENC_TAGS: return proto_encode_kvs(b, 6, PROTO_TAGS, R1, kv, 2);
@@ -2123,6 +2157,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_vec_experiment),
         cmocka_unit_test(test_vec_start_run),
         cmocka_unit_test(test_vec_start_run_nil_name),
+        cmocka_unit_test(test_vec_start_run_exp_id),
         cmocka_unit_test(test_vec_metric),
         cmocka_unit_test(test_vec_metrics),
         cmocka_unit_test(test_vec_metrics_mixed),

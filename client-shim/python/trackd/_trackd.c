@@ -472,21 +472,27 @@ static PyObject *Client_create_experiment(ClientObject *self, PyObject *const *a
 static PyObject *Client_start_run(ClientObject *self, PyObject *const *args, Py_ssize_t nargs,
                                   PyObject *kwnames)
 {
-    static const char *const names[] = {"run_id", "experiment", "run_name", "start_time", "tags"};
-    PyObject *a[5];
+    static const char *const names[] = {"run_id",     "experiment", "run_name",
+                                        "start_time", "tags",       "experiment_id"};
+    PyObject *a[6];
     const char *run_id, *experiment, *run_name;
-    int64_t start;
+    int64_t start, exp_id;
     trackd_client *c = client_of(self);
-    if (c == NULL || parse_args("start_run", args, nargs, kwnames, names, 5, 2, a) != 0 ||
+    if (c == NULL || parse_args("start_run", args, nargs, kwnames, names, 6, 2, a) != 0 ||
         as_cstr(a[0], "run_id", &run_id) != 0 || as_cstr(a[1], "experiment", &experiment) != 0 ||
         as_opt_cstr(a[2], "run_name", &run_name) != 0 ||
-        as_int64(a[3], TRACKD_NOW, TRACKD_NOW, &start) != 0)
+        as_int64(a[3], TRACKD_NOW, TRACKD_NOW, &start) != 0 ||
+        as_int64(a[5], INT64_MIN, INT64_MIN, &exp_id) != 0)
         return NULL;
     struct kvs tags;
     if (kvs_from(a[4], "tags", &tags) != 0)
         return NULL;
     int rc;
-    SHIM_CALL(self, rc, trackd_start_run(c, run_id, experiment, run_name, start, tags.kv, tags.n));
+    SHIM_CALL(
+        self, rc,
+        exp_id != INT64_MIN
+            ? trackd_start_run_in(c, run_id, exp_id, experiment, run_name, start, tags.kv, tags.n)
+            : trackd_start_run(c, run_id, experiment, run_name, start, tags.kv, tags.n));
     PyObject *r = result(rc, run_id);
     kvs_free(&tags);
     return r;
@@ -974,9 +980,13 @@ static PyObject *Client_get_closed(ClientObject *self, void *unused)
 static PyMethodDef Client_methods[] = {
     FAST(create_experiment, "name, artifact_location=None",
          "Creates the experiment unless one has that name. Returns False if dropped."),
-    FAST(start_run, "run_id, experiment, run_name=None, start_time=None, tags=None",
+    FAST(start_run,
+         "run_id, experiment, run_name=None, start_time=None, tags=None, experiment_id=None",
          "Starts a run (ids from new_run_id()); start_time in epoch ms, default now;\n"
-         "tags: dict or pairs of str. Returns False if dropped."),
+         "tags: dict or pairs of str. With experiment_id (an int >= 0, as MLflow's\n"
+         "create_run takes it) the run goes to that experiment, whatever its name now;\n"
+         "else to the experiment named experiment, created if missing. Returns False if\n"
+         "dropped."),
     FAST(log_metric, "run_id, key, value, step=0, timestamp=None",
          "Queues one point; value: float, int, numpy scalar or anything with __float__;\n"
          "timestamp in epoch ms, default now. Returns False if the overflow policy dropped it."),

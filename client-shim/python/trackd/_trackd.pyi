@@ -36,6 +36,7 @@ class Client:
         run_name: Optional[str] = None,
         start_time: Optional[int] = None,
         tags: Optional[_Pairs] = None,
+        experiment_id: Optional[int] = None,
     ) -> bool: ...
     def log_metric(
         self, run_id: str, key: str, value: _Number, step: int = 0, timestamp: Optional[int] = None

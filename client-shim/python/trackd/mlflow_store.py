@@ -270,8 +270,11 @@ class TrackdStore(SqlAlchemyStore):
         run_id = uuid.uuid4().hex
         start_time = start_time if start_time is not None else get_current_time_millis()
         self._dirty = True
+        # By id, as MLflow's create_run: the run goes to this experiment even if it was
+        # renamed and another now has its name; the name is for the agent's messages.
+        exp_id = int(experiment_id) if str(experiment_id).isdigit() else None
         self._client().start_run(run_id, name, run_name, start_time,
-                                 {t.key: str(t.value) for t in tags})
+                                 {t.key: str(t.value) for t in tags}, experiment_id=exp_id)
         # The agent records the user the socket names; so does the returned entity.
         user = getpass.getuser()
         tags = [t for t in tags if t.key != MLFLOW_USER] + [RunTag(MLFLOW_USER, user)]
