@@ -310,6 +310,10 @@ CASES = {
                 mlflow.log_metric("acc", 0.9, step=1, timestamp=TS0, model_id=model.model_id)
                 mlflow.log_metrics({"f1": 0.8, "p": 0.7}, step=2, timestamp=TS0 + 1,
                                    model_id=model.model_id)
+                import numpy as np
+                ds = mlflow.data.from_numpy(np.arange(4.0), name="eval", digest="e1")
+                mlflow.log_metric("eval_acc", 0.75, step=2, timestamp=TS0 + 4,
+                                  model_id=model.model_id, dataset=ds)
                 mlflow.set_active_model(model_id=model.model_id)
                 mlflow.log_metric("loss", 0.1, step=3, timestamp=TS0 + 2)
                 mlflow.log_metric("plain", 1.0, step=0, timestamp=TS0 + 3, model_id=None)
