@@ -7,6 +7,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -140,6 +141,28 @@ class Postgres:
     def query(self, db, sql, params=None):
         with self.connect(db) as c:
             return c.execute(sql, params).fetchall()
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TcpPostgres(Postgres):
+    """The cluster on a port of its own (free_port()), which its socket file carries too; a
+    test adds TCP listening with -p and listen_addresses in opts."""
+
+    def __init__(self):
+        super().__init__()
+        self.port = free_port()
+
+    def dsn(self, db):
+        return super().dsn(db) + f" port={self.port}"
+
+    def url(self, db):
+        return super().url(db) + f"&port={self.port}"
 
 
 class Agent:

@@ -12,31 +12,14 @@ import subprocess
 from datetime import datetime
 
 import pytest
-from harness import BUILD, Agent, Postgres, driver_runs, run_driver, wait_for
+from harness import Agent, TcpPostgres, driver_runs, free_port, run_driver, wait_for
 
 TS0 = 1_700_000_000_000
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TcpPostgres(Postgres):
-    """The harness's cluster, also listening on 127.0.0.1 (its socket file carries the port)."""
-
-    def dsn(self, db):
-        return super().dsn(db) + f" port={self.port}"
-
-    def url(self, db):
-        return super().url(db) + f"&port={self.port}"
 
 
 @pytest.fixture(scope="module")
 def tcp_pg(artifact_root):
     pg = TcpPostgres()
-    pg.port = free_port()
     pg.start()
     pg.pause()
     pg.opts += f" -p {pg.port} -c listen_addresses=127.0.0.1"

@@ -3,40 +3,22 @@ the password given inline, in password_file, or in a PGPASSFILE, and never print
 log, `trackd stats`, the process title or error messages."""
 import os
 import pwd
-import socket
 import subprocess
 
 import pytest
-from harness import BUILD, Agent, Postgres, driver_runs, run_driver, wait_for
+from harness import BUILD, Agent, TcpPostgres, driver_runs, run_driver, wait_for
 
 PASSWORD = "pw-Sekret-4711"
 TS0 = 1_700_000_000_000
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def openssl(*args, cwd):
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-class TlsPostgres(Postgres):
-    """The harness's cluster, also listening on 127.0.0.1 with TLS and SCRAM passwords."""
-
-    def dsn(self, db):
-        return super().dsn(db) + f" port={self.port}"
-
-    def url(self, db):
-        return super().url(db) + f"&port={self.port}"
-
-
 @pytest.fixture(scope="module")
 def tls(artifact_root):
-    pg = TlsPostgres()
-    pg.port = free_port()
+    pg = TcpPostgres()  # listening on 127.0.0.1 with TLS and SCRAM passwords, below
     pg.start()
     d = pg.dir / "tls"
     d.mkdir()
