@@ -389,7 +389,11 @@ static int load_config(struct trackd_config *cfg, const char *path)
     return 0;
 }
 
-/* mkdir -p with mode 0700 for the directories it creates. */
+/*
+ * mkdir -p: the journal directory itself is private (0700); the directories above it that it
+ * creates are 0755, since /var/lib/trackd also holds the default artifact store, which MLflow
+ * readers on the node must reach.
+ */
 static int mkdir_p(const char *path)
 {
     char buf[4096];
@@ -398,7 +402,7 @@ static int mkdir_p(const char *path)
         if (*p != '/')
             continue;
         *p = '\0';
-        if (mkdir(buf, 0700) != 0 && errno != EEXIST)
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
             return -1;
         *p = '/';
     }

@@ -43,6 +43,27 @@ def test_unit_exposure_is_low(unit):
     assert float(m.group(1)) <= 2.0
 
 
+def test_journal_is_private_and_its_parents_are_not(pg, db, tmp_path):
+    """The agent makes the journal's missing parents 0755 (the default artifact store sits
+    beside the journal, under /var/lib/trackd) and the journal itself 0700."""
+    from harness import Agent
+
+    top = tmp_path / "state"
+    a = Agent(pg, db, tmp_path / "a")
+    a.config.write_text(a.config.read_text().replace(
+        str(a.workdir / "journal"), str(top / "trackd" / "journal")))
+    old = os.umask(0o022)
+    try:
+        a.start()
+    finally:
+        os.umask(old)
+    try:
+        assert (top.stat().st_mode & 0o777, (top / "trackd").stat().st_mode & 0o777,
+                (top / "trackd" / "journal").stat().st_mode & 0o777) == (0o755, 0o755, 0o700)
+    finally:
+        assert a.stop() == 0
+
+
 def test_agent_runs_unprivileged(pg, db, tmp_path, artifact_root):
     """As the unit runs it: a user with no privileges, owning only its socket directory and
     journal. Points logged through it land, and it does not warn about running as root."""
