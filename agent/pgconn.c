@@ -14,6 +14,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "stats.h"
 
 const char *const pgconn_tested_revisions[] = {
     "dc11669786a5", /* MLflow 3.17.x */
@@ -281,16 +282,63 @@ void pgconn_params_clear(struct pgconn_params *p)
 
 enum pgconn_class pgconn_classify(const char *sqlstate)
 {
-    if (sqlstate == NULL || strlen(sqlstate) != 5)
-        return PGCONN_RETRY;
-    if (strncmp(sqlstate, "08", 2) == 0 || strcmp(sqlstate, "40001") == 0 ||
-        strcmp(sqlstate, "40P01") == 0 || strncmp(sqlstate, "57P", 3) == 0 ||
-        strncmp(sqlstate, "53", 2) == 0 || strcmp(sqlstate, "55P03") == 0 ||
-        strcmp(sqlstate, "25006") == 0 /* read-only transaction: a standby */)
-        return PGCONN_RETRY;
-    if (strncmp(sqlstate, "22", 2) == 0 || strncmp(sqlstate, "23", 2) == 0)
+    if (sqlstate && strlen(sqlstate) == 5 &&
+        (strncmp(sqlstate, "22", 2) == 0 || strncmp(sqlstate, "23", 2) == 0))
         return PGCONN_ISOLATE;
-    return PGCONN_UNKNOWN;
+    return PGCONN_RETRY;
+}
+
+const struct pgconn_error_class *pgconn_error_class(const char *sqlstate)
+{
+    static struct pgconn_error_class classes[] = {
+        {"08", "connection exception", "check that PostgreSQL is up and reachable from this node",
+         NULL},
+        {"25", "invalid transaction state",
+         "a read-only server (a standby?) or a pooler's session state: point [postgres] dsn at "
+         "the primary",
+         NULL},
+        {"40", "transaction rollback",
+         "a serialization failure or deadlock with another session; look at the other session "
+         "if it persists",
+         NULL},
+        {"42", "syntax error or access rule violation",
+         "the MLflow schema or trackd's privileges changed: check the GRANTs on MLflow's "
+         "tables and the schema revision",
+         NULL},
+        {"53", "insufficient resources",
+         "PostgreSQL is out of disk, memory or connections (max_connections, the role's "
+         "CONNECTION LIMIT): free some",
+         NULL},
+        {"55", "object not in prerequisite state",
+         "another session holds a lock trackd needs (lock_timeout expired): find it in "
+         "pg_locks and pg_stat_activity",
+         NULL},
+        {"57", "operator intervention",
+         "a statement_timeout, a cancelled query, a terminated backend or a server shutdown: look "
+         "for long lock holders in pg_stat_activity, or raise statement_timeout for trackd's role",
+         NULL},
+        {"58", "system error", "an I/O error on the database server: check its log and disks",
+         NULL},
+        {"XX", "internal error", "a server bug or data corruption: check the PostgreSQL server log",
+         NULL},
+        {"other", "unexpected error", "check the PostgreSQL server log", NULL},
+    };
+    if (classes[0].counter == NULL) {
+        uint64_t *counters[] = {&stats.db_errors_class_08, &stats.db_errors_class_25,
+                                &stats.db_errors_class_40, &stats.db_errors_class_42,
+                                &stats.db_errors_class_53, &stats.db_errors_class_55,
+                                &stats.db_errors_class_57, &stats.db_errors_class_58,
+                                &stats.db_errors_class_XX, &stats.db_errors_other};
+        for (size_t i = 0; i < sizeof classes / sizeof classes[0]; i++)
+            classes[i].counter = counters[i];
+    }
+    size_t n = sizeof classes / sizeof classes[0];
+    if (sqlstate == NULL || sqlstate[0] == '\0')
+        return &classes[0];
+    for (size_t i = 0; i + 1 < n; i++)
+        if (strncmp(sqlstate, classes[i].code, 2) == 0)
+            return &classes[i];
+    return &classes[n - 1];
 }
 
 void pgconn_notice(void *arg, const char *message)

@@ -10,6 +10,7 @@
 
 #include <libpq-fe.h>
 #include <stddef.h>
+#include <stdint.h>
 
 struct trackd_config;
 
@@ -73,14 +74,32 @@ int pgconn_host_is_socket(const char *host);
 void pgconn_params_target(struct pgconn_params *p, const char *host, const char *hostaddr,
                           const char *port);
 
+/*
+ * What a failed transaction means for its events, by SQLSTATE class (PostgreSQL's
+ * "Appendix A. PostgreSQL Error Codes"). Only class 22 (data exception) and 23 (integrity
+ * constraint violation) say that a row of the transaction is bad: those ranges are split
+ * until the row is isolated and rejected. Every other state, known or not, says nothing
+ * about the data (a lost connection, a timeout, a lock, a full disk, a server bug): the
+ * range is retried with backoff, without limit, and nothing is rejected.
+ */
 enum pgconn_class {
-    PGCONN_RETRY,   /* transient: connection, serialization, deadlock, shutdown, resources */
-    PGCONN_ISOLATE, /* data error: some row in the batch is bad */
-    PGCONN_UNKNOWN  /* anything else: retried a few times, then isolated */
+    PGCONN_RETRY,  /* not the data's fault: retry the same range later */
+    PGCONN_ISOLATE /* class 22 or 23: some row in the range is bad */
 };
 
-/* Classifies a SQLSTATE (NULL = no state: a connection failure). */
+/* Classifies a SQLSTATE (NULL or "" = no state: the connection failed). */
 enum pgconn_class pgconn_classify(const char *sqlstate);
+
+/* A retried error's class, for counters and the operator. */
+struct pgconn_error_class {
+    const char *code;   /* "08", "57", ..., or "other" */
+    const char *name;   /* PostgreSQL's name of the class */
+    const char *advice; /* what the operator should look at, one sentence */
+    uint64_t *counter;  /* its counter in stats (db_errors_class_*) */
+};
+
+/* The class of sqlstate (NULL or "" = a lost connection, class 08); never NULL. */
+const struct pgconn_error_class *pgconn_error_class(const char *sqlstate);
 
 /*
  * The schema check: one simple query of two statements (alembic_version, then the columns of

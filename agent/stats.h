@@ -48,6 +48,16 @@
     X(batches_failed)                                                                              \
     X(batch_splits)                                                                                \
     X(db_retries)                                                                                  \
+    X(db_errors_class_08)                                                                          \
+    X(db_errors_class_25)                                                                          \
+    X(db_errors_class_40)                                                                          \
+    X(db_errors_class_42)                                                                          \
+    X(db_errors_class_53)                                                                          \
+    X(db_errors_class_55)                                                                          \
+    X(db_errors_class_57)                                                                          \
+    X(db_errors_class_58)                                                                          \
+    X(db_errors_class_XX)                                                                          \
+    X(db_errors_other)                                                                             \
     X(db_connects)                                                                                 \
     X(db_connected)                                                                                \
     X(db_schema_errors)                                                                            \

@@ -22,7 +22,6 @@
 #define COPY_CHUNK (64 * 1024)
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 10000
-#define UNKNOWN_RETRIES 3
 
 enum stmt {
     STMT_EXPS,
@@ -192,12 +191,15 @@ static void requeue_current(struct writer *w)
     }
 }
 
+static void count_retry(const char *sqlstate, const char *what, const char *msg);
+
 static void conn_lost(struct writer *w, const char *what)
 {
-    const char *err = w->pg ? PQerrorMessage(w->pg) : "";
-    log_limited(LOG_WARN, "[writer] PostgreSQL connection lost during %s: %.*s; retrying", what,
-                (int)strcspn(err, "\n"), err);
-    stats.db_retries++;
+    /* A terminated backend says why (57P01, 57P02, ...) before the socket closes. */
+    if (w->failed && w->fail_state[0])
+        count_retry(w->fail_state, what, w->fail_msg);
+    else
+        count_retry(NULL, what, w->pg ? PQerrorMessage(w->pg) : "");
     stats.db_connected = 0;
     requeue_current(w);
     clear_check(w);
@@ -252,6 +254,7 @@ static void connect_failed(struct writer *w, const char *why)
     /* Every address failed: the cycle starts again after a back-off. */
     log_limited(LOG_WARN, "[writer] cannot connect to PostgreSQL (%s); retrying", w->cycle_errors);
     stats.db_retries++;
+    stats.db_errors_class_08++;
     stats.db_connected = 0;
     backoff(w);
 }
@@ -697,31 +700,40 @@ static void range_committed(struct writer *w)
     clear_range_results(w);
     count_committed(w);
     w->attempts = 0;
-    w->unknown_failures = 0;
     w->cur.lo = w->cur.hi = 0;
     set_state(w, W_IDLE);
     start_next(w);
 }
 
+/*
+ * A transaction that failed for a reason that is not its data: counted by SQLSTATE class and
+ * logged with what the operator should look at (rate-limited). what is "" or the step.
+ */
+static void count_retry(const char *sqlstate, const char *what, const char *msg)
+{
+    const struct pgconn_error_class *c = pgconn_error_class(sqlstate);
+    (*c->counter)++;
+    stats.db_retries++;
+    if (sqlstate && sqlstate[0])
+        log_limited(LOG_WARN,
+                    "[writer] transaction failed with SQLSTATE %s (class %s, %s): %s; %s; "
+                    "the events stay queued and are retried",
+                    sqlstate, c->code, c->name, msg, c->advice);
+    else
+        log_limited(LOG_WARN, "[writer] PostgreSQL connection lost%s%s: %.*s; %s; retrying",
+                    what[0] ? " during " : "", what, (int)strcspn(msg, "\n"), msg, c->advice);
+}
+
 /* Decides what a failed range becomes: a retry, two halves, or a rejection. */
 static void range_failed(struct writer *w)
 {
-    enum pgconn_class cls = pgconn_classify(w->fail_state);
     stats.batches_failed++;
-    if (cls == PGCONN_UNKNOWN && ++w->unknown_failures <= UNKNOWN_RETRIES) {
-        log_limited(LOG_ERROR, "[writer] unexpected database error %s: %s; retrying", w->fail_state,
-                    w->fail_msg);
-        cls = PGCONN_RETRY;
-    }
-    if (cls == PGCONN_RETRY) {
-        log_limited(LOG_WARN, "[writer] transaction failed (%s: %s); retrying", w->fail_state,
-                    w->fail_msg);
-        stats.db_retries++;
+    if (pgconn_classify(w->fail_state) == PGCONN_RETRY) {
+        count_retry(w->fail_state, "", w->fail_msg);
         requeue_current(w);
         backoff(w);
         return;
     }
-    w->unknown_failures = 0;
     size_t lo = w->cur.lo, hi = w->cur.hi;
     w->cur.lo = w->cur.hi = 0;
     if (hi - lo == 1) {

@@ -3,8 +3,8 @@
  * committing queued batches one transaction per range: COPY of metric rows
  * into a staging table, then the run, tag, param, metric, latest_metrics and
  * end-run statements in one pipeline. SQLSTATE classes decide between retry
- * (with backoff, reconnecting if needed) and splitting the range until the
- * rows the database rejects are isolated.
+ * (with backoff, reconnecting if needed, without limit) and, for class 22 and
+ * 23 only, splitting the range until the rows the database rejects are isolated.
  */
 #ifndef TRACKD_WRITER_H
 #define TRACKD_WRITER_H
@@ -100,7 +100,6 @@ struct writer {
     PGresult *check_rev, *check_cols; /* schema check results so far */
     bool schema_ok;                   /* a check passed since the agent started */
     unsigned attempts;                /* consecutive failures, for backoff */
-    unsigned unknown_failures;
     uint64_t sync_sent_us;
     void (*closed_cb)(struct writer *);
 };

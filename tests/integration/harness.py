@@ -242,3 +242,41 @@ def driver_runs(out):
 
 def driver_errors(out):
     return [(int(f[1]), int(f[2]), f[3]) for f in out if f[0] == "error"]
+
+
+def report(scenario, sent, committed, duplicates, dead_lettered=0, dropped=0):
+    print(f"\nscenario={scenario} sent={sent} committed={committed} duplicates={duplicates} "
+          f"dead-lettered={dead_lettered} dropped={dropped}")
+
+
+class Streamer:
+    """A training process (trackd-driver) fed line by line, so a test can fault things
+    around it while it logs."""
+
+    def __init__(self, socket):
+        self.p = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", socket],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  bufsize=1)
+
+    def send(self, *fields):
+        self.p.stdin.write("\t".join(str(f) for f in fields) + "\n")
+        self.p.stdin.flush()
+
+    def read(self, prefix):
+        while True:
+            line = self.p.stdout.readline()
+            assert line, "the driver exited"
+            if line.startswith(prefix):
+                return line.rstrip("\n").split("\t")
+
+    def finish(self):
+        self.send("counters")
+        counters = self.read("counters")
+        self.p.stdin.close()
+        assert self.p.wait(60) == 0
+        return dict(f.split("=") for f in counters[1:])
+
+
+def count(pg, db, run_id):
+    return pg.query(db, "SELECT count(*), count(DISTINCT (key, step)) FROM metrics"
+                        " WHERE run_uuid = %s", (run_id,))[0]

@@ -5,14 +5,9 @@ import time
 import signal
 import subprocess
 
-from harness import BUILD, Agent, run_driver, wait_for
+from harness import BUILD, Agent, Streamer, count, report, run_driver, wait_for
 
 TS0 = 1_700_000_000_000
-
-
-def report(scenario, sent, committed, duplicates, dead_lettered=0, dropped=0):
-    print(f"\nscenario={scenario} sent={sent} committed={committed} duplicates={duplicates} "
-          f"dead-lettered={dead_lettered} dropped={dropped}")
 
 
 def test_agent_kill9_mid_stream_then_restart(pg, db, tmp_path):
@@ -92,39 +87,6 @@ def test_journal_commands_report_the_journal(pg, db, tmp_path):
     bad = subprocess.run([str(BUILD / "trackd"), "journal", "verify", str(jdir)],
                          capture_output=True, text=True)
     assert bad.returncode == 1, bad.stdout
-
-
-class Streamer:
-    """A training process (trackd-driver) fed line by line, so a test can fault things
-    around it while it logs."""
-
-    def __init__(self, socket):
-        self.p = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", socket],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  bufsize=1)
-
-    def send(self, *fields):
-        self.p.stdin.write("\t".join(str(f) for f in fields) + "\n")
-        self.p.stdin.flush()
-
-    def read(self, prefix):
-        while True:
-            line = self.p.stdout.readline()
-            assert line, "the driver exited"
-            if line.startswith(prefix):
-                return line.rstrip("\n").split("\t")
-
-    def finish(self):
-        self.send("counters")
-        counters = self.read("counters")
-        self.p.stdin.close()
-        assert self.p.wait(60) == 0
-        return dict(f.split("=") for f in counters[1:])
-
-
-def count(pg, db, run_id):
-    return pg.query(db, "SELECT count(*), count(DISTINCT (key, step)) FROM metrics"
-                        " WHERE run_uuid = %s", (run_id,))[0]
 
 
 def test_postgres_outage_mid_stream(pg, db, tmp_path):

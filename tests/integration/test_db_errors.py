@@ -1,0 +1,179 @@
+"""Transient database errors with a real server: only class 22 and 23 may reject an event;
+timeouts, locks, terminated backends and refused connections are retried until every
+acknowledged point is committed, and each is counted by SQLSTATE class."""
+
+import psycopg
+import pytest
+
+from harness import Agent, Streamer, count, report, wait_for
+
+TS0 = 1_700_000_000_000
+POINTS = 300
+
+
+def dead_letters(agent):
+    path = agent.workdir / "journal" / "dead-letter.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+class TableLock:
+    """Another session holding ACCESS EXCLUSIVE on one of MLflow's tables until release()."""
+
+    def __init__(self, pg, db, table):
+        self.conn = psycopg.connect(pg.dsn(db))
+        self.conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+
+    def release(self):
+        if not self.conn.closed:
+            self.conn.commit()
+            self.conn.close()
+
+
+def start_run(a, name):
+    s = Streamer(a.socket)
+    s.send("run", "r", "errors-exp", name, "now")
+    run_id = s.read("run")[2]
+    s.send("flush", 30000)
+    assert s.read("flush") == ["flush", "0"]
+    return s, run_id
+
+
+def log_points(s):
+    for i in range(POINTS):
+        s.send("metric", "r", "loss", i * 0.5, i, TS0 + i)
+    s.send("flush", 120000)
+
+
+def finish(scenario, pg, db, a, s, run_id):
+    """The flush returns, every point is in metrics once, nothing is dead-lettered."""
+    assert s.read("flush") == ["flush", "0"]
+    counters = s.finish()
+    rows, distinct = count(pg, db, run_id)
+    dead = dead_letters(a)
+    report(scenario, POINTS, rows, rows - distinct, dead_lettered=len(dead),
+           dropped=int(counters["dropped"]) + int(counters["lost"]))
+    assert rows == distinct == POINTS
+    assert dead == []
+    assert counters["errors"] == "0", counters
+    st = a.stats()
+    assert st["rejected_database"] == 0 and st["batch_splits"] == 0, st
+    latest = pg.query(db, "SELECT step, value FROM latest_metrics WHERE run_uuid = %s",
+                      (run_id,))
+    assert latest == [(POINTS - 1, (POINTS - 1) * 0.5)]
+    return st
+
+
+def test_statement_timeout_under_a_lock_is_retried(pg, db, tmp_path):
+    """statement_timeout = 2s while another session locks latest_metrics for longer: every
+    transaction fails with 57014 until the lock goes, and then all points commit."""
+    with pg.connect() as c:
+        c.execute(f'ALTER DATABASE "{db}" SET statement_timeout = \'2s\'')
+    a = Agent(pg, db, tmp_path / "a").start()
+    lock = None
+    try:
+        s, run_id = start_run(a, "timeout")
+        lock = TableLock(pg, db, "latest_metrics")
+        log_points(s)
+        wait_for(lambda: a.stats()["db_errors_class_57"] >= 3, 120, "three statement timeouts")
+        lock.release()
+        st = finish("statement-timeout-under-lock", pg, db, a, s, run_id)
+        assert st["db_errors_class_57"] >= 3
+        assert "SQLSTATE 57014 (class 57, operator intervention)" in a.log()
+        assert "raise statement_timeout for trackd's role" in a.log()
+    finally:
+        if lock:
+            lock.release()
+        assert a.stop() == 0
+
+
+def test_lock_timeout_is_retried(pg, db, tmp_path):
+    """lock_timeout = 300ms against a held lock: 55P03 is retried, not rejected."""
+    with pg.connect() as c:
+        c.execute(f'ALTER DATABASE "{db}" SET lock_timeout = \'300ms\'')
+    a = Agent(pg, db, tmp_path / "a").start()
+    lock = None
+    try:
+        s, run_id = start_run(a, "lock")
+        lock = TableLock(pg, db, "latest_metrics")
+        log_points(s)
+        wait_for(lambda: a.stats()["db_errors_class_55"] >= 3, 120, "three lock timeouts")
+        lock.release()
+        st = finish("lock-timeout", pg, db, a, s, run_id)
+        assert st["db_errors_class_55"] >= 3
+        assert "SQLSTATE 55P03 (class 55, object not in prerequisite state)" in a.log()
+    finally:
+        if lock:
+            lock.release()
+        assert a.stop() == 0
+
+
+def test_terminated_backend_is_retried(pg, db, tmp_path):
+    """The agent's backend is terminated (pg_terminate_backend) while its transaction waits
+    for a lock: 57P01 and the lost connection are retried on a new connection."""
+    a = Agent(pg, db, tmp_path / "a").start()
+    lock = None
+    try:
+        s, run_id = start_run(a, "terminate")
+        lock = TableLock(pg, db, "latest_metrics")
+        log_points(s)
+
+        def waiting_backends():
+            return pg.query(db, "SELECT pid FROM pg_stat_activity WHERE datname = %s"
+                                " AND wait_event_type = 'Lock'", (db,))
+
+        wait_for(waiting_backends, 60, "the agent's transaction to wait for the lock")
+        for (pid,) in waiting_backends():
+            pg.query(db, "SELECT pg_terminate_backend(%s)", (pid,))
+        wait_for(lambda: a.stats()["db_errors_class_57"] >= 1, 60, "the terminated backend")
+        # A new connection waits on the same lock again, until the lock is released.
+        wait_for(waiting_backends, 60, "the retried transaction to wait for the lock")
+        lock.release()
+        st = finish("terminated-backend", pg, db, a, s, run_id)
+        assert st["db_errors_class_57"] >= 1 and st["db_connects"] >= 2, st
+        assert "SQLSTATE 57P01" in a.log()
+    finally:
+        if lock:
+            lock.release()
+        assert a.stop() == 0
+
+
+@pytest.fixture
+def limited_role(pg, db):
+    """A role that is not a superuser (superusers ignore connection limits) and may write
+    MLflow's tables and create trackd's own."""
+    role = "trackd_limited"
+    with pg.connect(db) as c:
+        c.execute(f"DO $$ BEGIN CREATE ROLE {role} LOGIN; "
+                  "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        c.execute(f"ALTER ROLE {role} CONNECTION LIMIT -1")
+        c.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {role}")
+        c.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        c.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    yield role
+    with pg.connect() as c:
+        c.execute(f"ALTER ROLE {role} CONNECTION LIMIT -1")
+
+
+def test_too_many_connections_is_retried(pg, db, tmp_path, limited_role):
+    """The agent's role reaches its connection limit (53300 at connect): the agent keeps
+    journaling, retries with backoff, and commits everything once a connection is allowed."""
+    a = Agent(pg, db, tmp_path / "a")
+    a.config.write_text(a.config.read_text().replace("user=postgres", f"user={limited_role}"))
+    a.start()
+    try:
+        s, run_id = start_run(a, "limit")
+        with pg.connect() as c:
+            c.execute(f"ALTER ROLE {limited_role} CONNECTION LIMIT 0")
+            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                      " WHERE usename = %s", (limited_role,))
+        log_points(s)
+        wait_for(lambda: "too many connections for role" in a.log(), 60,
+                 "the refused connection in the agent's log")
+        before = a.stats()
+        assert before["db_connected"] == 0 and before["metrics_committed"] == 0, before
+        with pg.connect() as c:
+            c.execute(f"ALTER ROLE {limited_role} CONNECTION LIMIT -1")
+        st = finish("too-many-connections", pg, db, a, s, run_id)
+        assert st["db_errors_class_08"] >= 2, st
+    finally:
+        assert a.stop() == 0
