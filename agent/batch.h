@@ -34,9 +34,10 @@ enum ev_kind {
 };
 
 enum ev_flag {
-    EV_REJECTED = 1,    /* resolved as an error; skipped by later attempts */
+    EV_REJECTED = 1,    /* resolved (an error, or EV_COMMITTED_BEFORE); skipped by later attempts */
     EV_KEEP_STATUS = 2, /* EV_END_RUN leaves the status as stored */
-    EV_KEEP_END = 4     /* EV_END_RUN leaves the end time as stored */
+    EV_KEEP_END = 4,    /* EV_END_RUN leaves the end time as stored */
+    EV_COMMITTED_BEFORE = 8 /* replayed, and the journal's progress row says it is committed */
 };
 
 enum run_status { RUN_RUNNING, RUN_SCHEDULED, RUN_FINISHED, RUN_FAILED, RUN_KILLED };

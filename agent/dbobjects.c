@@ -26,6 +26,17 @@ const char dbobjects_ledger_sql[] =
     " finished_time bigint);"
     "CREATE INDEX IF NOT EXISTS trackd_artifacts_run ON trackd_artifacts (run_uuid)";
 
+const char dbobjects_progress_table_sql[] = "CREATE TABLE IF NOT EXISTS trackd_journal_progress ("
+                                            " journal_id text PRIMARY KEY,"
+                                            " lsn bigint NOT NULL,"
+                                            " events bigint NOT NULL,"
+                                            " updated_time bigint NOT NULL)";
+
+const char dbobjects_progress_sql[] =
+    "INSERT INTO trackd_journal_progress (journal_id, lsn, events, updated_time)"
+    " VALUES ($1, $2::bigint, $3::bigint, $4::bigint) ON CONFLICT (journal_id) DO UPDATE"
+    " SET lsn = EXCLUDED.lsn, events = EXCLUDED.events, updated_time = EXCLUDED.updated_time";
+
 const char dbobjects_views_sql[] =
     "CREATE OR REPLACE VIEW mlflow_runs AS SELECT run_uuid, name AS run_name, source_type,"
     " source_name, entry_point_name, user_id, status, start_time, end_time, source_version,"

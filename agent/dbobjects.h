@@ -13,6 +13,15 @@ struct trackd_config;
 
 /* CREATE ... IF NOT EXISTS for the ledger; safe to run at every connection. */
 extern const char dbobjects_ledger_sql[];
+/*
+ * trackd_journal_progress: one row per agent journal (journal_id, agent/journaldir.h), saying
+ * how far its records are committed: every record below lsn and the first `events` events of
+ * record lsn. Written in the same transaction as the events, so a crash between COMMIT and
+ * the journal's own marker (committed.lsn) cannot make the replay apply them twice.
+ */
+extern const char dbobjects_progress_table_sql[];
+/* Upsert of the progress row: $1 journal id, $2 lsn, $3 events, $4 now ms. */
+extern const char dbobjects_progress_sql[];
 /* CREATE OR REPLACE VIEW for every mlflow_* view ([postgres] seed_views). */
 extern const char dbobjects_views_sql[];
 

@@ -24,6 +24,7 @@
 #include "conn.h"
 #include "identity.h"
 #include "ingest.h"
+#include "journaldir.h"
 #include "journaler.h"
 #include "listener.h"
 #include "log.h"
@@ -56,9 +57,10 @@ struct agent {
     uint64_t started_ms;
     uint64_t shutdown_deadline_ms;
     uint64_t last_committed;
-    uint64_t replay_log_ms; /* last progress line while the replay waits */
-    bool replaying;         /* the journal is being replayed; nobody is served yet */
-    bool replay_complete;   /* every journaled record went through ingest */
+    uint64_t replay_log_ms;                 /* last progress line while the replay waits */
+    char journal_id[JOURNALDIR_ID_LEN + 1]; /* names the journal's progress row */
+    bool replaying;       /* the journal is being replayed; nobody is served yet */
+    bool replay_complete; /* every journaled record went through ingest */
     bool stopping;
 };
 
@@ -250,6 +252,9 @@ static void on_replayed(void *ctx, const struct frame_origin *o, const struct pr
 {
     struct agent *a = ctx;
     struct proto_msg m;
+    /* A replayed record is on disk: the writer may record progress up to it. */
+    if (lsn > a->journal.durable_lsn)
+        a->journal.durable_lsn = lsn;
     if (o->session && h->seq <= session_last_seq(&a->conns.sessions, o->session))
         return;
     if (proto_msg_decode(h, body, &m) != 0)
@@ -482,6 +487,13 @@ static int run_agent(const char *config_path)
                   strerror(errno));
         return 1;
     }
+    /* One agent per journal: held (and never closed) for the life of the process. */
+    if (journaldir_lock(a.cfg.journal_dir, msg, sizeof msg) < 0 ||
+        journaldir_identity(a.cfg.journal_dir, a.journal_id, msg, sizeof msg) != 0) {
+        log_error("[agent] %s", msg);
+        return 1;
+    }
+    writer_set_journal(&a.writer, a.journal_id, &a.journal.durable_lsn);
     deadletter_open(&a.dead, a.cfg.journal_dir);
     static struct s3_config s3;
     if (s3_config_init(&s3, a.cfg.s3_endpoint_url, a.cfg.s3_region, a.cfg.s3_access_key_id,

@@ -74,6 +74,7 @@
     X(journal_full)                                                                                \
     X(journal_bytes)                                                                               \
     X(replayed_frames)                                                                             \
+    X(replay_skipped_committed)                                                                    \
     X(artifacts_received)                                                                          \
     X(artifacts_uploaded)                                                                          \
     X(artifacts_failed)                                                                            \

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "dbobjects.h"
@@ -36,6 +37,7 @@ enum stmt {
     STMT_DELETES,
     STMT_ARTIFACTS,
     STMT_ARTIFACTS_DONE,
+    STMT_PROGRESS,
     STMT_COMMIT,
     STMT_COUNT
 };
@@ -45,6 +47,7 @@ static void report_run_states(struct writer *w);
 static void note_artifacts(struct writer *w, const PGresult *res);
 static void report_artifacts(struct writer *w);
 static void clear_check(struct writer *w);
+static void setup_done(struct writer *w);
 static void start_next(struct writer *w);
 static int push_range(struct writer *w, size_t lo, size_t hi);
 static void connect_start(struct writer *w);
@@ -52,9 +55,9 @@ static void connect_failed(struct writer *w, const char *why);
 
 const char *writer_state_name(enum writer_state s)
 {
-    static const char *const names[] = {"disconnected", "resolving", "connecting", "checking",
-                                        "ledger",       "idle",      "txn_start",  "copy_data",
-                                        "pipeline",     "rollback",  "backoff",    "closing"};
+    static const char *const names[] = {
+        "disconnected", "resolving", "connecting", "checking", "ledger",  "progress", "idle",
+        "txn_start",    "copy_data", "pipeline",   "rollback", "backoff", "closing"};
     return names[s];
 }
 
@@ -372,10 +375,10 @@ static void connect_start(struct writer *w)
 /* ---- transaction steps ----------------------------------------------------- */
 
 static const char *const stmt_names[] = {
-    "experiments", "runs",        "run states",      "tags",
-    "run names",   "params",      "metrics",         "latest_metrics",
-    "end runs",    "tag deletes", "artifact ledger", "artifact results",
-    "commit"};
+    "experiments",      "runs",        "run states",      "tags",
+    "run names",        "params",      "metrics",         "latest_metrics",
+    "end runs",         "tag deletes", "artifact ledger", "artifact results",
+    "journal progress", "commit"};
 
 static void record_failure(struct writer *w, const PGresult *res)
 {
@@ -499,6 +502,13 @@ static void send_pipeline(struct writer *w)
                            now};
         rc |= send_stmt(w, STMT_ARTIFACTS_DONE, batch_sql_artifacts_done, 4, v);
     }
+    if (w->range_lsn) {
+        char lsn[24], events[24];
+        snprintf(lsn, sizeof lsn, "%" PRIu64, w->range_lsn);
+        snprintf(events, sizeof events, "%" PRIu64, w->range_events);
+        const char *v[] = {w->journal_id, lsn, events, now};
+        rc |= send_stmt(w, STMT_PROGRESS, dbobjects_progress_sql, 4, v);
+    }
     rc |= send_stmt(w, STMT_COMMIT, "COMMIT", 0, NULL);
     if (rc != 0 || !PQpipelineSync(w->pg) || flush_out(w) != 0) {
         conn_lost(w, "pipeline");
@@ -540,8 +550,60 @@ static void send_copy(struct writer *w)
         conn_lost(w, "copy");
 }
 
+/*
+ * Where the journal stands once [cur.lo, cur.hi) is committed: the last event of the range
+ * that came from a durable journal record, as (record LSN, events of that record up to and
+ * including it). A frame's events are contiguous in one batch, so the count is its distance
+ * from the record's first event. Sets range_lsn = 0 when nothing new would be recorded.
+ */
+static void range_progress(struct writer *w)
+{
+    const struct batch *b = w->head;
+    uint64_t durable = w->durable_lsn ? *w->durable_lsn : 0;
+    w->range_lsn = w->range_events = 0;
+    if (!w->progress_ok)
+        return;
+    size_t k = w->cur.hi;
+    while (k > w->cur.lo && (b->evs[k - 1].lsn == 0 || b->evs[k - 1].lsn > durable))
+        k--;
+    if (k == w->cur.lo)
+        return;
+    uint64_t lsn = b->evs[k - 1].lsn;
+    size_t first = k - 1;
+    while (first > 0 && b->evs[first - 1].lsn == lsn)
+        first--;
+    uint64_t events = k - first;
+    if (lsn < w->progress_lsn || (lsn == w->progress_lsn && events <= w->progress_events))
+        return;
+    w->range_lsn = lsn;
+    w->range_events = events;
+}
+
+/* Replayed events the progress row covers were committed before the restart: not again. */
+static void skip_committed(struct writer *w)
+{
+    struct batch *b = w->head;
+    if (w->progress_lsn == 0)
+        return;
+    for (size_t i = w->cur.lo; i < w->cur.hi; i++) {
+        struct ev *ev = &b->evs[i];
+        if (ev->lsn == 0 || ev->lsn > w->progress_lsn || (ev->flags & EV_REJECTED))
+            continue;
+        if (ev->lsn == w->progress_lsn) {
+            size_t first = i;
+            while (first > 0 && b->evs[first - 1].lsn == ev->lsn)
+                first--;
+            if (i - first >= w->progress_events)
+                continue;
+        }
+        ev->flags |= EV_REJECTED | EV_COMMITTED_BEFORE;
+        stats.replay_skipped_committed++;
+    }
+}
+
 static void start_range(struct writer *w)
 {
+    range_progress(w);
     w->failed = false;
     w->fail_state[0] = '\0';
     w->copy_sent = 0;
@@ -653,6 +715,7 @@ static void start_next(struct writer *w)
             continue;
         }
         w->cur = w->stack[--w->nstack];
+        skip_committed(w);
         if (!range_has_work(w->head, w->cur))
             continue;
         if (batch_sql_build(w->head, w->cur.lo, w->cur.hi, &w->sql) != 0) {
@@ -689,6 +752,10 @@ static void count_committed(struct writer *w)
 
 static void range_committed(struct writer *w)
 {
+    if (w->range_lsn) {
+        w->progress_lsn = w->range_lsn;
+        w->progress_events = w->range_events;
+    }
     report_run_states(w);
     for (size_t k = 0; k < w->n_param_changed; k++) {
         char msg[1024];
@@ -841,6 +908,55 @@ static void clear_check(struct writer *w)
     w->check_rev = w->check_cols = NULL;
 }
 
+/* The connection is set up: read the journal's progress once, then write. */
+static void setup_done(struct writer *w)
+{
+    if (!w->progress_loaded && w->journal_id[0]) {
+        char q[512];
+        snprintf(q, sizeof q,
+                 "%s; SELECT lsn, events FROM trackd_journal_progress WHERE journal_id = '%s'",
+                 dbobjects_progress_table_sql, w->journal_id);
+        set_state(w, W_PROGRESS);
+        if (!PQsendQuery(w->pg, q) || flush_out(w) != 0)
+            conn_lost(w, "journal progress");
+        return;
+    }
+    set_state(w, W_IDLE);
+    start_next(w);
+}
+
+/* One result of the progress query: the CREATE, then the row (if any). */
+static void progress_result(struct writer *w, PGresult *res)
+{
+    ExecStatusType t = PQresultStatus(res);
+    if (t == PGRES_FATAL_ERROR) {
+        /* Only a missing privilege is for good; anything else (two agents creating the
+         * table at once: 23505 or 42P07) is tried again on a new connection. */
+        const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        if (st == NULL || strncmp(st, "42", 2) != 0 || strcmp(st, "42P07") == 0) {
+            w->progress_ok = false;
+            return;
+        }
+        log_error("[writer] cannot use trackd's table trackd_journal_progress: %.*s; events "
+                  "committed just before a crash may be written again at replay. Grant trackd's "
+                  "role CREATE on the schema (or create the table as its owner)",
+                  (int)strcspn(PQresultErrorMessage(res), "\n"), PQresultErrorMessage(res));
+        w->progress_loaded = true; /* do without, rather than never write */
+        w->progress_ok = false;
+        return;
+    }
+    if (t != PGRES_TUPLES_OK)
+        return;
+    w->progress_loaded = w->progress_ok = true;
+    if (PQntuples(res) == 1) {
+        w->progress_lsn = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
+        w->progress_events = strtoull(PQgetvalue(res, 0, 1), NULL, 10);
+        log_info("[writer] journal %s is committed up to record %" PRIu64 " (%" PRIu64
+                 " events of it)",
+                 w->journal_id, w->progress_lsn, w->progress_events);
+    }
+}
+
 /* The schema check's results are in: serve, or stay away from a database we must not write. */
 static void check_done(struct writer *w)
 {
@@ -872,8 +988,7 @@ static void check_done(struct writer *w)
             conn_lost(w, "ledger");
         return;
     }
-    set_state(w, W_IDLE);
-    start_next(w);
+    setup_done(w);
 }
 
 static void note_artifacts(struct writer *w, const PGresult *res)
@@ -928,11 +1043,25 @@ static void drive(struct writer *w)
 {
     while (w->pg && !PQisBusy(w->pg)) {
         enum writer_state st = w->state;
+        if (st == W_PROGRESS) {
+            PGresult *res = PQgetResult(w->pg);
+            if (res == NULL) {
+                if (!w->progress_loaded) {
+                    conn_lost(w, "journal progress");
+                    return;
+                }
+                set_state(w, W_IDLE);
+                start_next(w);
+                continue;
+            }
+            progress_result(w, res);
+            PQclear(res);
+            continue;
+        }
         if (st == W_LEDGER) {
             PGresult *res = PQgetResult(w->pg);
             if (res == NULL) {
-                set_state(w, W_IDLE);
-                start_next(w);
+                setup_done(w);
                 continue;
             }
             if (PQresultStatus(res) == PGRES_FATAL_ERROR) {
@@ -982,10 +1111,16 @@ static void drive(struct writer *w)
                     conn_lost(w, "pipeline exit");
                     return;
                 }
-                if (w->failed)
+                if (w->failed) {
                     send_rollback(w);
-                else
+                } else {
+                    if (w->exit_after_commits && --w->exit_after_commits == 0) {
+                        log_error("[writer] TRACKD_TEST_EXIT_AFTER_COMMITS: exiting after a "
+                                  "COMMIT, before anything else learns of it");
+                        _exit(86);
+                    }
                     range_committed(w);
+                }
                 continue;
             }
             bool ok = t == PGRES_TUPLES_OK && !w->failed && w->stmt_index < w->pending_results;
@@ -1067,6 +1202,12 @@ static void on_poll(uv_poll_t *h, int status, int events)
 
 /* ---- public -------------------------------------------------------------- */
 
+void writer_set_journal(struct writer *w, const char *id, const uint64_t *durable_lsn)
+{
+    snprintf(w->journal_id, sizeof w->journal_id, "%s", id);
+    w->durable_lsn = durable_lsn;
+}
+
 int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *cfg,
                 const struct writer_cbs *cbs, void *ctx)
 {
@@ -1076,6 +1217,9 @@ int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *c
     w->cbs = *cbs;
     w->ctx = ctx;
     w->poll_fd = -1;
+    const char *exit_after = getenv("TRACKD_TEST_EXIT_AFTER_COMMITS");
+    if (exit_after)
+        w->exit_after_commits = (unsigned)strtoul(exit_after, NULL, 10);
     batch_sql_init(&w->sql);
     /* MLflow's append_to_uri_path: exactly one '/' between root and id. */
     size_t rl = strlen(cfg->artifact_root);

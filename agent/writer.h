@@ -38,6 +38,7 @@ enum writer_state {
     W_CONNECTING, /* libpq connecting to one address */
     W_CHECKING,   /* schema check sent on a new connection */
     W_LEDGER,     /* creating trackd's own tables if missing */
+    W_PROGRESS,   /* reading the journal's progress row (once per process) */
     W_IDLE,
     W_TXN_START, /* BEGIN (and COPY start / end) results pending */
     W_COPY_DATA, /* streaming COPY rows */
@@ -96,6 +97,16 @@ struct writer {
     char **art_ret;       /* ledger rows returned: id, store_uri, status triples */
     size_t n_art_ret;
     bool ledger_ok;
+    /* Exactly once across crashes: each transaction records, in trackd_journal_progress, how
+     * far the journal is committed: every record below lsn, and the first `events` events
+     * of record lsn. Read once before the first write; events it covers are not written again. */
+    char journal_id[33];         /* "" = no journal: nothing recorded */
+    const uint64_t *durable_lsn; /* the journal's; progress never passes it */
+    bool progress_loaded;
+    bool progress_ok;                       /* the table exists and answered */
+    uint64_t progress_lsn, progress_events; /* committed */
+    uint64_t range_lsn, range_events;       /* what the range in flight records, 0 = none */
+    unsigned exit_after_commits;            /* TRACKD_TEST_EXIT_AFTER_COMMITS, tests only */
     char *ledger_sql;                 /* trackd_artifacts, and the mlflow_* views when configured */
     PGresult *check_rev, *check_cols; /* schema check results so far */
     bool schema_ok;                   /* a check passed since the agent started */
@@ -106,6 +117,11 @@ struct writer {
 
 int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *cfg,
                 const struct writer_cbs *cbs, void *ctx);
+/*
+ * Names the journal whose progress this writer records (id: 32 hex digits) and where its
+ * durable LSN is kept. Call before the first connection completes.
+ */
+void writer_set_journal(struct writer *w, const char *id, const uint64_t *durable_lsn);
 /* Queues b (takes ownership) and starts work if idle. */
 void writer_submit(struct writer *w, struct batch *b);
 /* True when nothing is queued or in flight. */

@@ -244,9 +244,11 @@ def driver_errors(out):
     return [(int(f[1]), int(f[2]), f[3]) for f in out if f[0] == "error"]
 
 
-def report(scenario, sent, committed, duplicates, dead_lettered=0, dropped=0):
+def report(scenario, sent, committed, duplicates, dead_lettered=0, dropped=0, **extra):
+    """One accounting line for the "fault scenarios" summary; extra adds name=value pairs."""
+    more = "".join(f" {k.replace('_', '-')}={v}" for k, v in extra.items())
     print(f"\nscenario={scenario} sent={sent} committed={committed} duplicates={duplicates} "
-          f"dead-lettered={dead_lettered} dropped={dropped}")
+          f"dead-lettered={dead_lettered} dropped={dropped}{more}")
 
 
 class Streamer:
