@@ -637,7 +637,7 @@ static void stop_reading(struct conn *c)
 /* Reads happen only while neither memory nor the journal is full and no shutdown runs. */
 static bool may_read(const struct conn_server *s)
 {
-    return !s->paused && !s->journal_full && !s->draining;
+    return !s->paused && !s->journal_full && !s->journal_stalled && !s->draining;
 }
 
 /*
@@ -719,6 +719,12 @@ void conn_journal_room(struct conn_server *s)
         return;
     s->journal_full = false;
     log_info("[conn] the journal has room again: resuming clients");
+    apply_reading(s);
+}
+
+void conn_journal_stalled(struct conn_server *s, bool stalled)
+{
+    s->journal_stalled = stalled;
     apply_reading(s);
 }
 

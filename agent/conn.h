@@ -76,6 +76,7 @@ struct conn_server {
     struct artifacts *artifacts; /* NULL: ARTIFACT frames are refused */
     uint64_t durable_lsn;        /* the journal is written up to here */
     bool journal_full;           /* reads paused until the journal has room again */
+    bool journal_stalled;        /* reads paused while journal writes fail (a full disk) */
     struct identity_rules rules; /* [agent] allowed_uids / allowed_gids */
     uv_timer_t sweep;            /* timeouts, rate windows, idle read buffers */
     uint64_t window_start_ms;
@@ -108,6 +109,8 @@ void conn_artifact_taken(struct conn *c, uint64_t seq, int rc, const char *msg);
 void conn_journal_durable(struct conn_server *s, uint64_t lsn);
 /* The journal has room again after being full. */
 void conn_journal_room(struct conn_server *s);
+/* Journal writes fail (stalled) or work again: no client is read meanwhile. */
+void conn_journal_stalled(struct conn_server *s, bool stalled);
 void conn_server_free(struct conn_server *s);
 
 #endif

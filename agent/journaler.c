@@ -166,13 +166,57 @@ static void apply_release(struct journaler *jr)
     jr->released_lsn = lsn;
 }
 
+#define RETRY_MIN_MS 100
+#define RETRY_MAX_MS 5000
+
+static void retry_cb(uv_timer_t *t)
+{
+    start_work(t->data);
+}
+
+/*
+ * A write or fsync failed. A full disk (ENOSPC, EDQUOT) or an I/O error does not go away by
+ * trying again at once: clients stop being read, the same block is tried again after 100 ms
+ * doubling to 5 s, and the first success resumes everything. Nothing is dropped: the block
+ * stays in memory, and its frames stay unacknowledged.
+ */
+static void write_failed(struct journaler *jr)
+{
+    int e = -jr->write_rc;
+    bool full = e == ENOSPC || e == EDQUOT;
+    stats.journal_write_errors++;
+    if (jr->failures++ == 0) {
+        if (full)
+            stats.journal_full++;
+        jr->cbs.stalled(jr->ctx, true);
+    }
+    uint64_t ms = RETRY_MIN_MS;
+    for (unsigned i = 1; i < jr->failures && ms < RETRY_MAX_MS; i++)
+        ms *= 2;
+    if (ms > RETRY_MAX_MS)
+        ms = RETRY_MAX_MS;
+    log_limited(LOG_ERROR,
+                "[journal] %s in %s failed: %s; %s; clients are not read and acknowledgements "
+                "wait; trying again in %llu ms",
+                jr->syncing ? "fsync" : "write", jr->cfg->journal_dir, jr->err.message,
+                full ? "the file system is full: free space there (or lower [journal] quota_bytes "
+                       "below what it can hold)"
+                     : "check the disk and the kernel log",
+                (unsigned long long)ms);
+    uv_timer_start(&jr->retry_timer, retry_cb, ms, 0);
+}
+
 static void after_work_cb(uv_work_t *w, int status)
 {
     struct journaler *jr = w->data;
     jr->writing = false;
-    if (status == 0 && jr->write_rc != 0)
-        log_limited(LOG_ERROR, "[journal] %s failed: %s; acknowledgements wait until it works",
-                    jr->syncing ? "fsync" : "write", jr->err.message);
+    bool failed = status == 0 && jr->write_rc != 0;
+    if (!failed && status == 0 && jr->failures) {
+        log_info("[journal] writing works again after %u failed attempt(s): resuming clients",
+                 jr->failures);
+        jr->failures = 0;
+        jr->cbs.stalled(jr->ctx, false);
+    }
     if (!jr->syncing) {
         if (status == 0 && jr->write_rc == 0) {
             uint64_t last = journal_block_last_lsn(jr->inflight);
@@ -188,19 +232,25 @@ static void after_work_cb(uv_work_t *w, int status)
     } else if (status == 0 && jr->write_rc == 0) {
         jr->dirty = false;
     }
-    jr->syncing = false;
     apply_release(jr);
     if (jr->closing) {
+        jr->syncing = false;
         journaler_close(jr, jr->closed);
         return;
     }
+    if (failed) {
+        write_failed(jr);
+        jr->syncing = false;
+        return;
+    }
+    jr->syncing = false;
     start_work(jr);
 }
 
 /* Gives the journal to a worker: the block that failed before, else the open block. */
 static void start_work(struct journaler *jr)
 {
-    if (jr->writing || jr->closing)
+    if (jr->writing || jr->closing || uv_is_active((uv_handle_t *)&jr->retry_timer))
         return;
     if (jr->inflight == NULL)
         jr->inflight = journal_seal(jr->j);
@@ -216,7 +266,7 @@ static void start_work(struct journaler *jr)
 static void sync_timer_cb(uv_timer_t *t)
 {
     struct journaler *jr = t->data;
-    if (jr->writing || !jr->dirty || jr->closing)
+    if (jr->writing || !jr->dirty || jr->closing || jr->failures)
         return;
     jr->writing = true;
     jr->syncing = true;
@@ -261,7 +311,8 @@ int journaler_open(struct journaler *jr, char *msg, size_t msglen)
             log_limited(LOG_WARN, "[journal] cannot delete committed segments: %s", strerror(-n));
     }
     uv_timer_init(jr->loop, &jr->sync_timer);
-    jr->sync_timer.data = jr;
+    uv_timer_init(jr->loop, &jr->retry_timer);
+    jr->sync_timer.data = jr->retry_timer.data = jr;
     if (jc.fsync == JOURNAL_FSYNC_INTERVAL)
         uv_timer_start(&jr->sync_timer, sync_timer_cb, cfg->journal_fsync_interval_ms,
                        cfg->journal_fsync_interval_ms);
@@ -338,6 +389,10 @@ void journaler_usage(const struct journaler *jr, uint64_t *bytes, uint64_t *quot
 static void timer_closed(uv_handle_t *h)
 {
     struct journaler *jr = h->data;
+    if (!uv_is_closing((uv_handle_t *)&jr->retry_timer)) {
+        uv_close((uv_handle_t *)&jr->retry_timer, timer_closed);
+        return;
+    }
     journal_close(jr->j);
     jr->j = NULL;
     if (jr->closed)
@@ -363,6 +418,7 @@ void journaler_close(struct journaler *jr, void (*closed)(struct journaler *))
     apply_release(jr);
     if (!uv_is_closing((uv_handle_t *)&jr->sync_timer)) {
         uv_timer_stop(&jr->sync_timer);
+        uv_timer_stop(&jr->retry_timer);
         uv_close((uv_handle_t *)&jr->sync_timer, timer_closed);
     }
 }

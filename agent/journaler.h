@@ -33,6 +33,9 @@ struct frame_origin {
 struct journaler_cbs {
     /* Every record with an LSN <= lsn is written (and synced as the policy asks). */
     void (*durable)(void *ctx, uint64_t lsn);
+    /* Writes fail (true: a full disk, an I/O error) or work again (false): while they fail,
+     * clients must not be read. */
+    void (*stalled)(void *ctx, bool stalled);
 };
 
 struct journaler {
@@ -42,7 +45,9 @@ struct journaler {
     struct journaler_cbs cbs;
     void *ctx;
     uv_work_t work;
-    uv_timer_t sync_timer; /* fsync = "interval": syncs written blocks nobody followed */
+    uv_timer_t sync_timer;  /* fsync = "interval": syncs written blocks nobody followed */
+    uv_timer_t retry_timer; /* a failed write is tried again after a backoff */
+    unsigned failures;      /* consecutive failed writes, for the backoff; 0 = writing works */
     struct journal_block *inflight;
     bool writing; /* a worker owns the journal (write or sync) */
     bool syncing; /* the work item is a sync, not a block */

@@ -246,6 +246,12 @@ static void on_durable(void *ctx, uint64_t lsn)
     conn_journal_durable(&a->conns, lsn);
 }
 
+static void on_stalled(void *ctx, bool stalled)
+{
+    struct agent *a = ctx;
+    conn_journal_stalled(&a->conns, stalled);
+}
+
 /* Replay: each journaled frame goes through ingest again, once per session and seq. */
 static void on_replayed(void *ctx, const struct frame_origin *o, const struct proto_header *h,
                         const uint8_t *body, uint64_t lsn)
@@ -463,7 +469,7 @@ static int run_agent(const char *config_path)
     struct writer_cbs wcbs = {on_reject, on_batch_done, on_artifact_ready, on_artifact_recorded};
     struct artifacts_cbs acbs = {on_snapshotted, on_uploaded};
     struct ingest_cbs icbs = {on_pause, on_flushed, on_error, on_released};
-    struct journaler_cbs jcbs = {on_durable};
+    struct journaler_cbs jcbs = {on_durable, on_stalled};
     if (writer_init(&a.writer, &a.loop, &a.cfg, &wcbs, &a) != 0)
         return 1;
     ingest_init(&a.ingest, &a.loop, &a.cfg, &a.writer, &icbs, &a);

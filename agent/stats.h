@@ -72,6 +72,7 @@
     X(journal_records)                                                                             \
     X(journal_blocks)                                                                              \
     X(journal_full)                                                                                \
+    X(journal_write_errors)                                                                        \
     X(journal_bytes)                                                                               \
     X(replayed_frames)                                                                             \
     X(replay_skipped_committed)                                                                    \

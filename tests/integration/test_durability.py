@@ -115,3 +115,84 @@ def test_crash_between_commit_and_marker_applies_nothing_twice(pg, db, tmp_path)
         assert progress == (1,)
     finally:
         assert a.stop() == 0
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far, from /proc/PID/stat."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 16 MiB tmpfs, mounted for the test (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small-fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mnt)],
+                   check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path):
+    """Writes path until the file system is full; returns the bytes written."""
+    chunk = b"\0" * (1 << 20)
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                written += f.write(chunk if written % (1 << 20) == 0 else chunk[:4096])
+            except OSError as e:
+                if e.errno != 28:
+                    raise
+                if len(chunk) == 4096:
+                    return written
+                chunk = chunk[:4096]
+
+
+FULL_SECONDS = 60
+
+
+def test_full_journal_disk_waits_without_spinning(pg, db, tmp_path, small_fs):
+    """The journal's file system fills up while a client logs: the agent stops reading
+    clients, retries the write with backoff (under 5% of a core for 60 s), counts it, and
+    commits everything by itself once space returns."""
+    a = Agent(pg, db, tmp_path / "a")
+    a.config.write_text(a.config.read_text().replace(str(tmp_path / "a" / "journal"),
+                                                     str(small_fs / "journal")))
+    a.start()
+    s = Streamer(a.socket)
+    try:
+        s.send("run", "r", "disk-full-exp", "d", "now")
+        run_id = s.read("run")[2]
+        s.send("flush", 30000)
+        assert s.read("flush") == ["flush", "0"]
+        filler = small_fs / "filler"
+        fill(filler)
+        points = 2000
+        for i in range(points):
+            s.send("metric", "r", "loss", i, i, TS0 + i)
+        wait_for(lambda: a.stats()["journal_full"] >= 1, 60, "the journal write to fail")
+        cpu0, t0 = cpu_seconds(a.proc.pid), time.monotonic()
+        deadline = t0 + FULL_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(1)  # the measurement window itself, not a synchronisation
+        cpu = (cpu_seconds(a.proc.pid) - cpu0) / (time.monotonic() - t0)
+        st = a.stats()
+        assert st["journal_write_errors"] <= 40, st
+        assert "the file system is full" in a.log()
+        filler.unlink()
+        s.send("flush", 120000)
+        assert s.read("flush") == ["flush", "0"]
+        counters = s.finish()
+        rows, distinct = count(pg, db, run_id)
+        report("disk-full-60s", points, rows, rows - distinct,
+               dropped=int(counters["dropped"]) + int(counters["lost"]),
+               cpu_while_full=f"{cpu * 100:.2f}%", write_attempts=st["journal_write_errors"])
+        assert cpu < 0.05, f"{cpu * 100:.1f}% of a core while the disk was full"
+        assert rows == distinct == points
+        assert "writing works again" in a.log()
+    finally:
+        assert a.stop() == 0
