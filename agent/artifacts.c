@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "http.h"
@@ -138,6 +139,47 @@ static int copy_and_hash(struct artifact *a, int out, uint8_t *buf)
     return rc;
 }
 
+static uint64_t ts_ns(struct timespec t)
+{
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void describe_state(char *out, size_t n, uint64_t size, uint64_t mtime_ns)
+{
+    time_t secs = (time_t)(mtime_ns / 1000000000u);
+    struct tm tm;
+    char when[32] = "?";
+    if (gmtime_r(&secs, &tm))
+        strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(out, n, "%" PRIu64 " bytes, modified %s.%09" PRIu64 "Z", size, when,
+             mtime_ns % 1000000000u);
+}
+
+/*
+ * After the copy: the file must still be what the client saw at the call (size and mtime;
+ * not ctime, which unlinking or renaming the file changes), and the copy as long as it.
+ * Otherwise it was rewritten in place after the call and the copy holds bytes of some other
+ * moment: nothing is stored.
+ */
+static int check_unchanged(struct artifact *a)
+{
+    struct stat st;
+    if (fstat(a->fd, &st) != 0)
+        return fail(a, -errno, "%s", "cannot stat the client's file");
+    const struct proto_file_seen *s = &a->seen;
+    if ((uint64_t)st.st_size == a->size && a->size == s->size &&
+        (s->mtime_ns == 0 || ts_ns(st.st_mtim) == s->mtime_ns))
+        return 0;
+    char then[96], now[96];
+    describe_state(then, sizeof then, s->size, s->mtime_ns);
+    describe_state(now, sizeof now, (uint64_t)st.st_size, ts_ns(st.st_mtim));
+    snprintf(a->msg, sizeof a->msg,
+             "the file changed after log_artifact (at the call: %s; when copied: %s), so nothing "
+             "was stored: write each version to a new file, or flush before rewriting it",
+             then, now);
+    return -ESTALE;
+}
+
 static void snapshot_work(uv_work_t *w)
 {
     struct artifact *a = w->data;
@@ -151,7 +193,7 @@ static void snapshot_work(uv_work_t *w)
     int out = open(part, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (buf == NULL || out < 0) {
         a->rc = fail(a, buf ? -errno : -ENOMEM, "cannot create %s", part);
-    } else if ((a->rc = copy_and_hash(a, out, buf)) == 0) {
+    } else if ((a->rc = copy_and_hash(a, out, buf)) == 0 && (a->rc = check_unchanged(a)) == 0) {
         if (fsync(out) != 0)
             a->rc = fail(a, -errno, "cannot fsync %s", part);
     }
@@ -219,6 +261,8 @@ static void snapshot_done(uv_work_t *w, int status)
         return;
     }
     if (a->rc != 0) {
+        if (a->rc == -ESTALE)
+            stats.artifacts_changed++;
         log_limited(LOG_WARN, "[artifacts] %s (%s): %s", a->id, a->path, a->msg);
         unlink_live(ar, a);
         ar->cbs.snapshotted(ar->ctx, a, a->rc, a->msg);
@@ -644,7 +688,8 @@ static struct artifact *new_artifact(struct artifacts *ar, const char *id)
 }
 
 int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session, uint64_t seq,
-                       const char *run_id, struct proto_str path, int fd, struct artifact **out)
+                       const char *run_id, struct proto_str path,
+                       const struct proto_file_seen *seen, int fd, struct artifact **out)
 {
     char id[40], meta[4200];
     snprintf(id, sizeof id, "%016" PRIx64 "-%016" PRIx64, session, seq);
@@ -678,6 +723,7 @@ int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session,
     a->conn_id = conn_id;
     a->seq = seq;
     a->fd = fd;
+    a->seen = *seen;
     memcpy(a->run_id, run_id, PROTO_RUN_ID_LEN);
     snprintf(a->path, sizeof a->path, "%.*s", (int)path.len, path.ptr);
     a->work.data = a;

@@ -46,7 +46,8 @@ struct artifact {
     /* Private. */
     struct artifacts *ar;
     uv_work_t work;
-    int fd; /* the client's file until snapshotted */
+    int fd;                      /* the client's file until snapshotted */
+    struct proto_file_seen seen; /* the file at the call, as the client saw it */
     bool uploading;
     unsigned attempts; /* uploads tried */
     uint64_t retry_at; /* loop time of the next attempt, while waiting */
@@ -91,12 +92,15 @@ int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_di
 /* NULL when path is a safe relative artifact path, else why it is not. */
 const char *artifacts_path_problem(const char *path, size_t len);
 /*
- * Takes fd and starts copying it into the spool; *out is the new artifact. -EEXIST when
- * this frame's artifact is already held (a resend), -ENOBUFS at the limit, -EBADF for
- * anything but a regular file, -ENOSPC when the copy would not fit; fd is closed on error.
+ * Takes fd and starts copying it into the spool; *out is the new artifact. seen is what the
+ * client saw at the call: a snapshot that ends with the file at another size or other times
+ * fails with -ESTALE (the bytes would not be the ones of the call). -EEXIST when this
+ * frame's artifact is already held (a resend), -ENOBUFS at the limit, -EBADF for anything
+ * but a regular file, -ENOSPC when the copy would not fit; fd is closed on error.
  */
 int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session, uint64_t seq,
-                       const char *run_id, struct proto_str path, int fd, struct artifact **out);
+                       const char *run_id, struct proto_str path,
+                       const struct proto_file_seen *seen, int fd, struct artifact **out);
 struct artifact *artifacts_find(struct artifacts *ar, const char *id);
 /* Queues the upload of a to store_uri (the full destination URI). */
 void artifacts_upload(struct artifacts *ar, struct artifact *a, const char *store_uri);

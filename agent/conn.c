@@ -323,9 +323,10 @@ static void on_artifact(struct conn *c, const struct proto_msg *m)
         (m->u.artifact.run_id.len != PROTO_RUN_ID_LEN || memchr(path.ptr, '\0', path.len) != NULL))
         problem = "bad run id or path";
     struct artifact *a = NULL;
-    int rc = problem ? -EINVAL
-                     : artifacts_snapshot(c->srv->artifacts, c->id, c->session, m->seq,
-                                          m->u.artifact.run_id.ptr, path, fd, &a);
+    int rc = problem
+                 ? -EINVAL
+                 : artifacts_snapshot(c->srv->artifacts, c->id, c->session, m->seq,
+                                      m->u.artifact.run_id.ptr, path, &m->u.artifact.seen, fd, &a);
     if (problem)
         close(fd);
     if (rc == -EEXIST) {

@@ -88,15 +88,6 @@ static void on_reject(void *ctx, const struct batch *b, const struct ev *ev, uin
                       const char *message)
 {
     struct agent *a = ctx;
-    if (ev->kind == EV_ARTIFACT && code != PROTO_ERR_SHUTDOWN) {
-        char id[64];
-        snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
-        struct artifact *art = artifacts_find(&a->art, id);
-        if (art) {
-            ingest_unhold(&a->ingest, art->serial);
-            artifacts_forget(&a->art, art);
-        }
-    }
     /* Not written at shutdown is not rejected: those events stay in the journal. */
     if (code != PROTO_ERR_SHUTDOWN)
         deadletter_event(&a->dead, b, ev, code,
@@ -106,6 +97,16 @@ static void on_reject(void *ctx, const struct batch *b, const struct ev *ev, uin
         conn_send_error(c, ev->seq, code, message);
     else
         stats.errors_undeliverable++;
+    /* Only now may a flush barrier waiting for this artifact answer: after its error. */
+    if (ev->kind == EV_ARTIFACT && code != PROTO_ERR_SHUTDOWN) {
+        char id[64];
+        snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
+        struct artifact *art = artifacts_find(&a->art, id);
+        if (art) {
+            ingest_unhold(&a->ingest, art->serial);
+            artifacts_forget(&a->art, art);
+        }
+    }
 }
 
 /* ---- artifacts -------------------------------------------------------------- */
@@ -159,9 +160,11 @@ static void on_recovered(void *ctx, struct artifact *art)
 static void on_uploaded(void *ctx, struct artifact *art, int rc, const char *msg)
 {
     struct agent *a = ctx;
-    ingest_unhold(&a->ingest, art->serial);
+    /* The error goes out before the hold is released: a flush waiting for this upload
+     * answers after it, so flush() never returns before the failure is in the client. */
     if (rc != 0)
         artifact_problem(a, art, msg);
+    ingest_unhold(&a->ingest, art->serial);
     if (ingest_artifact_done(&a->ingest, art->id, rc == 0 ? "done" : "failed",
                              rc == 0 ? NULL : msg) != 0)
         log_error("[artifacts] out of memory recording %s; it is uploaded again at the next "

@@ -79,6 +79,7 @@
     X(artifacts_received)                                                                          \
     X(artifacts_uploaded)                                                                          \
     X(artifacts_failed)                                                                            \
+    X(artifacts_changed)                                                                           \
     X(artifact_retries)                                                                            \
     X(artifacts_pending)                                                                           \
     X(artifact_bytes_uploaded)                                                                     \

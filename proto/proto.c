@@ -347,14 +347,16 @@ int proto_encode_delete_tag(struct proto_buf *b, uint64_t seq, const char *run_i
 }
 
 int proto_encode_artifact(struct proto_buf *b, uint64_t seq, const char *run_id,
-                          struct proto_str path, uint64_t size)
+                          struct proto_str path, const struct proto_file_seen *seen)
 {
     struct enc e;
     enc_begin(&e, b, PROTO_ARTIFACT, seq);
-    enc_array(&e, 3);
+    enc_array(&e, seen->mtime_ns ? 4 : 3);
     enc_str(&e, run_str(run_id));
     enc_str(&e, path);
-    enc_uint(&e, size);
+    enc_uint(&e, seen->size);
+    if (seen->mtime_ns)
+        enc_uint(&e, seen->mtime_ns);
     return enc_end(&e);
 }
 
@@ -1062,8 +1064,11 @@ int proto_msg_decode(const struct proto_header *h, const uint8_t *body, struct p
         TRY(rd_top(&c, 3, &n));
         TRY(rd_run_id(&c, &out->u.artifact.run_id));
         TRY(rd_str(&c, &out->u.artifact.path));
-        TRY(rd_uint(&c, &out->u.artifact.size));
-        return rd_finish(&c, n, 3);
+        TRY(rd_uint(&c, &out->u.artifact.seen.size));
+        if (n < 4)
+            return rd_finish(&c, n, 3);
+        TRY(rd_uint(&c, &out->u.artifact.seen.mtime_ns));
+        return rd_finish(&c, n, 4);
     case PROTO_UPDATE_RUN:
         TRY(rd_top(&c, 4, &n));
         TRY(rd_run_id(&c, &out->u.update_run.run_id));

@@ -158,11 +158,22 @@ int proto_encode_experiment_at(struct proto_buf *b, uint64_t seq, struct proto_s
 int proto_encode_delete_tag(struct proto_buf *b, uint64_t seq, const char *run_id,
                             struct proto_str key);
 /*
+ * What a client saw of a file at the call: its size and modification time (nanoseconds since
+ * the epoch, from fstat). The agent keeps the file's bytes only if they are still these when
+ * its snapshot is complete. (Not the status-change time: deleting or renaming the file right
+ * after the call, which is allowed, changes it.)
+ */
+struct proto_file_seen {
+    uint64_t size;
+    uint64_t mtime_ns; /* 0: not sent (an older client) */
+};
+
+/*
  * ARTIFACT: the file travels as a descriptor passed with the frame's first byte; path is
- * where it goes below the run's artifact root ("plots/loss.png"), size what the client saw.
+ * where it goes below the run's artifact root ("plots/loss.png"), seen what the client saw.
  */
 int proto_encode_artifact(struct proto_buf *b, uint64_t seq, const char *run_id,
-                          struct proto_str path, uint64_t size);
+                          struct proto_str path, const struct proto_file_seen *seen);
 /* UPDATE_RUN: each of status, end_time, run_name may be NULL to keep the stored value. */
 int proto_encode_update_run(struct proto_buf *b, uint64_t seq, const char *run_id,
                             const struct proto_str *status, const int64_t *end_time,
@@ -235,7 +246,7 @@ struct proto_msg {
         } delete_tag;
         struct {
             struct proto_str run_id, path;
-            uint64_t size;
+            struct proto_file_seen seen; /* mtime_ns = 0 when not sent */
         } artifact;
         struct {
             struct proto_str run_id, status, run_name;

@@ -145,11 +145,16 @@ TRACKD_API int trackd_update_run(trackd_client *c, const char *run_id, const cha
                                  int64_t end_time_ms, const char *run_name);
 /*
  * Hands a file to the agent for upload to the run's artifact store, as
- * artifact_path/<file name> (artifact_path NULL or "" = the root). Returns at once: the
- * open file travels to the agent as a descriptor, so the caller may delete or rename the
- * file right away. Rewriting the same file in place (same inode) before the agent has
- * copied it is the one race left. The upload itself happens later; flush() waits for the
- * agent to have taken the file, not for the upload. -EISDIR for a directory (see below).
+ * artifact_path/<file name> (artifact_path NULL or "" = the root). The stored file is the
+ * file as it is at this call, byte for byte, or nothing: files up to 1 MiB are copied here
+ * (into an anonymous memory file); a larger one travels to the agent as an open descriptor,
+ * with the size and modification time it has now, and the agent copies it at once. If it is rewritten
+ * in place before that copy is complete, the agent stores nothing and reports error 23
+ * ("... changed after log_artifact ..."): write each version to a new file, or call
+ * trackd_flush() before rewriting it. A file written in the current clock tick makes this
+ * call wait for the next tick (1-10 ms), so that any rewrite changes its modification time.
+ * The caller may delete or rename the file right away. flush() returns once the file is
+ * uploaded, or its failure is in the error stream. -EISDIR for a directory (see below).
  */
 TRACKD_API int trackd_log_artifact(trackd_client *c, const char *run_id, const char *local_path,
                                    const char *artifact_path);

@@ -7,6 +7,7 @@
  * frames. Producers wake it through an eventfd only when it sleeps idle, so
  * a busy training loop makes no system calls for logging at all.
  */
+#define _GNU_SOURCE /* memfd_create, CLOCK_REALTIME_COARSE */
 #include "trackd.h"
 
 #include <errno.h>
@@ -18,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <dirent.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -33,6 +35,7 @@
 #define MAX_POINTS_PER_FRAME 8192
 #define DEFAULT_MAX_FRAME (1024u * 1024u) /* until the agent's welcome says otherwise */
 #define ERROR_QUEUE 256
+#define ARTIFACT_COPY_MAX (1024 * 1024) /* copied at the call; larger files go as they are */
 #define RECONNECT_MIN_MS 50
 #define RECONNECT_MAX_MS 2000
 /*
@@ -507,6 +510,77 @@ int trackd_delete_tag(trackd_client *c, const char *run_id, const char *key)
                  proto_encode_delete_tag(&c->pending, seq, run_id, to_str(key)));
 }
 
+static uint64_t ts_ns(struct timespec t)
+{
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static bool same_file_state(const struct stat *a, const struct stat *b)
+{
+    return a->st_size == b->st_size && ts_ns(a->st_mtim) == ts_ns(b->st_mtim);
+}
+
+/*
+ * A copy of a small file (at most ARTIFACT_COPY_MAX bytes) in an anonymous memory file,
+ * made at the call as MLflow copies at the call: the agent then takes bytes nobody can
+ * change. Returns the copy's descriptor and its stat, or -errno (the caller falls back to
+ * the file itself). A file that changes while being copied is copied again, up to 3 times.
+ */
+static int copy_small(int fd, struct stat *st)
+{
+    char buf[64 * 1024];
+    for (int attempt = 0; attempt < 3; attempt++) {
+        int mfd = memfd_create("trackd-artifact", MFD_CLOEXEC);
+        if (mfd < 0)
+            return -errno;
+        off_t off = 0;
+        int rc = 0;
+        for (;;) {
+            ssize_t n = pread(fd, buf, sizeof buf, off);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0) {
+                rc = n < 0 ? -errno : 0;
+                break;
+            }
+            if (write(mfd, buf, (size_t)n) != n) {
+                rc = -(errno ? errno : EIO);
+                break;
+            }
+            off += n;
+        }
+        struct stat after;
+        if (rc == 0 && fstat(fd, &after) != 0)
+            rc = -errno;
+        if (rc == 0 && same_file_state(st, &after) && off == st->st_size && fstat(mfd, st) == 0)
+            return mfd;
+        close(mfd);
+        if (rc != 0)
+            return rc;
+        *st = after; /* it changed under the copy: take it as it is now */
+    }
+    return -EAGAIN;
+}
+
+/*
+ * File systems stamp writes with the coarse clock (one tick: 1-10 ms), so a file rewritten
+ * within the tick of its last write keeps its times, and the agent's check could not tell.
+ * When the file was written in the current tick, wait for the next tick (at most ~20 ms, and
+ * only then): any later write then gets a newer time. The same reasoning as git's "racy git".
+ */
+static void wait_past_tick(const struct stat *st)
+{
+    uint64_t stamp = ts_ns(st->st_mtim);
+    for (int i = 0; i < 20; i++) {
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME_COARSE, &now);
+        if (ts_ns(now) > stamp)
+            return;
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+}
+
 int trackd_log_artifact(trackd_client *c, const char *run_id, const char *local_path,
                         const char *artifact_path)
 {
@@ -537,6 +611,19 @@ int trackd_log_artifact(trackd_client *c, const char *run_id, const char *local_
         close(fd);
         return rc;
     }
+    bool copied = false;
+    if (st.st_size <= ARTIFACT_COPY_MAX) {
+        struct stat copy_st = st;
+        int copy = copy_small(fd, &copy_st);
+        if (copy >= 0) {
+            close(fd);
+            fd = copy;
+            st = copy_st;
+            copied = true;
+        }
+    }
+    if (!copied)
+        wait_past_tick(&st);
     size_t need = (size_t)pl + 96;
     pthread_mutex_lock(&c->mu);
     rc = admit(c, need, 1, need);
@@ -557,8 +644,10 @@ int trackd_log_artifact(trackd_client *c, const char *run_id, const char *local_
     if (rc == 0) {
         uint64_t seq = c->next_seq++;
         c->metrics_open = false;
+        /* What the file is at the call: the agent refuses to store other bytes. */
+        struct proto_file_seen seen = {(uint64_t)st.st_size, ts_ns(st.st_mtim)};
         if (proto_encode_artifact(&c->pending, seq, run_id, (struct proto_str){path, (uint32_t)pl},
-                                  (uint64_t)st.st_size) != 0)
+                                  &seen) != 0)
             rc = -ENOMEM;
         else
             c->fds[c->nfds++] = (struct fd_slot){seq, fd};

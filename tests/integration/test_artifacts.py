@@ -2,6 +2,9 @@
 artifact store and recorded in trackd_artifacts; MLflow lists and downloads them."""
 import hashlib
 import os
+from pathlib import Path
+
+import pytest
 
 from harness import BUILD, Agent, run_driver, wait_for
 
@@ -420,3 +423,79 @@ def test_s3_store_sizes_listed_and_downloaded_by_mlflow(pg, db, tmp_path):
         assert rows == sorted((f"out/{n}", s, "done") for n, s in files.items())
     finally:
         s3.stop()
+
+
+@pytest.mark.parametrize("size", [64 * 1024, 4 * 1024 * 1024], ids=["64KiB", "4MiB"])
+def test_file_rewritten_in_place_after_each_call(pg, db, agent, tmp_path, size):
+    """The "save the checkpoint to model.pt every epoch" loop, with the rewrite right after
+    each log_artifact (same inode, same size): a stored file is byte-identical to the file at
+    its call, or nothing is stored and the client gets an error saying why. Never `done`
+    with another epoch's bytes. Files up to 1 MiB are copied at the call, so all are kept."""
+    import trackd
+
+    def content(epoch):
+        return (f"epoch {epoch:02d} ".encode() * (size // 9 + 1))[:size]
+
+    trackd.errors()
+    trackd.start_run("rewrite-exp", socket=agent.socket)
+    run_id = trackd.active_run().run_id
+    model = tmp_path / "model.pt"
+    epochs = 20
+    try:
+        for epoch in range(epochs):
+            model.write_bytes(content(epoch))  # open(O_TRUNC): the same inode every time
+            trackd.log_artifact(model, f"e{epoch:02d}")
+        model.write_bytes(content(99))
+        try:
+            trackd.flush(120)
+        except trackd.TrackdError:
+            pass  # the refusals, read below
+        errors = trackd.errors()
+        trackd.end_run()
+    finally:
+        trackd.shutdown(30)
+    (uri,) = pg.query(db, "SELECT artifact_uri FROM runs WHERE run_uuid = %s", (run_id,))[0]
+    ledger = dict(pg.query(db, "SELECT path, status FROM trackd_artifacts WHERE run_uuid = %s",
+                           (run_id,)))
+    stored = wrong = 0
+    for epoch in range(epochs):
+        path = f"e{epoch:02d}/model.pt"
+        if path not in ledger:
+            continue
+        assert ledger[path] == "done", ledger
+        data = (Path(uri.removeprefix("file://")) / path).read_bytes()
+        if data == content(epoch):
+            stored += 1
+        else:
+            wrong += 1
+    refused = [e for e in errors if e[1] == 23 and "changed after log_artifact" in e[2]]
+    print(f"\nscenario=in-place-rewrite-{size // 1024}KiB sent={epochs} stored={stored} "
+          f"refused={len(refused)} wrong-done={wrong}")
+    assert wrong == 0
+    assert stored + len(refused) == epochs, (stored, errors)
+    assert len(errors) == len(refused), errors
+    if size <= 1024 * 1024:
+        assert stored == epochs
+    if refused:
+        assert "write each version to a new file, or flush before rewriting it" in refused[0][2]
+
+
+def test_flush_returns_after_the_upload_failure_is_reported(pg, db, agent, tmp_path):
+    """An upload that fails for good (a path segment over 255 bytes, which no local file
+    system takes): flush() returns only once the failure is in the client's error stream.
+    Ten clients in a row, each reading its errors right after its flush."""
+    src = tmp_path / "f.txt"
+    src.write_text("payload")
+    long_dir = "d" * 300
+    for attempt in range(10):
+        out, _ = run_driver(agent.socket, [
+            ["run", "r", "long-path-exp", f"a{attempt}", "now"],
+            ["artifact", "r", str(src), long_dir],
+            ["flush", "60000"],
+            ["errors"],
+        ])
+        flushes = [f for f in out if f[0] == "flush"]
+        errors = [f for f in out if f[0] == "error"]
+        assert flushes == [["flush", "0"]], out
+        assert len(errors) == 1 and errors[0][2] == "23", (attempt, out)
+        assert "File name too long" in errors[0][3], errors

@@ -98,7 +98,11 @@ static struct artifact *snapshot(struct artifacts *ar, uv_loop_t *loop, struct s
     assert_true(fd >= 0);
     struct artifact *a = NULL;
     struct proto_str p = {path, (uint32_t)strlen(path)};
-    assert_int_equal(artifacts_snapshot(ar, 7, 0xabc, seq, RUN, p, fd, &a), 0);
+    struct stat st;
+    assert_int_equal(fstat(fd, &st), 0);
+    struct proto_file_seen fs = {(uint64_t)st.st_size,
+                                 (uint64_t)st.st_mtim.tv_sec * 1000000000u + st.st_mtim.tv_nsec};
+    assert_int_equal(artifacts_snapshot(ar, 7, 0xabc, seq, RUN, p, &fs, fd, &a), 0);
     int before = s->snapshots;
     while (s->snapshots == before)
         uv_run(loop, UV_RUN_ONCE);
@@ -180,9 +184,31 @@ static void test_snapshot_upload_forget(void **state)
     /* The same frame again (a resend) is recognised. */
     int fd = open("/dev/null", O_RDONLY);
     struct artifact *dup = NULL;
-    assert_int_equal(
-        artifacts_snapshot(&f.ar, 7, 0xabc, 5, RUN, (struct proto_str){"x/y.txt", 7}, fd, &dup),
-        -EEXIST);
+    struct proto_file_seen none = {0, 0};
+    assert_int_equal(artifacts_snapshot(&f.ar, 7, 0xabc, 5, RUN, (struct proto_str){"x/y.txt", 7},
+                                        &none, fd, &dup),
+                     -EEXIST);
+
+    /* A file that is not what the client saw at the call (rewritten since) is not taken. */
+    char later[300];
+    snprintf(later, sizeof later, "%s/later.txt", f.dir);
+    write_file(later, "abcd");
+    fd = open(later, O_RDONLY);
+    struct stat st;
+    assert_int_equal(fstat(fd, &st), 0);
+    struct proto_file_seen old = {3, (uint64_t)st.st_mtim.tv_sec * 1000000000u - 1};
+    struct artifact *stale = NULL;
+    assert_int_equal(artifacts_snapshot(&f.ar, 7, 0xabc, 6, RUN, (struct proto_str){"l.txt", 5},
+                                        &old, fd, &stale),
+                     0);
+    int before = f.s.snapshots;
+    while (f.s.snapshots == before)
+        uv_run(&f.loop, UV_RUN_ONCE);
+    assert_int_equal(f.s.rc, -ESTALE);
+    assert_non_null(strstr(f.s.msg, "the file changed after log_artifact (at the call: 3 bytes"));
+    assert_non_null(strstr(f.s.msg, "when copied: 4 bytes"));
+    assert_null(artifacts_find(&f.ar, "0000000000000abc-0000000000000006"));
+    assert_int_equal(count_files(spool), 2); /* only y.txt's .data and .meta */
 
     snprintf(dest, sizeof dest, "file://%s/store/run/artifacts/x/y.txt", f.dir);
     artifacts_upload(&f.ar, a, dest);

@@ -463,11 +463,26 @@ static void test_vec_artifact(void **state)
     vec_decode(&v, PROTO_ARTIFACT, 12, &m);
     assert_str(m.u.artifact.run_id, R1);
     assert_str(m.u.artifact.path, "plots/loss.png");
-    assert_int_equal(m.u.artifact.size, 1024);
+    assert_int_equal(m.u.artifact.seen.size, 1024);
+    assert_int_equal(m.u.artifact.seen.mtime_ns, 0);
 
     struct proto_buf b;
     proto_buf_init(&b, 0);
-    assert_int_equal(proto_encode_artifact(&b, 12, R1, S("plots/loss.png"), 1024), 0);
+    struct proto_file_seen seen = {1024, 0};
+    assert_int_equal(proto_encode_artifact(&b, 12, R1, S("plots/loss.png"), &seen), 0);
+    assert_bytes(b.data, b.len, v.data, v.len);
+    proto_buf_free(&b);
+    vec_free(&v);
+
+    /* With what the client saw of the file at the call. */
+    vec_load("artifact_seen", &v);
+    vec_decode(&v, PROTO_ARTIFACT, 13, &m);
+    assert_str(m.u.artifact.path, "plots/loss.png");
+    assert_int_equal(m.u.artifact.seen.size, 1024);
+    assert_int_equal(m.u.artifact.seen.mtime_ns, UINT64_C(1700000000123456789));
+    proto_buf_init(&b, 0);
+    seen = (struct proto_file_seen){1024, UINT64_C(1700000000123456789)};
+    assert_int_equal(proto_encode_artifact(&b, 13, R1, S("plots/loss.png"), &seen), 0);
     assert_bytes(b.data, b.len, v.data, v.len);
     proto_buf_free(&b);
     vec_free(&v);
