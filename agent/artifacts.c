@@ -200,8 +200,10 @@ static void snapshot_work(uv_work_t *w)
     if (out >= 0)
         close(out);
     free(buf);
-    close(a->fd);
-    a->fd = -1;
+    if (a->rc != -ENOSPC && a->rc != -EDQUOT) {
+        close(a->fd); /* kept to copy again once the disk has room */
+        a->fd = -1;
+    }
     if (a->rc == 0 && rename(part, data) != 0)
         a->rc = fail(a, -errno, "cannot rename %s", part);
     if (a->rc == 0) {
@@ -246,6 +248,92 @@ static void unlink_live(struct artifacts *ar, struct artifact *a)
     }
 }
 
+/* ---- a full spool ----------------------------------------------------------------- */
+
+enum room { ROOM_NOW, ROOM_LATER, ROOM_NEVER };
+
+/*
+ * Room for a copy of size bytes, leaving the journal on the same file system its reserve:
+ * ARTIFACTS_SPOOL_RESERVE, or an eighth of a smaller file system. ROOM_NEVER when not even
+ * an empty file system would have it.
+ */
+static enum room spool_room(const struct artifacts *ar, uint64_t size)
+{
+    struct statvfs vfs;
+    if (statvfs(ar->spool, &vfs) != 0)
+        return ROOM_NOW; /* the copy itself will say */
+    uint64_t total = (uint64_t)vfs.f_blocks * vfs.f_frsize;
+    uint64_t reserve = total / 8 < ARTIFACTS_SPOOL_RESERVE ? total / 8 : ARTIFACTS_SPOOL_RESERVE;
+    if (size + reserve > total)
+        return ROOM_NEVER;
+    return (uint64_t)vfs.f_bavail * vfs.f_frsize >= size + reserve ? ROOM_NOW : ROOM_LATER;
+}
+
+static void snapshot_done(uv_work_t *w, int status);
+
+static int start_snapshot(struct artifacts *ar, struct artifact *a)
+{
+    a->work.data = a;
+    a->uploading = true; /* a worker owns it */
+    if (uv_queue_work(ar->loop, &a->work, snapshot_work, snapshot_done) != 0) {
+        a->uploading = false;
+        return -EAGAIN;
+    }
+    return 0;
+}
+
+static void space_cb(uv_timer_t *t);
+
+/*
+ * No room in the spool (a full disk, a quota): the snapshot waits, holding the client's
+ * descriptor, and so does its connection, whose later frames stay unread. Tried again after
+ * 100 ms doubling to 5 s; the first one that fits resumes the rest.
+ */
+static void wait_for_space(struct artifacts *ar, struct artifact *a)
+{
+    if (ar->space_wait == NULL && ar->space_failures == 0)
+        stats.artifact_spool_full++;
+    a->qnext = NULL;
+    struct artifact **p = &ar->space_wait;
+    while (*p)
+        p = &(*p)->qnext;
+    *p = a; /* first come, first copied */
+    if (uv_is_active((uv_handle_t *)&ar->space_timer))
+        return;
+    uint64_t ms = ARTIFACTS_SPACE_RETRY_MIN_MS;
+    for (unsigned i = 0; i < ar->space_failures && ms < ARTIFACTS_SPACE_RETRY_MAX_MS; i++)
+        ms *= 2;
+    if (ms > ARTIFACTS_SPACE_RETRY_MAX_MS)
+        ms = ARTIFACTS_SPACE_RETRY_MAX_MS;
+    ar->space_failures++;
+    log_limited(LOG_ERROR,
+                "[artifacts] the spool %s has no room for %s (%" PRIu64 " bytes) and room to spare "
+                "for the journal: free space there; its client waits, trying again in %" PRIu64
+                " ms",
+                ar->spool, a->path, a->size, ms);
+    uv_timer_start(&ar->space_timer, space_cb, ms, 0);
+}
+
+static void space_cb(uv_timer_t *t)
+{
+    struct artifacts *ar = t->data;
+    struct artifact *list = ar->space_wait;
+    ar->space_wait = NULL;
+    while (list) {
+        struct artifact *a = list;
+        list = a->qnext;
+        a->qnext = NULL;
+        if (ar->space_wait == NULL && spool_room(ar, a->size) != ROOM_LATER &&
+            start_snapshot(ar, a) == 0)
+            continue;
+        wait_for_space(ar, a);
+    }
+    if (ar->space_wait == NULL && ar->space_failures) {
+        log_info("[artifacts] the spool has room again after %u attempt(s)", ar->space_failures);
+        ar->space_failures = 0;
+    }
+}
+
 static void snapshot_done(uv_work_t *w, int status)
 {
     struct artifact *a = w->data;
@@ -258,6 +346,12 @@ static void snapshot_done(uv_work_t *w, int status)
     if (ar->closing) {
         unlink_live(ar, a);
         free_artifact(a);
+        return;
+    }
+    if (a->rc == -ENOSPC || a->rc == -EDQUOT) {
+        /* The disk filled during the copy: the partial copy is gone, the descriptor kept. */
+        a->rc = 0;
+        wait_for_space(ar, a);
         return;
     }
     if (a->rc != 0) {
@@ -636,7 +730,8 @@ int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_di
         return -e;
     }
     uv_timer_init(loop, &ar->retry_timer);
-    ar->retry_timer.data = ar;
+    uv_timer_init(loop, &ar->space_timer);
+    ar->retry_timer.data = ar->space_timer.data = ar;
     return 0;
 }
 
@@ -709,9 +804,8 @@ int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session,
         return -EBADF;
     }
     /* The spool copy must fit, with room to spare for the journal on the same disk. */
-    struct statvfs vfs;
-    if (statvfs(ar->spool, &vfs) == 0 &&
-        (uint64_t)vfs.f_bavail * vfs.f_frsize < (uint64_t)st.st_size + ARTIFACTS_SPOOL_RESERVE) {
+    enum room room = spool_room(ar, (uint64_t)st.st_size);
+    if (room == ROOM_NEVER) {
         close(fd);
         return -ENOSPC;
     }
@@ -726,14 +820,17 @@ int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session,
     a->seen = *seen;
     memcpy(a->run_id, run_id, PROTO_RUN_ID_LEN);
     snprintf(a->path, sizeof a->path, "%.*s", (int)path.len, path.ptr);
-    a->work.data = a;
-    a->uploading = true; /* a worker owns it */
-    if (uv_queue_work(ar->loop, &a->work, snapshot_work, snapshot_done) != 0) {
+    a->size = (uint64_t)st.st_size; /* until the copy says how much it took */
+    *out = a;
+    if (room == ROOM_LATER) {
+        wait_for_space(ar, a);
+        return 0;
+    }
+    if (start_snapshot(ar, a) != 0) {
         unlink_live(ar, a);
         free_artifact(a);
         return -EAGAIN;
     }
-    *out = a;
     return 0;
 }
 
@@ -839,6 +936,10 @@ int artifacts_recover(struct artifacts *ar, void (*cb)(void *ctx, struct artifac
 static void timer_closed(uv_handle_t *h)
 {
     struct artifacts *ar = h->data;
+    if (!uv_is_closing((uv_handle_t *)&ar->space_timer)) {
+        uv_close((uv_handle_t *)&ar->space_timer, timer_closed);
+        return;
+    }
     if (ar->closed)
         ar->closed(ar);
 }
@@ -847,8 +948,9 @@ void artifacts_close(struct artifacts *ar, void (*closed)(struct artifacts *))
 {
     ar->closing = true;
     ar->closed = closed;
-    ar->qhead = ar->qtail = ar->retry = NULL;
+    ar->qhead = ar->qtail = ar->retry = ar->space_wait = NULL;
     uv_timer_stop(&ar->retry_timer);
+    uv_timer_stop(&ar->space_timer);
     uv_close((uv_handle_t *)&ar->retry_timer, timer_closed);
     struct artifact *a = ar->live, *next;
     for (; a; a = next) {

@@ -21,8 +21,12 @@
 #define ARTIFACTS_MAX_UPLOADS 2
 #define ARTIFACTS_MAX_LIVE 4096 /* snapshotted and not yet recorded as uploaded */
 #define ARTIFACT_PATH_MAX 1024
-/* Free space the spool leaves on its file system (for the journal), in bytes. */
+/* Free space the spool leaves on its file system (for the journal), in bytes; on a file
+ * system smaller than 8 GiB, an eighth of it. */
 #define ARTIFACTS_SPOOL_RESERVE (1024ull * 1024 * 1024)
+/* No room in the spool: the snapshot is tried again after 100 ms, doubling to 5 s. */
+#define ARTIFACTS_SPACE_RETRY_MIN_MS 100
+#define ARTIFACTS_SPACE_RETRY_MAX_MS 5000
 /* A store that is down: retried after 1 s, doubling to 60 s, for about 30 minutes. */
 #define ARTIFACTS_RETRY_MIN_MS 1000
 #define ARTIFACTS_RETRY_MAX_MS 60000
@@ -76,7 +80,10 @@ struct artifacts {
     struct artifact *qhead, *qtail; /* uploads waiting for a slot */
     struct artifact *retry;         /* uploads waiting for their next attempt (qnext) */
     uv_timer_t retry_timer;
-    unsigned running; /* uploads on worker threads */
+    struct artifact *space_wait; /* snapshots waiting for room in the spool (qnext), in order */
+    uv_timer_t space_timer;
+    unsigned space_failures; /* consecutive checks that found no room, for the backoff */
+    unsigned running;        /* uploads on worker threads */
     bool closing;
     void (*closed)(struct artifacts *);
 };
@@ -96,7 +103,9 @@ const char *artifacts_path_problem(const char *path, size_t len);
  * client saw at the call: a snapshot that ends with the file at another size or other times
  * fails with -ESTALE (the bytes would not be the ones of the call). -EEXIST when this
  * frame's artifact is already held (a resend), -ENOBUFS at the limit, -EBADF for anything
- * but a regular file, -ENOSPC when the copy would not fit; fd is closed on error.
+ * but a regular file, -ENOSPC when not even an empty spool would hold it; fd is closed on
+ * error. A copy that does not fit now (a full disk) waits for room, retried with backoff,
+ * and snapshotted reports it once it is made.
  */
 int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session, uint64_t seq,
                        const char *run_id, struct proto_str path,

@@ -291,7 +291,9 @@ static const char *artifact_refusal(int rc)
     switch (rc) {
     case -ENOBUFS: return "too many artifacts pending in the agent";
     case -EBADF: return "the descriptor is not a regular file";
-    case -ENOSPC: return "the agent's spool has no room for it (1 GiB stays free for the journal)";
+    case -ENOSPC:
+        return "the agent's spool has no room for it even when empty (its file system's size, "
+               "less the room kept for the journal)";
     default: return strerror(-rc);
     }
 }

@@ -80,6 +80,7 @@
     X(artifacts_uploaded)                                                                          \
     X(artifacts_failed)                                                                            \
     X(artifacts_changed)                                                                           \
+    X(artifact_spool_full)                                                                         \
     X(artifact_retries)                                                                            \
     X(artifacts_pending)                                                                           \
     X(artifact_bytes_uploaded)                                                                     \

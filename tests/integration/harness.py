@@ -169,7 +169,7 @@ class Agent:
     """A trackd agent process with its own socket, config and log."""
 
     def __init__(self, pg, db, workdir, artifact_root="/tmp/trackd-artifacts", extra="",
-                 log_level="debug"):
+                 log_level="debug", journal_dir=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(self.workdir / "trackd.sock")
@@ -180,7 +180,7 @@ class Agent:
         self.config.write_text(
             f'[agent]\nsocket = "{self.socket}"\nlog_level = "{log_level}"\nshutdown_grace_ms = 20000\n'
             f'[postgres]\ndsn = "{pg.dsn(db)}"\n' + mlflow +
-            f'[journal]\ndir = "{self.workdir / "journal"}"\n' + extra)
+            f'[journal]\ndir = "{journal_dir or self.workdir / "journal"}"\n' + extra)
         self.proc = None
         self.command = [str(BUILD / "trackd")]  # a test may run it through a wrapper
 
@@ -270,6 +270,14 @@ class Streamer:
             assert line, "the driver exited"
             if line.startswith(prefix):
                 return line.rstrip("\n").split("\t")
+
+    def start_run(self, experiment, name, alias="r"):
+        """Starts a run as alias and waits until it is committed; returns its id."""
+        self.send("run", alias, experiment, name, "now")
+        run_id = self.read("run")[2]
+        self.send("flush", 30000)
+        assert self.read("flush") == ["flush", "0"]
+        return run_id
 
     def finish(self):
         self.send("counters")

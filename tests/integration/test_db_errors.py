@@ -31,11 +31,7 @@ class TableLock:
 
 def start_run(a, name):
     s = Streamer(a.socket)
-    s.send("run", "r", "errors-exp", name, "now")
-    run_id = s.read("run")[2]
-    s.send("flush", 30000)
-    assert s.read("flush") == ["flush", "0"]
-    return s, run_id
+    return s, s.start_run("errors-exp", name)
 
 
 def log_points(s):
