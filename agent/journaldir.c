@@ -7,8 +7,10 @@
 #define _GNU_SOURCE /* getrandom */
 #include "journaldir.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,10 +83,30 @@ static int read_id(const char *path, char id[JOURNALDIR_ID_LEN + 1], char *msg, 
     return 0;
 }
 
+/* True when dir holds a segment, live or quarantined: its LSNs go on from there. */
+static bool has_segments(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return true; /* cannot tell: keep the identity */
+    bool found = false;
+    for (struct dirent *e; !found && (e = readdir(d)) != NULL;)
+        found = strncmp(e->d_name, "seg-", 4) == 0;
+    closedir(d);
+    return found;
+}
+
 int journaldir_identity(const char *dir, char id[JOURNALDIR_ID_LEN + 1], char *msg, size_t msglen)
 {
     char path[4200], tmp[4220];
     snprintf(path, sizeof path, "%s/%s", dir, ID_FILE);
+    /* Without segments the LSNs start again at 1, so the identity must be new too: a
+     * progress row of the old one would otherwise cover records never committed. */
+    if (!has_segments(dir) && unlink(path) != 0 && errno != ENOENT) {
+        int e = errno;
+        snprintf(msg, msglen, "cannot replace the journal identity %s: %s", path, strerror(e));
+        return -e;
+    }
     int rc = read_id(path, id, msg, msglen);
     if (rc != -ENOENT) {
         if (rc < 0 && rc != -EINVAL)

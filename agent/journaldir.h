@@ -21,8 +21,9 @@ int journaldir_lock(const char *dir, char *msg, size_t msglen);
 /*
  * The journal's identity: 32 random hex digits in <dir>/journal.id, made at the first start
  * (written to a temporary name, fsynced, linked into place, the directory fsynced) and read
- * afterwards. A new directory is a new journal. Returns 0 with id (NUL-terminated) or -errno
- * with msg; a file that is not 32 hex digits is an error, never replaced.
+ * afterwards. A directory without segment files (new, or emptied by hand) gets a new one,
+ * since its LSNs start again at 1. Returns 0 with id (NUL-terminated) or -errno with msg; a
+ * file that is not 32 hex digits is an error, never replaced.
  */
 int journaldir_identity(const char *dir, char id[JOURNALDIR_ID_LEN + 1], char *msg, size_t msglen);
 

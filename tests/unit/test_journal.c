@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "journal.h"
+#include "journaldir.h"
 
 #define SEG_HDR 36 /* the sizes JOURNAL.md gives */
 #define BLK_HDR 48
@@ -972,9 +973,53 @@ static void test_api_edges(void **state)
     rm_rf(dir);
 }
 
+/* agent/journaldir.c: one user per directory, and an identity that lives as long as its LSNs. */
+static void test_directory_lock_and_identity(void **state)
+{
+    (void)state;
+    char dir[64], msg[512], id[JOURNALDIR_ID_LEN + 1], again[JOURNALDIR_ID_LEN + 1];
+    make_dir(dir);
+    int fd = journaldir_lock(dir, msg, sizeof msg);
+    assert_true(fd >= 0);
+    /* flock is per open file: a second lock, even from this process, is refused. */
+    assert_int_equal(journaldir_lock(dir, msg, sizeof msg), -EWOULDBLOCK);
+    char want[128];
+    snprintf(want, sizeof want, "is in use by another trackd agent (pid %ld)", (long)getpid());
+    assert_non_null(strstr(msg, want));
+    close(fd);
+    fd = journaldir_lock(dir, msg, sizeof msg);
+    assert_true(fd >= 0);
+    close(fd);
+
+    assert_int_equal(journaldir_identity(dir, id, msg, sizeof msg), 0);
+    assert_int_equal(strlen(id), JOURNALDIR_ID_LEN);
+    assert_int_equal(strspn(id, "0123456789abcdef"), JOURNALDIR_ID_LEN);
+    /* No segments yet: LSNs start at 1 again, so does the identity. */
+    assert_int_equal(journaldir_identity(dir, again, msg, sizeof msg), 0);
+    assert_string_not_equal(id, again);
+    /* With a segment the identity stays. */
+    char seg[128];
+    snprintf(seg, sizeof seg, "%s/seg-0000000000000001.tjl", dir);
+    FILE *f = fopen(seg, "w");
+    assert_non_null(f);
+    fclose(f);
+    assert_int_equal(journaldir_identity(dir, id, msg, sizeof msg), 0);
+    assert_string_equal(id, again);
+    /* A damaged identity is an error, never silently replaced. */
+    char idpath[128];
+    snprintf(idpath, sizeof idpath, "%s/journal.id", dir);
+    f = fopen(idpath, "w");
+    fputs("not-an-id\n", f);
+    fclose(f);
+    assert_int_equal(journaldir_identity(dir, id, msg, sizeof msg), -EINVAL);
+    assert_non_null(strstr(msg, "is not a journal identity"));
+    rm_rf(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_directory_lock_and_identity),
         cmocka_unit_test(test_crc32c),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_compression),
