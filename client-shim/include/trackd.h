@@ -148,8 +148,8 @@ TRACKD_API int trackd_update_run(trackd_client *c, const char *run_id, const cha
  * artifact_path/<file name> (artifact_path NULL or "" = the root). The stored file is the
  * file as it is at this call, byte for byte, or nothing: files up to 1 MiB are copied here
  * (into an anonymous memory file); a larger one travels to the agent as an open descriptor,
- * with the size and modification time it has now, and the agent copies it at once. If it is rewritten
- * in place before that copy is complete, the agent stores nothing and reports error 23
+ * with the size and modification time it has now, and the agent copies it at once. If it is
+ * rewritten in place before that copy is complete, the agent stores nothing and reports error 23
  * ("... changed after log_artifact ..."): write each version to a new file, or call
  * trackd_flush() before rewriting it. A file written in the current clock tick makes this
  * call wait for the next tick (1-10 ms), so that any rewrite changes its modification time.
