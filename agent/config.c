@@ -1040,6 +1040,34 @@ static char *dsn_redact(const char *dsn)
     return out;
 }
 
+int config_check(const struct trackd_config *c, char *msg, size_t msglen)
+{
+    if (strcmp(c->journal_fsync, "always") != 0 && strcmp(c->journal_fsync, "interval") != 0 &&
+        strcmp(c->journal_fsync, "never") != 0) {
+        snprintf(msg, msglen,
+                 "journal.fsync must be \"always\", \"interval\" or \"never\", not \"%s\"",
+                 c->journal_fsync);
+        return -EINVAL;
+    }
+    const char *uri = c->backend_uri ? c->backend_uri : "";
+    if (strstr(uri, "://") != NULL) {
+        char *masked = malloc(2 * strlen(uri) + 16);
+        if (masked == NULL)
+            return -ENOMEM;
+        *redact_uri(uri, masked) = '\0';
+        bool secret = strcmp(masked, uri) != 0;
+        free(masked);
+        if (secret) {
+            snprintf(msg, msglen,
+                     "mlflow.backend_uri carries a password (user:password@ or password=), and "
+                     "the agent announces it to every client: leave it out of the URI and give "
+                     "readers their own credentials (~/.pgpass or PGPASSWORD)");
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
 void config_dump(const struct trackd_config *c, FILE *out)
 {
     const char *section = NULL;

@@ -121,6 +121,13 @@ int config_format_error(const struct config_error *err, char *buf, size_t len);
  */
 void config_dump(const struct trackd_config *c, FILE *out);
 
+/*
+ * Checks between keys, after loading: journal.fsync is one of its words, and mlflow.backend_uri
+ * carries no password (user:password@ or password=): the agent sends it to every client.
+ * Returns 0, or -EINVAL with a sentence in msg naming the key and what to do.
+ */
+int config_check(const struct trackd_config *c, char *msg, size_t msglen);
+
 /* Frees the strings of c and sets them to NULL; safe to call twice. */
 void config_free(struct trackd_config *c);
 

@@ -393,11 +393,8 @@ static int load_config(struct trackd_config *cfg, const char *path)
         fprintf(stderr, "%s\n", line);
         return -1;
     }
-    if (strcmp(cfg->journal_fsync, "always") != 0 && strcmp(cfg->journal_fsync, "interval") != 0 &&
-        strcmp(cfg->journal_fsync, "never") != 0) {
-        fprintf(stderr,
-                "%s: journal.fsync must be \"always\", \"interval\" or \"never\", not \"%s\"\n",
-                path ? path : "configuration", cfg->journal_fsync);
+    if (config_check(cfg, line, sizeof line) != 0) {
+        fprintf(stderr, "%s: %s\n", path ? path : "configuration", line);
         return -1;
     }
     return 0;

@@ -482,6 +482,39 @@ static void test_env_mode_forms(void **state)
     }
 }
 
+/* config_check: cross-key rules, and no password in the URI the agent hands every client. */
+static void test_check(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *toml;
+        const char *error; /* NULL: accepted */
+    } cases[] = {
+        {"[mlflow]\nbackend_uri = 'postgresql://reader@db:5432/mlflow?sslmode=require'", NULL},
+        {"[mlflow]\nbackend_uri = 'postgresql://reader:s3cret@db/mlflow'", "carries a password"},
+        {"[mlflow]\nbackend_uri = 'postgresql://reader@db/mlflow?sslmode=require&password=x'",
+         "carries a password"},
+        {"[mlflow]\nbackend_uri = 'mysql+pymysql://u:p@db/mlflow'", "carries a password"},
+        {"[mlflow]\nbackend_uri = 'sqlite:////var/lib/mlflow.db'", NULL},
+        {"[journal]\nfsync = 'often'", "journal.fsync must be"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct trackd_config c;
+        int rc;
+        char msg[512] = "";
+        assert_string_equal(load(&c, cases[i].toml, strlen(cases[i].toml), &rc), "");
+        int check = config_check(&c, msg, sizeof msg);
+        if (cases[i].error == NULL) {
+            assert_int_equal(check, 0);
+        } else {
+            assert_int_equal(check, -EINVAL);
+            assert_non_null(strstr(msg, cases[i].error));
+            assert_null(strstr(msg, "s3cret"));
+        }
+        config_free(&c);
+    }
+}
+
 static void test_dump_redacts_dsn(void **state)
 {
     static const struct {
@@ -746,6 +779,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_format_error_truncates),
         cmocka_unit_test(test_identity_rules),
         cmocka_unit_test(test_log_scrub),
+        cmocka_unit_test(test_check),
         cmocka_unit_test(test_dsn_check_elides_quoted_pieces),
         cmocka_unit_test(test_dsn_targets),
     };
