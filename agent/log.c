@@ -57,13 +57,43 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+size_t log_escape(const char *in, char *out, size_t outlen)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t o = 0;
+    if (outlen == 0)
+        return 0;
+    for (const unsigned char *p = (const unsigned char *)in; *p; p++) {
+        char rep[5];
+        size_t n = 0;
+        if (*p == '\n')
+            rep[n++] = '\\', rep[n++] = 'n';
+        else if (*p == '\r')
+            rep[n++] = '\\', rep[n++] = 'r';
+        else if (*p == '\t')
+            rep[n++] = '\\', rep[n++] = 't';
+        else if (*p < 0x20 || *p == 0x7f)
+            rep[n++] = '\\', rep[n++] = 'x', rep[n++] = hex[*p >> 4], rep[n++] = hex[*p & 15];
+        else
+            rep[n++] = (char)*p;
+        if (o + n >= outlen)
+            break;
+        memcpy(out + o, rep, n);
+        o += n;
+    }
+    out[o] = '\0';
+    return o;
+}
+
 void log_write(int level, const char *fmt, ...)
 {
-    char msg[2048];
+    char raw[2048], msg[2048];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    vsnprintf(raw, sizeof raw, fmt, ap);
     va_end(ap);
+    /* One place for every string a client can put in a line: a line stays one line. */
+    log_escape(raw, msg, sizeof msg);
     log_scrub(msg);
 
     struct timespec ts;

@@ -7,6 +7,7 @@
 #ifndef TRACKD_LOG_H
 #define TRACKD_LOG_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 enum log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
@@ -34,6 +35,13 @@ int64_t log_ratelimit(int64_t *last_ms, int64_t *suppressed, int64_t interval_ms
  */
 void log_add_secret(const char *secret);
 /* Scrubs buf (NUL-terminated) in place; the text only gets shorter or stays the same. */
+/*
+ * Copies in to out with control characters escaped ("\n", "\r", "\t", "\x1b", ...), so text a
+ * client chose (a claimed user, a path, a key) can never start a log line of its own or send
+ * terminal escapes. log_write applies it to every line. Truncates to outlen - 1 bytes at a
+ * character boundary; returns the length written.
+ */
+size_t log_escape(const char *in, char *out, size_t outlen);
 void log_scrub(char *buf);
 
 #define log_at(level, ...)                                                                         \

@@ -678,6 +678,20 @@ static void test_log_scrub(void **state)
     assert_string_equal(line, "auth **** failed; ******** at end **");
 }
 
+/* A client's string cannot start a log line of its own or send terminal escapes. */
+static void test_log_escape(void **state)
+{
+    (void)state;
+    char out[64];
+    assert_int_equal(log_escape("ana\n2026-11-30T00:00:00.000Z WARN uid 0", out, sizeof out), 40);
+    assert_string_equal(out, "ana\\n2026-11-30T00:00:00.000Z WARN uid 0");
+    log_escape("a\tb\rc\x1b[31md\x7f\xc3\xa9", out, sizeof out);
+    assert_string_equal(out, "a\\tb\\rc\\x1b[31md\\x7f\xc3\xa9"); /* UTF-8 stays */
+    /* Truncated at a whole escape, never half of one. */
+    assert_int_equal(log_escape("ab\n", out, 4), 2);
+    assert_string_equal(out, "ab");
+}
+
 /* A DSN libpq cannot parse is refused, and the reason never quotes the string. */
 static void test_dsn_check_elides_quoted_pieces(void **state)
 {
@@ -779,6 +793,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_format_error_truncates),
         cmocka_unit_test(test_identity_rules),
         cmocka_unit_test(test_log_scrub),
+        cmocka_unit_test(test_log_escape),
         cmocka_unit_test(test_check),
         cmocka_unit_test(test_dsn_check_elides_quoted_pieces),
         cmocka_unit_test(test_dsn_targets),
