@@ -176,6 +176,8 @@ void conn_send_error(struct conn *c, uint64_t about_seq, uint32_t code, const ch
 
 void conn_send_flushed(struct conn *c, uint64_t flush_seq)
 {
+    if (c->flushes_waiting > 0)
+        c->flushes_waiting--;
     struct proto_buf pb;
     proto_buf_init(&pb, 0);
     if (proto_encode_flushed(&pb, 0, flush_seq, c->errors_sent) != 0 || !send_buf(c, &pb))
@@ -376,10 +378,23 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
     switch (m.kind) {
     case PROTO_HELLO: protocol_error(c, h->seq, "hello sent twice"); return;
     case PROTO_FLUSH:
-        /* Always answered, even when resent: the barrier is idempotent. */
-        ingest_flush(c->srv->ingest, c->id, m.seq);
         if (m.seq > c->last_seq)
             c->last_seq = m.seq;
+        /* One client's flood of barriers must not use up the agent-wide bound for others. */
+        if (c->flushes_waiting >= CONN_MAX_FLUSHES) {
+            char msg[160];
+            snprintf(msg, sizeof msg,
+                     "too many flush requests outstanding on this connection (%u): wait for "
+                     "the answers before sending more",
+                     CONN_MAX_FLUSHES);
+            stats.flushes_refused++;
+            conn_send_error(c, m.seq, PROTO_ERR_PROTOCOL, msg);
+            return;
+        }
+        /* Always answered, even when resent: the barrier is idempotent. */
+        c->flushes_waiting++;
+        if (ingest_flush(c->srv->ingest, c->id, m.seq) != 0)
+            c->flushes_waiting--;
         return;
     case PROTO_ARTIFACT: on_artifact(c, &m); return;
     case PROTO_WELCOME:

@@ -25,6 +25,9 @@ enum conn_state {
     CONN_CLOSING /* error sent or peer gone; closing once writes finish */
 };
 
+/* Flush barriers one connection may have waiting; the agent-wide bound is 65,536. */
+#define CONN_MAX_FLUSHES 1024
+
 struct conn_server;
 
 struct conn {
@@ -51,6 +54,7 @@ struct conn {
     size_t nfds;
     bool snapshotting; /* frames wait until the artifact before them is in the spool */
     uint64_t errors_sent;
+    uint32_t flushes_waiting; /* flush barriers not answered yet (CONN_MAX_FLUSHES) */
     /* Limits (see conn_sweep in conn.c); times are the loop's milliseconds. */
     uint64_t accepted_ms;
     uint64_t last_frame_ms;

@@ -163,27 +163,28 @@ void ingest_batch_done(struct ingest *in, struct batch *b)
     check_pressure(in);
 }
 
-void ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq)
+int ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq)
 {
     stats.flushes++;
     uint64_t target = in->next_serial - 1;
     if (barrier_passed(in, target)) {
         in->cbs.flushed(in->ctx, conn_id, flush_seq);
-        return;
+        return 0;
     }
     if (in->nwaiters == in->capwaiters) {
         size_t cap = in->capwaiters ? in->capwaiters * 2 : 16;
         struct flush_waiter *w = cap <= MAX_WAITERS ? realloc(in->waiters, cap * sizeof *w) : NULL;
         if (w == NULL) {
             in->cbs.error(in->ctx, conn_id, flush_seq, PROTO_ERR_PROTOCOL,
-                          "too many flush requests outstanding");
-            return;
+                          "too many flush requests outstanding in the agent");
+            return -ENOBUFS;
         }
         in->waiters = w;
         in->capwaiters = cap;
     }
     in->waiters[in->nwaiters++] = (struct flush_waiter){conn_id, flush_seq, target};
     ingest_cut(in);
+    return 0;
 }
 
 void ingest_forget_conn(struct ingest *in, uint32_t conn_id)

@@ -77,8 +77,12 @@ int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *
  * -ENOMEM when the event could not be stored (also reported).
  */
 int ingest_message(struct ingest *in, const struct ingest_origin *o, const struct proto_msg *msg);
-/* Registers a barrier for everything accepted so far. */
-void ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq);
+/*
+ * Registers a barrier for everything accepted so far; cbs.flushed answers it (maybe at once).
+ * Returns 0, or -ENOBUFS when the agent-wide bound on waiting barriers is reached (reported
+ * through cbs.error).
+ */
+int ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq);
 /*
  * A snapshotted artifact: its ledger row (trackd_artifacts) goes in with the open batch.
  * Strings are NUL-terminated. Returns the event's serial, or 0 if it could not be stored.

@@ -88,6 +88,7 @@
     X(errors_undeliverable)                                                                        \
     X(rows_per_sec)                                                                                \
     X(flushes)                                                                                     \
+    X(flushes_refused)                                                                             \
     X(uptime_s)
 
 struct stats {
