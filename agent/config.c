@@ -1040,6 +1040,28 @@ static char *dsn_redact(const char *dsn)
     return out;
 }
 
+const char *config_log_level_name(int level)
+{
+    return level >= 0 && level < 4 ? level_names[level] : "info";
+}
+
+void config_diff(const struct trackd_config *a, const struct trackd_config *b,
+                 void (*cb)(void *ctx, const char *section, const char *name), void *ctx)
+{
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        const struct config_key *k = &keys[i];
+        bool same;
+        if (k->type == KEY_STRING) {
+            const char *x = *(char *const *)field_of(a, k), *y = *(char *const *)field_of(b, k);
+            same = strcmp(x ? x : "", y ? y : "") == 0;
+        } else {
+            same = key_get_int(a, k) == key_get_int(b, k);
+        }
+        if (!same)
+            cb(ctx, k->section, k->name);
+    }
+}
+
 int config_check(const struct trackd_config *c, char *msg, size_t msglen)
 {
     if (strcmp(c->journal_fsync, "always") != 0 && strcmp(c->journal_fsync, "interval") != 0 &&

@@ -128,6 +128,16 @@ void config_dump(const struct trackd_config *c, FILE *out);
  */
 int config_check(const struct trackd_config *c, char *msg, size_t msglen);
 
+/* "error", "warn", "info" or "debug". */
+const char *config_log_level_name(int level);
+
+/*
+ * Calls cb for every key whose value differs between a and b ("agent", "log_level"), in
+ * table order. For SIGHUP: which settings a reloaded file changes.
+ */
+void config_diff(const struct trackd_config *a, const struct trackd_config *b,
+                 void (*cb)(void *ctx, const char *section, const char *name), void *ctx);
+
 /* Frees the strings of c and sets them to NULL; safe to call twice. */
 void config_free(struct trackd_config *c);
 

@@ -51,9 +51,10 @@ struct agent {
     struct deadletter dead;
     struct listener listener;
     struct artifacts art;
-    uv_signal_t sigterm, sigint;
-    uv_timer_t tick;     /* 1 s: rates and uptime */
-    uv_timer_t shutdown; /* polls for drain until the grace period ends */
+    uv_signal_t sigterm, sigint, sighup;
+    const char *config_path; /* reread at SIGHUP; NULL: built-in defaults */
+    uv_timer_t tick;         /* 1 s: rates and uptime */
+    uv_timer_t shutdown;     /* polls for drain until the grace period ends */
     uint64_t started_ms;
     uint64_t shutdown_deadline_ms;
     uint64_t last_committed;
@@ -337,6 +338,7 @@ static void finish(struct agent *a)
     uv_close((uv_handle_t *)&a->shutdown, NULL);
     uv_close((uv_handle_t *)&a->sigterm, NULL);
     uv_close((uv_handle_t *)&a->sigint, NULL);
+    uv_close((uv_handle_t *)&a->sighup, NULL);
 }
 
 static void shutdown_tick(uv_timer_t *t)
@@ -368,6 +370,51 @@ static void on_signal(uv_signal_t *s, int signum)
     conn_drain_all(&a->conns);
     ingest_cut(&a->ingest);
     uv_timer_start(&a->shutdown, shutdown_tick, 0, 20);
+}
+
+static int load_config(struct trackd_config *cfg, const char *path);
+
+struct reload {
+    struct agent *a;
+    const struct trackd_config *next;
+};
+
+/* One changed key of a reloaded file: applied if it is safe to, else named for a restart. */
+static void reload_key(void *ctx, const char *section, const char *name)
+{
+    struct reload *r = ctx;
+    if (strcmp(section, "agent") == 0 && strcmp(name, "log_level") == 0) {
+        r->a->cfg.log_level = r->next->log_level;
+        log_set_level(r->next->log_level);
+        log_info("[agent] SIGHUP: agent.log_level is now %s",
+                 config_log_level_name(r->next->log_level));
+        return;
+    }
+    log_warn("[agent] SIGHUP: %s.%s changed; it takes effect at the next restart", section, name);
+}
+
+/*
+ * SIGHUP, as PgBouncer: reread the configuration file (and TRACKD_* variables) and apply what
+ * is safe to change in a running agent, which is [agent] log_level; every other change is
+ * named as waiting for a restart. A file that does not load or check is logged and ignored.
+ * The log goes to stderr (journald under systemd), so there is no file to reopen.
+ */
+static void on_sighup(uv_signal_t *s, int signum)
+{
+    (void)signum;
+    struct agent *a = s->data;
+    struct trackd_config next;
+    log_info("[agent] SIGHUP: rereading %s",
+             a->config_path ? a->config_path : "the built-in defaults and TRACKD_* variables");
+    if (load_config(&next, a->config_path) != 0) {
+        log_error("[agent] SIGHUP: the configuration does not load (see the line above); "
+                  "nothing changed");
+        config_free(&next);
+        return;
+    }
+    struct reload r = {a, &next};
+    config_diff(&a->cfg, &next, reload_key, &r);
+    config_free(&next);
 }
 
 static void on_tick(uv_timer_t *t)
@@ -483,6 +530,10 @@ static int run_agent(const char *config_path)
     a.sigterm.data = a.sigint.data = &a;
     uv_signal_start(&a.sigterm, on_signal, SIGTERM);
     uv_signal_start(&a.sigint, on_signal, SIGINT);
+    uv_signal_init(&a.loop, &a.sighup);
+    a.sighup.data = &a;
+    a.config_path = config_path;
+    uv_signal_start(&a.sighup, on_sighup, SIGHUP);
     uv_timer_init(&a.loop, &a.tick);
     uv_timer_init(&a.loop, &a.shutdown);
     a.tick.data = a.shutdown.data = &a;
@@ -561,6 +612,7 @@ static int run_agent(const char *config_path)
         uv_close((uv_handle_t *)&a.shutdown, NULL);
         uv_close((uv_handle_t *)&a.sigterm, NULL);
         uv_close((uv_handle_t *)&a.sigint, NULL);
+        uv_close((uv_handle_t *)&a.sighup, NULL);
         uv_run(&a.loop, UV_RUN_DEFAULT);
         uv_loop_close(&a.loop);
         config_free(&a.cfg);

@@ -106,3 +106,33 @@ def test_agent_runs_unprivileged(pg, db, tmp_path, artifact_root):
         assert p.wait(30) == 0
         log.close()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_sighup_reloads_log_level_and_names_the_rest(pg, db, tmp_path):
+    """SIGHUP does not stop the agent: it rereads its file, applies [agent] log_level, names
+    every other changed key as needing a restart, and ignores a file that does not load."""
+    import signal
+
+    from harness import Agent
+
+    a = Agent(pg, db, tmp_path / "a", log_level="info").start()
+    try:
+        text = a.config.read_text()
+        a.config.write_text(text.replace('log_level = "info"', 'log_level = "debug"')
+                            .replace("shutdown_grace_ms = 20000", "shutdown_grace_ms = 15000"))
+        a.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "agent.log_level is now debug" in a.log(), 10, "the reload")
+        assert ("SIGHUP: agent.shutdown_grace_ms changed; it takes effect at the next restart"
+                in a.log())
+        out, _ = run_driver(a.socket, [["run", "r", "hup-exp", "h", "now"], ["flush", "30000"]])
+        assert ["flush", "0"] in out
+        assert "DEBUG" in a.log()  # the new level is in effect
+
+        a.config.write_text(text.replace('log_level = "info"', 'log_level = "loud"'))
+        a.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "the configuration does not load" in a.log(), 10, "the refusal")
+        assert a.proc.poll() is None
+        out, _ = run_driver(a.socket, [["run", "r", "hup-exp", "h2", "now"], ["flush", "30000"]])
+        assert ["flush", "0"] in out
+    finally:
+        assert a.stop() == 0
