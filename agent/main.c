@@ -248,6 +248,7 @@ static void on_durable(void *ctx, uint64_t lsn)
 {
     struct agent *a = ctx;
     conn_journal_durable(&a->conns, lsn);
+    writer_journal_durable(&a->writer);
 }
 
 static void on_stalled(void *ctx, bool stalled)

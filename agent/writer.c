@@ -699,9 +699,24 @@ static int push_range(struct writer *w, size_t lo, size_t hi)
 }
 
 /* Picks the next range of the head batch (or the next batch) and starts it. */
+/* The last journal record the batch's events came from; 0 when none did. */
+static uint64_t batch_last_lsn(const struct batch *b)
+{
+    for (size_t i = b->n; i > 0; i--)
+        if (b->evs[i - 1].lsn)
+            return b->evs[i - 1].lsn;
+    return 0;
+}
+
 static void start_next(struct writer *w)
 {
     while (w->state == W_IDLE && w->head) {
+        /* The database never gets ahead of the journal: a batch is written once every record
+         * it came from is durable, so a crash can never leave committed events whose record
+         * is lost, and the progress row can always cover what a transaction commits.
+         * writer_journal_durable() comes back here. */
+        if (!w->head_started && w->durable_lsn && batch_last_lsn(w->head) > *w->durable_lsn)
+            return;
         if (!w->head_started) {
             w->head_started = true;
             if (w->head->n && push_range(w, 0, w->head->n) != 0) {
@@ -1201,6 +1216,12 @@ static void on_poll(uv_poll_t *h, int status, int events)
 }
 
 /* ---- public -------------------------------------------------------------- */
+
+void writer_journal_durable(struct writer *w)
+{
+    if (w->state == W_IDLE)
+        start_next(w);
+}
 
 void writer_set_journal(struct writer *w, const char *id, const uint64_t *durable_lsn)
 {

@@ -122,6 +122,8 @@ int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *c
  * durable LSN is kept. Call before the first connection completes.
  */
 void writer_set_journal(struct writer *w, const char *id, const uint64_t *durable_lsn);
+/* The journal's durable LSN moved: a batch waiting for it may be written now. */
+void writer_journal_durable(struct writer *w);
 /* Queues b (takes ownership) and starts work if idle. */
 void writer_submit(struct writer *w, struct batch *b);
 /* True when nothing is queued or in flight. */
