@@ -41,7 +41,7 @@ static void spool_name(const struct artifacts *ar, const char *id, const char *e
 
 static int fsync_dir_of(const char *path)
 {
-    char dir[4096];
+    char dir[4300];
     snprintf(dir, sizeof dir, "%s", path);
     char *slash = strrchr(dir, '/');
     if (slash == NULL)
@@ -234,6 +234,7 @@ static void free_artifact(struct artifact *a)
     if (a->fd >= 0)
         close(a->fd);
     free(a->store_uri);
+    free(a->store_root);
     free(a);
 }
 
@@ -370,20 +371,6 @@ static void snapshot_done(uv_work_t *w, int status)
 
 /* ---- upload (worker thread) ----------------------------------------------------- */
 
-static int mkdir_parents(char *path)
-{
-    for (char *p = path + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        int rc = mkdir(path, 0755) != 0 && errno != EEXIST ? -errno : 0;
-        *p = '/';
-        if (rc != 0)
-            return rc;
-    }
-    return 0;
-}
-
 static int copy_file(int in, int out, uint64_t size)
 {
     uint64_t done = 0, started = 0;
@@ -425,38 +412,98 @@ static int copy_file(int in, int out, uint64_t size)
 }
 
 /* Local paths and file:// URIs (NFS included): temporary name, fsync, rename. */
-static int upload_local(struct artifact *a, const char *dest)
+/* mkdir -p of an artifact root the operator named (0755): the root itself is trusted. */
+static int make_root(const char *root)
 {
-    char tmp[4300], data[4200], parents[4300];
+    char buf[4200];
+    snprintf(buf, sizeof buf, "%s", root);
+    for (char *p = buf + 1;; p++) {
+        if (*p != '/' && *p != '\0')
+            continue;
+        char c = *p;
+        *p = '\0';
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+            return -errno;
+        *p = c;
+        if (c == '\0')
+            return 0;
+    }
+}
+
+/*
+ * Writes the spool copy to root/rel without following a symbolic link anywhere below root:
+ * each directory of rel is made (0755) and opened with O_NOFOLLOW from the one above it, and
+ * the file is written to a temporary name in the last one, fsynced and renamed into place
+ * there (a link at the final name is replaced, never followed). On a shared artifact root a
+ * user who plants a link in a run's directory gets a failed upload, not a file written
+ * wherever the link points.
+ */
+static int upload_local(struct artifact *a, const char *root, const char *rel)
+{
+    char dirs[ARTIFACT_PATH_MAX + 4200], tmp[300], data[4200];
     spool_name(a->ar, a->id, ".data", data, sizeof data);
-    if ((size_t)snprintf(tmp, sizeof tmp, "%s.trackd-%s.tmp", dest, a->id) >= sizeof tmp)
-        return fail(a, -ENAMETOOLONG, "destination %s", dest);
-    snprintf(parents, sizeof parents, "%s", dest);
-    int rc = mkdir_parents(parents);
-    if (rc != 0)
-        return fail(a, rc, "cannot create the directories of %s", dest);
-    int in = open(data, O_RDONLY | O_CLOEXEC);
-    if (in < 0)
-        return fail(a, -errno, "cannot open the spool copy %s", data);
-    int out = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (out < 0) {
-        rc = fail(a, -errno, "cannot create %s", tmp);
-        close(in);
+    int dfd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0 && errno == ENOENT && make_root(root) == 0)
+        dfd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        return fail(a, -errno, "cannot open the artifact root %s", root);
+    snprintf(dirs, sizeof dirs, "%s", rel);
+    char *name = dirs;
+    int rc = 0;
+    for (char *slash; (slash = strchr(name, '/')) != NULL; name = slash + 1) {
+        *slash = '\0';
+        if (mkdirat(dfd, name, 0755) != 0 && errno != EEXIST) {
+            rc = fail(a, -errno, "cannot create %s/%s", root, dirs);
+            break;
+        }
+        int next = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (next < 0) {
+            int e = errno;
+            if (e == ELOOP || e == ENOTDIR)
+                snprintf(a->msg, sizeof a->msg,
+                         "%.120s/%.120s is a symbolic link or not a directory: trackd writes "
+                         "below %.120s without following links; remove it",
+                         root, dirs, root);
+            else
+                fail(a, -e, "cannot open %s/%s", root, dirs);
+            rc = -e;
+            break;
+        }
+        close(dfd);
+        dfd = next;
+        *slash = '/';
+    }
+    if (rc != 0) {
+        close(dfd);
         return rc;
     }
-    rc = copy_file(in, out, a->size);
-    if (rc != 0)
-        fail(a, rc, "cannot write %s", tmp);
+    if ((size_t)snprintf(tmp, sizeof tmp, ".%s.trackd-%s.tmp", name, a->id) >= sizeof tmp) {
+        close(dfd);
+        return fail(a, -ENAMETOOLONG, "file name %s", name);
+    }
+    unlinkat(dfd, tmp, 0); /* left by an upload a crash cut short */
+    int in = open(data, O_RDONLY | O_CLOEXEC);
+    int out =
+        in < 0 ? -1 : openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (in < 0)
+        rc = fail(a, -errno, "cannot open the spool copy %s", data);
+    else if (out < 0)
+        rc = fail(a, -errno, "cannot create %s in %s/%s", tmp, root, dirs);
+    else if ((rc = copy_file(in, out, a->size)) != 0)
+        fail(a, rc, "cannot write %s/%s", root, rel);
     else if (fsync(out) != 0)
-        rc = fail(a, -errno, "cannot fsync %s", tmp);
-    close(in);
-    close(out);
-    if (rc == 0 && rename(tmp, dest) != 0)
-        rc = fail(a, -errno, "cannot rename into %s", dest);
-    if (rc == 0 && (rc = fsync_dir_of(dest)) != 0)
-        fail(a, rc, "cannot fsync the directory of %s", dest);
+        rc = fail(a, -errno, "cannot fsync %s/%s", root, rel);
+    if (in >= 0)
+        close(in);
+    if (out >= 0)
+        close(out);
+    if (rc == 0 && renameat(dfd, tmp, dfd, name) != 0)
+        rc = fail(a, -errno, "cannot rename into %s/%s", root, rel);
+    if (rc == 0 && fsync(dfd) != 0)
+        rc = fail(a, -errno, "cannot fsync the directory of %s/%s", root, rel);
     if (rc != 0)
-        unlink(tmp);
+        unlinkat(dfd, tmp, 0);
+    close(dfd);
     return rc;
 }
 
@@ -547,15 +594,12 @@ static void upload_work(uv_work_t *w)
     struct artifact *a = w->data;
     const char *uri = a->store_uri;
     a->rc = 0;
-    if (strncmp(uri, "file://", 7) == 0) {
-        if (uri[7] != '/') {
-            a->rc = fail(a, -EPROTONOSUPPORT, "file URI with a host (%s)", uri);
-            return;
-        }
-        uri += 7;
+    if (a->store_root) {
+        a->rc = upload_local(a, a->store_root, a->store_below);
+        return;
     }
-    if (uri[0] == '/') {
-        a->rc = upload_local(a, uri);
+    if (uri[0] == '/' || strncmp(uri, "file://", 7) == 0) {
+        a->rc = fail(a, -EPERM, "local destination %s is below no allowed artifact root", uri);
         return;
     }
     if (strncmp(uri, "mlflow-artifacts:", 17) == 0) {
@@ -834,11 +878,17 @@ int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session,
     return 0;
 }
 
-void artifacts_upload(struct artifacts *ar, struct artifact *a, const char *store_uri)
+void artifacts_upload(struct artifacts *ar, struct artifact *a, const char *store_uri,
+                      const char *local_root, const char *below)
 {
     free(a->store_uri);
+    free(a->store_root);
     a->store_uri = strdup(store_uri);
-    if (a->store_uri == NULL) {
+    a->store_root = local_root ? strdup(local_root) : NULL;
+    a->store_below = NULL;
+    if (a->store_root && a->store_uri)
+        a->store_below = a->store_uri + (below - store_uri);
+    if (a->store_uri == NULL || (local_root && a->store_root == NULL)) {
         snprintf(a->msg, sizeof a->msg, "out of memory");
         ar->cbs.uploaded(ar->ctx, a, -ENOMEM, a->msg);
         return;

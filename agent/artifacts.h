@@ -57,7 +57,9 @@ struct artifact {
     uint64_t retry_at; /* loop time of the next attempt, while waiting */
     int rc;
     char msg[512];
-    char *store_uri; /* the destination, while uploading */
+    char *store_uri;         /* the destination, while uploading */
+    char *store_root;        /* a local destination's artifact root (owned), or NULL */
+    const char *store_below; /* the rest of a local destination below it, in store_uri */
     struct artifact *next, *qnext;
 };
 
@@ -111,8 +113,14 @@ int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session,
                        const char *run_id, struct proto_str path,
                        const struct proto_file_seen *seen, int fd, struct artifact **out);
 struct artifact *artifacts_find(struct artifacts *ar, const char *id);
-/* Queues the upload of a to store_uri (the full destination URI). */
-void artifacts_upload(struct artifacts *ar, struct artifact *a, const char *store_uri);
+/*
+ * Queues the upload of a to store_uri (the full destination URI, allowed: destination.h). A
+ * local destination names the artifact root it is below (local_root) and below points to the
+ * rest in store_uri: nothing below the root is followed if it is a symbolic link. local_root
+ * is NULL for every other store.
+ */
+void artifacts_upload(struct artifacts *ar, struct artifact *a, const char *store_uri,
+                      const char *local_root, const char *below);
 /* Deletes a's spool files and frees it. */
 void artifacts_forget(struct artifacts *ar, struct artifact *a);
 /* At start: each spooled artifact (with no client) goes to cb, in no particular order. */

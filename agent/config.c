@@ -107,6 +107,10 @@ static const struct config_key keys[] = {
         "Comma-separated alembic revisions accepted besides the built-in tested list"),
     STR("mlflow", "backend_uri", backend_uri, "", 0, CONFIG_MAX_LINE,
         "MLflow backend store URI announced to clients for reads; never with a password"),
+    STR("artifacts", "allowed_roots", allowed_roots, "", 0, CONFIG_MAX_LINE,
+        "Comma-separated artifact roots (paths, file:// or s3:// URIs) where clients may place "
+        "experiments and the agent may upload, besides mlflow.default_artifact_root and the "
+        "mlflow_server_url server"),
     STR("artifacts", "mlflow_server_url", mlflow_server_url, "", 0, CONFIG_MAX_LINE,
         "MLflow server serving artifacts, for mlflow-artifacts: URIs without a host"),
     STR("artifacts", "s3_endpoint_url", s3_endpoint_url, "", 0, CONFIG_MAX_LINE,

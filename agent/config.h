@@ -47,7 +47,8 @@ struct trackd_config {
     char *allowed_revisions; /* comma-separated extra alembic revisions; "" = none */
     char *backend_uri;       /* announced to clients in the welcome; "" = none; no password */
     char *mlflow_server_url; /* for mlflow-artifacts: URIs without a host; "" = none */
-    char *s3_endpoint_url;   /* S3-compatible endpoint; "" = from the environment, or AWS */
+    char *allowed_roots;   /* comma-separated artifact roots besides the defaults (destination.h) */
+    char *s3_endpoint_url; /* S3-compatible endpoint; "" = from the environment, or AWS */
     char *s3_region;
     char *s3_access_key_id;
     char *s3_secret_file; /* the secret key's file; never the key itself */

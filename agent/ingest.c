@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "config.h"
+#include "destination.h"
 #include "log.h"
 #include "stats.h"
 #include "validate.h"
@@ -538,6 +539,13 @@ static void do_experiment(struct mctx *m, const struct proto_msg *msg)
                  cp == SIZE_MAX ? "artifact_location is not valid UTF-8"
                                 : "artifact_location exceeds the maximum length of 256 characters "
                                   "(experiments.artifact_location)");
+            return;
+        }
+        /* The operator decides where the agent writes and connects, not a client. */
+        char why[600];
+        if (destination_problem(m->in->cfg, loc.ptr, loc.len, why, sizeof why) != NULL) {
+            stats.rejected_destination++;
+            fail(m, PROTO_ERR_FORBIDDEN, why);
             return;
         }
     }

@@ -21,6 +21,7 @@
 #include "config.h"
 #include "dbobjects.h"
 #include "deadletter.h"
+#include "destination.h"
 #include "conn.h"
 #include "identity.h"
 #include "ingest.h"
@@ -183,7 +184,16 @@ static void on_artifact_ready(void *ctx, const struct batch *b, const struct ev 
     if (art == NULL)
         return; /* recorded twice (a replay): the first one is at work */
     if (strcmp(status, "pending") == 0) {
-        artifacts_upload(&a->art, art, store_uri);
+        /* Only where the operator allows, and below a local root without following links. */
+        char why[700], root[4200];
+        const char *below = NULL;
+        if (destination_problem(&a->cfg, store_uri, strlen(store_uri), why, sizeof why)) {
+            stats.artifacts_failed++;
+            on_uploaded(a, art, -EPERM, why);
+            return;
+        }
+        bool local = destination_local_root(&a->cfg, store_uri, root, sizeof root, &below) == 0;
+        artifacts_upload(&a->art, art, store_uri, local ? root : NULL, local ? below : NULL);
         return;
     }
     /* Uploaded (or given up on) before a restart: only the spool copy is left to delete. */

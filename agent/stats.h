@@ -44,6 +44,7 @@
     X(rejected_param_changed)                                                                      \
     X(rejected_database)                                                                           \
     X(rejected_run_state)                                                                          \
+    X(rejected_destination)                                                                        \
     X(batches_committed)                                                                           \
     X(batches_failed)                                                                              \
     X(batch_splits)                                                                                \

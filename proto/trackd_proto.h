@@ -62,6 +62,7 @@ enum proto_error_code {
     PROTO_ERR_ARTIFACT = 23,      /* the file could not be taken or uploaded; see the message */
     PROTO_ERR_RUN_NOT_FOUND = 24, /* no run has this id (MLflow: RESOURCE_DOES_NOT_EXIST) */
     PROTO_ERR_NOT_ACTIVE = 25,    /* the run, or the experiment it starts in, is deleted */
+    PROTO_ERR_FORBIDDEN = 26,     /* not this client's to do (a destination outside the roots) */
     PROTO_ERR_PROTOCOL = 30,      /* malformed frame; the connection is closed */
     PROTO_ERR_SHUTDOWN = 31       /* agent stopped before the event was written */
 };

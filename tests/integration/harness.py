@@ -255,10 +255,11 @@ class Streamer:
     """A training process (trackd-driver) fed line by line, so a test can fault things
     around it while it logs."""
 
-    def __init__(self, socket):
+    def __init__(self, socket, **popen):
+        """popen: more subprocess.Popen arguments (preexec_fn to run as another user, cwd)."""
         self.p = subprocess.Popen([str(BUILD / "trackd-driver"), "--socket", socket],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  bufsize=1)
+                                  bufsize=1, **popen)
 
     def send(self, *fields):
         self.p.stdin.write("\t".join(str(f) for f in fields) + "\n")

@@ -109,7 +109,7 @@ print(json.dumps({"run": run.info.run_id, "took": took, "listed": listed, "sha":
 '''
 
 
-def test_mlflow_log_artifact_under_trackd(pg, tmp_path):
+def test_mlflow_log_artifact_under_trackd(pg, tmp_path, artifact_root):
     """mlflow.log_artifact(s) under trackd: hands files to the agent and returns at once;
     MLflow reads them back from the store the run names, byte-identical."""
     import json
@@ -126,7 +126,10 @@ def test_mlflow_log_artifact_under_trackd(pg, tmp_path):
     (work / "dl").mkdir()
     (work / "script.py").write_text(MLFLOW_SCRIPT)
     db = pg.mlflow_db("artifacts_plugin")
-    agent = Agent(pg, db, tmp_path / "agent", artifact_root=str(work / "mlruns"))
+    # MLflow made the Default experiment below the session's artifact root: the operator
+    # allows that root too.
+    agent = Agent(pg, db, tmp_path / "agent", artifact_root=str(work / "mlruns"),
+                  extra=f'[artifacts]\nallowed_roots = "{artifact_root}"\n')
     agent.config.write_text(agent.config.read_text().replace(
         "[mlflow]\n", f'[mlflow]\nbackend_uri = "{pg.url(db)}"\n'))
     agent.start()

@@ -508,9 +508,12 @@ def rows(pg, db, ids, clocked=False):
 @pytest.fixture(scope="module")
 def default_agent(pg, tmp_path_factory):
     """An agent as a user starts it: the default configuration but for where it listens, the
-    database and the journal."""
+    database, the journal, and the artifact roots the cases' own experiments use (their
+    working directories and mlflow-artifacts:), which an operator allows in allowed_roots."""
     db = pg.mlflow_db("semantics_trackd")
-    a = Agent(pg, db, tmp_path_factory.mktemp("semantics") / "agent", artifact_root=None)
+    roots = f'[artifacts]\nallowed_roots = "{tmp_path_factory.getbasetemp()}, mlflow-artifacts:/"\n'
+    a = Agent(pg, db, tmp_path_factory.mktemp("semantics") / "agent", artifact_root=None,
+              extra=roots)
     a.start()
     yield a, db
     assert a.stop() == 0, a.log()[-3000:]

@@ -313,9 +313,10 @@ def test_shim_reconnects_after_agent_restart(pg, db, tmp_path):
 def test_update_run_delete_tag_and_experiment_location(pg, db, tmp_path):
     """MLflow's update_run_info, delete_tag and create_experiment(artifact_location) semantics,
     and the backend URI the agent announces to clients."""
-    a = Agent(pg, db, tmp_path / "a", extra='').start()
+    a = Agent(pg, db, tmp_path / "a", extra='[artifacts]\nallowed_roots = "s3://bucket"\n').start()
     try:
         lines = [["experiment", "located-exp", "s3://bucket/prefix"],
+                 ["experiment", "elsewhere-exp", "s3://other-bucket/prefix"],
                  ["run", "r", "located-exp", "before", str(TS0)],
                  ["tag", "r", "keep", "1"], ["tag", "r", "gone", "1"],
                  ["deltag", "r", "gone"],
@@ -326,7 +327,11 @@ def test_update_run_delete_tag_and_experiment_location(pg, db, tmp_path):
                  ["flush", "30000"], ["errors"], ["backend_uri"]]
         out, _ = run_driver(a.socket, lines)
         run_id = driver_runs(out)["r"]
-        assert driver_errors(out) == []
+        # Only below the operator's roots (here allowed_roots), never where a client says.
+        errors = driver_errors(out)
+        assert [(code, "'s3://other-bucket/prefix' is not below an artifact root" in msg)
+                for _, code, msg in errors] == [(26, True)], errors
+        assert pg.query(db, "SELECT count(*) FROM experiments WHERE name = 'elsewhere-exp'") == [(0,)]
         exp_id, loc = pg.query(db, "SELECT experiment_id, artifact_location FROM experiments"
                                    " WHERE name = 'located-exp'")[0]
         assert loc == "s3://bucket/prefix"

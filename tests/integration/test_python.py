@@ -368,7 +368,8 @@ def test_client_api(pg, db, agent, artifact_root):
     with _trackd.Client(socket=agent.socket, source_name="client.py") as c:
         run_id = _trackd.new_run_id()
         assert re.fullmatch(r"[0-9a-f]{32}", run_id)
-        assert c.create_experiment("client-exp", artifact_location="file:///tmp/client-art") is True
+        location = f"file://{artifact_root}/client-art"
+        assert c.create_experiment("client-exp", artifact_location=location) is True
         assert c.start_run(run_id, "client-exp", run_name="before", start_time=TS0,
                            tags={"a": "1", "b": "2"}) is True
         assert c.log_batch(run_id, metrics=[("m", 1.0, TS0, 0), ("m", np.int64(2), TS0 + 1, 1)],
@@ -397,9 +398,9 @@ def test_client_api(pg, db, agent, artifact_root):
     assert c.closed
     with pytest.raises(RuntimeError, match="closed"):
         c.log_metric(run_id, "m", 1.0)
-    exp_id, location = pg.query(db, "SELECT experiment_id, artifact_location FROM experiments "
-                                    "WHERE name = 'client-exp'")[0]
-    assert location == "file:///tmp/client-art"
+    exp_id, stored_location = pg.query(db, "SELECT experiment_id, artifact_location FROM "
+                                           "experiments WHERE name = 'client-exp'")[0]
+    assert stored_location == location
     assert pg.query(db, "SELECT name, status, start_time, end_time FROM runs WHERE run_uuid = %s",
                     (run_id,)) == [("after", "KILLED", TS0, TS0 + 5)]
     assert dict(pg.query(db, "SELECT key, value FROM tags WHERE run_uuid = %s", (run_id,))) == {

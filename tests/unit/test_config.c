@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "destination.h"
 #include "identity.h"
 #include "log.h"
 #include "pgconn.h"
@@ -678,6 +679,67 @@ static void test_log_scrub(void **state)
     assert_string_equal(line, "auth **** failed; ******** at end **");
 }
 
+/* destination.c: artifacts go below the operator's roots only, and never through "..". */
+static void test_destinations(void **state)
+{
+    (void)state;
+    struct trackd_config c;
+    int rc;
+    const char *toml = "[mlflow]\ndefault_artifact_root = '/srv/art/'\n"
+                       "[artifacts]\nallowed_roots = 'file:///data/team, s3://bucket/ml'\n"
+                       "mlflow_server_url = 'http://mlflow.example:5000'\n";
+    assert_string_equal(load(&c, toml, strlen(toml), &rc), "");
+    static const struct {
+        const char *uri;
+        int ok;
+    } cases[] = {
+        {"/srv/art", 1},
+        {"/srv/art/1/abc/artifacts", 1},
+        {"file:///srv/art/1", 1},
+        {"/srv/artefacts/1", 0}, /* a prefix, not a parent */
+        {"/srv/art/../etc", 0},
+        {"/srv/art//x", 0},
+        {"/data/team/x", 1},
+        {"file:///data/team/./x", 0},
+        {"/root/secret", 0},
+        {"s3://bucket/ml/exp", 1},
+        {"s3://bucket/other", 0},
+        {"s3://bucket/mlx", 0},
+        {"mlflow-artifacts:/exp/1", 1},
+        {"mlflow-artifacts://mlflow.example:5000/exp", 1},
+        {"mlflow-artifacts://127.0.0.1:58123/x", 0},
+        {"http://mlflow.example:5000/api/2.0/mlflow-artifacts/artifacts/x", 1},
+        {"https://evil.example/x", 0},
+        {"relative/path", 0},
+    };
+    char why[600];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const char *p =
+            destination_problem(&c, cases[i].uri, strlen(cases[i].uri), why, sizeof why);
+        if ((p == NULL) != cases[i].ok)
+            fail_msg("%s: expected %s, got %s", cases[i].uri, cases[i].ok ? "allowed" : "refused",
+                     p ? p : "allowed");
+    }
+    assert_non_null(strstr(destination_problem(&c, "/root/x", 7, why, sizeof why),
+                           "add its root to [artifacts] allowed_roots"));
+    char root[256];
+    const char *below = NULL;
+    assert_int_equal(destination_local_root(&c, "file:///data/team/e/r/artifacts/f.txt", root,
+                                            sizeof root, &below),
+                     0);
+    assert_string_equal(root, "/data/team");
+    assert_string_equal(below, "e/r/artifacts/f.txt");
+    assert_int_equal(destination_local_root(&c, "s3://bucket/ml/x", root, sizeof root, &below), -1);
+    assert_int_equal(destination_local_root(&c, "/etc/passwd", root, sizeof root, &below), -1);
+    config_free(&c);
+
+    /* Without a server, mlflow-artifacts: goes nowhere. */
+    toml = "[mlflow]\ndefault_artifact_root = '/srv/art'\n";
+    assert_string_equal(load(&c, toml, strlen(toml), &rc), "");
+    assert_non_null(destination_problem(&c, "mlflow-artifacts:/x", 19, why, sizeof why));
+    config_free(&c);
+}
+
 /* A client's string cannot start a log line of its own or send terminal escapes. */
 static void test_log_escape(void **state)
 {
@@ -794,6 +856,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_identity_rules),
         cmocka_unit_test(test_log_scrub),
         cmocka_unit_test(test_log_escape),
+        cmocka_unit_test(test_destinations),
         cmocka_unit_test(test_check),
         cmocka_unit_test(test_dsn_check_elides_quoted_pieces),
         cmocka_unit_test(test_dsn_targets),
