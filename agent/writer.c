@@ -551,10 +551,21 @@ static void send_copy(struct writer *w)
 }
 
 /*
+ * How many events of the same journal record come before event i. A frame's events are
+ * contiguous in one batch, so this is its distance from the record's first event.
+ */
+static size_t frame_offset(const struct batch *b, size_t i)
+{
+    size_t first = i;
+    while (first > 0 && b->evs[first - 1].lsn == b->evs[i].lsn)
+        first--;
+    return i - first;
+}
+
+/*
  * Where the journal stands once [cur.lo, cur.hi) is committed: the last event of the range
  * that came from a durable journal record, as (record LSN, events of that record up to and
- * including it). A frame's events are contiguous in one batch, so the count is its distance
- * from the record's first event. Sets range_lsn = 0 when nothing new would be recorded.
+ * including it, frame_offset + 1). Sets range_lsn = 0 when nothing new would be recorded.
  */
 static void range_progress(struct writer *w)
 {
@@ -569,10 +580,7 @@ static void range_progress(struct writer *w)
     if (k == w->cur.lo)
         return;
     uint64_t lsn = b->evs[k - 1].lsn;
-    size_t first = k - 1;
-    while (first > 0 && b->evs[first - 1].lsn == lsn)
-        first--;
-    uint64_t events = k - first;
+    uint64_t events = frame_offset(b, k - 1) + 1;
     if (lsn < w->progress_lsn || (lsn == w->progress_lsn && events <= w->progress_events))
         return;
     w->range_lsn = lsn;
@@ -589,13 +597,8 @@ static void skip_committed(struct writer *w)
         struct ev *ev = &b->evs[i];
         if (ev->lsn == 0 || ev->lsn > w->progress_lsn || (ev->flags & EV_REJECTED))
             continue;
-        if (ev->lsn == w->progress_lsn) {
-            size_t first = i;
-            while (first > 0 && b->evs[first - 1].lsn == ev->lsn)
-                first--;
-            if (i - first >= w->progress_events)
-                continue;
-        }
+        if (ev->lsn == w->progress_lsn && frame_offset(b, i) >= w->progress_events)
+            continue;
         ev->flags |= EV_REJECTED | EV_COMMITTED_BEFORE;
         stats.replay_skipped_committed++;
     }

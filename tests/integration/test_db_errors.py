@@ -59,44 +59,33 @@ def finish(scenario, pg, db, a, s, run_id):
     return st
 
 
-def test_statement_timeout_under_a_lock_is_retried(pg, db, tmp_path):
-    """statement_timeout = 2s while another session locks latest_metrics for longer: every
-    transaction fails with 57014 until the lock goes, and then all points commit."""
+@pytest.mark.parametrize("setting, sqlstate, class_name, advice", [
+    ("statement_timeout = '2s'", "57014", "operator intervention",
+     "raise statement_timeout for trackd's role"),
+    ("lock_timeout = '300ms'", "55P03", "object not in prerequisite state",
+     "find it in pg_locks and pg_stat_activity"),
+], ids=["statement-timeout-under-lock", "lock-timeout"])
+def test_timeout_under_a_lock_is_retried(pg, db, tmp_path, setting, sqlstate, class_name,
+                                         advice):
+    """A timeout set on the database while another session locks latest_metrics for longer:
+    every transaction fails with the timeout's SQLSTATE until the lock goes, nothing is
+    rejected, and then all points commit."""
     with pg.connect() as c:
-        c.execute(f'ALTER DATABASE "{db}" SET statement_timeout = \'2s\'')
+        c.execute(f'ALTER DATABASE "{db}" SET {setting}')
     a = Agent(pg, db, tmp_path / "a").start()
+    counter = f"db_errors_class_{sqlstate[:2]}"
     lock = None
     try:
-        s, run_id = start_run(a, "timeout")
+        s, run_id = start_run(a, sqlstate)
         lock = TableLock(pg, db, "latest_metrics")
         log_points(s)
-        wait_for(lambda: a.stats()["db_errors_class_57"] >= 3, 120, "three statement timeouts")
+        wait_for(lambda: a.stats()[counter] >= 3, 120, f"three failures with {sqlstate}")
         lock.release()
-        st = finish("statement-timeout-under-lock", pg, db, a, s, run_id)
-        assert st["db_errors_class_57"] >= 3
-        assert "SQLSTATE 57014 (class 57, operator intervention)" in a.log()
-        assert "raise statement_timeout for trackd's role" in a.log()
-    finally:
-        if lock:
-            lock.release()
-        assert a.stop() == 0
-
-
-def test_lock_timeout_is_retried(pg, db, tmp_path):
-    """lock_timeout = 300ms against a held lock: 55P03 is retried, not rejected."""
-    with pg.connect() as c:
-        c.execute(f'ALTER DATABASE "{db}" SET lock_timeout = \'300ms\'')
-    a = Agent(pg, db, tmp_path / "a").start()
-    lock = None
-    try:
-        s, run_id = start_run(a, "lock")
-        lock = TableLock(pg, db, "latest_metrics")
-        log_points(s)
-        wait_for(lambda: a.stats()["db_errors_class_55"] >= 3, 120, "three lock timeouts")
-        lock.release()
-        st = finish("lock-timeout", pg, db, a, s, run_id)
-        assert st["db_errors_class_55"] >= 3
-        assert "SQLSTATE 55P03 (class 55, object not in prerequisite state)" in a.log()
+        scenario = "statement-timeout-under-lock" if sqlstate == "57014" else "lock-timeout"
+        st = finish(scenario, pg, db, a, s, run_id)
+        assert st[counter] >= 3
+        assert f"SQLSTATE {sqlstate} (class {sqlstate[:2]}, {class_name})" in a.log()
+        assert advice in a.log()
     finally:
         if lock:
             lock.release()
