@@ -28,6 +28,8 @@
 #include "log.h"
 #include "stats.h"
 
+/* One spool record: id, run, size, sha256, peer (at most 256 bytes), path, tabs, newline. */
+#define SPOOL_LINE_MAX (ARTIFACT_PATH_MAX + 512)
 #define COPY_BUF (1024 * 1024)
 #define WRITEBACK_CHUNK (8ull << 20)
 
@@ -180,6 +182,51 @@ static int check_unchanged(struct artifact *a)
     return -ESTALE;
 }
 
+/*
+ * The spool record's peer field: "-" without one, else "uid:gid,gid:user" (the user name with
+ * any tab, newline or ':' replaced by '?'; it is only ever compared with names that have none).
+ */
+static void format_peer(const struct artifact *a, char *out, size_t n)
+{
+    if (!a->has_peer) {
+        snprintf(out, n, "-");
+        return;
+    }
+    size_t k = (size_t)snprintf(out, n, "%" PRIu32 ":", a->peer.uid);
+    for (int i = 0; i < a->peer.nshared && k < n; i++)
+        k += (size_t)snprintf(out + k, n - k, "%s%" PRIu32, i ? "," : "", a->peer.shared[i]);
+    if (k < n)
+        k += (size_t)snprintf(out + k, n - k, ":");
+    for (const char *u = a->user; *u && k + 1 < n; u++)
+        out[k++] = (*u == '\t' || *u == '\n' || *u == ':') ? '?' : *u;
+    out[k < n ? k : n - 1] = '\0';
+}
+
+/* Parses format_peer's field into a; false when it is malformed. */
+static bool parse_peer(struct artifact *a, const char *field)
+{
+    if (strcmp(field, "-") == 0)
+        return true;
+    char *end;
+    errno = 0;
+    unsigned long uid = strtoul(field, &end, 10);
+    if (errno || end == field || *end != ':' || uid > UINT32_MAX)
+        return false;
+    a->peer.uid = (uint32_t)uid;
+    const char *p = end + 1;
+    while (*p != ':') {
+        unsigned long g = strtoul(p, &end, 10);
+        if (end == p || g > UINT32_MAX || a->peer.nshared >= PEER_SHARED_MAX ||
+            (*end != ',' && *end != ':'))
+            return false;
+        a->peer.shared[a->peer.nshared++] = (uint32_t)g;
+        p = *end == ',' ? end + 1 : end;
+    }
+    snprintf(a->user, sizeof a->user, "%s", p + 1);
+    a->has_peer = true;
+    return true;
+}
+
 static void snapshot_work(uv_work_t *w)
 {
     struct artifact *a = w->data;
@@ -208,9 +255,10 @@ static void snapshot_work(uv_work_t *w)
         a->rc = fail(a, -errno, "cannot rename %s", part);
     if (a->rc == 0) {
         /* One line: what the upload needs after a restart. The path has no tab or newline. */
-        char line[ARTIFACT_PATH_MAX + 200];
-        int n = snprintf(line, sizeof line, "%s\t%s\t%" PRIu64 "\t%s\t%s\n", a->id, a->run_id,
-                         a->size, a->sha256, a->path);
+        char line[SPOOL_LINE_MAX], peer[256];
+        format_peer(a, peer, sizeof peer);
+        int n = snprintf(line, sizeof line, "%s\t%s\t%" PRIu64 "\t%s\t%s\t%s\n", a->id, a->run_id,
+                         a->size, a->sha256, peer, a->path);
         int mf = open(metapart, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
         if (mf < 0 || write_full(mf, line, (size_t)n) != 0 || fsync(mf) != 0)
             a->rc = fail(a, -(errno ? errno : EIO), "cannot write %s", metapart);
@@ -826,12 +874,21 @@ static struct artifact *new_artifact(struct artifacts *ar, const char *id)
     return a;
 }
 
-int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session, uint64_t seq,
-                       const char *run_id, struct proto_str path,
-                       const struct proto_file_seen *seen, int fd, struct artifact **out)
+/* Artifacts held for uid: bounded per user so that one cannot take every slot. */
+static size_t live_of_uid(const struct artifacts *ar, uint32_t uid)
+{
+    size_t n = 0;
+    for (const struct artifact *a = ar->live; a; a = a->next)
+        n += a->has_peer && a->peer.uid == uid;
+    return n;
+}
+
+int artifacts_snapshot(struct artifacts *ar, const struct artifact_origin *o, const char *run_id,
+                       struct proto_str path, const struct proto_file_seen *seen, int fd,
+                       struct artifact **out)
 {
     char id[40], meta[4200];
-    snprintf(id, sizeof id, "%016" PRIx64 "-%016" PRIx64, session, seq);
+    snprintf(id, sizeof id, "%016" PRIx64 "-%016" PRIx64, o->session, o->seq);
     spool_name(ar, id, ".meta", meta, sizeof meta);
     if (artifacts_find(ar, id) != NULL || access(meta, F_OK) == 0) {
         close(fd);
@@ -840,6 +897,10 @@ int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session,
     if (ar->closing || ar->nlive >= ARTIFACTS_MAX_LIVE) {
         close(fd);
         return -ENOBUFS;
+    }
+    if (o->peer && live_of_uid(ar, o->peer->uid) >= ARTIFACTS_MAX_LIVE_PER_UID) {
+        close(fd);
+        return -EDQUOT;
     }
     /* Only regular files: a pipe or /dev/zero would never end or never start. */
     struct stat st;
@@ -858,8 +919,13 @@ int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session,
         close(fd);
         return -ENOMEM;
     }
-    a->conn_id = conn_id;
-    a->seq = seq;
+    a->conn_id = o->conn_id;
+    a->seq = o->seq;
+    if (o->peer) {
+        a->has_peer = true;
+        a->peer = *o->peer;
+        snprintf(a->user, sizeof a->user, "%s", o->user ? o->user : "");
+    }
     a->fd = fd;
     a->seen = *seen;
     memcpy(a->run_id, run_id, PROTO_RUN_ID_LEN);
@@ -952,18 +1018,22 @@ int artifacts_recover(struct artifacts *ar, void (*cb)(void *ctx, struct artifac
         if (len <= 5 || strcmp(e->d_name + len - 5, ".meta") != 0)
             continue;
         FILE *f = fopen(path, "r");
-        char line[ARTIFACT_PATH_MAX + 200];
-        bool ok = f && fgets(line, sizeof line, f) != NULL;
+        char line[SPOOL_LINE_MAX];
+        /* A line without its newline was cut short (or is not ours): never half a path. */
+        bool ok = f && fgets(line, sizeof line, f) != NULL && strchr(line, '\n') != NULL;
         if (f)
             fclose(f);
-        char *fields[5], *save = NULL, *p = line;
+        /* id, run, size, sha256, [peer,] path: records older than peers have five fields. */
+        char *fields[6], *save = NULL, *p = line;
         int k = 0;
         line[ok ? strcspn(line, "\n") : 0] = '\0';
-        while (ok && k < 5 && (fields[k] = strtok_r(p, "\t", &save)) != NULL) {
+        while (ok && k < 6 && (fields[k] = strtok_r(p, "\t", &save)) != NULL) {
             p = NULL;
             k++;
         }
-        if (k != 5 || strlen(fields[1]) != PROTO_RUN_ID_LEN || strlen(fields[3]) != 64 ||
+        struct artifact probe = {0};
+        if ((k != 5 && k != 6) || strlen(fields[1]) != PROTO_RUN_ID_LEN ||
+            strlen(fields[3]) != 64 || (k == 6 && !parse_peer(&probe, fields[4])) ||
             artifacts_find(ar, fields[0]) != NULL) {
             log_warn("[artifacts] %s is not a valid spool record; left in place", path);
             continue;
@@ -974,7 +1044,10 @@ int artifacts_recover(struct artifacts *ar, void (*cb)(void *ctx, struct artifac
         memcpy(a->run_id, fields[1], PROTO_RUN_ID_LEN);
         a->size = strtoull(fields[2], NULL, 10);
         memcpy(a->sha256, fields[3], 64);
-        snprintf(a->path, sizeof a->path, "%s", fields[4]);
+        a->has_peer = probe.has_peer;
+        a->peer = probe.peer;
+        memcpy(a->user, probe.user, sizeof a->user);
+        snprintf(a->path, sizeof a->path, "%s", fields[k - 1]);
         stats.artifacts_pending = ar->nlive;
         cb(ctx, a);
         n++;

@@ -16,10 +16,12 @@
 #include <uv.h>
 
 #include "s3.h"
+#include "identity.h"
 #include "trackd_proto.h"
 
 #define ARTIFACTS_MAX_UPLOADS 2
-#define ARTIFACTS_MAX_LIVE 4096 /* snapshotted and not yet recorded as uploaded */
+#define ARTIFACTS_MAX_LIVE 4096         /* snapshotted and not yet recorded as uploaded */
+#define ARTIFACTS_MAX_LIVE_PER_UID 1024 /* of those, from one uid */
 #define ARTIFACT_PATH_MAX 1024
 /* Free space the spool leaves on its file system (for the journal), in bytes; on a file
  * system smaller than 8 GiB, an eighth of it. */
@@ -42,6 +44,9 @@ struct artifact {
     char path[ARTIFACT_PATH_MAX + 1];
     char sha256[65];
     uint64_t size;
+    bool has_peer; /* false: recovered from a spool record that predates peers */
+    struct peer peer;
+    char user[64];
     /* The owner's. */
     uint32_t conn_id;
     uint64_t seq;
@@ -104,14 +109,22 @@ const char *artifacts_path_problem(const char *path, size_t len);
  * Takes fd and starts copying it into the spool; *out is the new artifact. seen is what the
  * client saw at the call: a snapshot that ends with the file at another size or other times
  * fails with -ESTALE (the bytes would not be the ones of the call). -EEXIST when this
- * frame's artifact is already held (a resend), -ENOBUFS at the limit, -EBADF for anything
+ * frame's artifact is already held (a resend), -ENOBUFS at the agent's limit, -EDQUOT at the
+ * limit of peer's uid (ARTIFACTS_MAX_LIVE_PER_UID), -EBADF for anything
  * but a regular file, -ENOSPC when not even an empty spool would hold it; fd is closed on
  * error. A copy that does not fit now (a full disk) waits for room, retried with backoff,
  * and snapshotted reports it once it is made.
  */
-int artifacts_snapshot(struct artifacts *ar, uint32_t conn_id, uint64_t session, uint64_t seq,
-                       const char *run_id, struct proto_str path,
-                       const struct proto_file_seen *seen, int fd, struct artifact **out);
+struct artifact_origin {
+    uint32_t conn_id;
+    uint64_t session; /* with seq, names the artifact: a resend is recognised */
+    uint64_t seq;
+    const struct peer *peer; /* the client's identity, kept with the spool copy */
+    const char *user;
+};
+int artifacts_snapshot(struct artifacts *ar, const struct artifact_origin *o, const char *run_id,
+                       struct proto_str path, const struct proto_file_seen *seen, int fd,
+                       struct artifact **out);
 struct artifact *artifacts_find(struct artifacts *ar, const char *id);
 /*
  * Queues the upload of a to store_uri (the full destination URI, allowed: destination.h). A

@@ -27,13 +27,47 @@ void batch_init(struct batch *b)
 void batch_free(struct batch *b)
 {
     free(b->evs);
+    free(b->peers);
     free(b->arena);
     batch_init(b);
 }
 
 size_t batch_bytes(const struct batch *b)
 {
-    return b->cap * sizeof(struct ev) + b->acap + sizeof *b;
+    return b->cap * sizeof(struct ev) + b->cappeers * sizeof(struct batch_peer) + b->acap +
+           sizeof *b;
+}
+
+static bool same_peer(const struct batch *b, const struct batch_peer *e, const struct peer *p,
+                      const char *user, size_t ulen)
+{
+    return e->id.uid == p->uid && e->id.nshared == p->nshared &&
+           memcmp(e->id.shared, p->shared, p->nshared * sizeof p->shared[0]) == 0 &&
+           e->user.len == ulen && memcmp(batch_sptr(b, e->user), user, ulen) == 0;
+}
+
+uint16_t batch_peer(struct batch *b, const struct peer *p, const char *user)
+{
+    size_t ulen = strlen(user);
+    /* Newest first: a batch is mostly one client's frames in a row. */
+    for (size_t i = b->npeers; i > 0; i--)
+        if (same_peer(b, &b->peers[i - 1], p, user, ulen))
+            return (uint16_t)i;
+    if (b->npeers >= BATCH_PEERS_MAX)
+        return 0;
+    if (b->npeers == b->cappeers) {
+        size_t cap = b->cappeers ? b->cappeers * 2 : 4;
+        struct batch_peer *grown = realloc(b->peers, cap * sizeof *grown);
+        if (grown == NULL)
+            return 0;
+        b->peers = grown;
+        b->cappeers = cap;
+    }
+    struct batch_peer *e = &b->peers[b->npeers];
+    if (batch_str(b, user, ulen, &e->user) != 0)
+        return 0;
+    e->id = *p;
+    return (uint16_t)++b->npeers;
 }
 
 struct ev *batch_push(struct batch *b, int kind)
@@ -108,17 +142,33 @@ const char batch_sql_experiments[] =
  * As SqlAlchemyStore.create_run: artifact_uri = <location>/<run>/artifacts, in the experiment
  * with the id the client gave, else the one with the name; never in a deleted one.
  */
-const char batch_sql_runs[] =
-    "INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id,"
-    " status, start_time, end_time, source_version, lifecycle_stage, artifact_uri,"
-    " experiment_id, deleted_time)"
-    " SELECT r.id, r.name, 'UNKNOWN', '', '', r.uid, 'RUNNING', r.st, NULL, '', 'active',"
-    "  e.artifact_location || CASE WHEN right(e.artifact_location, 1) = '/' THEN '' ELSE '/'"
-    "  END || r.id || '/artifacts', e.experiment_id, NULL"
-    " FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int4[])"
-    "  AS r(id, name, uid, st, exp, eid)"
-    " JOIN experiments e ON ((r.eid IS NULL AND e.name = r.exp AND e.workspace = 'default')"
-    "  OR e.experiment_id = r.eid) AND e.lifecycle_stage = 'active'"
+#define RUNS_INSERT                                                                                \
+    "INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id,"       \
+    " status, start_time, end_time, source_version, lifecycle_stage, artifact_uri,"                \
+    " experiment_id, deleted_time)"                                                                \
+    " SELECT r.id, r.name, 'UNKNOWN', '', '', r.uid, 'RUNNING', r.st, NULL, '', 'active',"         \
+    "  e.artifact_location || CASE WHEN right(e.artifact_location, 1) = '/' THEN '' ELSE '/'"      \
+    "  END || r.id || '/artifacts', e.experiment_id, NULL"                                         \
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int4[])"         \
+    "  AS r(id, name, uid, st, exp, eid)"                                                          \
+    " JOIN experiments e ON ((r.eid IS NULL AND e.name = r.exp AND e.workspace = 'default')"       \
+    "  OR e.experiment_id = r.eid) AND e.lifecycle_stage = 'active'"                               \
+    " ON CONFLICT (run_uuid) DO NOTHING"
+
+const char batch_sql_runs[] = RUNS_INSERT;
+
+/*
+ * The same, and who started each run it creates (agent/owners.h): only runs this statement
+ * inserted get a row, from the first start of each in the range, so a start re-sent for a run
+ * that already exists never claims it, and an owner never changes.
+ */
+const char batch_sql_runs_owned[] =
+    "WITH made AS (" RUNS_INSERT " RETURNING run_uuid)"
+    " INSERT INTO trackd_run_owners (run_uuid, uid, shared_gids, created_time)"
+    " SELECT DISTINCT ON (o.run) o.run, o.uid, o.gids::int8[], $10::int8"
+    " FROM unnest($7::text[], $8::int8[], $9::text[]) WITH ORDINALITY AS o(run, uid, gids, i)"
+    " JOIN made ON made.run_uuid = o.run"
+    " ORDER BY o.run, o.i"
     " ON CONFLICT (run_uuid) DO NOTHING";
 
 /*
@@ -269,6 +319,22 @@ static int array_int(struct proto_buf *arr, int64_t v)
     return batch_array_append(arr, tmp, (size_t)n);
 }
 
+/* A trackd_run_owners row for a start: the run, the uid, the shared gids as an int8[] literal. */
+static int append_owner(struct batch_sql *s, const char *run_id, const struct peer *p)
+{
+    char gids[PEER_SHARED_MAX * 11 + 3];
+    size_t n = 0;
+    gids[n++] = '{';
+    for (int i = 0; i < p->nshared; i++)
+        n += (size_t)snprintf(gids + n, sizeof gids - n, "%s%" PRIu32, i ? "," : "", p->shared[i]);
+    gids[n++] = '}';
+    if (batch_array_append(&s->own_runs, run_id, PROTO_RUN_ID_LEN) ||
+        array_int(&s->own_uids, p->uid) || batch_array_append(&s->own_gids, gids, n))
+        return -ENOMEM;
+    s->n_owns++;
+    return 0;
+}
+
 /* ---- binary COPY -------------------------------------------------------- */
 
 static void be16(uint8_t *p, uint16_t v)
@@ -407,7 +473,8 @@ static size_t *dedup_find(struct dedup *d, const struct batch *b, size_t i, enum
         &(s)->param_keys, &(s)->param_values, &(s)->param_runs, &(s)->param_ords, &(s)->end_runs,  \
         &(s)->end_statuses, &(s)->end_times, &(s)->art_ids, &(s)->art_runs, &(s)->art_paths,       \
         &(s)->art_sizes, &(s)->art_shas, &(s)->done_ids, &(s)->done_statuses, &(s)->done_errors,   \
-        &(s)->state_runs, &(s)->state_exps, &(s)->state_exp_ids, &(s)->run_exp_ids, &(s)->copy
+        &(s)->state_runs, &(s)->state_exps, &(s)->state_exp_ids, &(s)->run_exp_ids,                \
+        &(s)->own_runs, &(s)->own_uids, &(s)->own_gids, &(s)->copy
 
 void batch_sql_init(struct batch_sql *s)
 {
@@ -540,6 +607,9 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
                                   : batch_array_append_null(&s->run_exp_ids)))
                     goto out;
                 s->n_runs++;
+                const struct batch_peer *who = batch_ev_peer(b, ev);
+                if (who && append_owner(s, ev->run_id, &who->id) != 0)
+                    goto out;
             }
             break;
         }

@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "identity.h"
 #include "trackd_proto.h"
 
 /* A string stored in a batch's arena. */
@@ -49,6 +50,7 @@ struct ev {
     uint8_t flags;
     uint8_t is_nan;
     uint8_t status;   /* EV_END_RUN */
+    uint16_t peer;    /* who sent it: 1 + index into the batch's peers; 0 = not checked */
     uint32_t conn_id; /* origin, for errors; 0 once the client is gone */
     uint64_t seq;     /* origin frame */
     uint64_t serial;  /* agent-wide arrival order */
@@ -62,10 +64,20 @@ struct ev {
     int64_t step;  /* metric step | run: experiment id + 1, 0 = by name (a) | artifact size */
 };
 
+/* A client identity events of the batch carry (agent/identity.h), with its user name. */
+struct batch_peer {
+    struct peer id;
+    struct sref user;
+};
+
+#define BATCH_PEERS_MAX UINT16_MAX
+
 struct batch {
     struct ev *evs;
     size_t n;
     size_t cap;
+    struct batch_peer *peers;
+    size_t npeers, cappeers;
     char *arena;
     size_t alen;
     size_t acap;
@@ -86,6 +98,17 @@ static inline const char *batch_sptr(const struct batch *b, struct sref s)
 {
     return b->arena + s.off;
 }
+/*
+ * The ev.peer value for peer p named user: an existing entry with the same identity and name,
+ * else a new one. Returns 1.., or 0 when out of memory or at BATCH_PEERS_MAX (the caller cuts
+ * the batch and tries again).
+ */
+uint16_t batch_peer(struct batch *b, const struct peer *p, const char *user);
+/* The peer of ev, or NULL when ev.peer is 0. */
+static inline const struct batch_peer *batch_ev_peer(const struct batch *b, const struct ev *ev)
+{
+    return ev->peer ? &b->peers[ev->peer - 1] : NULL;
+}
 
 /*
  * The statement inputs for one range of a batch. Array parameters are text
@@ -99,6 +122,10 @@ struct batch_sql {
 
     struct proto_buf run_ids, run_names, run_users, run_starts, run_exps, run_exp_ids;
     size_t n_runs;
+    /* Who sent each start of run_ids that came from a peer: the trackd_run_owners row the run
+     * gets if the start creates it. */
+    struct proto_buf own_runs, own_uids, own_gids;
+    size_t n_owns;
 
     struct proto_buf tag_keys, tag_values, tag_runs;
     size_t n_tags;
@@ -139,6 +166,9 @@ extern const char batch_sql_begin_copy[];
 /* $1 names, $2 artifact root with '/', $3 now ms, $4 locations */
 extern const char batch_sql_experiments[];
 extern const char batch_sql_runs[];
+/* batch_sql_runs and the trackd_run_owners rows of the runs it creates: $7 own_runs,
+ * $8 own_uids, $9 own_gids, $10 now ms. */
+extern const char batch_sql_runs_owned[];
 /* $1 state_runs, $2 state_exps, $3 state_exp_ids; returns run, run stage, experiment id,
  * experiment stage, the experiment id asked for */
 extern const char batch_sql_run_state[];

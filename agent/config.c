@@ -67,6 +67,8 @@ static const struct config_key keys[] = {
         "Group owning the socket, name or numeric gid; empty means the agent's own group"),
     NUM("agent", "max_connections", KEY_U32, max_connections, 1024, 1, 65536,
         "Maximum number of concurrent client connections"),
+    NUM("agent", "max_connections_per_uid", KEY_U32, max_connections_per_uid, 256, 1, 65536,
+        "Of those, the most one uid may hold, so that one user cannot take them all"),
     NUM("agent", "max_frame_bytes", KEY_U32, max_frame_bytes, 1048576, 1048576, 67108864,
         "Hard cap on one frame body, in bytes"),
     NUM("agent", "trust_client_user", KEY_BOOL, trust_client_user, 0, 0, 1,
@@ -75,6 +77,12 @@ static const struct config_key keys[] = {
         "Comma-separated users (names or uids) allowed to connect; empty: no uid rule"),
     STR("agent", "allowed_gids", allowed_gids, "", 0, CONFIG_MAX_LINE,
         "Comma-separated groups (names or gids) allowed to connect; empty: no gid rule"),
+    STR("agent", "shared_gids", shared_gids, "", 0, CONFIG_MAX_LINE,
+        "Comma-separated groups (names or gids, at most 16) whose members may write each "
+        "other's runs; empty: a run is written only by the uid that started it"),
+    NUM("agent", "open_unowned_runs", KEY_BOOL, open_unowned_runs, 0, 0, 1,
+        "Any local user may write runs trackd did not start; false: only the user their "
+        "user_id names"),
     NUM("agent", "hello_timeout_ms", KEY_U32, hello_timeout_ms, 10000, 100, 600000,
         "A connection that has not said hello within this long is closed"),
     NUM("agent", "frame_timeout_ms", KEY_U32, frame_timeout_ms, 30000, 100, 3600000,

@@ -21,14 +21,17 @@ enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONF
  */
 struct trackd_config {
     /* [agent] */
-    char *socket_path;        /* Unix socket the agent listens on */
-    unsigned socket_mode;     /* file mode of the socket, 0..0777 */
-    char *socket_group;       /* group name or numeric gid; "" = the agent's own group */
-    uint32_t max_connections; /* concurrent client connections */
-    uint32_t max_frame_bytes; /* hard cap on one frame body */
-    bool trust_client_user;   /* mlflow.user from the client rather than SO_PEERCRED */
-    char *allowed_uids;       /* comma-separated names or uids; "" = no uid rule */
-    char *allowed_gids;       /* comma-separated names or gids; "" = no gid rule */
+    char *socket_path;                /* Unix socket the agent listens on */
+    unsigned socket_mode;             /* file mode of the socket, 0..0777 */
+    char *socket_group;               /* group name or numeric gid; "" = the agent's own group */
+    uint32_t max_connections;         /* concurrent client connections */
+    uint32_t max_connections_per_uid; /* of those, from one uid */
+    uint32_t max_frame_bytes;         /* hard cap on one frame body */
+    bool trust_client_user;           /* mlflow.user from the client rather than SO_PEERCRED */
+    char *allowed_uids;               /* comma-separated names or uids; "" = no uid rule */
+    char *allowed_gids;               /* comma-separated names or gids; "" = no gid rule */
+    char *shared_gids;                /* groups whose members may write each other's runs */
+    bool open_unowned_runs;           /* anyone may write runs trackd did not start */
     uint32_t hello_timeout_ms;
     uint32_t frame_timeout_ms;      /* an incomplete frame may take this long */
     uint32_t idle_timeout_ms;       /* 0 = never */

@@ -33,6 +33,9 @@
 #define READ_CHUNK (64 * 1024)
 #define SWEEP_MS 100
 #define RATE_WINDOW_MS 1000
+#define PEER_GROUPS_MAX 1024
+#define STR_(x) #x
+#define XSTR(x) STR_(x) /* supplementary groups read from SO_PEERGROUPS */
 
 extern const char trackd_version[];
 
@@ -59,7 +62,8 @@ int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd
     s->cfg = cfg;
     s->ingest = ingest;
     s->next_id = 1;
-    int rc = identity_rules_parse(&s->rules, cfg->allowed_uids, cfg->allowed_gids, msg, msglen);
+    int rc = identity_rules_parse(&s->rules, cfg->allowed_uids, cfg->allowed_gids, cfg->shared_gids,
+                                  msg, msglen);
     if (rc != 0)
         return rc;
     /* Room for every connection plus as many sessions that recently went away. */
@@ -292,6 +296,11 @@ static const char *artifact_refusal(int rc)
 {
     switch (rc) {
     case -ENOBUFS: return "too many artifacts pending in the agent";
+    case -EDQUOT:
+        return "this user already has " XSTR(
+            ARTIFACTS_MAX_LIVE_PER_UID) " artifacts waiting for upload (the agent's limit per "
+                                        "uid); wait for a flush and "
+                                        "log it again";
     case -EBADF: return "the descriptor is not a regular file";
     case -ENOSPC:
         return "the agent's spool has no room for it even when empty (its file system's size, "
@@ -327,10 +336,11 @@ static void on_artifact(struct conn *c, const struct proto_msg *m)
         (m->u.artifact.run_id.len != PROTO_RUN_ID_LEN || memchr(path.ptr, '\0', path.len) != NULL))
         problem = "bad run id or path";
     struct artifact *a = NULL;
-    int rc = problem
-                 ? -EINVAL
-                 : artifacts_snapshot(c->srv->artifacts, c->id, c->session, m->seq,
-                                      m->u.artifact.run_id.ptr, path, &m->u.artifact.seen, fd, &a);
+    int rc = problem ? -EINVAL
+                     : artifacts_snapshot(
+                           c->srv->artifacts,
+                           &(struct artifact_origin){c->id, c->session, m->seq, &c->peer, c->user},
+                           m->u.artifact.run_id.ptr, path, &m->u.artifact.seen, fd, &a);
     if (problem)
         close(fd);
     if (rc == -EEXIST) {
@@ -410,11 +420,11 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
             stats.duplicates_dropped++;
             return;
         }
-        struct ingest_origin o = {c->id,          c->user,         c->source_name,
-                                  c->source_type, c->context_tags, 0};
+        struct ingest_origin o = {c->id,           c->user, c->source_name, c->source_type,
+                                  c->context_tags, 0,       &c->peer};
         if (c->srv->journal) {
-            struct frame_origin fo = {c->session, c->context_tags, c->user, c->source_name,
-                                      c->source_type};
+            struct frame_origin fo = {c->session,     c->context_tags, c->user,
+                                      c->source_name, c->source_type,  &c->peer};
             int jrc = journaler_append(c->srv->journal, &fo, h, body, &o.lsn);
             if (jrc != 0) {
                 journal_full(c, jrc);
@@ -557,18 +567,68 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         shed_reader_memory(c->srv);
 }
 
+/* Reader memory of one uid's connections that hold an incomplete frame. */
+struct uid_bytes {
+    uid_t uid;
+    size_t bytes;
+};
+
+static int cmp_uid_bytes(const void *a, const void *b)
+{
+    uid_t x = ((const struct uid_bytes *)a)->uid, y = ((const struct uid_bytes *)b)->uid;
+    return x < y ? -1 : x > y;
+}
+
 /*
- * Over max_read_buffer_bytes: closes the connections whose incomplete frames
- * are oldest until the budget holds. Complete frames are dispatched as they
- * arrive, so what is held here is partial frames; the oldest is the likeliest
- * to be a stalled or hostile sender.
+ * The uid whose incomplete frames hold the most reader memory; false when no connection holds
+ * one (or out of memory: then every uid counts as one).
+ */
+static bool heaviest_uid(const struct conn_server *s, uid_t *out)
+{
+    struct uid_bytes *v = malloc(s->count * sizeof *v + 1);
+    size_t n = 0;
+    for (const struct conn *c = s->head; c; c = c->next)
+        if (c->partial_since_ms && !c->snapshotting) {
+            if (v == NULL) {
+                *out = c->uid;
+                return true;
+            }
+            v[n++] = (struct uid_bytes){c->uid, c->read_cap};
+        }
+    qsort(v, n, sizeof *v, cmp_uid_bytes);
+    size_t best = 0, i = 0;
+    bool found = false;
+    while (i < n) {
+        size_t k = i, sum = 0;
+        for (; k < n && v[k].uid == v[i].uid; k++)
+            sum += v[k].bytes;
+        if (!found || sum > best) {
+            best = sum;
+            *out = v[i].uid;
+            found = true;
+        }
+        i = k;
+    }
+    free(v);
+    return found;
+}
+
+/*
+ * Over max_read_buffer_bytes: closes connections with incomplete frames until the budget
+ * holds, each time the oldest of the uid that holds the most, so that one user's flood of
+ * partial frames costs that user's connections and not another's. Complete frames are
+ * dispatched as they arrive, so what is held here is partial frames; the oldest is the
+ * likeliest to be a stalled or hostile sender.
  */
 static void shed_reader_memory(struct conn_server *s)
 {
     while (s->read_bytes > s->cfg->max_read_buffer_bytes) {
+        uid_t uid = 0;
+        if (!heaviest_uid(s, &uid))
+            return;
         struct conn *oldest = NULL;
         for (struct conn *c = s->head; c; c = c->next)
-            if (c->partial_since_ms && !c->snapshotting &&
+            if (c->partial_since_ms && !c->snapshotting && c->uid == uid &&
                 (!oldest || c->partial_since_ms < oldest->partial_since_ms))
                 oldest = c;
         if (oldest == NULL)
@@ -576,7 +636,8 @@ static void shed_reader_memory(struct conn_server *s)
         stats.closed_read_memory++;
         log_limited(LOG_WARN,
                     "[conn %u] pid %d uid %u: incomplete frames over all clients hold %zu bytes "
-                    "([agent] max_read_buffer_bytes = %llu); closing this oldest one (%zu bytes)",
+                    "([agent] max_read_buffer_bytes = %llu), the most of them this uid's; "
+                    "closing its oldest (%zu bytes)",
                     oldest->id, (int)oldest->pid, (unsigned)oldest->uid, s->read_bytes,
                     (unsigned long long)s->cfg->max_read_buffer_bytes,
                     proto_reader_pending(&oldest->reader));
@@ -843,6 +904,30 @@ static void lookup_user(uid_t uid, char *out, size_t n)
     snprintf(cached, sizeof cached, "%s", out);
 }
 
+/*
+ * The peer's groups as the kernel recorded them at connect: the primary gid first, then up to
+ * PEER_GROUPS_MAX supplementary ones (SO_PEERGROUPS, Linux 4.13; without it, the primary
+ * only). Returns how many are in groups. No NSS lookup: nothing here blocks.
+ */
+static size_t peer_groups(int fd, gid_t primary, gid_t *groups)
+{
+    groups[0] = primary;
+    size_t n = 1;
+#ifdef SO_PEERGROUPS
+    socklen_t len = PEER_GROUPS_MAX * sizeof(gid_t);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups + 1, &len) == 0)
+        n += len / sizeof(gid_t);
+    else if (errno == ERANGE)
+        log_limited(LOG_WARN,
+                    "[conn] a peer of gid %u is in more than %d groups; only its primary group "
+                    "counts for allowed_gids and shared_gids",
+                    (unsigned)primary, PEER_GROUPS_MAX);
+#else
+    (void)fd;
+#endif
+    return n;
+}
+
 static void refuse_cb(uv_handle_t *h)
 {
     free(h);
@@ -901,7 +986,21 @@ void conn_accept(struct conn_server *s, uv_stream_t *listener)
     c->gid = cred.gid;
     c->pid = cred.pid;
     c->accepted_ms = c->last_frame_ms = uv_now(s->loop);
-    if (!identity_allowed(&s->rules, cred.uid, cred.gid)) {
+    size_t same_uid = 0;
+    for (const struct conn *o = s->head; o; o = o->next)
+        same_uid += o != c && o->uid == cred.uid;
+    if (same_uid >= s->cfg->max_connections_per_uid) {
+        stats.connections_rejected++;
+        log_limited(LOG_WARN,
+                    "[listener] refused a connection from pid %d uid %u: it has %zu already "
+                    "([agent] max_connections_per_uid)",
+                    (int)c->pid, (unsigned)c->uid, same_uid);
+        conn_close(c);
+        return;
+    }
+    gid_t groups[PEER_GROUPS_MAX + 1];
+    size_t ngroups = peer_groups(fd, cred.gid, groups);
+    if (!identity_allowed(&s->rules, cred.uid, groups, ngroups)) {
         stats.connections_refused_identity++;
         log_limited(LOG_WARN,
                     "[conn %u] refused pid %d uid %u gid %u: not in [agent] allowed_uids or "
@@ -910,6 +1009,7 @@ void conn_accept(struct conn_server *s, uv_stream_t *listener)
         conn_close(c);
         return;
     }
+    identity_peer(&s->rules, cred.uid, groups, ngroups, &c->peer);
     lookup_user(cred.uid, c->user, sizeof c->user);
     log_debug("[conn %u] accepted pid %d uid %u", c->id, (int)c->pid, (unsigned)c->uid);
     if (conn_may_read(c))

@@ -38,6 +38,7 @@ struct conn {
     uid_t uid;
     gid_t gid;
     pid_t pid;
+    struct peer peer; /* uid and shared groups, for the run-owner rule */
     char user[64];
     char program[128];
     char source_name[256];

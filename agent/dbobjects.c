@@ -26,6 +26,21 @@ const char dbobjects_ledger_sql[] =
     " finished_time bigint);"
     "CREATE INDEX IF NOT EXISTS trackd_artifacts_run ON trackd_artifacts (run_uuid)";
 
+const char dbobjects_run_owners_table_sql[] = "CREATE TABLE IF NOT EXISTS trackd_run_owners ("
+                                              " run_uuid varchar(32) PRIMARY KEY,"
+                                              " uid bigint NOT NULL,"
+                                              " shared_gids bigint[] NOT NULL,"
+                                              " created_time bigint NOT NULL)";
+
+const char dbobjects_run_owners_sql[] =
+    "SELECT r.run_uuid, o.uid, o.shared_gids, r.user_id FROM runs r"
+    " LEFT JOIN trackd_run_owners o ON o.run_uuid = r.run_uuid"
+    " WHERE r.run_uuid = ANY($1::text[])";
+
+const char dbobjects_run_users_sql[] =
+    "SELECT r.run_uuid, NULL::bigint, NULL::text, r.user_id FROM runs r"
+    " WHERE r.run_uuid = ANY($1::text[])";
+
 const char dbobjects_progress_table_sql[] = "CREATE TABLE IF NOT EXISTS trackd_journal_progress ("
                                             " journal_id text PRIMARY KEY,"
                                             " lsn bigint NOT NULL,"

@@ -38,10 +38,9 @@ static int resolve(const char *item, bool is_user, unsigned long *id)
 }
 
 /* Splits list at commas into ids; *out is malloc'ed (NULL when the list is empty). */
-static int parse_list(const char *list, bool is_user, unsigned long **out, size_t *n, char *msg,
-                      size_t msglen)
+static int parse_list(const char *list, const char *what, bool is_user, unsigned long **out,
+                      size_t *n, char *msg, size_t msglen)
 {
-    const char *what = is_user ? "allowed_uids" : "allowed_gids";
     *out = NULL;
     *n = 0;
     size_t cap = 0;
@@ -96,15 +95,28 @@ fail:
     return -EINVAL;
 }
 
-int identity_rules_parse(struct identity_rules *r, const char *uids, const char *gids, char *msg,
-                         size_t msglen)
+static int cmp_gid(const void *a, const void *b)
+{
+    gid_t x = *(const gid_t *)a, y = *(const gid_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int identity_rules_parse(struct identity_rules *r, const char *uids, const char *gids,
+                         const char *shared_gids, char *msg, size_t msglen)
 {
     memset(r, 0, sizeof *r);
-    unsigned long *u = NULL, *g = NULL;
-    size_t nu = 0, ng = 0;
-    int rc = parse_list(uids ? uids : "", true, &u, &nu, msg, msglen);
+    unsigned long *u = NULL, *g = NULL, *sh = NULL;
+    size_t nu = 0, ng = 0, nsh = 0;
+    int rc = parse_list(uids ? uids : "", "allowed_uids", true, &u, &nu, msg, msglen);
     if (rc == 0)
-        rc = parse_list(gids ? gids : "", false, &g, &ng, msg, msglen);
+        rc = parse_list(gids ? gids : "", "allowed_gids", false, &g, &ng, msg, msglen);
+    if (rc == 0)
+        rc = parse_list(shared_gids ? shared_gids : "", "shared_gids", false, &sh, &nsh, msg,
+                        msglen);
+    if (rc == 0 && nsh > PEER_SHARED_MAX) {
+        snprintf(msg, msglen, "[agent] shared_gids: %zu groups; at most %d", nsh, PEER_SHARED_MAX);
+        rc = -EINVAL;
+    }
     if (rc == 0 && ((nu && !(r->uids = calloc(nu, sizeof *r->uids))) ||
                     (ng && !(r->gids = calloc(ng, sizeof *r->gids))))) {
         snprintf(msg, msglen, "out of memory");
@@ -117,15 +129,32 @@ int identity_rules_parse(struct identity_rules *r, const char *uids, const char 
             r->gids[i] = (gid_t)g[i];
         r->nuids = nu;
         r->ngids = ng;
+        for (size_t i = 0; i < nsh; i++) {
+            bool dup = false;
+            for (size_t k = 0; k < r->nshared; k++)
+                dup |= r->shared[k] == (gid_t)sh[i];
+            if (!dup)
+                r->shared[r->nshared++] = (gid_t)sh[i];
+        }
+        qsort(r->shared, r->nshared, sizeof r->shared[0], cmp_gid);
     } else {
         identity_rules_free(r);
     }
     free(u);
     free(g);
+    free(sh);
     return rc;
 }
 
-bool identity_allowed(const struct identity_rules *r, uid_t uid, gid_t gid)
+static bool has_group(const gid_t *groups, size_t n, gid_t gid)
+{
+    for (size_t i = 0; i < n; i++)
+        if (groups[i] == gid)
+            return true;
+    return false;
+}
+
+bool identity_allowed(const struct identity_rules *r, uid_t uid, const gid_t *groups, size_t n)
 {
     /* The agent's own user (its operator, `trackd stats`) is always served. */
     if ((r->nuids == 0 && r->ngids == 0) || uid == geteuid())
@@ -134,9 +163,20 @@ bool identity_allowed(const struct identity_rules *r, uid_t uid, gid_t gid)
         if (r->uids[i] == uid)
             return true;
     for (size_t i = 0; i < r->ngids; i++)
-        if (r->gids[i] == gid)
+        if (has_group(groups, n, r->gids[i]))
             return true;
     return false;
+}
+
+void identity_peer(const struct identity_rules *r, uid_t uid, const gid_t *groups, size_t n,
+                   struct peer *out)
+{
+    memset(out, 0, sizeof *out);
+    out->uid = (uint32_t)uid;
+    /* r->shared is ascending, so out->shared is too. */
+    for (size_t i = 0; i < r->nshared; i++)
+        if (has_group(groups, n, r->shared[i]))
+            out->shared[out->nshared++] = (uint32_t)r->shared[i];
 }
 
 void identity_rules_free(struct identity_rules *r)

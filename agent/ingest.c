@@ -239,6 +239,7 @@ struct mctx {
     uint64_t seq;
     struct batch *b;
     int rc;
+    uint16_t peer; /* ev.peer for this message's events */
 };
 
 static void fail(struct mctx *m, uint32_t code, const char *message)
@@ -287,6 +288,7 @@ static struct ev *add_ev(struct mctx *m, int kind, const char *run_id, struct pr
         m->rc = -ENOMEM;
         return NULL;
     }
+    ev->peer = m->peer;
     ev->conn_id = m->o->conn_id;
     ev->seq = m->seq;
     ev->lsn = m->o->lsn;
@@ -595,11 +597,32 @@ static void after_message(struct ingest *in)
     check_pressure(in);
 }
 
+/*
+ * The context of one message: the open batch, and the sender's entry in its peers (a batch
+ * that holds BATCH_PEERS_MAX of them is cut first). m->b is NULL when out of memory.
+ */
+static void begin_message(struct mctx *m, struct ingest *in, const struct ingest_origin *o,
+                          uint64_t seq)
+{
+    *m = (struct mctx){in, o, seq, open_batch(in), 0, 0};
+    if (m->b == NULL || o->peer == NULL)
+        return;
+    m->peer = batch_peer(m->b, o->peer, o->user);
+    if (m->peer == 0 && m->b->npeers >= BATCH_PEERS_MAX) {
+        ingest_cut(in);
+        m->b = open_batch(in);
+        m->peer = m->b ? batch_peer(m->b, o->peer, o->user) : 0;
+    }
+    if (m->peer == 0)
+        m->b = NULL;
+}
+
 uint64_t ingest_artifact(struct ingest *in, const struct ingest_origin *o, uint64_t seq,
                          const char *run_id, const char *path, const char *id, uint64_t size,
                          const char *sha256)
 {
-    struct mctx m = {in, o, seq, open_batch(in), 0};
+    struct mctx m;
+    begin_message(&m, in, o, seq);
     if (m.b == NULL)
         return 0;
     struct ev *ev = add_ev(&m, EV_ARTIFACT, run_id, pstr(path), pstr(id), pstr(sha256));
@@ -613,8 +636,9 @@ uint64_t ingest_artifact(struct ingest *in, const struct ingest_origin *o, uint6
 
 int ingest_artifact_done(struct ingest *in, const char *id, const char *status, const char *error)
 {
-    static const struct ingest_origin internal = {0, "", "", "", false, 0};
-    struct mctx m = {in, &internal, 0, open_batch(in), 0};
+    static const struct ingest_origin internal = {0, "", "", "", false, 0, NULL};
+    struct mctx m;
+    begin_message(&m, in, &internal, 0);
     if (m.b == NULL || add_ev(&m, EV_ARTIFACT_DONE, NULL, pstr(status), pstr(id),
                               pstr(error ? error : "")) == NULL)
         return -ENOMEM;
@@ -624,7 +648,8 @@ int ingest_artifact_done(struct ingest *in, const char *id, const char *status, 
 
 int ingest_message(struct ingest *in, const struct ingest_origin *o, const struct proto_msg *msg)
 {
-    struct mctx m = {in, o, msg->seq, open_batch(in), 0};
+    struct mctx m;
+    begin_message(&m, in, o, msg->seq);
     struct validate_error e;
     if (m.b == NULL) {
         fail(&m, PROTO_ERR_SHUTDOWN, "agent out of memory");

@@ -14,6 +14,7 @@
 #include <uv.h>
 
 #include "batch.h"
+#include "identity.h"
 #include "trackd_proto.h"
 
 struct trackd_config;
@@ -36,8 +37,10 @@ struct ingest_origin {
     const char *user;        /* from the peer's uid */
     const char *source_name; /* from the client's hello */
     const char *source_type;
-    bool context_tags; /* add mlflow.user / mlflow.source.* when the run lacks them */
-    uint64_t lsn;      /* journal record the message came from; 0 when not journaled */
+    bool context_tags;       /* add mlflow.user / mlflow.source.* when the run lacks them */
+    uint64_t lsn;            /* journal record the message came from; 0 when not journaled */
+    const struct peer *peer; /* who sent it, for the run-owner rule; NULL: the agent itself,
+                                or a record journaled before peers were kept (not checked) */
 };
 
 struct flush_waiter {

@@ -15,8 +15,12 @@
 #include "log.h"
 #include "stats.h"
 
-/* Frame record: session u64 BE | flags u8 | 3 x (len u16 BE | bytes) | frame (header+body). */
+/*
+ * Frame record (agent/JOURNAL.md, "Frame records"): session u64 BE | flags u8 |
+ * [REC_PEER: uid u32 BE | n u8 | n x gid u32 BE] | 3 x (len u16 BE | bytes) | frame.
+ */
 #define REC_CONTEXT_TAGS 1
+#define REC_PEER 2
 #define RELEASED_FILE "committed.lsn"
 
 static void put16(uint8_t *p, uint16_t v)
@@ -28,6 +32,17 @@ static void put16(uint8_t *p, uint16_t v)
 static uint16_t get16(const uint8_t *p)
 {
     return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+    put16(p, (uint16_t)(v >> 16));
+    put16(p + 2, (uint16_t)v);
+}
+
+static uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)get16(p) << 16 | get16(p + 2);
 }
 
 static int fsync_policy(const char *s)
@@ -64,10 +79,25 @@ static int replay_record(void *arg, uint8_t type, const void *payload, size_t le
         return 0;
     }
     struct frame_origin o = {0};
+    struct peer peer;
     for (int i = 0; i < 8; i++)
         o.session = o.session << 8 | p[i];
     o.context_tags = (p[8] & REC_CONTEXT_TAGS) != 0;
+    bool has_peer = (p[8] & REC_PEER) != 0;
     p += 9;
+    if (has_peer) {
+        memset(&peer, 0, sizeof peer);
+        if (end - p < 5 || p[4] > PEER_SHARED_MAX || end - p - 5 < 4 * p[4]) {
+            rc->bad_records++;
+            return 0;
+        }
+        peer.uid = get32(p);
+        peer.nshared = p[4];
+        p += 5;
+        for (int i = 0; i < peer.nshared; i++, p += 4)
+            peer.shared[i] = get32(p);
+        o.peer = &peer;
+    }
     for (int i = 0; i < 3; i++) {
         if (end - p < 2 || end - p - 2 < get16(p) || get16(p) >= sizeof strs[i]) {
             rc->bad_records++;
@@ -326,6 +356,8 @@ int journaler_append(struct journaler *jr, const struct frame_origin *o,
 {
     const char *strs[3] = {o->user, o->source_name, o->source_type};
     size_t lens[3], n = 9 + PROTO_HEADER_LEN + h->body_len;
+    if (o->peer)
+        n += 5 + 4 * (size_t)o->peer->nshared;
     for (int i = 0; i < 3; i++) {
         lens[i] = strlen(strs[i]);
         if (lens[i] > 255)
@@ -339,7 +371,14 @@ int journaler_append(struct journaler *jr, const struct frame_origin *o,
     uint8_t *p = rec;
     for (int i = 7; i >= 0; i--)
         *p++ = (uint8_t)(o->session >> (8 * i));
-    *p++ = o->context_tags ? REC_CONTEXT_TAGS : 0;
+    *p++ = (uint8_t)((o->context_tags ? REC_CONTEXT_TAGS : 0) | (o->peer ? REC_PEER : 0));
+    if (o->peer) {
+        put32(p, o->peer->uid);
+        p[4] = o->peer->nshared;
+        p += 5;
+        for (int i = 0; i < o->peer->nshared; i++, p += 4)
+            put32(p, o->peer->shared[i]);
+    }
     for (int i = 0; i < 3; i++) {
         put16(p, (uint16_t)lens[i]);
         memcpy(p + 2, strs[i], lens[i]);

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "identity.h"
 #include "journal.h"
 #include "trackd_proto.h"
 
@@ -28,6 +29,7 @@ struct frame_origin {
     const char *user;
     const char *source_name;
     const char *source_type;
+    const struct peer *peer; /* NULL in records written before peers were kept */
 };
 
 struct journaler_cbs {

@@ -128,11 +128,10 @@ static void artifact_problem(struct agent *a, const struct artifact *art, const 
 /* Queues the ledger row of a spooled artifact; flush barriers wait for its upload. */
 static void queue_artifact(struct agent *a, struct artifact *art, const struct conn *c)
 {
-    struct ingest_origin o = {0, "", "", "", false, 0};
-    if (c) {
+    /* The identity kept with the spool copy: the run-owner rule holds after a restart too. */
+    struct ingest_origin o = {0, art->user, "", "", false, 0, art->has_peer ? &art->peer : NULL};
+    if (c)
         o.conn_id = c->id;
-        o.user = c->user;
-    }
     art->serial = ingest_artifact(&a->ingest, &o, art->seq, art->run_id, art->path, art->id,
                                   art->size, art->sha256);
     if (art->serial && ingest_hold(&a->ingest, art->serial) != 0)
@@ -281,7 +280,8 @@ static void on_replayed(void *ctx, const struct frame_origin *o, const struct pr
     if (proto_msg_decode(h, body, &m) != 0)
         return;
     session_note(&a->conns.sessions, o->session, h->seq, uv_now(&a->loop));
-    struct ingest_origin io = {0, o->user, o->source_name, o->source_type, o->context_tags, lsn};
+    struct ingest_origin io = {0,   o->user, o->source_name, o->source_type, o->context_tags,
+                               lsn, o->peer};
     ingest_message(&a->ingest, &io, &m);
     stats.replayed_frames++;
 }
@@ -777,7 +777,8 @@ int main(int argc, char **argv)
         /* The allow-lists name users and groups that must exist here. */
         struct identity_rules rules;
         char why[512];
-        if (identity_rules_parse(&rules, cfg.allowed_uids, cfg.allowed_gids, why, sizeof why)) {
+        if (identity_rules_parse(&rules, cfg.allowed_uids, cfg.allowed_gids, cfg.shared_gids, why,
+                                 sizeof why)) {
             fprintf(stderr, "trackd: %s: %s\n", config_path ? config_path : "(defaults)", why);
             config_free(&cfg);
             return 1;

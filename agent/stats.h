@@ -45,6 +45,7 @@
     X(rejected_database)                                                                           \
     X(rejected_run_state)                                                                          \
     X(rejected_destination)                                                                        \
+    X(rejected_not_owner)                                                                          \
     X(batches_committed)                                                                           \
     X(batches_failed)                                                                              \
     X(batch_splits)                                                                                \

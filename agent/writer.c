@@ -49,15 +49,19 @@ static void report_artifacts(struct writer *w);
 static void clear_check(struct writer *w);
 static void setup_done(struct writer *w);
 static void start_next(struct writer *w);
+static int plan_owners(struct writer *w);
+static bool range_ready(struct writer *w);
 static int push_range(struct writer *w, size_t lo, size_t hi);
 static void connect_start(struct writer *w);
 static void connect_failed(struct writer *w, const char *why);
 
 const char *writer_state_name(enum writer_state s)
 {
-    static const char *const names[] = {
-        "disconnected", "resolving", "connecting", "checking", "ledger",  "progress", "idle",
-        "txn_start",    "copy_data", "pipeline",   "rollback", "backoff", "closing"};
+    static const char *const names[] = {"disconnected", "resolving",    "connecting", "checking",
+                                        "ledger",       "owners table", "progress",   "idle",
+                                        "owners",       "txn_start",    "copy_data",  "pipeline",
+                                        "rollback",     "backoff",      "closing"};
+    _Static_assert(sizeof names / sizeof names[0] == W_CLOSING + 1, "a name per state");
     return names[s];
 }
 
@@ -379,6 +383,7 @@ static const char *const stmt_names[] = {
     "run names",        "params",      "metrics",         "latest_metrics",
     "end runs",         "tag deletes", "artifact ledger", "artifact results",
     "journal progress", "commit"};
+_Static_assert(sizeof stmt_names / sizeof stmt_names[0] == STMT_COUNT, "a name per statement");
 
 static void record_failure(struct writer *w, const PGresult *res)
 {
@@ -458,9 +463,14 @@ static void send_pipeline(struct writer *w)
         rc |= send_stmt(w, STMT_EXPS, batch_sql_experiments, 4, v);
     }
     if (s->n_runs) {
-        const char *v[] = {BUFSTR(s->run_ids),    BUFSTR(s->run_names), BUFSTR(s->run_users),
-                           BUFSTR(s->run_starts), BUFSTR(s->run_exps),  BUFSTR(s->run_exp_ids)};
-        rc |= send_stmt(w, STMT_RUNS, batch_sql_runs, 6, v);
+        const char *v[] = {BUFSTR(s->run_ids),   BUFSTR(s->run_names),
+                           BUFSTR(s->run_users), BUFSTR(s->run_starts),
+                           BUFSTR(s->run_exps),  BUFSTR(s->run_exp_ids),
+                           BUFSTR(s->own_runs),  BUFSTR(s->own_uids),
+                           BUFSTR(s->own_gids),  now};
+        bool owned = s->n_owns && w->owners_ok;
+        rc |= send_stmt(w, STMT_RUNS, owned ? batch_sql_runs_owned : batch_sql_runs, owned ? 10 : 6,
+                        v);
     }
     if (s->n_state_runs) {
         const char *v[] = {BUFSTR(s->state_runs), BUFSTR(s->state_exps), BUFSTR(s->state_exp_ids)};
@@ -736,18 +746,107 @@ static void start_next(struct writer *w)
         skip_committed(w);
         if (!range_has_work(w->head, w->cur))
             continue;
-        if (batch_sql_build(w->head, w->cur.lo, w->cur.hi, &w->sql) != 0) {
-            log_error("[writer] out of memory building statements; retrying");
+        int lookup = plan_owners(w);
+        if (lookup < 0) {
+            log_error("[writer] out of memory checking run owners; retrying");
             requeue_current(w);
             backoff(w);
             return;
         }
-        report_build_rejects(w);
-        if (!range_has_work(w->head, w->cur))
-            continue;
-        start_range(w);
+        if (lookup > 0 || range_ready(w))
+            return;
+    }
+}
+
+/*
+ * The owners of the current range's runs that the cache does not know are looked up first
+ * (one query, outside the transaction); returns 1 when that query is sent (owners_done
+ * goes on), 0 when every owner is known, -ENOMEM.
+ */
+static int plan_owners(struct writer *w)
+{
+    w->owner_ids.len = 0;
+    int missing = owners_plan(&w->owners, w->head, w->cur.lo, w->cur.hi, &w->owner_ids);
+    if (missing <= 0)
+        return missing;
+    const char *v[] = {BUFSTR(w->owner_ids)};
+    const char *q = w->owners_ok ? dbobjects_run_owners_sql : dbobjects_run_users_sql;
+    w->failed = false;
+    w->fail_state[0] = '\0';
+    set_state(w, W_OWNERS);
+    if (!PQsendQueryParams(w->pg, q, 1, NULL, v, NULL, NULL, 0) || flush_out(w) != 0)
+        conn_lost(w, "run owner lookup");
+    return 1;
+}
+
+static void owner_refused(void *ctx, size_t i, const char *msg)
+{
+    struct writer *w = ctx;
+    stats.rejected_not_owner++;
+    log_limited(LOG_WARN, "[writer] conn %u: %s", w->head->evs[i].conn_id, msg);
+    reject_ev(w, i, PROTO_ERR_FORBIDDEN, msg);
+}
+
+/*
+ * The current range's owners are known: refuses what its peers may not write, builds the
+ * statements and starts the transaction. Returns false when nothing is left to write.
+ */
+static bool range_ready(struct writer *w)
+{
+    owners_check(&w->owners, w->head, w->cur.lo, w->cur.hi, owner_refused, w);
+    if (batch_sql_build(w->head, w->cur.lo, w->cur.hi, &w->sql) != 0) {
+        log_error("[writer] out of memory building statements; retrying");
+        requeue_current(w);
+        backoff(w);
+        return true;
+    }
+    report_build_rejects(w);
+    if (!range_has_work(w->head, w->cur))
+        return false;
+    start_range(w);
+    return true;
+}
+
+/* One result of the owner lookup. */
+static void owners_result(struct writer *w, PGresult *res)
+{
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        if (!w->failed) {
+            const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+            w->failed = true;
+            snprintf(w->fail_state, sizeof w->fail_state, "%s", st ? st : "");
+            snprintf(w->fail_msg, sizeof w->fail_msg, "%.*s (in the run owner lookup)",
+                     (int)strcspn(PQresultErrorMessage(res), "\n"), PQresultErrorMessage(res));
+        }
         return;
     }
+    for (int r = 0; r < PQntuples(res); r++) {
+        const char *run = PQgetvalue(res, r, 0);
+        if (strlen(run) != PROTO_RUN_ID_LEN)
+            continue; /* not a run id trackd writes; no event can name it */
+        int64_t uid = PQgetisnull(res, r, 1) ? -1 : strtoll(PQgetvalue(res, r, 1), NULL, 10);
+        /* Without the table a run has no row yet, but may get one: nothing is kept. */
+        if (owners_learn(&w->owners, run, uid, PQgetvalue(res, r, 2), PQgetvalue(res, r, 3),
+                         w->owners_ok) == -EINVAL)
+            log_limited(LOG_ERROR,
+                        "[writer] trackd_run_owners has an unreadable row for run %s "
+                        "(shared_gids %s); nobody may write to that run until it is fixed",
+                        run, PQgetvalue(res, r, 2));
+    }
+}
+
+/* The lookup is answered: check and write the range, or try again after a failure. */
+static void owners_done(struct writer *w)
+{
+    if (w->failed) {
+        /* The lookup changes nothing, so every failure is worth another try, on a new
+         * connection: that one checks the schema and makes trackd_run_owners again. */
+        conn_lost(w, "the run owner lookup");
+        return;
+    }
+    set_state(w, W_IDLE);
+    if (!range_ready(w))
+        start_next(w);
 }
 
 static void count_committed(struct writer *w)
@@ -926,9 +1025,17 @@ static void clear_check(struct writer *w)
     w->check_rev = w->check_cols = NULL;
 }
 
-/* The connection is set up: read the journal's progress once, then write. */
+/* The connection is set up: make trackd_run_owners if it is not known to exist, read the
+ * journal's progress once, then write. */
 static void setup_done(struct writer *w)
 {
+    if (!w->owners_ok && w->state != W_OWNERS_TABLE) {
+        set_state(w, W_OWNERS_TABLE);
+        w->owners_ok = true; /* unless the statement fails */
+        if (!PQsendQuery(w->pg, dbobjects_run_owners_table_sql) || flush_out(w) != 0)
+            conn_lost(w, "trackd_run_owners");
+        return;
+    }
     if (!w->progress_loaded && w->journal_id[0]) {
         char q[512];
         snprintf(q, sizeof q,
@@ -999,6 +1106,8 @@ static void check_done(struct writer *w)
     w->schema_ok = true;
     w->attempts = 0;
     stats.db_connected = 1;
+    /* What the cache knows came from the last server; this may be another one (a failover). */
+    owners_clear(&w->owners);
     if (!w->ledger_ok) {
         set_state(w, W_LEDGER);
         w->ledger_ok = true; /* until a statement fails */
@@ -1073,6 +1182,36 @@ static void drive(struct writer *w)
                 continue;
             }
             progress_result(w, res);
+            PQclear(res);
+            continue;
+        }
+        if (st == W_OWNERS) {
+            PGresult *res = PQgetResult(w->pg);
+            if (res == NULL) {
+                owners_done(w);
+                continue;
+            }
+            owners_result(w, res);
+            PQclear(res);
+            continue;
+        }
+        if (st == W_OWNERS_TABLE) {
+            PGresult *res = PQgetResult(w->pg);
+            if (res == NULL) {
+                setup_done(w);
+                continue;
+            }
+            if (PQresultStatus(res) == PGRES_FATAL_ERROR) {
+                w->owners_ok = false;
+                log_limited(
+                    LOG_ERROR,
+                    "[writer] cannot create trackd's table trackd_run_owners: %.*s; runs "
+                    "are created without an owner, and every run follows the user_id "
+                    "rule%s. Grant trackd's role CREATE on the schema (or create the "
+                    "table as its owner)",
+                    (int)strcspn(PQresultErrorMessage(res), "\n"), PQresultErrorMessage(res),
+                    w->cfg->open_unowned_runs ? " (open_unowned_runs: anyone writes any run)" : "");
+            }
             PQclear(res);
             continue;
         }
@@ -1245,6 +1384,9 @@ int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *c
     if (exit_after)
         w->exit_after_commits = (unsigned)strtoul(exit_after, NULL, 10);
     batch_sql_init(&w->sql);
+    proto_buf_init(&w->owner_ids, SIZE_MAX / 4);
+    if (owners_init(&w->owners, cfg->open_unowned_runs) != 0)
+        return -ENOMEM;
     /* MLflow's append_to_uri_path: exactly one '/' between root and id. */
     size_t rl = strlen(cfg->artifact_root);
     snprintf(w->artifact_root, sizeof w->artifact_root, "%s%s", cfg->artifact_root,
@@ -1330,6 +1472,8 @@ void writer_close(struct writer *w, void (*closed)(struct writer *))
     poll_stop(w);
     clear_range_results(w);
     batch_sql_free(&w->sql);
+    owners_free(&w->owners);
+    proto_buf_free(&w->owner_ids);
     free(w->stack);
     w->stack = NULL;
     pgconn_params_clear(&w->params);

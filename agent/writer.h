@@ -14,6 +14,7 @@
 #include <uv.h>
 
 #include "batch.h"
+#include "owners.h"
 #include "pgconn.h"
 
 struct trackd_config;
@@ -34,12 +35,14 @@ struct writer_cbs {
 
 enum writer_state {
     W_DISCONNECTED,
-    W_RESOLVING,  /* looking up the current host's addresses */
-    W_CONNECTING, /* libpq connecting to one address */
-    W_CHECKING,   /* schema check sent on a new connection */
-    W_LEDGER,     /* creating trackd's own tables if missing */
-    W_PROGRESS,   /* reading the journal's progress row (once per process) */
+    W_RESOLVING,    /* looking up the current host's addresses */
+    W_CONNECTING,   /* libpq connecting to one address */
+    W_CHECKING,     /* schema check sent on a new connection */
+    W_LEDGER,       /* creating trackd's own tables if missing */
+    W_OWNERS_TABLE, /* creating trackd_run_owners if missing */
+    W_PROGRESS,     /* reading the journal's progress row (once per process) */
     W_IDLE,
+    W_OWNERS,    /* looking up the owners of the next range's runs (agent/owners.h) */
     W_TXN_START, /* BEGIN (and COPY start / end) results pending */
     W_COPY_DATA, /* streaming COPY rows */
     W_PIPELINE,  /* statements and COMMIT sent, results pending */
@@ -94,9 +97,12 @@ struct writer {
     char **param_old;
     size_t n_param_changed;
     PGresult *run_states; /* runs of the range not to write to (batch_sql_run_state), or NULL */
-    char **art_ret;       /* ledger rows returned: id, store_uri, status triples */
+    struct owners owners; /* who may write which run */
+    struct proto_buf owner_ids; /* the runs being looked up */
+    char **art_ret;             /* ledger rows returned: id, store_uri, status triples */
     size_t n_art_ret;
     bool ledger_ok;
+    bool owners_ok; /* trackd_run_owners exists (or is being made) */
     /* Exactly once across crashes: each transaction records, in trackd_journal_progress, how
      * far the journal is committed: every record below lsn, and the first `events` events
      * of record lsn. Read once before the first write; events it covers are not written again. */

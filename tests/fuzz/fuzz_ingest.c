@@ -68,7 +68,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (!F.ready)
         setup();
-    struct ingest_origin o = {1, "fuzzer", "fuzz.py", "LOCAL", size && (data[0] & 1), 0};
+    /* A client with a peer every other input, so batches carry both kinds. */
+    static const struct peer peer = {1000, 1, {500}};
+    struct ingest_origin o = {1,
+                              "fuzzer",
+                              "fuzz.py",
+                              "LOCAL",
+                              size && (data[0] & 1),
+                              0,
+                              size && (data[0] & 2) ? &peer : NULL};
     struct proto_reader r;
     proto_reader_init(&r, 1u << 20);
     uint8_t *space;

@@ -1,6 +1,8 @@
 """Hand-built trackd frames for tests that must send what the shim never would."""
+import os
 import socket
 import struct
+import subprocess
 
 
 def mp(obj):
@@ -43,6 +45,38 @@ class Raw:
         self.s.settimeout(timeout)
         self.s.connect(path)
         self.buf = b""
+
+    @classmethod
+    def connected_as(cls, path, uid, gid, n=1, timeout=10):
+        """n connections made by a process running as uid:gid, handed back to this one. The
+        agent sees uid: SO_PEERCRED is taken when the client connects."""
+        mine, theirs = socket.socketpair()
+        code = ("import socket, sys\n"
+                "back = socket.socket(fileno=int(sys.argv[1]))\n"
+                "for _ in range(int(sys.argv[3])):\n"
+                "    s = socket.socket(socket.AF_UNIX)\n"
+                "    s.connect(sys.argv[2])\n"
+                "    socket.send_fds(back, [b'c'], [s.fileno()])\n")
+
+        def drop():
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        # The system's Python: a virtual environment may live where uid cannot read.
+        subprocess.run(["/usr/bin/python3", "-c", code, str(theirs.fileno()), path, str(n)],
+                       pass_fds=[theirs.fileno()], preexec_fn=drop, check=True, timeout=60,
+                       cwd="/")
+        theirs.close()
+        out = []
+        for _ in range(n):
+            _, fds, _, _ = socket.recv_fds(mine, 1, 1)
+            r = cls.__new__(cls)
+            r.s = socket.socket(fileno=fds[0])
+            r.s.settimeout(timeout)
+            r.buf = b""
+            out.append(r)
+        mine.close()
+        return out
 
     def send(self, data):
         self.s.sendall(data)

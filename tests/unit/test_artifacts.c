@@ -90,6 +90,7 @@ static void rm_rf(const char *dir)
 }
 
 static const char RUN[] = "0123456789abcdef0123456789abcdef";
+static const struct peer PEER = {4242, 2, {77, 900}};
 
 static struct artifact *snapshot(struct artifacts *ar, uv_loop_t *loop, struct seen *s,
                                  const char *file, const char *path, uint64_t seq)
@@ -102,7 +103,8 @@ static struct artifact *snapshot(struct artifacts *ar, uv_loop_t *loop, struct s
     assert_int_equal(fstat(fd, &st), 0);
     struct proto_file_seen fs = {(uint64_t)st.st_size,
                                  (uint64_t)st.st_mtim.tv_sec * 1000000000u + st.st_mtim.tv_nsec};
-    assert_int_equal(artifacts_snapshot(ar, 7, 0xabc, seq, RUN, p, &fs, fd, &a), 0);
+    struct artifact_origin o = {7, 0xabc, seq, &PEER, "ml:user"};
+    assert_int_equal(artifacts_snapshot(ar, &o, RUN, p, &fs, fd, &a), 0);
     int before = s->snapshots;
     while (s->snapshots == before)
         uv_run(loop, UV_RUN_ONCE);
@@ -185,9 +187,10 @@ static void test_snapshot_upload_forget(void **state)
     int fd = open("/dev/null", O_RDONLY);
     struct artifact *dup = NULL;
     struct proto_file_seen none = {0, 0};
-    assert_int_equal(artifacts_snapshot(&f.ar, 7, 0xabc, 5, RUN, (struct proto_str){"x/y.txt", 7},
-                                        &none, fd, &dup),
-                     -EEXIST);
+    struct artifact_origin o5 = {7, 0xabc, 5, &PEER, "ml"}, o6 = {7, 0xabc, 6, &PEER, "ml"};
+    assert_int_equal(
+        artifacts_snapshot(&f.ar, &o5, RUN, (struct proto_str){"x/y.txt", 7}, &none, fd, &dup),
+        -EEXIST);
 
     /* A file that is not what the client saw at the call (rewritten since) is not taken. */
     char later[300];
@@ -198,9 +201,8 @@ static void test_snapshot_upload_forget(void **state)
     assert_int_equal(fstat(fd, &st), 0);
     struct proto_file_seen old = {3, (uint64_t)st.st_mtim.tv_sec * 1000000000u - 1};
     struct artifact *stale = NULL;
-    assert_int_equal(artifacts_snapshot(&f.ar, 7, 0xabc, 6, RUN, (struct proto_str){"l.txt", 5},
-                                        &old, fd, &stale),
-                     0);
+    assert_int_equal(
+        artifacts_snapshot(&f.ar, &o6, RUN, (struct proto_str){"l.txt", 5}, &old, fd, &stale), 0);
     int before = f.s.snapshots;
     while (f.s.snapshots == before)
         uv_run(&f.loop, UV_RUN_ONCE);
@@ -267,7 +269,45 @@ static void test_recover_after_restart(void **state)
     assert_non_null(back);
     assert_string_equal(back->path, "empty");
     assert_memory_equal(back->run_id, RUN, 32);
+    /* The client's identity comes back with it (the ':' of its name made safe). */
+    assert_true(back->has_peer);
+    assert_int_equal(back->peer.uid, PEER.uid);
+    assert_int_equal(back->peer.nshared, 2);
+    assert_int_equal(back->peer.shared[1], PEER.shared[1]);
+    assert_string_equal(back->user, "ml?user");
     artifacts_forget(&f.ar, back);
+    fx_end(&f);
+}
+
+/* One uid holds at most ARTIFACTS_MAX_LIVE_PER_UID artifacts; another uid is not affected. */
+static void test_pending_artifacts_are_bounded_per_uid(void **state)
+{
+    (void)state;
+    char src[300];
+    struct fx f;
+    fx_start(&f, "");
+    snprintf(src, sizeof src, "%s/in.txt", f.dir);
+    write_file(src, "x");
+    const struct peer other = {4343, 0, {0}};
+    struct artifact *a = NULL;
+    struct proto_file_seen seen = {0, 0};
+    for (uint64_t seq = 1; seq <= ARTIFACTS_MAX_LIVE_PER_UID + 1; seq++) {
+        struct stat st;
+        int fd = open(src, O_RDONLY);
+        assert_int_equal(fstat(fd, &st), 0);
+        seen = (struct proto_file_seen){(uint64_t)st.st_size,
+                                        (uint64_t)st.st_mtim.tv_sec * 1000000000u +
+                                            (uint64_t)st.st_mtim.tv_nsec};
+        struct artifact_origin o = {7, 0xabc, seq, &PEER, "ml"};
+        int rc = artifacts_snapshot(&f.ar, &o, RUN, (struct proto_str){"f", 1}, &seen, fd, &a);
+        assert_int_equal(rc, seq <= ARTIFACTS_MAX_LIVE_PER_UID ? 0 : -EDQUOT);
+    }
+    int fd = open(src, O_RDONLY);
+    struct artifact_origin o = {8, 0xdef, 1, &other, "other"};
+    assert_int_equal(artifacts_snapshot(&f.ar, &o, RUN, (struct proto_str){"f", 1}, &seen, fd, &a),
+                     0);
+    while (f.s.snapshots < ARTIFACTS_MAX_LIVE_PER_UID + 1)
+        uv_run(&f.loop, UV_RUN_ONCE);
     fx_end(&f);
 }
 
@@ -334,6 +374,7 @@ int main(void)
         cmocka_unit_test(test_path_rules),
         cmocka_unit_test(test_snapshot_upload_forget),
         cmocka_unit_test(test_recover_after_restart),
+        cmocka_unit_test(test_pending_artifacts_are_bounded_per_uid),
         cmocka_unit_test(test_stores_that_cannot_be_used),
         cmocka_unit_test(test_sigv4_matches_aws_example),
     };

@@ -640,31 +640,61 @@ static void test_format_error_truncates(void **state)
     assert_string_equal(small, "agent.t");
 }
 
-/* Allow-lists: names and ids, blanks, the agent's own uid always served, clear refusals. */
+/* Allow-lists: names and ids, blanks, the agent's own uid always served, clear refusals;
+ * supplementary groups count; shared_gids keeps the peer's groups that are listed. */
 static void test_identity_rules(void **state)
 {
     (void)state;
     struct identity_rules r;
     char msg[512];
-    assert_int_equal(identity_rules_parse(&r, "", " , ", msg, sizeof msg), 0);
-    assert_true(identity_allowed(&r, 12345, 12345)); /* no rule: everyone */
+    gid_t g1[] = {12345};
+    assert_int_equal(identity_rules_parse(&r, "", " , ", NULL, msg, sizeof msg), 0);
+    assert_true(identity_allowed(&r, 12345, g1, 1)); /* no rule: everyone */
     identity_rules_free(&r);
 
-    assert_int_equal(identity_rules_parse(&r, " 54321 ,root", "777", msg, sizeof msg), 0);
+    assert_int_equal(identity_rules_parse(&r, " 54321 ,root", "777", "", msg, sizeof msg), 0);
     assert_int_equal(r.nuids, 2);
     assert_int_equal(r.uids[0], 54321);
     assert_int_equal(r.uids[1], 0);
-    assert_true(identity_allowed(&r, 54321, 1));
-    assert_true(identity_allowed(&r, 4242, 777));
-    if (geteuid() != 4242) /* the agent's own uid is always served */
-        assert_false(identity_allowed(&r, 4242, 778));
+    gid_t one[] = {1}, g777[] = {777}, g778[] = {778}, supp[] = {778, 5, 777};
+    assert_true(identity_allowed(&r, 54321, one, 1));
+    assert_true(identity_allowed(&r, 4242, g777, 1));
+    assert_true(identity_allowed(&r, 4242, supp, 3)); /* a supplementary group */
+    if (geteuid() != 4242) {                          /* the agent's own uid is always served */
+        assert_false(identity_allowed(&r, 4242, g778, 1));
+        assert_false(identity_allowed(&r, 4242, supp, 2));
+    }
     identity_rules_free(&r);
 
-    assert_int_equal(identity_rules_parse(&r, "no-such-user-xyz", "", msg, sizeof msg), -EINVAL);
+    assert_int_equal(identity_rules_parse(&r, "", "", "900, 5,900 ,root", msg, sizeof msg), 0);
+    assert_int_equal(r.nshared, 3);
+    assert_int_equal(r.shared[0], 0);
+    assert_int_equal(r.shared[1], 5);
+    assert_int_equal(r.shared[2], 900);
+    struct peer p;
+    gid_t groups[] = {100, 900, 7, 5};
+    identity_peer(&r, 1001, groups, 4, &p);
+    assert_int_equal(p.uid, 1001);
+    assert_int_equal(p.nshared, 2);
+    assert_int_equal(p.shared[0], 5);
+    assert_int_equal(p.shared[1], 900);
+    identity_peer(&r, 1002, groups, 1, &p);
+    assert_int_equal(p.nshared, 0);
+    identity_rules_free(&r);
+
+    assert_int_equal(identity_rules_parse(&r, "no-such-user-xyz", "", "", msg, sizeof msg),
+                     -EINVAL);
     assert_string_equal(msg, "[agent] allowed_uids: no such user \"no-such-user-xyz\"");
-    assert_int_equal(identity_rules_parse(&r, "", "99999999999", msg, sizeof msg), -EINVAL);
+    assert_int_equal(identity_rules_parse(&r, "", "99999999999", "", msg, sizeof msg), -EINVAL);
     assert_string_equal(msg, "[agent] allowed_gids: id out of range \"99999999999\"");
     assert_null(r.uids);
+    assert_int_equal(identity_rules_parse(&r, "", "", "no-such-group-xyz", msg, sizeof msg),
+                     -EINVAL);
+    assert_string_equal(msg, "[agent] shared_gids: no such group \"no-such-group-xyz\"");
+    assert_int_equal(identity_rules_parse(&r, "", "", "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17",
+                                          msg, sizeof msg),
+                     -EINVAL);
+    assert_string_equal(msg, "[agent] shared_gids: 17 groups; at most 16");
 }
 
 /* Registered secrets never survive into a line, however often and wherever they appear. */

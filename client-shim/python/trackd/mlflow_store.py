@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
     INVALID_PARAMETER_VALUE,
     INVALID_STATE,
+    PERMISSION_DENIED,
     RESOURCE_ALREADY_EXISTS,
     RESOURCE_DOES_NOT_EXIST,
 )
@@ -59,9 +60,13 @@ _log = logging.getLogger("trackd")
 
 BACKEND_ENV = "TRACKD_BACKEND_URI"
 FLUSH_TIMEOUT_ENV = "TRACKD_FLUSH_TIMEOUT"
-# The agent's RUN_NOT_FOUND (proto/PROTOCOL.md) is MLflow's RESOURCE_DOES_NOT_EXIST; every
-# other rejection is INVALID_PARAMETER_VALUE there too.
+# The agent's RUN_NOT_FOUND (proto/PROTOCOL.md) is MLflow's RESOURCE_DOES_NOT_EXIST and its
+# FORBIDDEN (another user's run, a destination outside the roots) is PERMISSION_DENIED, as
+# MLflow's authenticated server answers; every other rejection is INVALID_PARAMETER_VALUE
+# there too.
 _ERR_RUN_NOT_FOUND = 24
+_ERR_FORBIDDEN = 26
+_ERROR_CODES = {_ERR_RUN_NOT_FOUND: RESOURCE_DOES_NOT_EXIST, _ERR_FORBIDDEN: PERMISSION_DENIED}
 DEFAULT_ARTIFACT_ROOT = "./mlruns"
 
 
@@ -188,8 +193,7 @@ class TrackdStore(SqlAlchemyStore):
         if errors:
             for _, code, message in errors:
                 _log.warning("trackd: agent rejected an event (code %d): %s", code, message)
-            code = (RESOURCE_DOES_NOT_EXIST if errors[0][1] == _ERR_RUN_NOT_FOUND
-                    else INVALID_PARAMETER_VALUE)
+            code = _ERROR_CODES.get(errors[0][1], INVALID_PARAMETER_VALUE)
             # One sentence per distinct rejection: a batch to a deleted run is one error.
             raise MlflowException("; ".join(dict.fromkeys(m for _, _, m in errors)), code)
 
