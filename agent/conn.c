@@ -595,7 +595,8 @@ static bool heaviest_uid(const struct conn_server *s, uid_t *out)
             }
             v[n++] = (struct uid_bytes){c->uid, c->read_cap};
         }
-    qsort(v, n, sizeof *v, cmp_uid_bytes);
+    if (n > 1)
+        qsort(v, n, sizeof *v, cmp_uid_bytes);
     size_t best = 0, i = 0;
     bool found = false;
     while (i < n) {

@@ -118,7 +118,8 @@ int owners_plan(struct owners *o, const struct batch *b, size_t lo, size_t hi,
         if (set_add(s, &e) != 0)
             return -ENOMEM;
     }
-    qsort(s->v, s->n, sizeof *s->v, cmp_owner);
+    if (s->n > 1)
+        qsort(s->v, s->n, sizeof *s->v, cmp_owner);
     size_t n = 0;
     for (size_t k = 0; k < s->n; k++)
         if (n == 0 || cmp_owner(&s->v[n - 1], &s->v[k]) != 0)

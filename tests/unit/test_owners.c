@@ -199,6 +199,27 @@ static void test_bad_rows_and_a_full_cache(void **state)
     owners_free(&o);
 }
 
+/* A range with nothing to check (the agent's own ledger updates) asks nothing and refuses
+ * nothing, before the set ever held a run. */
+static void test_nothing_to_check(void **state)
+{
+    (void)state;
+    struct owners o;
+    assert_int_equal(owners_init(&o, false), 0);
+    struct batch b;
+    batch_init(&b);
+    add(&b, EV_ARTIFACT_DONE, R1, NULL, NULL);
+    struct proto_buf ids;
+    proto_buf_init(&ids, SIZE_MAX / 4);
+    assert_int_equal(owners_plan(&o, &b, 0, b.n, &ids), 0);
+    assert_string_equal((const char *)ids.data, "{}");
+    struct refusals r = {0};
+    assert_int_equal(owners_check(&o, &b, 0, b.n, on_refused, &r), 0);
+    proto_buf_free(&ids);
+    batch_free(&b);
+    owners_free(&o);
+}
+
 /* A start replayed from a journal that kept no peers makes a new run its user's: a peer
  * with that user name may write it, another may not. */
 static void test_start_without_a_peer(void **state)
@@ -246,6 +267,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rule),
+        cmocka_unit_test(test_nothing_to_check),
         cmocka_unit_test(test_plan_learn_check),
         cmocka_unit_test(test_bad_rows_and_a_full_cache),
         cmocka_unit_test(test_start_without_a_peer),
