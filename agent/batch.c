@@ -43,7 +43,7 @@ static bool same_peer(const struct batch *b, const struct batch_peer *e, const s
 {
     return e->id.uid == p->uid && e->id.nshared == p->nshared &&
            memcmp(e->id.shared, p->shared, p->nshared * sizeof p->shared[0]) == 0 &&
-           e->user.len == ulen && memcmp(batch_sptr(b, e->user), user, ulen) == 0;
+           e->user.len == ulen && (ulen == 0 || memcmp(batch_sptr(b, e->user), user, ulen) == 0);
 }
 
 uint16_t batch_peer(struct batch *b, const struct peer *p, const char *user)
@@ -125,24 +125,44 @@ const char batch_sql_begin_copy[] =
     " ord int4) ON COMMIT DELETE ROWS;"
     "COPY trackd_stage_metrics FROM STDIN (FORMAT binary)";
 
+/*
+ * Since MLflow 3.10 (revision 1b5f0d9ad7c1) an experiment's name is unique per workspace and
+ * trackd writes the 'default' one; before, names are unique alone. IN_WORKSPACE(x) is the
+ * condition a statement adds on experiments alias x, WS_COLUMN and WS_VALUE the column the
+ * insert fills; each statement below exists in both forms, indexed by enum batch_schema.
+ */
+/* Not formatted: clang-format would split the in_ws("x") calls inside the SQL texts. */
+/* clang-format off */
+#define IN_WORKSPACE(x) " AND " x ".workspace = 'default'"
+#define WS_COLUMN ", workspace"
+#define WS_VALUE ", 'default'"
+#define NO_WORKSPACE(x) ""
+#define BOTH_SCHEMAS(stmt)                                                                         \
+    {[BATCH_SCHEMA_NAME] = stmt(NO_WORKSPACE, "", ""),                                             \
+     [BATCH_SCHEMA_WORKSPACE] = stmt(IN_WORKSPACE, WS_COLUMN, WS_VALUE)}
+
 /* Experiment ids come from MLflow's sequence only when the name is new. */
-const char batch_sql_experiments[] =
-    "WITH want AS (SELECT DISTINCT ON (name) name, loc"
-    "  FROM unnest($1::text[], $4::text[]) WITH ORDINALITY AS u(name, loc, i) ORDER BY name, i),"
-    " missing AS (SELECT w.name, w.loc FROM want w WHERE NOT EXISTS"
-    "  (SELECT 1 FROM experiments e WHERE e.name = w.name AND e.workspace = 'default')),"
-    " ids AS (SELECT name, loc, nextval('experiments_experiment_id_seq') AS id FROM missing)"
-    " INSERT INTO experiments (experiment_id, name, artifact_location, lifecycle_stage,"
-    "  creation_time, last_update_time, workspace)"
-    " SELECT id, name, CASE WHEN loc = '' THEN $2 || id ELSE loc END, 'active', $3::int8,"
-    "  $3::int8, 'default' FROM ids"
-    " ON CONFLICT DO NOTHING";
+#define EXPERIMENTS_SQL(in_ws, ws_column, ws_value)                                                \
+    "WITH want AS (SELECT DISTINCT ON (name) name, loc"                                            \
+    "  FROM unnest($1::text[], $4::text[]) WITH ORDINALITY AS u(name, loc, i) ORDER BY name, i),"  \
+    " missing AS (SELECT w.name, w.loc FROM want w WHERE NOT EXISTS"                               \
+    "  (SELECT 1 FROM experiments e WHERE e.name = w.name" in_ws(                                  \
+        "e") ")),"                                                                                 \
+             " ids AS (SELECT name, loc, nextval('experiments_experiment_id_seq') AS id FROM "     \
+             "missing)"                                                                            \
+             " INSERT INTO experiments (experiment_id, name, artifact_location, lifecycle_stage,"  \
+             "  creation_time, last_update_time" ws_column ")"                                     \
+             " SELECT id, name, CASE WHEN loc = '' THEN $2 || id ELSE loc END, 'active', "         \
+             "$3::int8,"                                                                           \
+             "  $3::int8" ws_value " FROM ids"                                                     \
+             " ON CONFLICT DO NOTHING"
+const char *const batch_sql_experiments[BATCH_SCHEMA_COUNT] = BOTH_SCHEMAS(EXPERIMENTS_SQL);
 
 /*
  * As SqlAlchemyStore.create_run: artifact_uri = <location>/<run>/artifacts, in the experiment
  * with the id the client gave, else the one with the name; never in a deleted one.
  */
-#define RUNS_INSERT                                                                                \
+#define RUNS_INSERT(in_ws)                                                                         \
     "INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id,"       \
     " status, start_time, end_time, source_version, lifecycle_stage, artifact_uri,"                \
     " experiment_id, deleted_time)"                                                                \
@@ -151,25 +171,29 @@ const char batch_sql_experiments[] =
     "  END || r.id || '/artifacts', e.experiment_id, NULL"                                         \
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int4[])"         \
     "  AS r(id, name, uid, st, exp, eid)"                                                          \
-    " JOIN experiments e ON ((r.eid IS NULL AND e.name = r.exp AND e.workspace = 'default')"       \
+    " JOIN experiments e ON ((r.eid IS NULL AND e.name = r.exp" in_ws("e") ")"                    \
     "  OR e.experiment_id = r.eid) AND e.lifecycle_stage = 'active'"                               \
     " ON CONFLICT (run_uuid) DO NOTHING"
 
-const char batch_sql_runs[] = RUNS_INSERT;
+#define RUNS_SQL(in_ws, ws_column, ws_value) RUNS_INSERT(in_ws)
+const char *const batch_sql_runs[BATCH_SCHEMA_COUNT] = BOTH_SCHEMAS(RUNS_SQL);
 
 /*
  * The same, and who started each run it creates (agent/owners.h): only runs this statement
  * inserted get a row, from the first start of each in the range, so a start re-sent for a run
  * that already exists never claims it, and an owner never changes.
  */
-const char batch_sql_runs_owned[] =
-    "WITH made AS (" RUNS_INSERT " RETURNING run_uuid)"
-    " INSERT INTO trackd_run_owners (run_uuid, uid, shared_gids, created_time)"
-    " SELECT DISTINCT ON (o.run) o.run, o.uid, o.gids::int8[], $10::int8"
-    " FROM unnest($7::text[], $8::int8[], $9::text[]) WITH ORDINALITY AS o(run, uid, gids, i)"
-    " JOIN made ON made.run_uuid = o.run"
-    " ORDER BY o.run, o.i"
-    " ON CONFLICT (run_uuid) DO NOTHING";
+#define RUNS_OWNED_SQL(in_ws, ws_column, ws_value)                                                 \
+    "WITH made AS (" RUNS_INSERT(                                                                  \
+        in_ws) " RETURNING run_uuid)"                                                              \
+               " INSERT INTO trackd_run_owners (run_uuid, uid, shared_gids, created_time)"         \
+               " SELECT DISTINCT ON (o.run) o.run, o.uid, o.gids::int8[], $10::int8"               \
+               " FROM unnest($7::text[], $8::int8[], $9::text[]) WITH ORDINALITY AS o(run, uid, "  \
+               "gids, i)"                                                                          \
+               " JOIN made ON made.run_uuid = o.run"                                               \
+               " ORDER BY o.run, o.i"                                                              \
+               " ON CONFLICT (run_uuid) DO NOTHING"
+const char *const batch_sql_runs_owned[BATCH_SCHEMA_COUNT] = BOTH_SCHEMAS(RUNS_OWNED_SQL);
 
 /*
  * The range's runs MLflow would not write to (SqlAlchemyStore._get_run, _check_run_is_active):
@@ -178,13 +202,15 @@ const char batch_sql_runs_owned[] =
  * insert, in the same transaction, so runs started here count. Every write below skips
  * these runs, and the writer rejects their events once the transaction commits.
  */
-const char batch_sql_run_state[] =
-    "SELECT u.run, r.lifecycle_stage, x.experiment_id, x.lifecycle_stage, u.eid"
-    " FROM unnest($1::text[], $2::text[], $3::int4[]) AS u(run, exp, eid)"
-    " LEFT JOIN runs r ON r.run_uuid = u.run"
-    " LEFT JOIN experiments x ON (u.eid IS NULL AND x.name = u.exp AND x.workspace = 'default')"
-    "  OR x.experiment_id = u.eid"
-    " WHERE r.lifecycle_stage IS DISTINCT FROM 'active'";
+#define RUN_STATE_SQL(in_ws, ws_column, ws_value)                                                  \
+    "SELECT u.run, r.lifecycle_stage, x.experiment_id, x.lifecycle_stage, u.eid"                   \
+    " FROM unnest($1::text[], $2::text[], $3::int4[]) AS u(run, exp, eid)"                         \
+    " LEFT JOIN runs r ON r.run_uuid = u.run"                                                      \
+    " LEFT JOIN experiments x ON (u.eid IS NULL AND x.name = u.exp" in_ws("x") ")"                \
+    "  OR x.experiment_id = u.eid"                                                                 \
+    " WHERE r.lifecycle_stage IS DISTINCT FROM 'active'"
+/* clang-format on */
+const char *const batch_sql_run_state[BATCH_SCHEMA_COUNT] = BOTH_SCHEMAS(RUN_STATE_SQL);
 
 const char batch_sql_tags[] =
     "INSERT INTO tags (key, value, run_uuid)"

@@ -161,17 +161,24 @@ void batch_sql_free(struct batch_sql *s);
 /* Builds the inputs for events [lo, hi) of b, skipping rejected ones. */
 int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s);
 
+/*
+ * How the database keys experiments: by name alone (MLflow before 3.10), or by name within a
+ * workspace (MLflow 3.10 on: trackd writes workspace 'default'). Statements that name
+ * experiments come in both forms; pgconn's schema check says which one a database takes.
+ */
+enum batch_schema { BATCH_SCHEMA_NAME, BATCH_SCHEMA_WORKSPACE, BATCH_SCHEMA_COUNT };
+
 /* SQL texts the writer sends; $n match the batch_sql arrays above. */
 extern const char batch_sql_begin_copy[];
 /* $1 names, $2 artifact root with '/', $3 now ms, $4 locations */
-extern const char batch_sql_experiments[];
-extern const char batch_sql_runs[];
+extern const char *const batch_sql_experiments[BATCH_SCHEMA_COUNT];
+extern const char *const batch_sql_runs[BATCH_SCHEMA_COUNT];
 /* batch_sql_runs and the trackd_run_owners rows of the runs it creates: $7 own_runs,
  * $8 own_uids, $9 own_gids, $10 now ms. */
-extern const char batch_sql_runs_owned[];
+extern const char *const batch_sql_runs_owned[BATCH_SCHEMA_COUNT];
 /* $1 state_runs, $2 state_exps, $3 state_exp_ids; returns run, run stage, experiment id,
  * experiment stage, the experiment id asked for */
-extern const char batch_sql_run_state[];
+extern const char *const batch_sql_run_state[BATCH_SCHEMA_COUNT];
 extern const char batch_sql_tags[];
 extern const char batch_sql_renames[];
 extern const char batch_sql_params[];

@@ -112,7 +112,7 @@ static const struct config_key keys[] = {
         CONFIG_MAX_PATH,
         "Artifact root for experiments the agent creates (root + \"/\" + experiment_id)"),
     STR("mlflow", "allowed_revisions", allowed_revisions, "", 0, CONFIG_MAX_LINE,
-        "Comma-separated alembic revisions accepted besides the built-in tested list"),
+        "Comma-separated alembic revisions treated as tested (no warning at start)"),
     STR("mlflow", "backend_uri", backend_uri, "", 0, CONFIG_MAX_LINE,
         "MLflow backend store URI announced to clients for reads; never with a password"),
     STR("artifacts", "allowed_roots", allowed_roots, "", 0, CONFIG_MAX_LINE,

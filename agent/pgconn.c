@@ -1,8 +1,9 @@
 /*
- * Connection parameters, SQLSTATE classes and the start-up schema check.
- * MLflow owns the DDL: trackd only reads alembic_version and
- * information_schema here, and refuses a database it was not tested with
- * rather than writing rows MLflow might read differently.
+ * Connection parameters, SQLSTATE classes and the schema check. MLflow owns the DDL: trackd
+ * only reads alembic_version, information_schema and pg_index here, accepts a database by the
+ * structure of the tables it writes (every column with a usable type, every unique key its
+ * statements rely on), and names what does not fit rather than writing rows MLflow might read
+ * differently.
  */
 #include "pgconn.h"
 
@@ -16,52 +17,78 @@
 #include "log.h"
 #include "stats.h"
 
+/* The releases tests/integration/test_compat.py and the differential tests run against. */
 const char *const pgconn_tested_revisions[] = {
     "dc11669786a5", /* MLflow 3.17.x */
+    "1b5f0d9ad7c1", /* MLflow 3.10.x, the first with experiment workspaces */
+    "0584bdc529eb", /* MLflow 2.22.x */
+    "f5a4f2784254", /* MLflow 2.17.x */
     NULL,
 };
 
-/* Every column the writer names, per table. */
-static const char *const required_columns[][2] = {
-    {"experiments", "experiment_id"},
-    {"experiments", "name"},
-    {"experiments", "artifact_location"},
-    {"experiments", "lifecycle_stage"},
-    {"experiments", "creation_time"},
-    {"experiments", "last_update_time"},
-    {"experiments", "workspace"},
-    {"runs", "run_uuid"},
-    {"runs", "name"},
-    {"runs", "source_type"},
-    {"runs", "source_name"},
-    {"runs", "entry_point_name"},
-    {"runs", "user_id"},
-    {"runs", "status"},
-    {"runs", "start_time"},
-    {"runs", "end_time"},
-    {"runs", "source_version"},
-    {"runs", "lifecycle_stage"},
-    {"runs", "artifact_uri"},
-    {"runs", "experiment_id"},
-    {"runs", "deleted_time"},
-    {"tags", "key"},
-    {"tags", "value"},
-    {"tags", "run_uuid"},
-    {"params", "key"},
-    {"params", "value"},
-    {"params", "run_uuid"},
-    {"metrics", "key"},
-    {"metrics", "value"},
-    {"metrics", "timestamp"},
-    {"metrics", "run_uuid"},
-    {"metrics", "step"},
-    {"metrics", "is_nan"},
-    {"latest_metrics", "key"},
-    {"latest_metrics", "value"},
-    {"latest_metrics", "timestamp"},
-    {"latest_metrics", "step"},
-    {"latest_metrics", "is_nan"},
-    {"latest_metrics", "run_uuid"},
+/*
+ * Every column the writer names, with the types its statements need (information_schema's
+ * data_type; "|" separates the ones that do). MLflow 2.17 to 3.17 agree on all of them except
+ * experiments.workspace, which 3.10 added (revision 1b5f0d9ad7c1) and which is optional here.
+ */
+#define STR "character varying|text"
+static const struct {
+    const char *table, *column, *types;
+} required_columns[] = {
+    {"experiments", "experiment_id", "integer|bigint"},
+    {"experiments", "name", STR},
+    {"experiments", "artifact_location", STR},
+    {"experiments", "lifecycle_stage", STR},
+    {"experiments", "creation_time", "bigint"},
+    {"experiments", "last_update_time", "bigint"},
+    {"runs", "run_uuid", STR},
+    {"runs", "name", STR},
+    {"runs", "source_type", STR},
+    {"runs", "source_name", STR},
+    {"runs", "entry_point_name", STR},
+    {"runs", "user_id", STR},
+    {"runs", "status", STR},
+    {"runs", "start_time", "bigint"},
+    {"runs", "end_time", "bigint"},
+    {"runs", "source_version", STR},
+    {"runs", "lifecycle_stage", STR},
+    {"runs", "artifact_uri", STR},
+    {"runs", "experiment_id", "integer|bigint"},
+    {"runs", "deleted_time", "bigint"},
+    {"tags", "key", STR},
+    {"tags", "value", STR},
+    {"tags", "run_uuid", STR},
+    {"params", "key", STR},
+    {"params", "value", STR},
+    {"params", "run_uuid", STR},
+    {"metrics", "key", STR},
+    {"metrics", "value", "double precision"},
+    {"metrics", "timestamp", "bigint"},
+    {"metrics", "run_uuid", STR},
+    {"metrics", "step", "bigint"},
+    {"metrics", "is_nan", "boolean"},
+    {"latest_metrics", "key", STR},
+    {"latest_metrics", "value", "double precision"},
+    {"latest_metrics", "timestamp", "bigint"},
+    {"latest_metrics", "step", "bigint"},
+    {"latest_metrics", "is_nan", "boolean"},
+    {"latest_metrics", "run_uuid", STR},
+};
+#undef STR
+
+/*
+ * The unique keys the statements' ON CONFLICT clauses and de-duplication rely on (columns in
+ * alphabetical order, as the check query lists them). experiments needs one of two, by the
+ * presence of experiments.workspace.
+ */
+static const struct {
+    const char *table, *columns, *used_for;
+} required_keys[] = {
+    {"runs", "run_uuid", "ON CONFLICT (run_uuid)"},
+    {"tags", "key,run_uuid", "ON CONFLICT (key, run_uuid)"},
+    {"params", "key,run_uuid", "ON CONFLICT (key, run_uuid)"},
+    {"latest_metrics", "key,run_uuid", "ON CONFLICT (key, run_uuid)"},
+    {"metrics", "is_nan,key,run_uuid,step,timestamp,value", "de-duplicating metric points"},
 };
 
 int pgconn_dsn_check(const char *dsn, char *msg, size_t msglen)
@@ -347,6 +374,18 @@ void pgconn_notice(void *arg, const char *message)
     log_debug("[postgres] %.*s", (int)strcspn(message, "\n"), message);
 }
 
+const char *pgconn_tested_list(void)
+{
+    static char text[256];
+    if (text[0] == '\0') {
+        size_t n = 0;
+        for (size_t i = 0; pgconn_tested_revisions[i] && n < sizeof text; i++)
+            n += (size_t)snprintf(text + n, sizeof text - n, "%s%s", i ? ", " : "",
+                                  pgconn_tested_revisions[i]);
+    }
+    return text;
+}
+
 static bool revision_allowed(const struct trackd_config *cfg, const char *rev)
 {
     for (size_t i = 0; pgconn_tested_revisions[i]; i++)
@@ -364,14 +403,66 @@ static bool revision_allowed(const struct trackd_config *cfg, const char *rev)
     return false;
 }
 
+#define CHECKED_TABLES "('experiments', 'runs', 'tags', 'params', 'metrics', 'latest_metrics')"
+
 const char pgconn_check_sql[] =
     "SELECT version_num FROM alembic_version;"
-    "SELECT table_name || '.' || column_name FROM information_schema.columns"
-    " WHERE table_schema = current_schema()";
+    "SELECT table_name, column_name, data_type FROM information_schema.columns"
+    " WHERE table_schema = current_schema() AND table_name IN " CHECKED_TABLES ";"
+    "SELECT t.relname, (SELECT string_agg(a.attname, ',' ORDER BY a.attname) FROM pg_attribute a"
+    "  WHERE a.attrelid = t.oid AND a.attnum = ANY (i.indkey))"
+    " FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid"
+    " WHERE i.indisunique AND i.indpred IS NULL"
+    "  AND t.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
+    "  AND t.relname IN " CHECKED_TABLES;
 
-int pgconn_check_results(const struct trackd_config *cfg, const char *dbname, const PGresult *rev,
-                         const PGresult *cols, char *msg, size_t msglen)
+/* The row of cols naming table.column, or -1. */
+static int find_column(const PGresult *cols, const char *table, const char *column)
 {
+    for (int row = 0; row < PQntuples(cols); row++)
+        if (strcmp(PQgetvalue(cols, row, 0), table) == 0 &&
+            strcmp(PQgetvalue(cols, row, 1), column) == 0)
+            return row;
+    return -1;
+}
+
+static bool type_in(const char *type, const char *alternatives)
+{
+    size_t n = strlen(type);
+    for (const char *p = alternatives; *p;) {
+        size_t k = strcspn(p, "|");
+        if (k == n && strncmp(p, type, n) == 0)
+            return true;
+        p += k + (p[k] == '|');
+    }
+    return false;
+}
+
+static bool has_key(const PGresult *keys, const char *table, const char *columns)
+{
+    for (int row = 0; row < PQntuples(keys); row++)
+        if (strcmp(PQgetvalue(keys, row, 0), table) == 0 &&
+            strcmp(PQgetvalue(keys, row, 1), columns) == 0)
+            return true;
+    return false;
+}
+
+static bool result_ok(const PGresult *r, const char *what, char *msg, size_t msglen)
+{
+    if (r != NULL && PQresultStatus(r) == PGRES_TUPLES_OK)
+        return true;
+    snprintf(msg, msglen, "cannot read %s: %.*s", what,
+             r ? (int)strcspn(PQresultErrorMessage(r), "\n") : 9,
+             r ? PQresultErrorMessage(r) : "no result");
+    return false;
+}
+
+int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
+                         PGresult *const res[PGCONN_CHECK_RESULTS], struct pgconn_schema *out,
+                         char *msg, size_t msglen)
+{
+    const PGresult *rev = res[0], *cols = res[1], *keys = res[2];
+    memset(out, 0, sizeof *out);
     if (rev == NULL || PQresultStatus(rev) != PGRES_TUPLES_OK) {
         const char *st = rev ? PQresultErrorField(rev, PG_DIAG_SQLSTATE) : NULL;
         if (st && strcmp(st, "42P01") == 0)
@@ -394,41 +485,69 @@ int pgconn_check_results(const struct trackd_config *cfg, const char *dbname, co
                  PQntuples(rev));
         return -1;
     }
-    const char *version = PQgetvalue(rev, 0, 0);
-    if (!revision_allowed(cfg, version)) {
-        snprintf(msg, msglen,
-                 "MLflow schema revision %s is not one trackd is tested with (tested: %s). "
-                 "Upgrade or downgrade the database with the matching MLflow release, or add the "
-                 "revision to [mlflow] allowed_revisions after checking it",
-                 version, pgconn_tested_revisions[0]);
+    snprintf(out->revision, sizeof out->revision, "%s", PQgetvalue(rev, 0, 0));
+    out->tested = revision_allowed(cfg, out->revision);
+    if (!result_ok(cols, "information_schema.columns", msg, msglen) ||
+        !result_ok(keys, "the unique indexes of MLflow's tables (pg_index)", msg, msglen))
         return -1;
-    }
-    if (cols == NULL || PQresultStatus(cols) != PGRES_TUPLES_OK) {
-        snprintf(msg, msglen, "cannot read information_schema.columns: %.*s",
-                 cols ? (int)strcspn(PQresultErrorMessage(cols), "\n") : 15,
-                 cols ? PQresultErrorMessage(cols) : "no result");
-        return -1;
-    }
+    const char *advice = out->tested ? "the database does not match its MLflow release; run "
+                                       "`mlflow db upgrade` with that release"
+                                     : "trackd writes MLflow 2.17 to 3.17 schemas; upgrade the "
+                                       "database with a release in that range (`mlflow db "
+                                       "upgrade`)";
     for (size_t i = 0; i < sizeof required_columns / sizeof required_columns[0]; i++) {
-        char want[128];
-        snprintf(want, sizeof want, "%s.%s", required_columns[i][0], required_columns[i][1]);
-        bool found = false;
-        for (int row = 0; row < PQntuples(cols) && !found; row++)
-            found = strcmp(PQgetvalue(cols, row, 0), want) == 0;
-        if (!found) {
+        int row = find_column(cols, required_columns[i].table, required_columns[i].column);
+        if (row < 0) {
             snprintf(msg, msglen,
-                     "column %s is missing from the MLflow schema; the database was not "
-                     "initialised by a supported MLflow release (run `mlflow db upgrade`)",
-                     want);
+                     "MLflow schema revision %s does not fit: column %s.%s is missing (%s)",
+                     out->revision, required_columns[i].table, required_columns[i].column, advice);
+            return -1;
+        }
+        const char *type = PQgetvalue(cols, row, 2);
+        if (!type_in(type, required_columns[i].types)) {
+            snprintf(msg, msglen,
+                     "MLflow schema revision %s does not fit: column %s.%s is %s, trackd writes "
+                     "it as %s (%s)",
+                     out->revision, required_columns[i].table, required_columns[i].column, type,
+                     required_columns[i].types, advice);
             return -1;
         }
     }
+    out->workspace = find_column(cols, "experiments", "workspace") >= 0;
+    const char *exp_key = out->workspace ? "name,workspace" : "name";
+    if (!has_key(keys, "experiments", exp_key)) {
+        snprintf(msg, msglen,
+                 "MLflow schema revision %s does not fit: experiments has no unique key on (%s), "
+                 "which experiment names rely on (%s)",
+                 out->revision, exp_key, advice);
+        return -1;
+    }
+    for (size_t i = 0; i < sizeof required_keys / sizeof required_keys[0]; i++)
+        if (!has_key(keys, required_keys[i].table, required_keys[i].columns)) {
+            snprintf(msg, msglen,
+                     "MLflow schema revision %s does not fit: %s has no unique key on (%s), "
+                     "which trackd relies on for %s (%s)",
+                     out->revision, required_keys[i].table, required_keys[i].columns,
+                     required_keys[i].used_for, advice);
+            return -1;
+        }
     return 0;
 }
 
-const char *pgconn_check_revision(const PGresult *rev)
+void pgconn_log_schema(const struct pgconn_schema *s)
 {
-    return PQntuples(rev) == 1 ? PQgetvalue(rev, 0, 0) : "?";
+    static char said[sizeof s->revision]; /* loop thread, or start-up before it */
+    if (strcmp(said, s->revision) == 0)
+        return;
+    snprintf(said, sizeof said, "%s", s->revision);
+    if (s->tested)
+        log_info("[postgres] MLflow schema revision %s", s->revision);
+    else
+        log_warn("[postgres] MLflow schema revision %s is not one trackd is tested with (tested: "
+                 "%s); its tables have every column and key trackd writes, so it is used. Check "
+                 "that MLflow shows the first runs as expected; [mlflow] allowed_revisions "
+                 "silences this warning",
+                 s->revision, pgconn_tested_list());
 }
 
 int pgconn_check_schema(const struct trackd_config *cfg, char *msg, size_t msglen)
@@ -445,28 +564,28 @@ int pgconn_check_schema(const struct trackd_config *cfg, char *msg, size_t msgle
         return PGCONN_CHECK_UNREACHABLE;
     }
     PQsetNoticeProcessor(c, pgconn_notice, NULL);
-    PGresult *rev = NULL, *cols = NULL, *r;
+    PGresult *res[PGCONN_CHECK_RESULTS] = {NULL}, *r;
+    size_t got = 0;
     if (PQsendQuery(c, pgconn_check_sql)) {
         while ((r = PQgetResult(c)) != NULL) {
-            if (rev == NULL)
-                rev = r;
-            else if (cols == NULL)
-                cols = r;
+            if (got < PGCONN_CHECK_RESULTS)
+                res[got++] = r;
             else
                 PQclear(r);
         }
     }
     int rc = PGCONN_CHECK_FAILED;
-    if (rev == NULL && PQstatus(c) == CONNECTION_BAD) {
+    struct pgconn_schema schema;
+    if (res[0] == NULL && PQstatus(c) == CONNECTION_BAD) {
         snprintf(msg, msglen, "PostgreSQL connection lost during the schema check: %.*s",
                  (int)strcspn(PQerrorMessage(c), "\n"), PQerrorMessage(c));
         rc = PGCONN_CHECK_UNREACHABLE;
-    } else if (pgconn_check_results(cfg, PQdb(c), rev, cols, msg, msglen) == 0) {
-        log_info("[postgres] MLflow schema revision %s", pgconn_check_revision(rev));
+    } else if (pgconn_check_results(cfg, PQdb(c), res, &schema, msg, msglen) == 0) {
+        pgconn_log_schema(&schema);
         rc = PGCONN_CHECK_OK;
     }
-    PQclear(rev);
-    PQclear(cols);
+    for (size_t i = 0; i < PGCONN_CHECK_RESULTS; i++)
+        PQclear(res[i]);
     PQfinish(c);
     return rc;
 }

@@ -9,6 +9,7 @@
 #define TRACKD_PGCONN_H
 
 #include <libpq-fe.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -102,16 +103,28 @@ struct pgconn_error_class {
 const struct pgconn_error_class *pgconn_error_class(const char *sqlstate);
 
 /*
- * The schema check: one simple query of two statements (alembic_version, then the columns of
- * the current schema), sent by the start-up check and by the writer on every new connection.
- * pgconn_check_results judges their results (either may be NULL or an error); on failure it
- * returns -1 with a sentence naming what is missing and how to fix it in msg.
+ * The schema check: one simple query of PGCONN_CHECK_RESULTS statements (alembic_version, the
+ * columns and the unique indexes of the tables trackd writes), sent by the start-up check and
+ * by the writer on every new connection. pgconn_check_results judges their results (any may
+ * be NULL or an error): 0 with *out filled when every column trackd writes is there with a
+ * usable type and every unique key its statements rely on exists, whatever the revision; else
+ * -1 with a sentence naming the missing or different column or key and what to do.
  */
+#define PGCONN_CHECK_RESULTS 3
 extern const char pgconn_check_sql[];
-int pgconn_check_results(const struct trackd_config *cfg, const char *dbname, const PGresult *rev,
-                         const PGresult *cols, char *msg, size_t msglen);
-/* The revision a successful check saw. */
-const char *pgconn_check_revision(const PGresult *rev);
+struct pgconn_schema {
+    char revision[64];
+    bool tested;    /* on the tested list (pgconn_tested_revisions) or in allowed_revisions */
+    bool workspace; /* experiments.workspace exists (MLflow 3.10 on): enum batch_schema */
+};
+int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
+                         PGresult *const res[PGCONN_CHECK_RESULTS], struct pgconn_schema *out,
+                         char *msg, size_t msglen);
+/* Logs what a passed check found, once per revision and process: info for a tested revision,
+ * else one warning naming it. */
+void pgconn_log_schema(const struct pgconn_schema *s);
+/* The tested revisions, comma-separated. */
+const char *pgconn_tested_list(void);
 
 enum { PGCONN_CHECK_OK = 0, PGCONN_CHECK_FAILED = -1, PGCONN_CHECK_UNREACHABLE = -2 };
 

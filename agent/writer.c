@@ -460,7 +460,7 @@ static void send_pipeline(struct writer *w)
     w->stmt_index = 0;
     if (s->n_exps) {
         const char *v[] = {BUFSTR(s->exp_names), w->artifact_root, now, BUFSTR(s->exp_locations)};
-        rc |= send_stmt(w, STMT_EXPS, batch_sql_experiments, 4, v);
+        rc |= send_stmt(w, STMT_EXPS, batch_sql_experiments[w->variant], 4, v);
     }
     if (s->n_runs) {
         const char *v[] = {BUFSTR(s->run_ids),   BUFSTR(s->run_names),
@@ -469,12 +469,13 @@ static void send_pipeline(struct writer *w)
                            BUFSTR(s->own_runs),  BUFSTR(s->own_uids),
                            BUFSTR(s->own_gids),  now};
         bool owned = s->n_owns && w->owners_ok;
-        rc |= send_stmt(w, STMT_RUNS, owned ? batch_sql_runs_owned : batch_sql_runs, owned ? 10 : 6,
-                        v);
+        rc |= send_stmt(w, STMT_RUNS,
+                        owned ? batch_sql_runs_owned[w->variant] : batch_sql_runs[w->variant],
+                        owned ? 10 : 6, v);
     }
     if (s->n_state_runs) {
         const char *v[] = {BUFSTR(s->state_runs), BUFSTR(s->state_exps), BUFSTR(s->state_exp_ids)};
-        rc |= send_stmt(w, STMT_RUN_STATE, batch_sql_run_state, 3, v);
+        rc |= send_stmt(w, STMT_RUN_STATE, batch_sql_run_state[w->variant], 3, v);
     }
     if (s->n_tags) {
         const char *v[] = {BUFSTR(s->tag_keys), BUFSTR(s->tag_values), BUFSTR(s->tag_runs)};
@@ -1020,9 +1021,9 @@ static void note_param_changes(struct writer *w, const PGresult *res)
 
 static void clear_check(struct writer *w)
 {
-    PQclear(w->check_rev);
-    PQclear(w->check_cols);
-    w->check_rev = w->check_cols = NULL;
+    for (size_t i = 0; i < w->ncheck; i++)
+        PQclear(w->check[i]);
+    w->ncheck = 0;
 }
 
 /* The connection is set up: make trackd_run_owners if it is not known to exist, read the
@@ -1086,10 +1087,13 @@ static void progress_result(struct writer *w, PGresult *res)
 static void check_done(struct writer *w)
 {
     char msg[700];
-    int rc =
-        pgconn_check_results(w->cfg, PQdb(w->pg), w->check_rev, w->check_cols, msg, sizeof msg);
-    if (rc == 0 && !w->schema_ok)
-        log_info("[postgres] MLflow schema revision %s", pgconn_check_revision(w->check_rev));
+    struct pgconn_schema found;
+    int rc = pgconn_check_results(w->cfg, PQdb(w->pg), w->check, &found, msg, sizeof msg);
+    if (rc == 0) {
+        pgconn_log_schema(&found);
+        w->schema = found;
+        w->variant = found.workspace ? BATCH_SCHEMA_WORKSPACE : BATCH_SCHEMA_NAME;
+    }
     clear_check(w);
     if (rc != 0) {
         /* Events stay queued (and journaled) until an operator fixes the database. */
@@ -1238,10 +1242,8 @@ static void drive(struct writer *w)
                 check_done(w);
                 continue;
             }
-            if (w->check_rev == NULL)
-                w->check_rev = res;
-            else if (w->check_cols == NULL)
-                w->check_cols = res;
+            if (w->ncheck < PGCONN_CHECK_RESULTS)
+                w->check[w->ncheck++] = res;
             else
                 PQclear(res);
             continue;

@@ -113,10 +113,13 @@ struct writer {
     uint64_t progress_lsn, progress_events; /* committed */
     uint64_t range_lsn, range_events;       /* what the range in flight records, 0 = none */
     unsigned exit_after_commits;            /* TRACKD_TEST_EXIT_AFTER_COMMITS, tests only */
-    char *ledger_sql;                 /* trackd_artifacts, and the mlflow_* views when configured */
-    PGresult *check_rev, *check_cols; /* schema check results so far */
-    bool schema_ok;                   /* a check passed since the agent started */
-    unsigned attempts;                /* consecutive failures, for backoff */
+    char *ledger_sql; /* trackd_artifacts, and the mlflow_* views when configured */
+    PGresult *check[PGCONN_CHECK_RESULTS]; /* schema check results so far */
+    size_t ncheck;
+    bool schema_ok;              /* a check passed since the agent started */
+    struct pgconn_schema schema; /* what the last passed check found */
+    enum batch_schema variant;   /* the statements that fit it */
+    unsigned attempts;           /* consecutive failures, for backoff */
     uint64_t sync_sent_us;
     void (*closed_cb)(struct writer *);
 };

@@ -92,40 +92,43 @@ READ = textwrap.dedent('''
 ''')
 
 
-def _run(args, env, cwd, timeout=300):
-    p = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True,
+def _run(args, env, cwd, python=sys.executable, timeout=300):
+    p = subprocess.run([python, *args], env=env, cwd=cwd, capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, p.stderr[-4000:]
     return p.stdout.strip().splitlines()[-1]
 
 
-def test_unchanged_mlflow_script_under_trackd(pg, tmp_path):
-    pytest.importorskip("trackd._trackd")
+def compare_under_trackd(pg, tmp_path, python, new_db):
+    """Runs SCRIPT with python's MLflow on postgresql:// and on trackd: (an agent with its
+    default configuration but for the read URI), each into a database new_db(name) makes;
+    MLflow's client reads both back and they must be equal. Returns what it read."""
     work = tmp_path / "work"
     work.mkdir()
     (work / "train.py").write_text(SCRIPT)
     (work / "read.py").write_text(READ)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TRACKD_"))}
 
-    db_ml = pg.mlflow_db("plugin_mlflow")
-    ids_ml = json.loads(_run(["train.py"], dict(base, MLFLOW_TRACKING_URI=pg.url(db_ml)), work))
+    db_ml = new_db("plugin_mlflow")
+    ids_ml = json.loads(_run(["train.py"], dict(base, MLFLOW_TRACKING_URI=pg.url(db_ml)), work,
+                             python))
 
-    db_tr = pg.mlflow_db("plugin_trackd")
+    db_tr = new_db("plugin_trackd")
     agent = Agent(pg, db_tr, tmp_path / "agent", artifact_root=str(work / "mlruns"))
     agent.config.write_text(agent.config.read_text().replace(
         "[mlflow]\n", f'[mlflow]\nbackend_uri = "{pg.url(db_tr)}"\n'))
     agent.start()
     try:
         env = dict(base, MLFLOW_TRACKING_URI=f"trackd://{agent.socket}")
-        ids_tr = json.loads(_run(["train.py"], env, work))
+        ids_tr = json.loads(_run(["train.py"], env, work, python))
         stats = agent.stats()
     finally:
         assert agent.stop() == 0
     assert stats["metrics_committed"] > 0, "the trackd run did not write through the agent"
     assert stats["rejected_protocol"] == 0
 
-    seen_ml = json.loads(_run(["read.py", pg.url(db_ml), json.dumps(ids_ml)], base, work))
-    seen_tr = json.loads(_run(["read.py", pg.url(db_tr), json.dumps(ids_tr)], base, work))
+    seen_ml = json.loads(_run(["read.py", pg.url(db_ml), json.dumps(ids_ml)], base, work, python))
+    seen_tr = json.loads(_run(["read.py", pg.url(db_tr), json.dumps(ids_tr)], base, work, python))
     # Deliberate difference: a run made with MlflowClient.create_run records the user the
     # socket names (trackd's identity rule); MLflow records what the caller claimed.
     assert seen_ml["batch"]["user"] == "someone" and seen_tr["batch"]["user"] == "root"
@@ -143,3 +146,9 @@ def test_unchanged_mlflow_script_under_trackd(pg, tmp_path):
              " (SELECT count(*) FROM params), (SELECT count(*) FROM metrics)," \
              " (SELECT count(*) FROM latest_metrics), (SELECT count(*) FROM experiments)"
     assert pg.query(db_ml, counts) == pg.query(db_tr, counts)
+    return seen_tr, agent
+
+
+def test_unchanged_mlflow_script_under_trackd(pg, tmp_path):
+    pytest.importorskip("trackd._trackd")
+    compare_under_trackd(pg, tmp_path, sys.executable, pg.mlflow_db)

@@ -4,6 +4,7 @@ import math
 import random
 import subprocess
 
+import pytest
 from harness import BUILD, Agent, driver_errors, driver_runs, run_driver
 
 DBL_MAX = 1.7976931348623157e308
@@ -236,11 +237,43 @@ def test_agent_refuses_database_without_mlflow_schema(pg, tmp_path):
     assert "mlflow server" in a.log()
 
 
-def test_agent_refuses_unknown_revision(pg, db, tmp_path):
+def test_agent_takes_an_unknown_revision_whose_tables_fit(pg, db, tmp_path):
+    """A revision trackd is not tested with, on tables that have everything trackd writes: the
+    agent starts, says so once, and writes."""
     pg.query(db, "UPDATE alembic_version SET version_num = 'ffffffffffff' RETURNING 1")
+    a = Agent(pg, db, tmp_path / "a").start()
+    try:
+        out, _ = run_driver(a.socket, [["run", "r", "rev-exp", "r", "now"],
+                                       ["metric", "r", "m", "1", "0", str(TS0)],
+                                       ["flush", "30000"]])
+        assert ["flush", "0"] in out
+    finally:
+        assert a.stop() == 0
+    log = a.log()
+    assert log.count("MLflow schema revision ffffffffffff is not one trackd is tested with") == 1
+    assert "its tables have every column and key trackd writes" in log
+    assert pg.query(db, "SELECT count(*) FROM metrics") == [(1,)]
+
+
+@pytest.mark.parametrize("change,message", [
+    ("ALTER TABLE metrics ALTER COLUMN step TYPE integer",
+     "column metrics.step is integer, trackd writes it as bigint"),
+    ("ALTER TABLE params RENAME COLUMN value TO val",
+     "column params.value is missing"),
+    ("ALTER TABLE latest_metrics DROP CONSTRAINT {latest_metrics}",
+     "latest_metrics has no unique key on (key,run_uuid), which trackd relies on for "
+     "ON CONFLICT (key, run_uuid)"),
+], ids=["type", "column", "key"])
+def test_agent_refuses_tables_that_do_not_fit(pg, db, tmp_path, change, message):
+    """Whatever the revision, a table without a column, a type or a key trackd's statements
+    need is refused at start, naming it."""
+    pk = pg.query(db, "SELECT conname FROM pg_constraint WHERE conrelid = 'latest_metrics'::regclass"
+                      " AND contype = 'p'")[0][0]
+    with pg.connect(db) as c:
+        c.execute(change.format(latest_metrics=pk))
     a = Agent(pg, db, tmp_path / "a").start(wait=False)
     assert a.proc.wait(30) == 1
-    assert "MLflow schema revision ffffffffffff is not one trackd is tested with" in a.log()
+    assert f"MLflow schema revision dc11669786a5 does not fit: {message}" in a.log(), a.log()
 
 
 def test_check_config(tmp_path):

@@ -38,10 +38,12 @@ from mlflow.store.artifact.artifact_repo import ArtifactRepository, verify_artif
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
-from mlflow.utils.name_utils import _generate_random_name
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.uri import append_to_uri_path, resolve_uri_if_local
-from mlflow.utils.validation import (
+
+from . import _trackd
+from .mlflow_compat import (
+    _generate_random_name,
     _validate_batch_log_data,
     _validate_batch_log_limits,
     _validate_experiment_artifact_location_length,
@@ -52,9 +54,8 @@ from mlflow.utils.validation import (
     _validate_run_id,
     _validate_tag,
     _validate_tag_name,
+    artifact_repos_cache,
 )
-
-from . import _trackd
 
 _log = logging.getLogger("trackd")
 
@@ -207,9 +208,7 @@ class TrackdStore(SqlAlchemyStore):
         use only when a read needs it: starting a run never needs one, whatever the scheme
         of the experiment's artifact location (mlflow-artifacts: needs an http tracking URI
         to build, which trackd: is not)."""
-        from mlflow.tracking._tracking_service import utils as tracking_utils
-
-        cache = getattr(tracking_utils, "_artifact_repos_cache", None)
+        cache = artifact_repos_cache()
         if cache is None:
             _log.debug("trackd: this MLflow has no artifact repository cache; artifacts are "
                        "uploaded by MLflow itself")
@@ -282,9 +281,10 @@ class TrackdStore(SqlAlchemyStore):
         # The agent records the user the socket names; so does the returned entity.
         user = getpass.getuser()
         tags = [t for t in tags if t.key != MLFLOW_USER] + [RunTag(MLFLOW_USER, user)]
-        info = RunInfo(run_id=run_id, experiment_id=str(experiment_id), user_id=user,
-                       status=RunStatus.to_string(RunStatus.RUNNING), start_time=start_time,
-                       end_time=None, lifecycle_stage=LifecycleStage.ACTIVE,
+        # The first seven positionally: MLflow 2.x names the first one run_uuid, 3.x run_id.
+        info = RunInfo(run_id, str(experiment_id), user,
+                       RunStatus.to_string(RunStatus.RUNNING), start_time, None,
+                       LifecycleStage.ACTIVE,
                        artifact_uri=append_to_uri_path(experiment.artifact_location, run_id,
                                                        SqlAlchemyStore.ARTIFACTS_FOLDER_NAME),
                        run_name=run_name)
