@@ -1021,8 +1021,10 @@ static void note_param_changes(struct writer *w, const PGresult *res)
 
 static void clear_check(struct writer *w)
 {
-    for (size_t i = 0; i < w->ncheck; i++)
-        PQclear(w->check[i]);
+    for (size_t i = 0; i < PGCONN_CHECK_RESULTS; i++) {
+        PQclear(w->check[i]); /* a statement that never answered leaves NULL */
+        w->check[i] = NULL;
+    }
     w->ncheck = 0;
 }
 
