@@ -19,23 +19,40 @@ SqlAlchemyStore(sys.argv[1], sys.argv[2]).engine.dispose()
 """
 
 
-def releases():
+def compat_envs():
+    """(release, python) for every environment TRACKD_COMPAT_MLFLOW names."""
     envs = os.environ.get("TRACKD_COMPAT_MLFLOW", "")
-    pairs = [e.split("=", 1) for e in envs.split(",") if "=" in e]
-    return pairs or [pytest.param(None, None, marks=pytest.mark.skip(
+    return [tuple(e.split("=", 1)) for e in envs.split(",") if "=" in e]
+
+
+def releases():
+    return compat_envs() or [pytest.param(None, None, marks=pytest.mark.skip(
         reason="TRACKD_COMPAT_MLFLOW is not set: run ./trackd-dev test, which makes them"))]
+
+
+_templates = {}
+
+
+def release_db(pg, artifact_root, release, python, name):
+    """A database made by release's own SqlAlchemyStore (copied from a template made once)."""
+    template = _templates.get(release)
+    if template is None:
+        template = f"template_mlflow_{release.replace('.', '_')}"
+        pg.create_db(template)
+        subprocess.run([python, "-c", MAKE_DB, pg.url(template), str(artifact_root)],
+                       check=True, capture_output=True, timeout=300)
+        assert pg.query(template, "SELECT version_num FROM alembic_version") == \
+            [(REVISIONS[release],)]
+        _templates[release] = template
+    pg.create_db(name, template)
+    return name
 
 
 @pytest.mark.parametrize("release,python", releases())
 def test_release(pg, tmp_path, artifact_root, release, python):
     def new_db(name):
-        name = f"{name}_{release.replace('.', '_')}"
-        pg.create_db(name)
-        subprocess.run([python, "-c", MAKE_DB, pg.url(name), str(artifact_root)], check=True,
-                       capture_output=True, timeout=300)
-        assert pg.query(name, "SELECT version_num FROM alembic_version") == \
-            [(REVISIONS[release],)]
-        return name
+        return release_db(pg, artifact_root, release, python,
+                          f"{name}_{release.replace('.', '_')}")
 
     version = subprocess.run([python, "-c", "import mlflow; print(mlflow.__version__)"],
                              check=True, capture_output=True, text=True).stdout.strip()
