@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "validate.h"
+
 const char *run_status_name(int status)
 {
     static const char *const names[] = {"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"};
@@ -538,7 +540,8 @@ static bool is_run_name_tag(const struct batch *b, const struct ev *ev)
            memcmp(batch_sptr(b, ev->a), RUN_NAME_TAG, ev->a.len) == 0;
 }
 
-int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
+int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_max,
+                    struct batch_sql *s)
 {
     struct dedup tags = {0}, params = {0}, ends = {0}, exps = {0}, runs = {0};
     size_t *tag_win = NULL, *end_win = NULL;
@@ -639,21 +642,24 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
             }
             break;
         }
-        case EV_TAG:
+        case EV_TAG: {
             if (!tag_win[i - lo])
                 break;
+            const char *v = batch_sptr(b, ev->b);
+            size_t vlen = validate_utf8_prefix(v, ev->b.len, tag_value_max);
             if (batch_array_append(&s->tag_keys, a, ev->a.len) ||
-                batch_array_append(&s->tag_values, batch_sptr(b, ev->b), ev->b.len) ||
+                batch_array_append(&s->tag_values, v, vlen) ||
                 batch_array_append(&s->tag_runs, ev->run_id, PROTO_RUN_ID_LEN))
                 goto out;
             s->n_tags++;
             if (is_run_name_tag(b, ev)) {
                 if (batch_array_append(&s->rename_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
-                    batch_array_append(&s->rename_values, batch_sptr(b, ev->b), ev->b.len))
+                    batch_array_append(&s->rename_values, v, vlen))
                     goto out;
                 s->n_renames++;
             }
             break;
+        }
         case EV_PARAM: {
             size_t prev, *slot = dedup_find(&params, b, i, BY_RUN_KEY, &prev);
             if (prev != SIZE_MAX) {

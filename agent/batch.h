@@ -158,8 +158,13 @@ struct batch_sql {
 
 void batch_sql_init(struct batch_sql *s);
 void batch_sql_free(struct batch_sql *s);
-/* Builds the inputs for events [lo, hi) of b, skipping rejected ones. */
-int batch_sql_build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s);
+/*
+ * Builds the inputs for events [lo, hi) of b, skipping rejected ones. Tag values longer than
+ * tag_value_max code points (the database's tags.value, pgconn_schema) keep their first
+ * tag_value_max, as MLflow 2.16 cuts them to its 5000.
+ */
+int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_max,
+                    struct batch_sql *s);
 
 /*
  * How the database keys experiments: by name alone (MLflow before 3.10), or by name within a

@@ -8,6 +8,7 @@
 #include "pgconn.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +17,7 @@
 #include "config.h"
 #include "log.h"
 #include "stats.h"
+#include "validate.h"
 
 /* The releases tests/integration/test_compat.py and the differential tests run against. */
 const char *const pgconn_tested_revisions[] = {
@@ -23,57 +25,65 @@ const char *const pgconn_tested_revisions[] = {
     "1b5f0d9ad7c1", /* MLflow 3.10.x, the first with experiment workspaces */
     "0584bdc529eb", /* MLflow 2.22.x */
     "f5a4f2784254", /* MLflow 2.17.x */
+    "acf3f17fdcc7", /* MLflow 2.10.x, the oldest trackd writes: tags.value varchar(5000) */
     NULL,
 };
 
 /*
  * Every column the writer names, with the types its statements need (information_schema's
- * data_type; "|" separates the ones that do). MLflow 2.17 to 3.17 agree on all of them except
- * experiments.workspace, which 3.10 added (revision 1b5f0d9ad7c1) and which is optional here.
+ * data_type; "|" separates the ones that do) and, for a character varying, the length the
+ * values trackd admits need (validate.h; 0: whatever the column holds). MLflow 2.10 to 3.17
+ * agree on all of them but two: experiments.workspace, which 3.10 added (revision
+ * 1b5f0d9ad7c1) and which is optional here, and tags.value, varchar(5000) before 2.17
+ * (revision f5a4f2784254 made it 8000): the writer cuts tag values to the column's length, as
+ * MLflow 2.16 cuts them to its MAX_TAG_VAL_LENGTH of 5000 (2.10 to 2.15 refuse longer ones).
  */
 #define STR "character varying|text"
+#define KEY VALIDATE_KEY_MAX
 static const struct {
     const char *table, *column, *types;
+    unsigned min_len;
 } required_columns[] = {
-    {"experiments", "experiment_id", "integer|bigint"},
-    {"experiments", "name", STR},
-    {"experiments", "artifact_location", STR},
-    {"experiments", "lifecycle_stage", STR},
-    {"experiments", "creation_time", "bigint"},
-    {"experiments", "last_update_time", "bigint"},
-    {"runs", "run_uuid", STR},
-    {"runs", "name", STR},
-    {"runs", "source_type", STR},
-    {"runs", "source_name", STR},
-    {"runs", "entry_point_name", STR},
-    {"runs", "user_id", STR},
-    {"runs", "status", STR},
-    {"runs", "start_time", "bigint"},
-    {"runs", "end_time", "bigint"},
-    {"runs", "source_version", STR},
-    {"runs", "lifecycle_stage", STR},
-    {"runs", "artifact_uri", STR},
-    {"runs", "experiment_id", "integer|bigint"},
-    {"runs", "deleted_time", "bigint"},
-    {"tags", "key", STR},
-    {"tags", "value", STR},
-    {"tags", "run_uuid", STR},
-    {"params", "key", STR},
-    {"params", "value", STR},
-    {"params", "run_uuid", STR},
-    {"metrics", "key", STR},
-    {"metrics", "value", "double precision"},
-    {"metrics", "timestamp", "bigint"},
-    {"metrics", "run_uuid", STR},
-    {"metrics", "step", "bigint"},
-    {"metrics", "is_nan", "boolean"},
-    {"latest_metrics", "key", STR},
-    {"latest_metrics", "value", "double precision"},
-    {"latest_metrics", "timestamp", "bigint"},
-    {"latest_metrics", "step", "bigint"},
-    {"latest_metrics", "is_nan", "boolean"},
-    {"latest_metrics", "run_uuid", STR},
+    {"experiments", "experiment_id", "integer|bigint", 0},
+    {"experiments", "name", STR, VALIDATE_EXPERIMENT_NAME_MAX},
+    {"experiments", "artifact_location", STR, 0},
+    {"experiments", "lifecycle_stage", STR, 0},
+    {"experiments", "creation_time", "bigint", 0},
+    {"experiments", "last_update_time", "bigint", 0},
+    {"runs", "run_uuid", STR, VALIDATE_RUN_ID_LEN},
+    {"runs", "name", STR, VALIDATE_RUN_NAME_MAX},
+    {"runs", "source_type", STR, 0},
+    {"runs", "source_name", STR, 0},
+    {"runs", "entry_point_name", STR, 0},
+    {"runs", "user_id", STR, 0},
+    {"runs", "status", STR, 0},
+    {"runs", "start_time", "bigint", 0},
+    {"runs", "end_time", "bigint", 0},
+    {"runs", "source_version", STR, 0},
+    {"runs", "lifecycle_stage", STR, 0},
+    {"runs", "artifact_uri", STR, 0},
+    {"runs", "experiment_id", "integer|bigint", 0},
+    {"runs", "deleted_time", "bigint", 0},
+    {"tags", "key", STR, KEY},
+    {"tags", "value", STR, PGCONN_TAG_VALUE_MIN},
+    {"tags", "run_uuid", STR, VALIDATE_RUN_ID_LEN},
+    {"params", "key", STR, KEY},
+    {"params", "value", STR, VALIDATE_PARAM_VALUE_MAX},
+    {"params", "run_uuid", STR, VALIDATE_RUN_ID_LEN},
+    {"metrics", "key", STR, KEY},
+    {"metrics", "value", "double precision", 0},
+    {"metrics", "timestamp", "bigint", 0},
+    {"metrics", "run_uuid", STR, VALIDATE_RUN_ID_LEN},
+    {"metrics", "step", "bigint", 0},
+    {"metrics", "is_nan", "boolean", 0},
+    {"latest_metrics", "key", STR, KEY},
+    {"latest_metrics", "value", "double precision", 0},
+    {"latest_metrics", "timestamp", "bigint", 0},
+    {"latest_metrics", "step", "bigint", 0},
+    {"latest_metrics", "is_nan", "boolean", 0},
+    {"latest_metrics", "run_uuid", STR, VALIDATE_RUN_ID_LEN},
 };
+#undef KEY
 #undef STR
 
 /*
@@ -407,7 +417,8 @@ static bool revision_allowed(const struct trackd_config *cfg, const char *rev)
 
 const char pgconn_check_sql[] =
     "SELECT version_num FROM alembic_version;"
-    "SELECT table_name, column_name, data_type FROM information_schema.columns"
+    "SELECT table_name, column_name, data_type, character_maximum_length"
+    " FROM information_schema.columns"
     " WHERE table_schema = current_schema() AND table_name IN " CHECKED_TABLES ";"
     "SELECT t.relname, (SELECT string_agg(a.attname, ',' ORDER BY a.attname) FROM pg_attribute a"
     "  WHERE a.attrelid = t.oid AND a.attnum = ANY (i.indkey))"
@@ -492,7 +503,7 @@ int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
         return -1;
     const char *advice = out->tested ? "the database does not match its MLflow release; run "
                                        "`mlflow db upgrade` with that release"
-                                     : "trackd writes MLflow 2.17 to 3.17 schemas; upgrade the "
+                                     : "trackd writes MLflow 2.10 to 3.17 schemas; upgrade the "
                                        "database with a release in that range (`mlflow db "
                                        "upgrade`)";
     for (size_t i = 0; i < sizeof required_columns / sizeof required_columns[0]; i++) {
@@ -512,6 +523,21 @@ int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
                      required_columns[i].types, advice);
             return -1;
         }
+        /* NULL for text and for a varchar without a length: no limit. */
+        const char *len = PQgetvalue(cols, row, 3);
+        unsigned long holds = *len ? strtoul(len, NULL, 10) : ULONG_MAX;
+        if (holds < required_columns[i].min_len) {
+            snprintf(msg, msglen,
+                     "MLflow schema revision %s does not fit: column %s.%s holds at most %lu "
+                     "characters, trackd writes up to %u (%s)",
+                     out->revision, required_columns[i].table, required_columns[i].column, holds,
+                     required_columns[i].min_len, advice);
+            return -1;
+        }
+        if (strcmp(required_columns[i].table, "tags") == 0 &&
+            strcmp(required_columns[i].column, "value") == 0)
+            out->tag_value_max =
+                holds < VALIDATE_TAG_VALUE_MAX ? (unsigned)holds : VALIDATE_TAG_VALUE_MAX;
     }
     out->workspace = find_column(cols, "experiments", "workspace") >= 0;
     const char *exp_key = out->workspace ? "name,workspace" : "name";

@@ -116,7 +116,12 @@ struct pgconn_schema {
     char revision[64];
     bool tested;    /* on the tested list (pgconn_tested_revisions) or in allowed_revisions */
     bool workspace; /* experiments.workspace exists (MLflow 3.10 on): enum batch_schema */
+    /* Code points a tag value keeps: tags.value's length, at most VALIDATE_TAG_VALUE_MAX (5000
+     * before MLflow 2.17, 8000 from it). */
+    unsigned tag_value_max;
 };
+/* The shortest tags.value accepted: MLflow's limit since 1.x, varchar(5000). */
+#define PGCONN_TAG_VALUE_MIN 5000
 int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
                          PGresult *const res[PGCONN_CHECK_RESULTS], struct pgconn_schema *out,
                          char *msg, size_t msglen);

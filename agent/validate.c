@@ -245,6 +245,17 @@ size_t validate_utf8_count(const char *s, size_t len)
     return n;
 }
 
+size_t validate_utf8_prefix(const char *s, size_t len, size_t max)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t i = 0;
+
+    for (size_t n = 0; n < max && i < len; n++)
+        if (utf8_next(u, len, &i) == UTF8_BAD)
+            return i; /* not reached for validated text; never cut inside a sequence */
+    return i;
+}
+
 /*
  * One pass over text bound for a PostgreSQL text column: strict UTF-8 and no NUL (which
  * PostgreSQL rejects as an invalid UTF8 byte). Sets *count to the code points and *cut to the

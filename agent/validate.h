@@ -46,6 +46,10 @@ const char *validate_code_name(enum validate_code c);
  * and values above U+10FFFF are invalid; NUL is a valid code point here). */
 size_t validate_utf8_count(const char *s, size_t len);
 
+/* The byte length of the first max code points of s, which must be valid UTF-8 (len when s
+ * has no more than max): where to cut a value a column cannot hold whole. */
+size_t validate_utf8_prefix(const char *s, size_t len, size_t max);
+
 /*
  * Every validator below returns 0 when the input is acceptable, else -EINVAL with err->code
  * and err->message set. err may be NULL when the caller only wants the verdict.

@@ -795,7 +795,7 @@ static void owner_refused(void *ctx, size_t i, const char *msg)
 static bool range_ready(struct writer *w)
 {
     owners_check(&w->owners, w->head, w->cur.lo, w->cur.hi, owner_refused, w);
-    if (batch_sql_build(w->head, w->cur.lo, w->cur.hi, &w->sql) != 0) {
+    if (batch_sql_build(w->head, w->cur.lo, w->cur.hi, w->schema.tag_value_max, &w->sql) != 0) {
         log_error("[writer] out of memory building statements; retrying");
         requeue_current(w);
         backoff(w);

@@ -260,10 +260,12 @@ def test_agent_takes_an_unknown_revision_whose_tables_fit(pg, db, tmp_path):
      "column metrics.step is integer, trackd writes it as bigint"),
     ("ALTER TABLE params RENAME COLUMN value TO val",
      "column params.value is missing"),
+    ("ALTER TABLE params ALTER COLUMN value TYPE varchar(500)",
+     "column params.value holds at most 500 characters, trackd writes up to 6000"),
     ("ALTER TABLE latest_metrics DROP CONSTRAINT {latest_metrics}",
      "latest_metrics has no unique key on (key,run_uuid), which trackd relies on for "
      "ON CONFLICT (key, run_uuid)"),
-], ids=["type", "column", "key"])
+], ids=["type", "column", "length", "key"])
 def test_agent_refuses_tables_that_do_not_fit(pg, db, tmp_path, change, message):
     """Whatever the revision, a table without a column, a type or a key trackd's statements
     need is refused at start, naming it."""

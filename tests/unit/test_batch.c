@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "batch.h"
+#include "validate.h"
 
 #define R1 "11111111111111111111111111111111"
 #define R2 "22222222222222222222222222222222"
@@ -109,7 +110,7 @@ static void assert_array(const struct proto_buf *arr, const char *want)
 
 static void build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
 {
-    assert_int_equal(batch_sql_build(b, lo, hi, s), 0);
+    assert_int_equal(batch_sql_build(b, lo, hi, VALIDATE_TAG_VALUE_MAX, s), 0);
 }
 
 /* Every output of s empty. */
@@ -381,6 +382,29 @@ static void test_tags_last_wins(void **state)
     assert_int_equal(s.n_rejected, 0);
     for (size_t i = 0; i < b.n; i++)
         assert_int_equal(b.evs[i].flags, 0); /* superseded tags are not errors */
+    batch_sql_free(&s);
+    batch_free(&b);
+}
+
+/* A tags.value shorter than MLflow 2.17's (varchar(5000) before it): values keep their first
+ * code points, whole characters only, and a rename takes the same cut value. */
+static void test_tags_cut_to_the_column(void **state)
+{
+    (void)state;
+    struct batch b;
+    struct batch_sql s;
+    batch_init(&b);
+    batch_sql_init(&s);
+    add_tag(&b, R1, "k", "a\303\251\342\202\254\360\237\230\200bc"); /* a é € 😀 b c */
+    add_tag(&b, R1, "short", "abcd");
+    add_tag(&b, R2, "mlflow.runName",
+            "\342\202\254\342\202\254\342\202\254\342\202\254\342\202\254");
+    assert_int_equal(batch_sql_build(&b, 0, b.n, 4, &s), 0);
+    assert_int_equal(s.n_tags, 3);
+    assert_array(&s.tag_values, "{\"a\303\251\342\202\254\360\237\230\200\",\"abcd\","
+                                "\"\342\202\254\342\202\254\342\202\254\342\202\254\"}");
+    assert_array(&s.rename_values, "{\"\342\202\254\342\202\254\342\202\254\342\202\254\"}");
+    assert_int_equal(s.n_rejected, 0);
     batch_sql_free(&s);
     batch_free(&b);
 }
@@ -746,12 +770,19 @@ static void test_empty_string_first(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_empty_string_first),   cmocka_unit_test(test_run_status_name),
-        cmocka_unit_test(test_array_literal),        cmocka_unit_test(test_empty_range),
-        cmocka_unit_test(test_experiments_and_runs), cmocka_unit_test(test_tags_last_wins),
-        cmocka_unit_test(test_params_duplicates),    cmocka_unit_test(test_end_run_last_wins),
-        cmocka_unit_test(test_rejected_skipped),     cmocka_unit_test(test_sub_ranges),
-        cmocka_unit_test(test_copy_stream),          cmocka_unit_test(test_many_events),
+        cmocka_unit_test(test_empty_string_first),
+        cmocka_unit_test(test_run_status_name),
+        cmocka_unit_test(test_array_literal),
+        cmocka_unit_test(test_empty_range),
+        cmocka_unit_test(test_experiments_and_runs),
+        cmocka_unit_test(test_tags_last_wins),
+        cmocka_unit_test(test_tags_cut_to_the_column),
+        cmocka_unit_test(test_params_duplicates),
+        cmocka_unit_test(test_end_run_last_wins),
+        cmocka_unit_test(test_rejected_skipped),
+        cmocka_unit_test(test_sub_ranges),
+        cmocka_unit_test(test_copy_stream),
+        cmocka_unit_test(test_many_events),
         cmocka_unit_test(test_batch_storage),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

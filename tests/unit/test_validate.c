@@ -251,6 +251,20 @@ static void test_utf8_count(void **state)
     }
 }
 
+/* Cuts fall after whole code points, by count, never inside a sequence. */
+static void test_utf8_prefix(void **state)
+{
+    (void)state;
+    static const char s[] = "a\303\251\342\202\254\360\237\230\200b"; /* a é € 😀 b */
+    size_t len = sizeof s - 1;
+    static const size_t want[] = {0, 1, 3, 6, 10, 11, 11};
+    for (size_t max = 0; max < COUNT(want); max++)
+        if (validate_utf8_prefix(s, len, max) != want[max])
+            fail_msg("prefix of %zu code points: got %zu bytes, want %zu", max,
+                     validate_utf8_prefix(s, len, max), want[max]);
+    assert_int_equal(validate_utf8_prefix("", 0, 5), 0);
+}
+
 static void test_key_bad_utf8(void **state)
 {
     struct validate_error err;
@@ -650,6 +664,7 @@ int main(void)
         cmocka_unit_test(test_key_length_in_code_points),
         cmocka_unit_test(test_key_checks_in_mlflow_order),
         cmocka_unit_test(test_utf8_count),
+        cmocka_unit_test(test_utf8_prefix),
         cmocka_unit_test(test_key_bad_utf8),
         cmocka_unit_test(test_run_ids),
         cmocka_unit_test(test_param_value_truncation),
