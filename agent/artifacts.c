@@ -27,6 +27,7 @@
 #include "http.h"
 #include "log.h"
 #include "stats.h"
+#include "util.h"
 
 /* One spool record: id, run, size, sha256, peer (at most 256 bytes), path, tabs, newline. */
 #define SPOOL_LINE_MAX (ARTIFACT_PATH_MAX + 512)
@@ -227,6 +228,57 @@ static bool parse_peer(struct artifact *a, const char *field)
     return true;
 }
 
+/* ---- a full spool ----------------------------------------------------------------- */
+
+enum room { ROOM_NOW, ROOM_LATER, ROOM_NEVER };
+
+/*
+ * Room for a copy of size bytes, leaving the journal on the same file system its reserve:
+ * ARTIFACTS_SPOOL_RESERVE, or an eighth of a smaller file system. ROOM_NEVER when not even
+ * an empty file system would have it.
+ */
+static enum room spool_room(const struct artifacts *ar, uint64_t size)
+{
+    struct statvfs vfs;
+    if (statvfs(ar->spool, &vfs) != 0)
+        return ROOM_NOW; /* the copy itself will say */
+    uint64_t total = (uint64_t)vfs.f_blocks * vfs.f_frsize;
+    uint64_t reserve = total / 8 < ARTIFACTS_SPOOL_RESERVE ? total / 8 : ARTIFACTS_SPOOL_RESERVE;
+    if (size + reserve > total)
+        return ROOM_NEVER;
+    return (uint64_t)vfs.f_bavail * vfs.f_frsize >= size + reserve ? ROOM_NOW : ROOM_LATER;
+}
+
+/*
+ * Worker thread, before the copy: what the loop must not wait for (a stat of the client's file
+ * may block on NFS or FUSE, statvfs and access on a busy disk). 0 to copy; else a->rc:
+ * -EEXIST the spool holds it already (a resend after a restart), -EBADF not a regular file,
+ * -EFBIG no room even in an empty spool, -ENOSPC no room now (it waits for some).
+ */
+static int snapshot_checks(struct artifact *a, const char *meta)
+{
+    if (access(meta, F_OK) == 0)
+        return -EEXIST;
+    /* Only regular files: a pipe or /dev/zero would never end or never start. */
+    struct stat st;
+    if (fstat(a->fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        snprintf(a->msg, sizeof a->msg, "the descriptor is not a regular file");
+        return -EBADF;
+    }
+    a->size = (uint64_t)st.st_size; /* until the copy says how much it took */
+    /* The spool copy must fit, with room to spare for the journal on the same disk. */
+    switch (spool_room(a->ar, a->size)) {
+    case ROOM_NEVER:
+        snprintf(a->msg, sizeof a->msg,
+                 "the agent's spool has no room for it even when empty (its file system's "
+                 "size, less the room kept for the journal)");
+        return -EFBIG;
+    case ROOM_LATER: return -ENOSPC;
+    case ROOM_NOW: break;
+    }
+    return 0;
+}
+
 static void snapshot_work(uv_work_t *w)
 {
     struct artifact *a = w->data;
@@ -235,7 +287,14 @@ static void snapshot_work(uv_work_t *w)
     spool_name(a->ar, a->id, ".data", data, sizeof data);
     spool_name(a->ar, a->id, ".meta", meta, sizeof meta);
     spool_name(a->ar, a->id, ".meta.part", metapart, sizeof metapart);
-    a->rc = 0;
+    a->msg[0] = '\0';
+    if ((a->rc = snapshot_checks(a, meta)) != 0) {
+        if (a->rc != -ENOSPC) {
+            close(a->fd);
+            a->fd = -1;
+        }
+        return;
+    }
     uint8_t *buf = malloc(COPY_BUF);
     int out = open(part, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (buf == NULL || out < 0) {
@@ -297,27 +356,6 @@ static void unlink_live(struct artifacts *ar, struct artifact *a)
     }
 }
 
-/* ---- a full spool ----------------------------------------------------------------- */
-
-enum room { ROOM_NOW, ROOM_LATER, ROOM_NEVER };
-
-/*
- * Room for a copy of size bytes, leaving the journal on the same file system its reserve:
- * ARTIFACTS_SPOOL_RESERVE, or an eighth of a smaller file system. ROOM_NEVER when not even
- * an empty file system would have it.
- */
-static enum room spool_room(const struct artifacts *ar, uint64_t size)
-{
-    struct statvfs vfs;
-    if (statvfs(ar->spool, &vfs) != 0)
-        return ROOM_NOW; /* the copy itself will say */
-    uint64_t total = (uint64_t)vfs.f_blocks * vfs.f_frsize;
-    uint64_t reserve = total / 8 < ARTIFACTS_SPOOL_RESERVE ? total / 8 : ARTIFACTS_SPOOL_RESERVE;
-    if (size + reserve > total)
-        return ROOM_NEVER;
-    return (uint64_t)vfs.f_bavail * vfs.f_frsize >= size + reserve ? ROOM_NOW : ROOM_LATER;
-}
-
 static void snapshot_done(uv_work_t *w, int status);
 
 static int start_snapshot(struct artifacts *ar, struct artifact *a)
@@ -336,24 +374,28 @@ static void space_cb(uv_timer_t *t);
 /*
  * No room in the spool (a full disk, a quota): the snapshot waits, holding the client's
  * descriptor, and so does its connection, whose later frames stay unread. Tried again after
- * 100 ms doubling to 5 s; the first one that fits resumes the rest.
+ * 100 ms doubling to 5 s; the first one that fits resumes the rest, in order. An artifact
+ * that had waited before keeps its place at the head (again: the worker found no room).
  */
 static void wait_for_space(struct artifacts *ar, struct artifact *a)
 {
     if (ar->space_wait == NULL && ar->space_failures == 0)
         stats.artifact_spool_full++;
-    a->qnext = NULL;
-    struct artifact **p = &ar->space_wait;
-    while (*p)
-        p = &(*p)->qnext;
-    *p = a; /* first come, first copied */
+    if (a->waited) {
+        a->qnext = ar->space_wait;
+        ar->space_wait = a;
+    } else {
+        a->qnext = NULL;
+        struct artifact **p = &ar->space_wait;
+        while (*p)
+            p = &(*p)->qnext;
+        *p = a; /* first come, first copied */
+        a->waited = true;
+    }
     if (uv_is_active((uv_handle_t *)&ar->space_timer))
         return;
-    uint64_t ms = ARTIFACTS_SPACE_RETRY_MIN_MS;
-    for (unsigned i = 0; i < ar->space_failures && ms < ARTIFACTS_SPACE_RETRY_MAX_MS; i++)
-        ms *= 2;
-    if (ms > ARTIFACTS_SPACE_RETRY_MAX_MS)
-        ms = ARTIFACTS_SPACE_RETRY_MAX_MS;
+    uint64_t ms = util_backoff_ms(ar->space_failures + 1, ARTIFACTS_SPACE_RETRY_MIN_MS,
+                                  ARTIFACTS_SPACE_RETRY_MAX_MS, (uint32_t)rand());
     ar->space_failures++;
     log_limited(LOG_ERROR,
                 "[artifacts] the spool %s has no room for %s (%" PRIu64 " bytes) and room to spare "
@@ -363,30 +405,28 @@ static void wait_for_space(struct artifacts *ar, struct artifact *a)
     uv_timer_start(&ar->space_timer, space_cb, ms, 0);
 }
 
+/* Tries the first waiting snapshot again; its worker looks for room before it copies. */
+static void resume_waiting(struct artifacts *ar)
+{
+    struct artifact *a = ar->space_wait;
+    if (a == NULL)
+        return;
+    ar->space_wait = a->qnext;
+    a->qnext = NULL;
+    if (start_snapshot(ar, a) != 0)
+        wait_for_space(ar, a);
+}
+
 static void space_cb(uv_timer_t *t)
 {
-    struct artifacts *ar = t->data;
-    struct artifact *list = ar->space_wait;
-    ar->space_wait = NULL;
-    while (list) {
-        struct artifact *a = list;
-        list = a->qnext;
-        a->qnext = NULL;
-        if (ar->space_wait == NULL && spool_room(ar, a->size) != ROOM_LATER &&
-            start_snapshot(ar, a) == 0)
-            continue;
-        wait_for_space(ar, a);
-    }
-    if (ar->space_wait == NULL && ar->space_failures) {
-        log_info("[artifacts] the spool has room again after %u attempt(s)", ar->space_failures);
-        ar->space_failures = 0;
-    }
+    resume_waiting(t->data);
 }
 
 static void snapshot_done(uv_work_t *w, int status)
 {
     struct artifact *a = w->data;
     struct artifacts *ar = a->ar;
+    bool waited = a->waited;
     a->uploading = false;
     if (status != 0 && a->rc == 0) {
         a->rc = status;
@@ -406,15 +446,25 @@ static void snapshot_done(uv_work_t *w, int status)
     if (a->rc != 0) {
         if (a->rc == -ESTALE)
             stats.artifacts_changed++;
-        log_limited(LOG_WARN, "[artifacts] %s (%s): %s", a->id, a->path, a->msg);
+        if (a->rc != -EEXIST)
+            log_limited(LOG_WARN, "[artifacts] %s (%s): %s", a->id, a->path, a->msg);
         unlink_live(ar, a);
         ar->cbs.snapshotted(ar->ctx, a, a->rc, a->msg);
         free_artifact(a);
-        return;
+    } else {
+        stats.artifacts_received++;
+        stats.artifacts_pending = ar->nlive;
+        ar->cbs.snapshotted(ar->ctx, a, 0, "");
     }
-    stats.artifacts_received++;
-    stats.artifacts_pending = ar->nlive;
-    ar->cbs.snapshotted(ar->ctx, a, 0, "");
+    if (waited) {
+        /* The head of the queue is done with: the next one goes. */
+        if (ar->space_wait == NULL && ar->space_failures) {
+            log_info("[artifacts] the spool has room again after %u attempt(s)",
+                     ar->space_failures);
+            ar->space_failures = 0;
+        }
+        resume_waiting(ar);
+    }
 }
 
 /* ---- upload (worker thread) ----------------------------------------------------- */
@@ -460,24 +510,6 @@ static int copy_file(int in, int out, uint64_t size)
 }
 
 /* Local paths and file:// URIs (NFS included): temporary name, fsync, rename. */
-/* mkdir -p of an artifact root the operator named (0755): the root itself is trusted. */
-static int make_root(const char *root)
-{
-    char buf[4200];
-    snprintf(buf, sizeof buf, "%s", root);
-    for (char *p = buf + 1;; p++) {
-        if (*p != '/' && *p != '\0')
-            continue;
-        char c = *p;
-        *p = '\0';
-        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-            return -errno;
-        *p = c;
-        if (c == '\0')
-            return 0;
-    }
-}
-
 /*
  * Writes the spool copy to root/rel without following a symbolic link anywhere below root:
  * each directory of rel is made (0755) and opened with O_NOFOLLOW from the one above it, and
@@ -491,7 +523,8 @@ static int upload_local(struct artifact *a, const char *root, const char *rel)
     char dirs[ARTIFACT_PATH_MAX + 4200], tmp[300], data[4200];
     spool_name(a->ar, a->id, ".data", data, sizeof data);
     int dfd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0 && errno == ENOENT && make_root(root) == 0)
+    /* An artifact root the operator named is trusted: made (0755) if missing. */
+    if (dfd < 0 && errno == ENOENT && util_mkdir_p(root, 0755, 0755) == 0)
         dfd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd < 0)
         return fail(a, -errno, "cannot open the artifact root %s", root);
@@ -700,12 +733,8 @@ static void retry_cb(uv_timer_t *t);
 
 static void schedule_retry(struct artifacts *ar, struct artifact *a)
 {
-    uint64_t ms = ARTIFACTS_RETRY_MIN_MS;
-    for (unsigned i = 1; i < a->attempts && ms < ARTIFACTS_RETRY_MAX_MS; i++)
-        ms *= 2;
-    if (ms > ARTIFACTS_RETRY_MAX_MS)
-        ms = ARTIFACTS_RETRY_MAX_MS;
-    ms = ms / 2 + (uint64_t)rand() % (ms / 2 + 1);
+    uint64_t ms = util_backoff_ms(a->attempts, ARTIFACTS_RETRY_MIN_MS, ARTIFACTS_RETRY_MAX_MS,
+                                  (uint32_t)rand());
     a->retry_at = uv_now(ar->loop) + ms;
     a->qnext = ar->retry;
     ar->retry = a;
@@ -887,10 +916,9 @@ int artifacts_snapshot(struct artifacts *ar, const struct artifact_origin *o, co
                        struct proto_str path, const struct proto_file_seen *seen, int fd,
                        struct artifact **out)
 {
-    char id[40], meta[4200];
+    char id[40];
     snprintf(id, sizeof id, "%016" PRIx64 "-%016" PRIx64, o->session, o->seq);
-    spool_name(ar, id, ".meta", meta, sizeof meta);
-    if (artifacts_find(ar, id) != NULL || access(meta, F_OK) == 0) {
+    if (artifacts_find(ar, id) != NULL) {
         close(fd);
         return -EEXIST;
     }
@@ -901,18 +929,6 @@ int artifacts_snapshot(struct artifacts *ar, const struct artifact_origin *o, co
     if (o->peer && live_of_uid(ar, o->peer->uid) >= ARTIFACTS_MAX_LIVE_PER_UID) {
         close(fd);
         return -EDQUOT;
-    }
-    /* Only regular files: a pipe or /dev/zero would never end or never start. */
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return -EBADF;
-    }
-    /* The spool copy must fit, with room to spare for the journal on the same disk. */
-    enum room room = spool_room(ar, (uint64_t)st.st_size);
-    if (room == ROOM_NEVER) {
-        close(fd);
-        return -ENOSPC;
     }
     struct artifact *a = new_artifact(ar, id);
     if (a == NULL) {
@@ -930,9 +946,10 @@ int artifacts_snapshot(struct artifacts *ar, const struct artifact_origin *o, co
     a->seen = *seen;
     memcpy(a->run_id, run_id, PROTO_RUN_ID_LEN);
     snprintf(a->path, sizeof a->path, "%.*s", (int)path.len, path.ptr);
-    a->size = (uint64_t)st.st_size; /* until the copy says how much it took */
     *out = a;
-    if (room == ROOM_LATER) {
+    /* Everything that touches a disk (is it spooled already? a regular file? room for it?)
+     * is the worker's: snapshot_checks. Behind others that wait for room, it waits too. */
+    if (ar->space_wait != NULL) {
         wait_for_space(ar, a);
         return 0;
     }
@@ -967,6 +984,33 @@ void artifacts_upload(struct artifacts *ar, struct artifact *a, const char *stor
     start_uploads(ar);
 }
 
+/* Worker thread: the spool copy's two files. */
+static void forget_work(uv_work_t *w)
+{
+    struct artifact *a = w->data;
+    const char *exts[] = {".meta", ".data"};
+    a->rc = 0;
+    for (size_t i = 0; i < 2; i++) {
+        char path[4200];
+        spool_name(a->ar, a->id, exts[i], path, sizeof path);
+        if (unlink(path) != 0 && errno != ENOENT && a->rc == 0) {
+            a->rc = -errno;
+            snprintf(a->msg, sizeof a->msg, "%.500s", path);
+        }
+    }
+}
+
+static void forget_done(uv_work_t *w, int status)
+{
+    struct artifact *a = w->data;
+    struct artifacts *ar = a->ar;
+    if (status == 0 && a->rc != 0)
+        log_limited(LOG_WARN, "[artifacts] cannot delete %s: %s", a->msg, strerror(-a->rc));
+    unlink_live(ar, a);
+    stats.artifacts_pending = ar->nlive;
+    free_artifact(a);
+}
+
 void artifacts_forget(struct artifacts *ar, struct artifact *a)
 {
     if (a->uploading)
@@ -988,16 +1032,13 @@ void artifacts_forget(struct artifacts *ar, struct artifact *a)
             break;
         }
     }
-    const char *exts[] = {".meta", ".data"};
-    for (size_t i = 0; i < 2; i++) {
-        char path[4200];
-        spool_name(ar, a->id, exts[i], path, sizeof path);
-        if (unlink(path) != 0 && errno != ENOENT)
-            log_limited(LOG_WARN, "[artifacts] cannot delete %s: %s", path, strerror(errno));
+    /* Deleting a large file takes the file system a while: a worker does it. */
+    a->uploading = true;
+    a->work.data = a;
+    if (uv_queue_work(ar->loop, &a->work, forget_work, forget_done) != 0) {
+        forget_work(&a->work);
+        forget_done(&a->work, 0);
     }
-    unlink_live(ar, a);
-    stats.artifacts_pending = ar->nlive;
-    free_artifact(a);
 }
 
 int artifacts_recover(struct artifacts *ar, void (*cb)(void *ctx, struct artifact *a), void *ctx)

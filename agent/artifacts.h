@@ -10,6 +10,7 @@
 #ifndef TRACKD_ARTIFACTS_H
 #define TRACKD_ARTIFACTS_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -58,6 +59,7 @@ struct artifact {
     int fd;                      /* the client's file until snapshotted */
     struct proto_file_seen seen; /* the file at the call, as the client saw it */
     bool uploading;
+    bool waited;       /* has waited for room in the spool: keeps its place at the head */
     unsigned attempts; /* uploads tried */
     uint64_t retry_at; /* loop time of the next attempt, while waiting */
     int rc;
@@ -106,14 +108,14 @@ int artifacts_init(struct artifacts *ar, uv_loop_t *loop, const char *journal_di
 /* NULL when path is a safe relative artifact path, else why it is not. */
 const char *artifacts_path_problem(const char *path, size_t len);
 /*
- * Takes fd and starts copying it into the spool; *out is the new artifact. seen is what the
- * client saw at the call: a snapshot that ends with the file at another size or other times
- * fails with -ESTALE (the bytes would not be the ones of the call). -EEXIST when this
- * frame's artifact is already held (a resend), -ENOBUFS at the agent's limit, -EDQUOT at the
- * limit of peer's uid (ARTIFACTS_MAX_LIVE_PER_UID), -EBADF for anything
- * but a regular file, -ENOSPC when not even an empty spool would hold it; fd is closed on
- * error. A copy that does not fit now (a full disk) waits for room, retried with backoff,
- * and snapshotted reports it once it is made.
+ * Takes fd and starts copying it into the spool; *out is the new artifact. Refused at once,
+ * with fd closed: -EEXIST when this frame's artifact is already held (a resend), -ENOBUFS at
+ * the agent's limit, -EDQUOT at the limit of peer's uid (ARTIFACTS_MAX_LIVE_PER_UID). What
+ * needs the disk is the worker's, and comes back through snapshotted: -EEXIST (the spool
+ * holds it from before a restart), -EBADF (not a regular file), -EFBIG (not even an empty
+ * spool would hold it; artifacts_refused() tells these refusals from failures), -ESTALE (the
+ * file is not what the client saw at the call: seen, size and mtime). A copy that does not fit
+ * now (a full disk) waits for room, retried with backoff, and snapshotted reports it once made.
  */
 struct artifact_origin {
     uint32_t conn_id;
@@ -134,7 +136,13 @@ struct artifact *artifacts_find(struct artifacts *ar, const char *id);
  */
 void artifacts_upload(struct artifacts *ar, struct artifact *a, const char *store_uri,
                       const char *local_root, const char *below);
-/* Deletes a's spool files and frees it. */
+/* A snapshotted result that refuses the frame rather than fails accepted work: nothing to
+ * dead-letter (-EEXIST is a resend, already held). */
+static inline bool artifacts_refused(int rc)
+{
+    return rc == -EEXIST || rc == -EBADF || rc == -EFBIG;
+}
+/* Deletes a's spool files (on a worker thread) and frees it. */
 void artifacts_forget(struct artifacts *ar, struct artifact *a);
 /* At start: each spooled artifact (with no client) goes to cb, in no particular order. */
 int artifacts_recover(struct artifacts *ar, void (*cb)(void *ctx, struct artifact *a), void *ctx);

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "util.h"
 #include "validate.h"
 
 const char *run_status_name(int status)
@@ -57,14 +58,10 @@ uint16_t batch_peer(struct batch *b, const struct peer *p, const char *user)
             return (uint16_t)i;
     if (b->npeers >= BATCH_PEERS_MAX)
         return 0;
-    if (b->npeers == b->cappeers) {
-        size_t cap = b->cappeers ? b->cappeers * 2 : 4;
-        struct batch_peer *grown = realloc(b->peers, cap * sizeof *grown);
-        if (grown == NULL)
-            return 0;
-        b->peers = grown;
-        b->cappeers = cap;
-    }
+    struct batch_peer *grown = util_grow(b->peers, &b->cappeers, b->npeers, sizeof *grown, 4);
+    if (grown == NULL)
+        return 0;
+    b->peers = grown;
     struct batch_peer *e = &b->peers[b->npeers];
     if (batch_str(b, user, ulen, &e->user) != 0)
         return 0;
@@ -74,14 +71,10 @@ uint16_t batch_peer(struct batch *b, const struct peer *p, const char *user)
 
 struct ev *batch_push(struct batch *b, int kind)
 {
-    if (b->n == b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 256;
-        struct ev *evs = realloc(b->evs, cap * sizeof *evs);
-        if (evs == NULL)
-            return NULL;
-        b->evs = evs;
-        b->cap = cap;
-    }
+    struct ev *evs = util_grow(b->evs, &b->cap, b->n, sizeof *evs, 256);
+    if (evs == NULL)
+        return NULL;
+    b->evs = evs;
     struct ev *ev = &b->evs[b->n++];
     memset(ev, 0, sizeof *ev);
     ev->kind = (uint8_t)kind;
@@ -365,26 +358,6 @@ static int append_owner(struct batch_sql *s, const char *run_id, const struct pe
 
 /* ---- binary COPY -------------------------------------------------------- */
 
-static void be16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static void be32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
-
-static void be64(uint8_t *p, uint64_t v)
-{
-    be32(p, (uint32_t)(v >> 32));
-    be32(p + 4, (uint32_t)v);
-}
-
 static int copy_header(struct proto_buf *c)
 {
     static const uint8_t sig[19] = {'P', 'G', 'C', 'O', 'P', 'Y', '\n', 0xff, '\r', '\n', 0};
@@ -403,17 +376,17 @@ static int copy_row(struct proto_buf *c, const struct batch *b, const struct ev 
         return -ENOMEM;
     uint8_t *p = c->data + c->len;
     uint64_t bits;
-    be16(p, 7), p += 2;
-    be32(p, ev->a.len), p += 4;
+    util_put_be16(p, 7), p += 2;
+    util_put_be32(p, ev->a.len), p += 4;
     memcpy(p, batch_sptr(b, ev->a), ev->a.len), p += ev->a.len;
     memcpy(&bits, &ev->value, sizeof bits);
-    be32(p, 8), be64(p + 4, bits), p += 12;
-    be32(p, 8), be64(p + 4, (uint64_t)ev->ts), p += 12;
-    be32(p, PROTO_RUN_ID_LEN), p += 4;
+    util_put_be32(p, 8), util_put_be64(p + 4, bits), p += 12;
+    util_put_be32(p, 8), util_put_be64(p + 4, (uint64_t)ev->ts), p += 12;
+    util_put_be32(p, PROTO_RUN_ID_LEN), p += 4;
     memcpy(p, ev->run_id, PROTO_RUN_ID_LEN), p += PROTO_RUN_ID_LEN;
-    be32(p, 8), be64(p + 4, (uint64_t)ev->step), p += 12;
-    be32(p, 1), p[4] = ev->is_nan ? 1 : 0, p += 5;
-    be32(p, 4), be32(p + 4, ord), p += 8;
+    util_put_be32(p, 8), util_put_be64(p + 4, (uint64_t)ev->step), p += 12;
+    util_put_be32(p, 1), p[4] = ev->is_nan ? 1 : 0, p += 5;
+    util_put_be32(p, 4), util_put_be32(p + 4, ord), p += 8;
     c->len = (size_t)(p - c->data);
     return 0;
 }
@@ -422,7 +395,7 @@ static int copy_trailer(struct proto_buf *c)
 {
     if (proto_buf_reserve(c, 2) != 0)
         return -ENOMEM;
-    be16(c->data + c->len, 0xffff);
+    util_put_be16(c->data + c->len, 0xffff);
     c->len += 2;
     return 0;
 }

@@ -94,9 +94,10 @@ size_t batch_bytes(const struct batch *b);
 struct ev *batch_push(struct batch *b, int kind);
 /* Copies s into the arena; returns -ENOMEM. The event pointer may move: call before batch_push. */
 int batch_str(struct batch *b, const char *s, size_t len, struct sref *out);
+/* The bytes of s; an empty string when the batch holds no strings yet (arena NULL). */
 static inline const char *batch_sptr(const struct batch *b, struct sref s)
 {
-    return b->arena + s.off;
+    return b->arena ? b->arena + s.off : "";
 }
 /*
  * The ev.peer value for peer p named user: an existing entry with the same identity and name,

@@ -27,7 +27,14 @@
 #define PRINTF_LIKE(fmt, args)
 #endif
 
-enum key_type { KEY_STRING, KEY_U32, KEY_U64, KEY_MODE, KEY_LEVEL, KEY_BOOL };
+/* KEY_ENUM: one of the key's names (a NULL-terminated list), stored as its index in an int. */
+#ifndef TRACKD_VERSION
+#error "TRACKD_VERSION comes from the CMake project's version (CMakeLists.txt)"
+#endif
+
+const char trackd_version[] = TRACKD_VERSION;
+
+enum key_type { KEY_STRING, KEY_U32, KEY_U64, KEY_MODE, KEY_ENUM, KEY_BOOL };
 
 /* Marks postgres.dsn, whose password config_dump() must never print. */
 #define KEY_SECRET_DSN 1u
@@ -42,17 +49,25 @@ struct config_key {
     uint64_t min, max;       /* integers: value range; strings: length range in bytes */
     unsigned flags;
     const char *doc;
+    const char *const *names; /* KEY_ENUM only */
 };
 
 #define FIELD(f) offsetof(struct trackd_config, f)
 #define STR(sec, name, f, def, lo, hi, doc)                                                        \
     {                                                                                              \
-        sec, name, KEY_STRING, FIELD(f), def, 0, lo, hi, 0, doc                                    \
+        sec, name, KEY_STRING, FIELD(f), def, 0, lo, hi, 0, doc, NULL                              \
     }
 #define NUM(sec, name, type, f, def, lo, hi, doc)                                                  \
     {                                                                                              \
-        sec, name, type, FIELD(f), NULL, def, lo, hi, 0, doc                                       \
+        sec, name, type, FIELD(f), NULL, def, lo, hi, 0, doc, NULL                                 \
     }
+#define ENUM(sec, name, f, def, names, doc)                                                        \
+    {                                                                                              \
+        sec, name, KEY_ENUM, FIELD(f), NULL, def, 0, 0, 0, doc, names                              \
+    }
+
+static const char *const level_names[] = {"error", "warn", "info", "debug", NULL};
+static const char *const fsync_names[] = {"always", "interval", "never", NULL};
 
 /*
  * Rows of one section must be adjacent: config_dump() prints a header whenever the section
@@ -96,12 +111,12 @@ static const struct config_key keys[] = {
     NUM("agent", "max_read_buffer_bytes", KEY_U64, max_read_buffer_bytes, 67108864, 1048576,
         UINT64_C(17179869184),
         "Memory for incomplete frames over all connections; above it the oldest is closed"),
-    NUM("agent", "log_level", KEY_LEVEL, log_level, CONFIG_LOG_INFO, CONFIG_LOG_ERROR,
-        CONFIG_LOG_DEBUG, "One of \"error\", \"warn\", \"info\", \"debug\""),
+    ENUM("agent", "log_level", log_level, CONFIG_LOG_INFO, level_names,
+         "One of \"error\", \"warn\", \"info\", \"debug\""),
     NUM("agent", "shutdown_grace_ms", KEY_U32, shutdown_grace_ms, 10000, 0, 3600000,
         "Time to drain buffered events to PostgreSQL on SIGTERM"),
     {"postgres", "dsn", KEY_STRING, FIELD(pg_dsn), "postgresql:///mlflow", 0, 1, CONFIG_MAX_LINE,
-     KEY_SECRET_DSN, "libpq connection string or URI"},
+     KEY_SECRET_DSN, "libpq connection string or URI", NULL},
     STR("postgres", "password_file", pg_password_file, "", 0, CONFIG_MAX_PATH,
         "File whose first line is the password; empty means none"),
     NUM("postgres", "connect_timeout_ms", KEY_U32, pg_connect_timeout_ms, 10000, 100, 600000,
@@ -131,8 +146,8 @@ static const struct config_key keys[] = {
         "File whose first line is the S3 secret key; empty: AWS_SECRET_ACCESS_KEY"),
     STR("journal", "dir", journal_dir, "/var/lib/trackd/journal", 1, CONFIG_MAX_PATH,
         "Directory of the on-disk journal"),
-    STR("journal", "fsync", journal_fsync, "interval", 1, 8,
-        "When the journal is fsynced: \"always\", \"interval\" or \"never\""),
+    ENUM("journal", "fsync", journal_fsync, CONFIG_FSYNC_INTERVAL, fsync_names,
+         "When the journal is fsynced: \"always\", \"interval\" or \"never\""),
     NUM("journal", "fsync_interval_ms", KEY_U32, journal_fsync_interval_ms, 100, 1, 60000,
         "With fsync = \"interval\": the longest a journaled event waits for its fsync"),
     NUM("journal", "quota_bytes", KEY_U64, journal_quota_bytes, 1073741824, 1048576,
@@ -156,8 +171,6 @@ static const char *const sections[] = {"agent",     "postgres", "mlflow",
 
 #define NSECTIONS (sizeof sections / sizeof sections[0])
 
-static const char *const level_names[] = {"error", "warn", "info", "debug"};
-
 static void *field_of(const struct trackd_config *c, const struct config_key *k)
 {
     return (char *)c + k->offset;
@@ -171,7 +184,7 @@ static uint64_t key_get_int(const struct trackd_config *c, const struct config_k
     case KEY_U32: return *(uint32_t *)p;
     case KEY_U64: return *(uint64_t *)p;
     case KEY_MODE: return *(unsigned *)p;
-    case KEY_LEVEL: return (uint64_t) * (int *)p;
+    case KEY_ENUM: return (uint64_t) * (int *)p;
     case KEY_BOOL: return *(bool *)p;
     case KEY_STRING: break;
     }
@@ -187,7 +200,7 @@ static void key_set_int(struct trackd_config *c, const struct config_key *k, uin
     case KEY_U32: *(uint32_t *)p = (uint32_t)v; break;
     case KEY_U64: *(uint64_t *)p = v; break;
     case KEY_MODE: *(unsigned *)p = (unsigned)v; break;
-    case KEY_LEVEL: *(int *)p = (int)v; break;
+    case KEY_ENUM: *(int *)p = (int)v; break;
     case KEY_BOOL: *(bool *)p = v != 0; break;
     case KEY_STRING: assert(!"string key has no integer value"); break;
     }
@@ -247,10 +260,16 @@ static void key_expect(const struct config_key *k, char *buf, size_t len)
     switch (k->type) {
     case KEY_STRING: snprintf(buf, len, "must be a string"); break;
     case KEY_BOOL: snprintf(buf, len, "must be true or false"); break;
-    case KEY_LEVEL:
-        snprintf(buf, len, "must be one of \"%s\", \"%s\", \"%s\" or \"%s\"", level_names[0],
-                 level_names[1], level_names[2], level_names[3]);
+    case KEY_ENUM: {
+        size_t n = (size_t)snprintf(buf, len, "must be one of");
+        for (size_t i = 0; k->names[i] && n < len; i++)
+            n += (size_t)snprintf(buf + n, len - n, "%s\"%s\"",
+                                  i == 0                    ? " "
+                                  : k->names[i + 1] == NULL ? " or "
+                                                            : ", ",
+                                  k->names[i]);
         break;
+    }
     case KEY_MODE:
         snprintf(buf, len, "must be an octal file mode between 0o%03" PRIo64 " and 0o%03" PRIo64,
                  k->min, k->max);
@@ -262,10 +281,10 @@ static void key_expect(const struct config_key *k, char *buf, size_t len)
     }
 }
 
-static int level_find(const char *s)
+static int enum_find(const struct config_key *k, const char *s)
 {
-    for (size_t i = 0; i < sizeof level_names / sizeof level_names[0]; i++)
-        if (strcmp(s, level_names[i]) == 0)
+    for (size_t i = 0; k->names[i]; i++)
+        if (strcmp(s, k->names[i]) == 0)
             return (int)i;
     return -1;
 }
@@ -396,7 +415,7 @@ struct value {
 static bool value_store(struct trackd_config *work, const struct trackd_config *orig,
                         const struct config_key *k, struct value *v, char *why, size_t len)
 {
-    int level;
+    int found;
 
     switch (k->type) {
     case KEY_STRING:
@@ -419,10 +438,10 @@ static bool value_store(struct trackd_config *work, const struct trackd_config *
             break;
         key_set_int(work, k, v->mag);
         return true;
-    case KEY_LEVEL:
-        if (v->kind != VAL_STRING || (level = level_find(v->str)) < 0)
+    case KEY_ENUM:
+        if (v->kind != VAL_STRING || (found = enum_find(k, v->str)) < 0)
             break;
-        key_set_int(work, k, (uint64_t)level);
+        key_set_int(work, k, (uint64_t)found);
         return true;
     case KEY_U32:
     case KEY_U64:
@@ -893,7 +912,7 @@ static int env_apply_one(struct trackd_config *work, const struct trackd_config 
             v.kind = VAL_BOOL;
             v.mag = t;
         }
-    } else if (k->type == KEY_STRING || k->type == KEY_LEVEL) {
+    } else if (k->type == KEY_STRING || k->type == KEY_ENUM) {
         v.kind = VAL_STRING;
         v.len = strlen(val);
         if ((v.str = strdup(val)) == NULL) {
@@ -1054,7 +1073,13 @@ static char *dsn_redact(const char *dsn)
 
 const char *config_log_level_name(int level)
 {
-    return level >= 0 && level < 4 ? level_names[level] : "info";
+    return level >= CONFIG_LOG_ERROR && level <= CONFIG_LOG_DEBUG ? level_names[level] : "info";
+}
+
+const char *config_fsync_name(int fsync)
+{
+    return fsync >= CONFIG_FSYNC_ALWAYS && fsync <= CONFIG_FSYNC_NEVER ? fsync_names[fsync]
+                                                                       : "interval";
 }
 
 void config_diff(const struct trackd_config *a, const struct trackd_config *b,
@@ -1076,13 +1101,6 @@ void config_diff(const struct trackd_config *a, const struct trackd_config *b,
 
 int config_check(const struct trackd_config *c, char *msg, size_t msglen)
 {
-    if (strcmp(c->journal_fsync, "always") != 0 && strcmp(c->journal_fsync, "interval") != 0 &&
-        strcmp(c->journal_fsync, "never") != 0) {
-        snprintf(msg, msglen,
-                 "journal.fsync must be \"always\", \"interval\" or \"never\", not \"%s\"",
-                 c->journal_fsync);
-        return -EINVAL;
-    }
     const char *uri = c->backend_uri ? c->backend_uri : "";
     if (strstr(uri, "://") != NULL) {
         char *masked = malloc(2 * strlen(uri) + 16);
@@ -1108,7 +1126,6 @@ void config_dump(const struct trackd_config *c, FILE *out)
 
     for (size_t i = 0; i < NKEYS; i++) {
         const struct config_key *k = &keys[i];
-        uint64_t v;
         if (!section || strcmp(section, k->section) != 0) {
             fprintf(out, "%s[%s]\n", section ? "\n" : "", k->section);
             section = k->section;
@@ -1124,10 +1141,7 @@ void config_dump(const struct trackd_config *c, FILE *out)
             free(masked);
             break;
         }
-        case KEY_LEVEL:
-            v = key_get_int(c, k);
-            dump_quoted(out, v <= k->max ? level_names[v] : "info");
-            break;
+        case KEY_ENUM: dump_quoted(out, k->names[key_get_int(c, k)]); break;
         case KEY_MODE: fprintf(out, "0o%03" PRIo64, key_get_int(c, k)); break;
         case KEY_BOOL: fputs(key_get_int(c, k) ? "true" : "false", out); break;
         case KEY_U32:

@@ -13,7 +13,12 @@
 #include <stdint.h>
 #include <stdio.h>
 
+/* "0.1.0": the CMake project's version, which the Python package takes too (pyproject.toml). */
+extern const char trackd_version[];
+
 enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONFIG_LOG_DEBUG };
+/* [journal] fsync; journaler.c asserts these equal enum journal_fsync. */
+enum config_fsync { CONFIG_FSYNC_ALWAYS, CONFIG_FSYNC_INTERVAL, CONFIG_FSYNC_NEVER };
 
 /*
  * Every char * field is owned by the struct: malloc'd by config_init() or a successful load, and
@@ -57,7 +62,7 @@ struct trackd_config {
     char *s3_secret_file; /* the secret key's file; never the key itself */
     /* [journal] */
     char *journal_dir;
-    char *journal_fsync; /* "always" | "interval" | "never" */
+    int journal_fsync; /* enum config_fsync */
     uint32_t journal_fsync_interval_ms;
     uint64_t journal_quota_bytes;
     uint64_t journal_segment_bytes;
@@ -134,6 +139,8 @@ int config_check(const struct trackd_config *c, char *msg, size_t msglen);
 
 /* "error", "warn", "info" or "debug". */
 const char *config_log_level_name(int level);
+/* "always", "interval" or "never". */
+const char *config_fsync_name(int fsync);
 
 /*
  * Calls cb for every key whose value differs between a and b ("agent", "log_level"), in

@@ -16,7 +16,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <pwd.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,8 +36,6 @@
 #define PEER_GROUPS_MAX 1024
 #define STR_(x) #x
 #define XSTR(x) STR_(x) /* supplementary groups read from SO_PEERGROUPS */
-
-extern const char trackd_version[];
 
 struct out_req {
     uv_write_t req;
@@ -72,6 +70,12 @@ int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd
         snprintf(msg, msglen, "out of memory");
         return -ENOMEM;
     }
+    if (users_init(&s->users, loop) != 0) {
+        session_table_free(&s->sessions);
+        identity_rules_free(&s->rules);
+        snprintf(msg, msglen, "out of memory");
+        return -ENOMEM;
+    }
     uv_timer_init(loop, &s->sweep);
     s->sweep.data = s;
     return 0;
@@ -87,11 +91,12 @@ void conn_server_free(struct conn_server *s)
 {
     session_table_free(&s->sessions);
     identity_rules_free(&s->rules);
+    users_free(&s->users);
 }
 
 static void set_state(struct conn *c, enum conn_state st)
 {
-    static const char *const names[] = {"hello", "open", "closing"};
+    static const char *const names[] = {"resolving", "hello", "open", "closing"};
     if (c->state != st)
         log_debug("[conn %u] %s -> %s", c->id, names[c->state], names[st]);
     c->state = st;
@@ -301,11 +306,7 @@ static const char *artifact_refusal(int rc)
             ARTIFACTS_MAX_LIVE_PER_UID) " artifacts waiting for upload (the agent's limit per "
                                         "uid); wait for a flush and "
                                         "log it again";
-    case -EBADF: return "the descriptor is not a regular file";
-    case -ENOSPC:
-        return "the agent's spool has no room for it even when empty (its file system's size, "
-               "less the room kept for the journal)";
-    default: return strerror(-rc);
+    default: return proto_strerror(rc);
     }
 }
 
@@ -420,7 +421,7 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
             stats.duplicates_dropped++;
             return;
         }
-        struct ingest_origin o = {c->id,           c->user, c->source_name, c->source_type,
+        struct events_origin o = {c->id,           c->user, c->source_name, c->source_type,
                                   c->context_tags, 0,       &c->peer};
         if (c->srv->journal) {
             struct frame_origin fo = {c->session,     c->context_tags, c->user,
@@ -471,10 +472,14 @@ static int take_fd(struct conn *c)
 
 void conn_artifact_taken(struct conn *c, uint64_t seq, int rc, const char *msg)
 {
-    if (rc != 0) {
+    if (rc == -EEXIST) {
+        stats.duplicates_dropped++; /* resent after a restart: the spool already holds it */
+    } else if (rc != 0) {
         char text[700];
         snprintf(text, sizeof text, "artifact not taken: %s", msg);
         conn_send_error(c, seq, PROTO_ERR_ARTIFACT, text);
+        if (artifacts_refused(rc))
+            stats.artifacts_failed++;
     }
     accept_seq(c, seq);
     c->snapshotting = false;
@@ -721,12 +726,13 @@ static bool may_read(const struct conn_server *s)
 }
 
 /*
- * A connection that has not said hello yet is read even while paused: it can only be a
- * hello or a stats request, and `trackd stats` must answer most when the agent is busiest.
+ * A connection waiting for its uid's user name is not read at all. One that has not said
+ * hello yet is read even while paused: it can only be a hello or a stats request, and
+ * `trackd stats` must answer most when the agent is busiest.
  */
 static bool conn_may_read(const struct conn *c)
 {
-    if (c->snapshotting || c->rate_paused)
+    if (c->state == CONN_RESOLVING || c->snapshotting || c->rate_paused)
         return false;
     return may_read(c->srv) || (c->state == CONN_HELLO && !c->srv->draining);
 }
@@ -782,6 +788,8 @@ static void conn_close(struct conn *c)
     c->read_cap = 0;
     stats.read_buffer_bytes = s->read_bytes;
     ingest_forget_conn(s->ingest, c->id);
+    if (c->state == CONN_RESOLVING)
+        users_cancel(&s->users, &c->user_wait);
     log_debug("[conn %u] closed", c->id);
     uv_close((uv_handle_t *)&c->pipe, close_cb);
 }
@@ -810,6 +818,7 @@ void conn_journal_stalled(struct conn_server *s, bool stalled)
 
 void conn_close_all(struct conn_server *s)
 {
+    users_close(&s->users);
     while (s->head)
         conn_close(s->head);
     if (!uv_is_closing((uv_handle_t *)&s->sweep))
@@ -886,23 +895,20 @@ static void conn_sweep(uv_timer_t *t)
     }
 }
 
-static void lookup_user(uid_t uid, char *out, size_t n)
+/* The user name of c's uid is known: the connection may say hello. */
+static void user_known(struct conn *c, const char *name)
 {
-    /* NSS may block (LDAP); the last answer is cached for the common single-user node. */
-    static uid_t cached_uid = (uid_t)-1;
-    static char cached[64];
-    if (uid == cached_uid) {
-        snprintf(out, n, "%s", cached);
-        return;
-    }
-    struct passwd pw, *res = NULL;
-    char buf[1024];
-    if (getpwuid_r(uid, &pw, buf, sizeof buf, &res) == 0 && res)
-        snprintf(out, n, "%s", res->pw_name);
-    else
-        snprintf(out, n, "%u", (unsigned)uid);
-    cached_uid = uid;
-    snprintf(cached, sizeof cached, "%s", out);
+    snprintf(c->user, sizeof c->user, "%s", name);
+    c->accepted_ms = c->last_frame_ms = uv_now(c->srv->loop); /* the hello timeout starts now */
+    set_state(c, CONN_HELLO);
+    if (conn_may_read(c))
+        start_reading(c);
+}
+
+static void user_resolved(struct users_wait *w, const char *name)
+{
+    struct conn *c = (struct conn *)((char *)w - offsetof(struct conn, user_wait));
+    user_known(c, name);
 }
 
 /*
@@ -1011,8 +1017,13 @@ void conn_accept(struct conn_server *s, uv_stream_t *listener)
         return;
     }
     identity_peer(&s->rules, cred.uid, groups, ngroups, &c->peer);
-    lookup_user(cred.uid, c->user, sizeof c->user);
     log_debug("[conn %u] accepted pid %d uid %u", c->id, (int)c->pid, (unsigned)c->uid);
-    if (conn_may_read(c))
-        start_reading(c);
+    const char *name = users_find(&s->users, cred.uid);
+    if (name != NULL) {
+        user_known(c, name);
+        return;
+    }
+    c->user_wait.uid = cred.uid;
+    c->user_wait.cb = user_resolved;
+    users_resolve(&s->users, &c->user_wait); /* CONN_RESOLVING until it answers */
 }

@@ -15,14 +15,16 @@
 #include "identity.h"
 #include "session.h"
 #include "trackd_proto.h"
+#include "users.h"
 
 struct trackd_config;
 struct ingest;
 
 enum conn_state {
-    CONN_HELLO,  /* waiting for the client's hello */
-    CONN_OPEN,   /* accepting messages */
-    CONN_CLOSING /* error sent or peer gone; closing once writes finish */
+    CONN_RESOLVING, /* waiting for the user name of its uid (users.h); not read */
+    CONN_HELLO,     /* waiting for the client's hello */
+    CONN_OPEN,      /* accepting messages */
+    CONN_CLOSING    /* error sent or peer gone; closing once writes finish */
 };
 
 /* Flush barriers one connection may have waiting; the agent-wide bound is 65,536. */
@@ -39,7 +41,8 @@ struct conn {
     gid_t gid;
     pid_t pid;
     struct peer peer; /* uid and shared groups, for the run-owner rule */
-    char user[64];
+    char user[USERS_NAME_MAX];
+    struct users_wait user_wait; /* linked while CONN_RESOLVING */
     char program[128];
     char source_name[256];
     char source_type[16];
@@ -83,6 +86,7 @@ struct conn_server {
     bool journal_full;           /* reads paused until the journal has room again */
     bool journal_stalled;        /* reads paused while journal writes fail (a full disk) */
     struct identity_rules rules; /* [agent] allowed_uids / allowed_gids */
+    struct users users;          /* user names of peer uids, looked up off the loop */
     uv_timer_t sweep;            /* timeouts, rate windows, idle read buffers */
     uint64_t window_start_ms;
     size_t read_bytes; /* reader memory over all connections */

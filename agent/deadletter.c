@@ -16,6 +16,7 @@
 
 #include "log.h"
 #include "stats.h"
+#include "util.h"
 
 #define LINE_MAX_BYTES 16384
 
@@ -97,13 +98,8 @@ put_num(struct line *l, const char *fmt, ...)
 
 static void begin(struct line *l, uint32_t code, const char *message)
 {
-    struct timespec ts;
-    struct tm tm;
-    char t[80];
-    clock_gettime(CLOCK_REALTIME, &ts);
-    gmtime_r(&ts.tv_sec, &tm);
-    snprintf(t, sizeof t, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900, tm.tm_mon + 1,
-             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+    char t[UTIL_ISO_TIME_LEN];
+    util_iso_time_now(t);
     l->len = 0;
     putz(l, "{\"time\":");
     put_json(l, t, strlen(t));

@@ -14,7 +14,7 @@
 #include <uv.h>
 
 #include "batch.h"
-#include "identity.h"
+#include "events.h"
 #include "trackd_proto.h"
 
 struct trackd_config;
@@ -29,18 +29,6 @@ struct ingest_cbs {
     void (*error)(void *ctx, uint32_t conn_id, uint64_t seq, uint32_t code, const char *message);
     /* Every journal record up to lsn is committed or rejected. */
     void (*released)(void *ctx, uint64_t lsn);
-};
-
-/* Who sent a message; strings are borrowed for the call. */
-struct ingest_origin {
-    uint32_t conn_id;
-    const char *user;        /* from the peer's uid */
-    const char *source_name; /* from the client's hello */
-    const char *source_type;
-    bool context_tags;       /* add mlflow.user / mlflow.source.* when the run lacks them */
-    uint64_t lsn;            /* journal record the message came from; 0 when not journaled */
-    const struct peer *peer; /* who sent it, for the run-owner rule; NULL: the agent itself,
-                                or a record journaled before peers were kept (not checked) */
 };
 
 struct flush_waiter {
@@ -75,11 +63,11 @@ struct ingest {
 int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *cfg,
                 struct writer *writer, const struct ingest_cbs *cbs, void *ctx);
 /*
- * Validates msg and appends its events to the open batch. Invalid parts are
- * reported through cbs.error and counted; the rest is kept. Returns 0, or
- * -ENOMEM when the event could not be stored (also reported).
+ * Validates msg and appends its events to the open batch (events_from_message). Invalid parts
+ * are reported through cbs.error and counted; the rest is kept. Returns 0, or -ENOMEM when the
+ * event could not be stored (also reported).
  */
-int ingest_message(struct ingest *in, const struct ingest_origin *o, const struct proto_msg *msg);
+int ingest_message(struct ingest *in, const struct events_origin *o, const struct proto_msg *msg);
 /*
  * Registers a barrier for everything accepted so far; cbs.flushed answers it (maybe at once).
  * Returns 0, or -ENOBUFS when the agent-wide bound on waiting barriers is reached (reported
@@ -90,7 +78,7 @@ int ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq);
  * A snapshotted artifact: its ledger row (trackd_artifacts) goes in with the open batch.
  * Strings are NUL-terminated. Returns the event's serial, or 0 if it could not be stored.
  */
-uint64_t ingest_artifact(struct ingest *in, const struct ingest_origin *o, uint64_t seq,
+uint64_t ingest_artifact(struct ingest *in, const struct events_origin *o, uint64_t seq,
                          const char *run_id, const char *path, const char *id, uint64_t size,
                          const char *sha256);
 /* The upload of artifact id ended: status "done" or "failed" (error says why). */
@@ -107,8 +95,5 @@ bool ingest_drained(const struct ingest *in);
 /* Drops barriers of a closed connection. */
 void ingest_forget_conn(struct ingest *in, uint32_t conn_id);
 void ingest_close(struct ingest *in);
-
-/* Fills out (>= 24 bytes) with an adjective-noun-number name like MLflow's. */
-void ingest_random_run_name(char *out, size_t len);
 
 #endif

@@ -22,6 +22,8 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "util.h"
+
 #if defined(__GNUC__)
 #define PRINTF_LIKE(fmt, args) __attribute__((format(printf, fmt, args)))
 #else
@@ -43,38 +45,9 @@
 
 /* ---- helpers ---------------------------------------------------------------- */
 
-static void put32(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (uint8_t)(v >> 8 * i);
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-    put32(p, (uint32_t)v);
-    put32(p + 4, (uint32_t)(v >> 32));
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
-}
-
 static uint64_t max64(uint64_t a, uint64_t b)
 {
     return a > b ? a : b;
-}
-
-static uint64_t now_ms(clockid_t id)
-{
-    struct timespec ts;
-    clock_gettime(id, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
 PRINTF_LIKE(3, 4)
@@ -141,7 +114,7 @@ uint32_t journal_crc32c(uint32_t crc, const void *buf, size_t len)
     pthread_once(&crc_once, crc_init);
     crc = ~crc;
     for (; len >= 8; p += 8, len -= 8) {
-        uint32_t lo = crc ^ get32(p), hi = get32(p + 4);
+        uint32_t lo = crc ^ util_get_le32(p), hi = util_get_le32(p + 4);
         crc = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^
               crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^ crc_table[3][hi & 0xff] ^
               crc_table[2][(hi >> 8) & 0xff] ^ crc_table[1][(hi >> 16) & 0xff] ^
@@ -303,11 +276,11 @@ static const char *seg_header_check(const uint8_t *h, uint64_t name_lsn)
 {
     if (memcmp(h, SEG_MAGIC, 8) != 0)
         return "bad segment magic";
-    if (journal_crc32c(0, h, 32) != get32(h + 32))
+    if (journal_crc32c(0, h, 32) != util_get_le32(h + 32))
         return "segment header CRC mismatch";
-    if (get32(h + 8) != SEG_VERSION || get32(h + 12) != 0)
+    if (util_get_le32(h + 8) != SEG_VERSION || util_get_le32(h + 12) != 0)
         return "unsupported segment version";
-    if (get64(h + 16) != name_lsn)
+    if (util_get_le64(h + 16) != name_lsn)
         return "segment header LSN differs from the file name";
     return NULL;
 }
@@ -315,17 +288,17 @@ static const char *seg_header_check(const uint8_t *h, uint64_t name_lsn)
 /* Decodes a block header and checks its own CRC and every field against its caps. */
 static const char *blk_header_check(const uint8_t *h, struct blk *b)
 {
-    b->flags = get32(h + 4);
-    b->stored = get32(h + 8);
-    b->raw = get32(h + 12);
-    b->first_lsn = get64(h + 16);
-    b->count = get32(h + 24);
-    b->wall_ms = get64(h + 32);
+    b->flags = util_get_le32(h + 4);
+    b->stored = util_get_le32(h + 8);
+    b->raw = util_get_le32(h + 12);
+    b->first_lsn = util_get_le64(h + 16);
+    b->count = util_get_le32(h + 24);
+    b->wall_ms = util_get_le64(h + 32);
     if (memcmp(h, BLK_MAGIC, 4) != 0)
         return "bad block magic";
-    if (journal_crc32c(0, h, 44) != get32(h + 44))
+    if (journal_crc32c(0, h, 44) != util_get_le32(h + 44))
         return "block header CRC mismatch";
-    if ((b->flags & ~BLK_COMPRESSED) != 0 || get32(h + 28) != 0)
+    if ((b->flags & ~BLK_COMPRESSED) != 0 || util_get_le32(h + 28) != 0)
         return "unknown block flags";
     if (b->raw > BLK_RAW_MAX || b->count == 0 || b->count > b->raw / REC_HDR)
         return "bad block raw length or record count";
@@ -340,9 +313,10 @@ static bool records_ok(const uint8_t *raw, size_t len, uint32_t count)
 {
     size_t off = 0;
     for (uint32_t i = 0; i < count; i++) {
-        if (len - off < REC_HDR || raw[off] == 0 || get32(raw + off + 1) > len - off - REC_HDR)
+        if (len - off < REC_HDR || raw[off] == 0 ||
+            util_get_le32(raw + off + 1) > len - off - REC_HDR)
             return false;
-        off += REC_HDR + get32(raw + off + 1);
+        off += REC_HDR + util_get_le32(raw + off + 1);
     }
     return off == len;
 }
@@ -377,7 +351,7 @@ static const char *scan_block(struct scan *s, int fd, const uint8_t *h, const st
     if ((*rc = grow(&s->stored, &s->stored_cap, b->stored)) != 0 ||
         (*rc = io_full(fd, s->stored, b->stored, off + BLK_HDR, false)) != 0)
         return "read failed";
-    if (journal_crc32c(journal_crc32c(0, h, 40), s->stored, b->stored) != get32(h + 40))
+    if (journal_crc32c(journal_crc32c(0, h, 40), s->stored, b->stored) != util_get_le32(h + 40))
         return "block CRC mismatch";
     if (s->mode != SCAN_FULL)
         return NULL;
@@ -440,7 +414,7 @@ static int scan_segment(struct scan *s, int fd, uint64_t name_lsn)
 
         uint64_t lsn = b.first_lsn;
         for (size_t p = 0; s->cb != NULL && raw != NULL && p < b.raw; lsn++) {
-            uint32_t n = get32(raw + p + 1);
+            uint32_t n = util_get_le32(raw + p + 1);
             if ((s->cb_rc = s->cb(s->ctx, raw[p], raw + p + REC_HDR, n, lsn)) != 0)
                 return 0;
             p += REC_HDR + n;
@@ -509,35 +483,13 @@ struct journal_block {
 
 static int push_segment(struct journal *j, uint64_t lsn, uint64_t size)
 {
-    if (j->nsegs == j->capsegs) {
-        size_t cap = j->capsegs ? j->capsegs * 2 : 16;
-        struct segment *v = realloc(j->segs, cap * sizeof *v);
-        if (v == NULL)
-            return -ENOMEM;
-        j->segs = v, j->capsegs = cap;
-    }
+    struct segment *v = util_grow(j->segs, &j->capsegs, j->nsegs, sizeof *v, 16);
+    if (v == NULL)
+        return -ENOMEM;
+    j->segs = v;
     j->segs[j->nsegs++] = (struct segment){lsn, size};
     atomic_fetch_add(&j->disk_bytes, size);
     return 0;
-}
-
-static int make_dirs(const char *dir)
-{
-    char path[PATH_CAP];
-    size_t len = strlen(dir);
-    if (len >= sizeof path)
-        return -ENAMETOOLONG;
-    memcpy(path, dir, len + 1);
-    for (char *p = path + 1;; p++) {
-        if (*p != '/' && *p != '\0')
-            continue;
-        char c = *p;
-        *p = '\0';
-        if (mkdir(path, 0700) != 0 && errno != EEXIST)
-            return -errno;
-        if ((*p = c) == '\0')
-            return 0;
-    }
 }
 
 /*
@@ -595,7 +547,7 @@ int journal_open(struct journal **out, const struct journal_config *cfg, struct 
     if (cfg->zstd_level < 0 || cfg->zstd_level > ZSTD_maxCLevel())
         return fail(err, -EINVAL, "zstd level %d is outside 0..%d", cfg->zstd_level,
                     ZSTD_maxCLevel());
-    if ((rc = make_dirs(cfg->dir)) != 0)
+    if ((rc = util_mkdir_p(cfg->dir, 0700, 0700)) != 0)
         return fail(err, rc, "cannot create %s: %s", cfg->dir, strerror(-rc));
     if ((j = calloc(1, sizeof *j)) == NULL)
         return fail(err, -ENOMEM, "out of memory");
@@ -638,7 +590,7 @@ int journal_open(struct journal **out, const struct journal_config *cfg, struct 
         goto out;
     j->next_lsn = high + 1;
     j->last_written_lsn = high;
-    j->last_sync_ms = now_ms(CLOCK_MONOTONIC);
+    j->last_sync_ms = (uint64_t)util_clock_ms(CLOCK_MONOTONIC);
     *out = j;
     j = NULL;
 out:
@@ -660,7 +612,7 @@ int journal_sync(struct journal *j, struct journal_error *err)
                     j->segs[j->nsegs - 1].first_lsn, strerror(-j->sync_error));
     }
     j->dirty = false;
-    j->last_sync_ms = now_ms(CLOCK_MONOTONIC);
+    j->last_sync_ms = (uint64_t)util_clock_ms(CLOCK_MONOTONIC);
     return 0;
 }
 
@@ -708,11 +660,11 @@ int journal_append(struct journal *j, uint8_t type, const void *payload, size_t 
         return -ENOMEM;
     if (b->count == 0) {
         b->first_lsn = b->done_lsn = j->next_lsn;
-        b->wall_ms = now_ms(CLOCK_REALTIME);
+        b->wall_ms = (uint64_t)util_clock_ms(CLOCK_REALTIME);
     }
     uint8_t *p = b->raw + b->len;
     p[0] = type;
-    put32(p + 1, (uint32_t)len);
+    util_put_le32(p + 1, (uint32_t)len);
     if (len > 0)
         memcpy(p + REC_HDR, payload, len);
     b->len += need;
@@ -773,11 +725,11 @@ static int rotate(struct journal *j, uint64_t lsn, struct journal_error *err)
     seg_name(name, lsn);
     snprintf(tmp, sizeof tmp, "%s.tmp", name);
     memcpy(h, SEG_MAGIC, 8);
-    put32(h + 8, SEG_VERSION);
-    put32(h + 12, 0);
-    put64(h + 16, lsn);
-    put64(h + 24, now_ms(CLOCK_REALTIME));
-    put32(h + 32, journal_crc32c(0, h, 32));
+    util_put_le32(h + 8, SEG_VERSION);
+    util_put_le32(h + 12, 0);
+    util_put_le64(h + 16, lsn);
+    util_put_le64(h + 24, (uint64_t)util_clock_ms(CLOCK_REALTIME));
+    util_put_le32(h + 32, journal_crc32c(0, h, 32));
     if ((fd = openat(j->dfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)) < 0)
         return fail(err, -errno, "cannot create %s: %s", tmp, strerror(errno));
     if ((rc = io_full(fd, h, SEG_HDR, 0, true)) == 0 && sync && fdatasync(fd) != 0)
@@ -815,15 +767,15 @@ static int write_disk_block(struct journal *j, uint8_t *raw, size_t n, uint64_t 
             stored = h + BLK_HDR, slen = z, flags = BLK_COMPRESSED;
     }
     memcpy(h, BLK_MAGIC, 4);
-    put32(h + 4, flags);
-    put32(h + 8, (uint32_t)slen);
-    put32(h + 12, (uint32_t)n);
-    put64(h + 16, lsn);
-    put32(h + 24, count);
-    put32(h + 28, 0);
-    put64(h + 32, wall_ms);
-    put32(h + 40, journal_crc32c(journal_crc32c(0, h, 40), stored, slen));
-    put32(h + 44, journal_crc32c(0, h, 44));
+    util_put_le32(h + 4, flags);
+    util_put_le32(h + 8, (uint32_t)slen);
+    util_put_le32(h + 12, (uint32_t)n);
+    util_put_le64(h + 16, lsn);
+    util_put_le32(h + 24, count);
+    util_put_le32(h + 28, 0);
+    util_put_le64(h + 32, wall_ms);
+    util_put_le32(h + 40, journal_crc32c(journal_crc32c(0, h, 40), stored, slen));
+    util_put_le32(h + 44, journal_crc32c(0, h, 44));
 
     uint64_t total = BLK_HDR + (uint64_t)slen;
     struct segment *cur = j->nsegs > 0 ? &j->segs[j->nsegs - 1] : NULL;
@@ -863,7 +815,7 @@ int journal_write_block(struct journal *j, struct journal_block *b, struct journ
         size_t n = 0;
         uint32_t count = 0;
         while (b->done + n < b->len) {
-            size_t rec = REC_HDR + get32(b->raw + b->done + n + 1);
+            size_t rec = REC_HDR + util_get_le32(b->raw + b->done + n + 1);
             if (count > 0 && n + rec > BLK_RAW_TARGET)
                 break;
             n += rec, count++;
@@ -880,7 +832,7 @@ int journal_write_block(struct journal *j, struct journal_block *b, struct journ
     }
     if (j->cfg.fsync == JOURNAL_FSYNC_ALWAYS ||
         (j->cfg.fsync == JOURNAL_FSYNC_INTERVAL &&
-         now_ms(CLOCK_MONOTONIC) - j->last_sync_ms >= j->cfg.fsync_interval_ms))
+         (uint64_t)util_clock_ms(CLOCK_MONOTONIC) - j->last_sync_ms >= j->cfg.fsync_interval_ms))
         return journal_sync(j, err);
     return 0;
 }
@@ -1019,7 +971,7 @@ static int report(const char *dir, FILE *out, enum scan_mode mode)
     if (w.st.records > 0)
         fprintf(out, ", LSN %" PRIu64 "..%" PRIu64, w.first, w.last);
     if (w.st.oldest_ms != 0) {
-        uint64_t now = now_ms(CLOCK_REALTIME),
+        uint64_t now = (uint64_t)util_clock_ms(CLOCK_REALTIME),
                  age = now > w.st.oldest_ms ? now - w.st.oldest_ms : 0;
         fprintf(out, ", oldest record: %.1f s old", (double)age / 1e3);
     }

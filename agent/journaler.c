@@ -14,6 +14,7 @@
 #include "config.h"
 #include "log.h"
 #include "stats.h"
+#include "util.h"
 
 /*
  * Frame record (agent/JOURNAL.md, "Frame records"): session u64 BE | flags u8 |
@@ -23,36 +24,11 @@
 #define REC_PEER 2
 #define RELEASED_FILE "committed.lsn"
 
-static void put16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static uint16_t get16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] << 8 | p[1]);
-}
-
-static void put32(uint8_t *p, uint32_t v)
-{
-    put16(p, (uint16_t)(v >> 16));
-    put16(p + 2, (uint16_t)v);
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)get16(p) << 16 | get16(p + 2);
-}
-
-static int fsync_policy(const char *s)
-{
-    if (strcmp(s, "always") == 0)
-        return JOURNAL_FSYNC_ALWAYS;
-    if (strcmp(s, "never") == 0)
-        return JOURNAL_FSYNC_NEVER;
-    return JOURNAL_FSYNC_INTERVAL;
-}
+/* [journal] fsync is handed to the journal as it is. */
+_Static_assert((int)CONFIG_FSYNC_ALWAYS == (int)JOURNAL_FSYNC_ALWAYS &&
+                   (int)CONFIG_FSYNC_INTERVAL == (int)JOURNAL_FSYNC_INTERVAL &&
+                   (int)CONFIG_FSYNC_NEVER == (int)JOURNAL_FSYNC_NEVER,
+               "enum config_fsync and enum journal_fsync must agree");
 
 /* ---- replay ---------------------------------------------------------------------- */
 
@@ -80,8 +56,7 @@ static int replay_record(void *arg, uint8_t type, const void *payload, size_t le
     }
     struct frame_origin o = {0};
     struct peer peer;
-    for (int i = 0; i < 8; i++)
-        o.session = o.session << 8 | p[i];
+    o.session = util_get_be64(p);
     o.context_tags = (p[8] & REC_CONTEXT_TAGS) != 0;
     bool has_peer = (p[8] & REC_PEER) != 0;
     p += 9;
@@ -91,19 +66,19 @@ static int replay_record(void *arg, uint8_t type, const void *payload, size_t le
             rc->bad_records++;
             return 0;
         }
-        peer.uid = get32(p);
+        peer.uid = util_get_be32(p);
         peer.nshared = p[4];
         p += 5;
         for (int i = 0; i < peer.nshared; i++, p += 4)
-            peer.shared[i] = get32(p);
+            peer.shared[i] = util_get_be32(p);
         o.peer = &peer;
     }
     for (int i = 0; i < 3; i++) {
-        if (end - p < 2 || end - p - 2 < get16(p) || get16(p) >= sizeof strs[i]) {
+        if (end - p < 2 || end - p - 2 < util_get_be16(p) || util_get_be16(p) >= sizeof strs[i]) {
             rc->bad_records++;
             return 0;
         }
-        size_t n = get16(p);
+        size_t n = util_get_be16(p);
         memcpy(strs[i], p + 2, n);
         strs[i][n] = '\0';
         p += 2 + n;
@@ -153,47 +128,92 @@ int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, int
 /* ---- writing ------------------------------------------------------------------ */
 
 static void start_work(struct journaler *jr);
+static void after_work_cb(uv_work_t *w, int status);
+
+/*
+ * Records up to the marker are committed: replay skips them, so a restart never applies a
+ * committed tag or status again over a newer one. Written with a rename, not fsynced: after
+ * a power loss an older marker only means more (idempotent) work at replay. Returns 0 or
+ * -errno. Worker thread (or the loop at close, when no worker runs).
+ */
+static int write_marker(const char *dir, uint64_t lsn)
+{
+    char path[4200], tmp[4210];
+    snprintf(path, sizeof path, "%s/%s", dir, RELEASED_FILE);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (f == NULL)
+        return -errno;
+    int rc = fprintf(f, "%llu\n", (unsigned long long)lsn) < 0 ? -EIO : 0;
+    if (fclose(f) != 0 && rc == 0)
+        rc = -errno;
+    if (rc == 0 && rename(tmp, path) != 0)
+        rc = -errno;
+    return rc;
+}
+
+/* Deletes the segments below lsn and moves the marker: the work item's release part. */
+static void release_now(struct journaler *jr)
+{
+    jr->release_deleted =
+        jr->work_journal ? journal_release(jr->work_journal, jr->work_release) : 0;
+    jr->marker_rc = write_marker(jr->cfg->journal_dir, jr->work_release);
+}
+
+/* Loop: what the release part of the next work item has done, logged. */
+static void release_done(struct journaler *jr)
+{
+    if (jr->release_deleted < 0)
+        log_limited(LOG_WARN, "[journal] cannot delete committed segments: %s",
+                    strerror(-jr->release_deleted));
+    else if (jr->release_deleted > 0)
+        log_debug("[journal] %d committed segment(s) deleted", jr->release_deleted);
+    if (jr->marker_rc != 0)
+        log_limited(LOG_WARN, "[journal] cannot record the committed position in %s/%s: %s",
+                    jr->cfg->journal_dir, RELEASED_FILE, strerror(-jr->marker_rc));
+    stats.journal_releases++;
+    jr->released_lsn = jr->work_release;
+    jr->work_release = 0;
+}
+
+/* The position the next work item may release: only records that reached the disk (an
+ * unwritten LSN may be issued again after a crash); 0 when there is nothing new. */
+static uint64_t releasable(const struct journaler *jr)
+{
+    uint64_t lsn = jr->release_lsn;
+    if (jr->j != NULL && jr->durable_lsn < lsn)
+        lsn = jr->durable_lsn;
+    return lsn > jr->released_lsn ? lsn : 0;
+}
 
 /* Worker thread: the only code touching the journal while jr->writing is set. */
 static void work_cb(uv_work_t *w)
 {
     struct journaler *jr = w->data;
-    if (jr->syncing)
-        jr->write_rc = journal_sync(jr->j, &jr->err);
-    else
-        jr->write_rc = journal_write_block(jr->j, jr->inflight, &jr->err);
+    jr->write_rc = 0;
+    if (jr->work == JW_SYNC)
+        jr->write_rc = journal_sync(jr->work_journal, &jr->err);
+    else if (jr->work == JW_WRITE)
+        jr->write_rc = journal_write_block(jr->work_journal, jr->inflight, &jr->err);
+    if (jr->work_release)
+        release_now(jr);
 }
 
-/*
- * Records up to the marker are committed: replay skips them, so a restart never applies a
- * committed tag or status again over a newer one. Written with a rename, not fsynced: after
- * a power loss an older marker only means more (idempotent) work at replay.
- */
-static void write_marker(struct journaler *jr, uint64_t lsn)
+/* Queues a work item of kind (JW_RELEASE: the release part only), with whatever release is
+ * due riding along. */
+static void queue_work(struct journaler *jr, enum journaler_work kind)
 {
-    char path[4200], tmp[4210];
-    snprintf(path, sizeof path, "%s/%s", jr->cfg->journal_dir, RELEASED_FILE);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (f == NULL || fprintf(f, "%llu\n", (unsigned long long)lsn) < 0 || fclose(f) != 0 ||
-        rename(tmp, path) != 0)
-        log_limited(LOG_WARN, "[journal] cannot record the committed position in %s: %s", path,
-                    strerror(errno));
-}
-
-static void apply_release(struct journaler *jr)
-{
-    /* Only records that reached the disk: an unwritten LSN may be issued again after a crash. */
-    uint64_t lsn = jr->release_lsn < jr->durable_lsn ? jr->release_lsn : jr->durable_lsn;
-    if (lsn <= jr->released_lsn)
+    jr->work = kind;
+    jr->work_journal = jr->j;
+    jr->work_release = releasable(jr);
+    if (kind == JW_RELEASE && jr->work_release == 0)
         return;
-    int n = journal_release(jr->j, lsn);
-    if (n < 0)
-        log_limited(LOG_WARN, "[journal] cannot delete committed segments: %s", strerror(-n));
-    else if (n > 0)
-        log_debug("[journal] %d committed segment(s) deleted", n);
-    write_marker(jr, lsn);
-    jr->released_lsn = lsn;
+    jr->writing = true;
+    jr->work_req.data = jr;
+    if (uv_queue_work(jr->loop, &jr->work_req, work_cb, after_work_cb) != 0) {
+        jr->writing = false;
+        jr->work_release = 0;
+    }
 }
 
 #define RETRY_MIN_MS 100
@@ -220,15 +240,11 @@ static void write_failed(struct journaler *jr)
             stats.journal_full++;
         jr->cbs.stalled(jr->ctx, true);
     }
-    uint64_t ms = RETRY_MIN_MS;
-    for (unsigned i = 1; i < jr->failures && ms < RETRY_MAX_MS; i++)
-        ms *= 2;
-    if (ms > RETRY_MAX_MS)
-        ms = RETRY_MAX_MS;
+    uint64_t ms = util_backoff_ms(jr->failures, RETRY_MIN_MS, RETRY_MAX_MS, (uint32_t)rand());
     log_limited(LOG_ERROR,
                 "[journal] %s in %s failed: %s; %s; clients are not read and acknowledgements "
                 "wait; trying again in %llu ms",
-                jr->syncing ? "fsync" : "write", jr->cfg->journal_dir, jr->err.message,
+                jr->work == JW_SYNC ? "fsync" : "write", jr->cfg->journal_dir, jr->err.message,
                 full ? "the file system is full: free space there (or lower [journal] quota_bytes "
                        "below what it can hold)"
                      : "check the disk and the kernel log",
@@ -240,57 +256,61 @@ static void after_work_cb(uv_work_t *w, int status)
 {
     struct journaler *jr = w->data;
     jr->writing = false;
-    bool failed = status == 0 && jr->write_rc != 0;
-    if (!failed && status == 0 && jr->failures) {
+    if (status == 0 && jr->work_release)
+        release_done(jr);
+    jr->work_release = 0;
+    if (jr->j == NULL && jr->closing)
+        return; /* stopped during the replay: journaler_close has finished */
+    bool wrote = jr->work == JW_WRITE || jr->work == JW_SYNC;
+    bool failed = wrote && status == 0 && jr->write_rc != 0;
+    if (wrote && !failed && status == 0 && jr->failures) {
         log_info("[journal] writing works again after %u failed attempt(s): resuming clients",
                  jr->failures);
         jr->failures = 0;
         jr->cbs.stalled(jr->ctx, false);
     }
-    if (!jr->syncing) {
-        if (status == 0 && jr->write_rc == 0) {
-            uint64_t last = journal_block_last_lsn(jr->inflight);
-            stats.journal_blocks++;
-            journal_block_free(jr->inflight);
-            jr->inflight = NULL;
-            jr->dirty = true;
-            if (last > jr->durable_lsn)
-                jr->durable_lsn = last;
-            jr->cbs.durable(jr->ctx, jr->durable_lsn);
-            /* A release that waited for these records to reach the disk can go now. */
-        }
-    } else if (status == 0 && jr->write_rc == 0) {
+    if (jr->work == JW_WRITE && status == 0 && jr->write_rc == 0) {
+        uint64_t last = journal_block_last_lsn(jr->inflight);
+        stats.journal_blocks++;
+        journal_block_free(jr->inflight);
+        jr->inflight = NULL;
+        jr->dirty = true;
+        if (last > jr->durable_lsn)
+            jr->durable_lsn = last;
+        jr->cbs.durable(jr->ctx, jr->durable_lsn);
+    } else if (jr->work == JW_SYNC && status == 0 && jr->write_rc == 0) {
         jr->dirty = false;
     }
-    apply_release(jr);
     if (jr->closing) {
-        jr->syncing = false;
         journaler_close(jr, jr->closed);
         return;
     }
     if (failed) {
         write_failed(jr);
-        jr->syncing = false;
+        queue_work(jr, JW_RELEASE); /* releasing frees space, which a full disk needs */
         return;
     }
-    jr->syncing = false;
     start_work(jr);
 }
 
-/* Gives the journal to a worker: the block that failed before, else the open block. */
+/*
+ * Gives the journal to a worker: the block that failed before, else the open block, with the
+ * release that is due; or the release alone. While a failed write waits for its retry, only
+ * releases go.
+ */
 static void start_work(struct journaler *jr)
 {
-    if (jr->writing || jr->closing || uv_is_active((uv_handle_t *)&jr->retry_timer))
+    if (jr->writing || jr->closing)
         return;
-    if (jr->inflight == NULL)
-        jr->inflight = journal_seal(jr->j);
-    if (jr->inflight == NULL)
-        return;
-    jr->writing = true;
-    jr->syncing = false;
-    jr->work.data = jr;
-    if (uv_queue_work(jr->loop, &jr->work, work_cb, after_work_cb) != 0)
-        jr->writing = false;
+    if (jr->j != NULL && !uv_is_active((uv_handle_t *)&jr->retry_timer)) {
+        if (jr->inflight == NULL)
+            jr->inflight = journal_seal(jr->j);
+        if (jr->inflight != NULL) {
+            queue_work(jr, JW_WRITE);
+            return;
+        }
+    }
+    queue_work(jr, JW_RELEASE);
 }
 
 static void sync_timer_cb(uv_timer_t *t)
@@ -298,11 +318,7 @@ static void sync_timer_cb(uv_timer_t *t)
     struct journaler *jr = t->data;
     if (jr->writing || !jr->dirty || jr->closing || jr->failures)
         return;
-    jr->writing = true;
-    jr->syncing = true;
-    jr->work.data = jr;
-    if (uv_queue_work(jr->loop, &jr->work, work_cb, after_work_cb) != 0)
-        jr->writing = jr->syncing = false;
+    queue_work(jr, JW_SYNC);
 }
 
 void journaler_init(struct journaler *jr, uv_loop_t *loop, const struct trackd_config *cfg,
@@ -322,7 +338,7 @@ int journaler_open(struct journaler *jr, char *msg, size_t msglen)
         .dir = cfg->journal_dir,
         .quota_bytes = cfg->journal_quota_bytes,
         .segment_bytes = cfg->journal_segment_bytes,
-        .fsync = fsync_policy(cfg->journal_fsync),
+        .fsync = cfg->journal_fsync,
         .fsync_interval_ms = cfg->journal_fsync_interval_ms,
         .zstd_level = 1,
     };
@@ -347,7 +363,7 @@ int journaler_open(struct journaler *jr, char *msg, size_t msglen)
         uv_timer_start(&jr->sync_timer, sync_timer_cb, cfg->journal_fsync_interval_ms,
                        cfg->journal_fsync_interval_ms);
     log_info("[journal] %s: %llu bytes on disk, fsync %s", cfg->journal_dir,
-             (unsigned long long)u.disk_bytes, cfg->journal_fsync);
+             (unsigned long long)u.disk_bytes, config_fsync_name(cfg->journal_fsync));
     return 0;
 }
 
@@ -369,18 +385,18 @@ int journaler_append(struct journaler *jr, const struct frame_origin *o,
     if (rec == NULL)
         return -ENOMEM;
     uint8_t *p = rec;
-    for (int i = 7; i >= 0; i--)
-        *p++ = (uint8_t)(o->session >> (8 * i));
+    util_put_be64(p, o->session);
+    p += 8;
     *p++ = (uint8_t)((o->context_tags ? REC_CONTEXT_TAGS : 0) | (o->peer ? REC_PEER : 0));
     if (o->peer) {
-        put32(p, o->peer->uid);
+        util_put_be32(p, o->peer->uid);
         p[4] = o->peer->nshared;
         p += 5;
         for (int i = 0; i < o->peer->nshared; i++, p += 4)
-            put32(p, o->peer->shared[i]);
+            util_put_be32(p, o->peer->shared[i]);
     }
     for (int i = 0; i < 3; i++) {
-        put16(p, (uint16_t)lens[i]);
+        util_put_be16(p, (uint16_t)lens[i]);
         memcpy(p + 2, strs[i], lens[i]);
         p += 2 + lens[i];
     }
@@ -403,17 +419,9 @@ void journaler_kick(struct journaler *jr)
 
 void journaler_release(struct journaler *jr, uint64_t lsn)
 {
-    if (jr->j == NULL) {
-        if (lsn > jr->released_lsn && !jr->closing) {
-            write_marker(jr, lsn);
-            jr->released_lsn = jr->release_lsn = lsn;
-        }
-        return;
-    }
     if (lsn > jr->release_lsn)
         jr->release_lsn = lsn;
-    if (!jr->writing)
-        apply_release(jr);
+    start_work(jr); /* or, a worker holding the journal, when it returns */
 }
 
 void journaler_usage(const struct journaler *jr, uint64_t *bytes, uint64_t *quota)
@@ -454,7 +462,13 @@ void journaler_close(struct journaler *jr, void (*closed)(struct journaler *))
         journal_block_free(jr->inflight);
         jr->inflight = NULL;
     }
-    apply_release(jr);
+    /* The last release, on the loop: nothing else runs any more. */
+    jr->work_journal = jr->j;
+    jr->work_release = releasable(jr);
+    if (jr->work_release) {
+        release_now(jr);
+        release_done(jr);
+    }
     if (!uv_is_closing((uv_handle_t *)&jr->sync_timer)) {
         uv_timer_stop(&jr->sync_timer);
         uv_timer_stop(&jr->retry_timer);

@@ -40,20 +40,27 @@ struct journaler_cbs {
     void (*stalled)(void *ctx, bool stalled);
 };
 
+/* What the work item does with the journal; every kind also releases what is due. */
+enum journaler_work { JW_WRITE, JW_SYNC, JW_RELEASE };
+
 struct journaler {
     uv_loop_t *loop;
     const struct trackd_config *cfg;
     struct journal *j;
     struct journaler_cbs cbs;
     void *ctx;
-    uv_work_t work;
+    uv_work_t work_req;
     uv_timer_t sync_timer;  /* fsync = "interval": syncs written blocks nobody followed */
     uv_timer_t retry_timer; /* a failed write is tried again after a backoff */
     unsigned failures;      /* consecutive failed writes, for the backoff; 0 = writing works */
     struct journal_block *inflight;
-    bool writing; /* a worker owns the journal (write or sync) */
-    bool syncing; /* the work item is a sync, not a block */
-    bool dirty;   /* written since the last sync */
+    bool writing; /* a worker owns the journal (write, sync or release) */
+    enum journaler_work work;
+    struct journal *work_journal; /* j as the work item was queued (NULL during the replay) */
+    uint64_t work_release;        /* the work item releases up to here; 0 = no release */
+    int release_deleted;          /* segments it deleted, or -errno */
+    int marker_rc;                /* writing committed.lsn: 0 or -errno */
+    bool dirty;                   /* written since the last sync */
     int write_rc;
     struct journal_error err;
     uint64_t appended_lsn;

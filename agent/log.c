@@ -10,6 +10,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "util.h"
+
 int log_level_current = LOG_INFO;
 
 static const char *const level_names[] = {"ERROR", "WARN", "INFO", "DEBUG"};
@@ -48,13 +50,6 @@ void log_scrub(char *buf)
 void log_set_level(int level)
 {
     log_level_current = level;
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 size_t log_escape(const char *in, char *out, size_t outlen)
@@ -96,21 +91,14 @@ void log_write(int level, const char *fmt, ...)
     log_escape(raw, msg, sizeof msg);
     log_scrub(msg);
 
-    struct timespec ts;
-    struct tm tm;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    gmtime_r(&ts.tv_sec, &tm);
-    fprintf(stderr, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s %s\n", tm.tm_year + 1900,
-            tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
-            level_names[level < 0   ? 0
-                        : level > 3 ? 3
-                                    : level],
-            msg);
+    char when[UTIL_ISO_TIME_LEN];
+    util_iso_time_now(when);
+    fprintf(stderr, "%s %s %s\n", when, level_names[level < 0 ? 0 : level > 3 ? 3 : level], msg);
 }
 
 int64_t log_ratelimit(int64_t *last_ms, int64_t *suppressed, int64_t interval_ms)
 {
-    int64_t now = now_ms();
+    int64_t now = util_clock_ms(CLOCK_MONOTONIC);
     if (*last_ms != 0 && now - *last_ms < interval_ms) {
         (*suppressed)++;
         return -1;

@@ -1,70 +1,26 @@
 /*
- * The trackd binary: command line, configuration, the start-up schema check,
- * wiring of listener -> conn -> ingest -> writer on one libuv loop, signals
- * and clean shutdown, and the `trackd stats` client.
+ * The trackd binary's command line: the agent (agent.c) and the one-shot tools around it:
+ * --check-config, the `trackd stats` client, `journal verify|status`, `artifacts RUN_ID` and
+ * `views drop`.
  */
 #include <errno.h>
 #include <poll.h>
-#include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
-#include <curl/curl.h>
+#include <libpq-fe.h>
 #include <uv.h>
 
-#include "artifacts.h"
+#include "agent.h"
 #include "config.h"
 #include "dbobjects.h"
-#include "deadletter.h"
-#include "destination.h"
-#include "conn.h"
 #include "identity.h"
-#include "ingest.h"
-#include "journaldir.h"
-#include "journaler.h"
-#include "listener.h"
-#include "log.h"
-#include "pgconn.h"
-#include "stats.h"
+#include "journal.h"
 #include "trackd_proto.h"
-#include "writer.h"
-
-#ifndef TRACKD_VERSION
-#define TRACKD_VERSION "0.1.0"
-#endif
-
-const char trackd_version[] = TRACKD_VERSION;
-
-extern char **environ;
-
-struct agent {
-    uv_loop_t loop;
-    struct trackd_config cfg;
-    struct writer writer;
-    struct ingest ingest;
-    struct conn_server conns;
-    struct journaler journal;
-    struct deadletter dead;
-    struct listener listener;
-    struct artifacts art;
-    uv_signal_t sigterm, sigint, sighup;
-    const char *config_path; /* reread at SIGHUP; NULL: built-in defaults */
-    uv_timer_t tick;         /* 1 s: rates and uptime */
-    uv_timer_t shutdown;     /* polls for drain until the grace period ends */
-    uint64_t started_ms;
-    uint64_t shutdown_deadline_ms;
-    uint64_t last_committed;
-    uint64_t replay_log_ms;                 /* last progress line while the replay waits */
-    char journal_id[JOURNALDIR_ID_LEN + 1]; /* names the journal's progress row */
-    bool replaying;       /* the journal is being replayed; nobody is served yet */
-    bool replay_complete; /* every journaled record went through ingest */
-    bool stopping;
-};
 
 static void usage(FILE *out)
 {
@@ -82,569 +38,6 @@ static void usage(FILE *out)
             "\n"
             "Every configuration key can be overridden by TRACKD_<SECTION>_<KEY>, e.g.\n"
             "TRACKD_POSTGRES_DSN or TRACKD_AGENT_SOCKET. See agent.toml.example.\n");
-}
-
-/* ---- callbacks wiring the modules together -------------------------------- */
-
-static void on_reject(void *ctx, const struct batch *b, const struct ev *ev, uint32_t code,
-                      const char *message)
-{
-    struct agent *a = ctx;
-    /* Not written at shutdown is not rejected: those events stay in the journal. */
-    if (code != PROTO_ERR_SHUTDOWN)
-        deadletter_event(&a->dead, b, ev, code,
-                         code == PROTO_ERR_DATABASE ? a->writer.fail_state : "", message);
-    struct conn *c = conn_find(&a->conns, ev->conn_id);
-    if (c)
-        conn_send_error(c, ev->seq, code, message);
-    else
-        stats.errors_undeliverable++;
-    /* Only now may a flush barrier waiting for this artifact answer: after its error. */
-    if (ev->kind == EV_ARTIFACT && code != PROTO_ERR_SHUTDOWN) {
-        char id[64];
-        snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
-        struct artifact *art = artifacts_find(&a->art, id);
-        if (art) {
-            ingest_unhold(&a->ingest, art->serial);
-            artifacts_forget(&a->art, art);
-        }
-    }
-}
-
-/* ---- artifacts -------------------------------------------------------------- */
-
-static void artifact_problem(struct agent *a, const struct artifact *art, const char *msg)
-{
-    char text[700];
-    snprintf(text, sizeof text, "artifact '%.200s' of run %s: %.400s", art->path, art->run_id, msg);
-    deadletter_frame(&a->dead, art->conn_id, art->seq, PROTO_ERR_ARTIFACT, text);
-    struct conn *c = art->conn_id ? conn_find(&a->conns, art->conn_id) : NULL;
-    if (c)
-        conn_send_error(c, art->seq, PROTO_ERR_ARTIFACT, text);
-    else
-        stats.errors_undeliverable++;
-}
-
-/* Queues the ledger row of a spooled artifact; flush barriers wait for its upload. */
-static void queue_artifact(struct agent *a, struct artifact *art, const struct conn *c)
-{
-    /* The identity kept with the spool copy: the run-owner rule holds after a restart too. */
-    struct ingest_origin o = {0, art->user, "", "", false, 0, art->has_peer ? &art->peer : NULL};
-    if (c)
-        o.conn_id = c->id;
-    art->serial = ingest_artifact(&a->ingest, &o, art->seq, art->run_id, art->path, art->id,
-                                  art->size, art->sha256);
-    if (art->serial && ingest_hold(&a->ingest, art->serial) != 0)
-        log_warn("[artifacts] out of memory: a flush may return before %s is uploaded", art->id);
-    if (art->serial == 0)
-        log_error("[artifacts] out of memory queueing %s; it is retried at the next start",
-                  art->id);
-}
-
-static void on_snapshotted(void *ctx, struct artifact *art, int rc, const char *msg)
-{
-    struct agent *a = ctx;
-    struct conn *c = conn_find(&a->conns, art->conn_id);
-    if (rc == 0)
-        queue_artifact(a, art, c);
-    else
-        deadletter_frame(&a->dead, art->conn_id, art->seq, PROTO_ERR_ARTIFACT, msg);
-    if (c)
-        conn_artifact_taken(c, art->seq, rc, msg);
-}
-
-static void on_recovered(void *ctx, struct artifact *art)
-{
-    queue_artifact(ctx, art, NULL);
-}
-
-static void on_uploaded(void *ctx, struct artifact *art, int rc, const char *msg)
-{
-    struct agent *a = ctx;
-    /* The error goes out before the hold is released: a flush waiting for this upload
-     * answers after it, so flush() never returns before the failure is in the client. */
-    if (rc != 0)
-        artifact_problem(a, art, msg);
-    ingest_unhold(&a->ingest, art->serial);
-    if (ingest_artifact_done(&a->ingest, art->id, rc == 0 ? "done" : "failed",
-                             rc == 0 ? NULL : msg) != 0)
-        log_error("[artifacts] out of memory recording %s; it is uploaded again at the next "
-                  "start",
-                  art->id);
-}
-
-static void on_artifact_ready(void *ctx, const struct batch *b, const struct ev *ev,
-                              const char *store_uri, const char *status)
-{
-    struct agent *a = ctx;
-    char id[64];
-    snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
-    struct artifact *art = artifacts_find(&a->art, id);
-    if (art == NULL)
-        return; /* recorded twice (a replay): the first one is at work */
-    if (strcmp(status, "pending") == 0) {
-        /* Only where the operator allows, and below a local root without following links. */
-        char why[700], root[4200];
-        const char *below = NULL;
-        if (destination_problem(&a->cfg, store_uri, strlen(store_uri), why, sizeof why)) {
-            stats.artifacts_failed++;
-            on_uploaded(a, art, -EPERM, why);
-            return;
-        }
-        bool local = destination_local_root(&a->cfg, store_uri, root, sizeof root, &below) == 0;
-        artifacts_upload(&a->art, art, store_uri, local ? root : NULL, local ? below : NULL);
-        return;
-    }
-    /* Uploaded (or given up on) before a restart: only the spool copy is left to delete. */
-    ingest_unhold(&a->ingest, art->serial);
-    artifacts_forget(&a->art, art);
-}
-
-static void on_artifact_recorded(void *ctx, const char *id)
-{
-    struct agent *a = ctx;
-    struct artifact *art = artifacts_find(&a->art, id);
-    if (art)
-        artifacts_forget(&a->art, art);
-}
-
-static void on_batch_done(void *ctx, struct batch *b)
-{
-    struct agent *a = ctx;
-    ingest_batch_done(&a->ingest, b);
-}
-
-static void on_pause(void *ctx, bool pause)
-{
-    struct agent *a = ctx;
-    conn_pause_all(&a->conns, pause);
-}
-
-static void on_flushed(void *ctx, uint32_t conn_id, uint64_t flush_seq)
-{
-    struct agent *a = ctx;
-    struct conn *c = conn_find(&a->conns, conn_id);
-    if (c)
-        conn_send_flushed(c, flush_seq);
-}
-
-static void on_error(void *ctx, uint32_t conn_id, uint64_t seq, uint32_t code, const char *msg)
-{
-    struct agent *a = ctx;
-    if (code != PROTO_ERR_SHUTDOWN && code != PROTO_ERR_PROTOCOL)
-        deadletter_frame(&a->dead, conn_id, seq, code, msg);
-    struct conn *c = conn_find(&a->conns, conn_id);
-    if (c)
-        conn_send_error(c, seq, code, msg);
-    else
-        stats.errors_undeliverable++;
-}
-
-static void on_released(void *ctx, uint64_t lsn)
-{
-    struct agent *a = ctx;
-    journaler_release(&a->journal, lsn);
-    if (a->replaying)
-        return;
-    uint64_t bytes, quota;
-    journaler_usage(&a->journal, &bytes, &quota);
-    stats.journal_bytes = bytes;
-    if (bytes < quota / 10 * 9)
-        conn_journal_room(&a->conns);
-}
-
-static void on_durable(void *ctx, uint64_t lsn)
-{
-    struct agent *a = ctx;
-    conn_journal_durable(&a->conns, lsn);
-    writer_journal_durable(&a->writer);
-}
-
-static void on_stalled(void *ctx, bool stalled)
-{
-    struct agent *a = ctx;
-    conn_journal_stalled(&a->conns, stalled);
-}
-
-/* Replay: each journaled frame goes through ingest again, once per session and seq. */
-static void on_replayed(void *ctx, const struct frame_origin *o, const struct proto_header *h,
-                        const uint8_t *body, uint64_t lsn)
-{
-    struct agent *a = ctx;
-    struct proto_msg m;
-    /* A replayed record is on disk: the writer may record progress up to it. */
-    if (lsn > a->journal.durable_lsn)
-        a->journal.durable_lsn = lsn;
-    if (o->session && h->seq <= session_last_seq(&a->conns.sessions, o->session))
-        return;
-    if (proto_msg_decode(h, body, &m) != 0)
-        return;
-    session_note(&a->conns.sessions, o->session, h->seq, uv_now(&a->loop));
-    struct ingest_origin io = {0,   o->user, o->source_name, o->source_type, o->context_tags,
-                               lsn, o->peer};
-    ingest_message(&a->ingest, &io, &m);
-    stats.replayed_frames++;
-}
-
-/*
- * Between replayed records: while the replayed events hold more than the pending-memory
- * bound, the loop runs (the writer commits, timers and signals fire) until they fall below
- * half of it, so a journal of any size replays in bounded memory. Nothing else is served
- * yet, so clients' frames still come after the journal's. Non-zero stops the replay.
- */
-static int replay_pace(void *ctx)
-{
-    struct agent *a = ctx;
-    size_t limit = a->cfg.max_pending_bytes;
-    if (ingest_pending_bytes(&a->ingest) < limit)
-        return a->stopping;
-    while (!a->stopping && ingest_pending_bytes(&a->ingest) >= limit / 2) {
-        ingest_cut(&a->ingest);
-        uint64_t now = uv_now(&a->loop);
-        if (now - a->replay_log_ms >= 10000) {
-            a->replay_log_ms = now;
-            log_info("[journal] replay: %llu frames so far, %zu bytes waiting for PostgreSQL "
-                     "(writer %s); clients are served once the journal is through",
-                     (unsigned long long)stats.replayed_frames, ingest_pending_bytes(&a->ingest),
-                     writer_state_name(a->writer.state));
-        }
-        uv_run(&a->loop, UV_RUN_ONCE);
-    }
-    return a->stopping;
-}
-
-/* ---- lifecycle ------------------------------------------------------------- */
-
-static void writer_closed(struct writer *w)
-{
-    (void)w;
-}
-
-static void journal_closed(struct journaler *jr)
-{
-    (void)jr;
-}
-
-static void finish(struct agent *a)
-{
-    uint64_t left = stats.queue_events;
-    if (!ingest_drained(&a->ingest))
-        log_warn("[agent] shutdown grace of %u ms ended with %llu events not written; they stay "
-                 "in the journal for the next start",
-                 a->cfg.shutdown_grace_ms, (unsigned long long)left);
-    else if (!a->replay_complete)
-        log_warn("[agent] stopped during the journal replay; the rest is replayed at the next "
-                 "start");
-    else
-        journaler_release(&a->journal, a->journal.appended_lsn); /* everything is committed */
-    artifacts_close(&a->art, NULL);
-    journaler_close(&a->journal, journal_closed);
-    ingest_cut(&a->ingest);
-    conn_close_all(&a->conns);
-    writer_close(&a->writer, writer_closed);
-    ingest_close(&a->ingest);
-    uv_timer_stop(&a->tick);
-    uv_timer_stop(&a->shutdown);
-    uv_close((uv_handle_t *)&a->tick, NULL);
-    uv_close((uv_handle_t *)&a->shutdown, NULL);
-    uv_close((uv_handle_t *)&a->sigterm, NULL);
-    uv_close((uv_handle_t *)&a->sigint, NULL);
-    uv_close((uv_handle_t *)&a->sighup, NULL);
-}
-
-static void shutdown_tick(uv_timer_t *t)
-{
-    struct agent *a = t->data;
-    ingest_cut(&a->ingest);
-    if (ingest_drained(&a->ingest) || uv_now(&a->loop) >= a->shutdown_deadline_ms) {
-        log_info("[agent] drained: %llu events committed in total",
-                 (unsigned long long)stats.events_committed);
-        finish(a);
-    }
-}
-
-static void on_signal(uv_signal_t *s, int signum)
-{
-    struct agent *a = s->data;
-    if (a->stopping) {
-        log_warn("[agent] second signal: stopping without waiting for the database");
-        a->shutdown_deadline_ms = 0;
-        return;
-    }
-    a->stopping = true;
-    log_info("[agent] %s: no new connections; writing buffered events (up to %u ms)",
-             signum == SIGTERM ? "SIGTERM" : "SIGINT", a->cfg.shutdown_grace_ms);
-    a->shutdown_deadline_ms = uv_now(&a->loop) + a->cfg.shutdown_grace_ms;
-    if (a->replaying)
-        return; /* run_agent sees stopping when the replay returns */
-    listener_close(&a->listener);
-    conn_drain_all(&a->conns);
-    ingest_cut(&a->ingest);
-    uv_timer_start(&a->shutdown, shutdown_tick, 0, 20);
-}
-
-static int load_config(struct trackd_config *cfg, const char *path);
-
-struct reload {
-    struct agent *a;
-    const struct trackd_config *next;
-};
-
-/* One changed key of a reloaded file: applied if it is safe to, else named for a restart. */
-static void reload_key(void *ctx, const char *section, const char *name)
-{
-    struct reload *r = ctx;
-    if (strcmp(section, "agent") == 0 && strcmp(name, "log_level") == 0) {
-        r->a->cfg.log_level = r->next->log_level;
-        log_set_level(r->next->log_level);
-        log_info("[agent] SIGHUP: agent.log_level is now %s",
-                 config_log_level_name(r->next->log_level));
-        return;
-    }
-    log_warn("[agent] SIGHUP: %s.%s changed; it takes effect at the next restart", section, name);
-}
-
-/*
- * SIGHUP, as PgBouncer: reread the configuration file (and TRACKD_* variables) and apply what
- * is safe to change in a running agent, which is [agent] log_level; every other change is
- * named as waiting for a restart. A file that does not load or check is logged and ignored.
- * The log goes to stderr (journald under systemd), so there is no file to reopen.
- */
-static void on_sighup(uv_signal_t *s, int signum)
-{
-    (void)signum;
-    struct agent *a = s->data;
-    struct trackd_config next;
-    log_info("[agent] SIGHUP: rereading %s",
-             a->config_path ? a->config_path : "the built-in defaults and TRACKD_* variables");
-    if (load_config(&next, a->config_path) != 0) {
-        log_error("[agent] SIGHUP: the configuration does not load (see the line above); "
-                  "nothing changed");
-        config_free(&next);
-        return;
-    }
-    struct reload r = {a, &next};
-    config_diff(&a->cfg, &next, reload_key, &r);
-    config_free(&next);
-}
-
-static void on_tick(uv_timer_t *t)
-{
-    struct agent *a = t->data;
-    stats.rows_per_sec = stats.events_committed - a->last_committed;
-    a->last_committed = stats.events_committed;
-    stats.uptime_s = (uv_now(&a->loop) - a->started_ms) / 1000;
-}
-
-static int load_config(struct trackd_config *cfg, const char *path)
-{
-    struct config_error err;
-    char line[1024];
-    config_init(cfg);
-    if (path && config_load_file(cfg, path, &err) != 0) {
-        config_format_error(&err, line, sizeof line);
-        fprintf(stderr, "%s\n", line);
-        return -1;
-    }
-    if (config_apply_env(cfg, environ, &err) != 0) {
-        config_format_error(&err, line, sizeof line);
-        fprintf(stderr, "%s\n", line);
-        return -1;
-    }
-    if (config_check(cfg, line, sizeof line) != 0) {
-        fprintf(stderr, "%s: %s\n", path ? path : "configuration", line);
-        return -1;
-    }
-    return 0;
-}
-
-/*
- * mkdir -p: the journal directory itself is private (0700); the directories above it that it
- * creates are 0755, since /var/lib/trackd also holds the default artifact store, which MLflow
- * readers on the node must reach.
- */
-static int mkdir_p(const char *path)
-{
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-            return -1;
-        *p = '/';
-    }
-    return mkdir(buf, 0700) != 0 && errno != EEXIST ? -1 : 0;
-}
-
-/*
- * The database password, wherever it is given, is never printed (see
- * log_add_secret); a DSN libpq cannot parse is refused before it is echoed.
- */
-static int check_dsn(const struct trackd_config *cfg, const char *config_path)
-{
-    char why[512];
-    log_add_secret(getenv("PGPASSWORD"));
-    if (pgconn_dsn_check(cfg->pg_dsn, why, sizeof why) != 0) {
-        log_error("[agent] %s: [postgres] dsn is not a usable libpq connection string: %s",
-                  config_path ? config_path : "(defaults)", why);
-        return -1;
-    }
-    return 0;
-}
-
-static int run_agent(const char *config_path)
-{
-    static struct agent a; /* large; lives for the whole process */
-    char msg[1024];
-    if (load_config(&a.cfg, config_path) != 0)
-        return 2;
-    log_set_level(a.cfg.log_level);
-    if (check_dsn(&a.cfg, config_path) != 0) {
-        config_free(&a.cfg);
-        return 1;
-    }
-    signal(SIGPIPE, SIG_IGN);
-    curl_global_init(CURL_GLOBAL_DEFAULT); /* before any thread: it is not thread-safe */
-    srand((unsigned)time(NULL) ^ (unsigned)getpid());
-    log_info("[agent] trackd %s starting (config %s)", trackd_version,
-             config_path ? config_path : "built-in defaults");
-
-    int chk = pgconn_check_schema(&a.cfg, msg, sizeof msg);
-    if (chk == PGCONN_CHECK_FAILED) {
-        log_error("[agent] %s", msg);
-        config_free(&a.cfg);
-        return 1;
-    }
-    if (chk == PGCONN_CHECK_UNREACHABLE)
-        log_warn("[agent] %s; starting offline: events are journaled and written once "
-                 "PostgreSQL answers",
-                 msg);
-
-    uv_loop_init(&a.loop);
-    a.started_ms = uv_now(&a.loop);
-    struct writer_cbs wcbs = {on_reject, on_batch_done, on_artifact_ready, on_artifact_recorded};
-    struct artifacts_cbs acbs = {on_snapshotted, on_uploaded};
-    struct ingest_cbs icbs = {on_pause, on_flushed, on_error, on_released};
-    struct journaler_cbs jcbs = {on_durable, on_stalled};
-    if (writer_init(&a.writer, &a.loop, &a.cfg, &wcbs, &a) != 0)
-        return 1;
-    ingest_init(&a.ingest, &a.loop, &a.cfg, &a.writer, &icbs, &a);
-    journaler_init(&a.journal, &a.loop, &a.cfg, &jcbs, &a);
-    if (conn_server_init(&a.conns, &a.loop, &a.cfg, &a.ingest, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    uv_signal_init(&a.loop, &a.sigterm);
-    uv_signal_init(&a.loop, &a.sigint);
-    a.sigterm.data = a.sigint.data = &a;
-    uv_signal_start(&a.sigterm, on_signal, SIGTERM);
-    uv_signal_start(&a.sigint, on_signal, SIGINT);
-    uv_signal_init(&a.loop, &a.sighup);
-    a.sighup.data = &a;
-    a.config_path = config_path;
-    uv_signal_start(&a.sighup, on_sighup, SIGHUP);
-    uv_timer_init(&a.loop, &a.tick);
-    uv_timer_init(&a.loop, &a.shutdown);
-    a.tick.data = a.shutdown.data = &a;
-
-    /* Replay may reject events, so the dead-letter file must be open before it. */
-    if (mkdir_p(a.cfg.journal_dir) != 0) {
-        log_error("[agent] cannot create the journal directory %s: %s", a.cfg.journal_dir,
-                  strerror(errno));
-        return 1;
-    }
-    /* One agent per journal: held (and never closed) for the life of the process. */
-    if (journaldir_lock(a.cfg.journal_dir, msg, sizeof msg) < 0 ||
-        journaldir_identity(a.cfg.journal_dir, a.journal_id, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    writer_set_journal(&a.writer, a.journal_id, &a.journal.durable_lsn);
-    deadletter_open(&a.dead, a.cfg.journal_dir);
-    static struct s3_config s3;
-    if (s3_config_init(&s3, a.cfg.s3_endpoint_url, a.cfg.s3_region, a.cfg.s3_access_key_id,
-                       a.cfg.s3_secret_file, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    if (artifacts_init(&a.art, &a.loop, a.cfg.journal_dir, a.cfg.mlflow_server_url, &s3, &acbs, &a,
-                       msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    a.conns.artifacts = &a.art;
-    struct journal_replay_stats rs;
-    a.replaying = true;
-    a.replay_log_ms = 0; /* the first wait is logged at once */
-    int rrc = journaler_replay(&a.cfg, on_replayed, replay_pace, &a, &rs, msg, sizeof msg);
-    a.replaying = false;
-    if (rrc < 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    a.replay_complete = rrc == 0;
-    if (rs.records || rs.quarantined || rs.torn_tail_bytes)
-        log_info("[journal] replayed %llu frames from %llu segments (%llu quarantined, %llu torn "
-                 "bytes skipped)%s%s",
-                 (unsigned long long)rs.records, (unsigned long long)rs.segments,
-                 (unsigned long long)rs.quarantined, (unsigned long long)rs.torn_tail_bytes,
-                 rs.last_problem[0] ? ": " : "", rs.last_problem);
-    if (a.stopping) {
-        /* A signal came during the replay: write what is queued, within the grace period. */
-        ingest_cut(&a.ingest);
-        uv_timer_start(&a.shutdown, shutdown_tick, 0, 20);
-        uv_run(&a.loop, UV_RUN_DEFAULT);
-        uv_loop_close(&a.loop);
-        log_info("[agent] stopped");
-        conn_server_free(&a.conns);
-        deadletter_close(&a.dead);
-        config_free(&a.cfg);
-        return 0;
-    }
-    int recovered = artifacts_recover(&a.art, on_recovered, &a);
-    if (recovered > 0)
-        log_info("[artifacts] %d spooled artifact(s) from before the restart resume", recovered);
-    if (journaler_open(&a.journal, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    a.conns.journal = &a.journal;
-    a.conns.durable_lsn = a.journal.durable_lsn;
-    if (listener_start(&a.listener, &a.loop, &a.cfg, &a.conns, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        artifacts_close(&a.art, NULL);
-        journaler_close(&a.journal, journal_closed);
-        writer_close(&a.writer, writer_closed);
-        ingest_close(&a.ingest);
-        conn_close_all(&a.conns);
-        uv_close((uv_handle_t *)&a.tick, NULL);
-        uv_close((uv_handle_t *)&a.shutdown, NULL);
-        uv_close((uv_handle_t *)&a.sigterm, NULL);
-        uv_close((uv_handle_t *)&a.sigint, NULL);
-        uv_close((uv_handle_t *)&a.sighup, NULL);
-        uv_run(&a.loop, UV_RUN_DEFAULT);
-        uv_loop_close(&a.loop);
-        config_free(&a.cfg);
-        return 1;
-    }
-    uv_timer_start(&a.tick, on_tick, 1000, 1000);
-    conn_server_start(&a.conns);
-    if (geteuid() == 0)
-        log_warn("[agent] running as root; an unprivileged user is enough (see "
-                 "agent/systemd/trackd.service)");
-    log_info("[agent] ready");
-
-    uv_run(&a.loop, UV_RUN_DEFAULT);
-    int rc = uv_loop_close(&a.loop);
-    if (rc != 0)
-        log_warn("[agent] loop closed with handles open: %s", uv_strerror(rc));
-    log_info("[agent] stopped");
-    conn_server_free(&a.conns);
-    deadletter_close(&a.dead);
-    config_free(&a.cfg);
-    return 0;
 }
 
 /* ---- `trackd stats` --------------------------------------------------------- */
@@ -698,7 +91,7 @@ static int run_stats(const char *socket_path)
     int rc = read_frame(fd, &r, &h, &body, 5000);
     if (rc != 1 || proto_msg_decode(&h, body, &m) != 0 || m.kind != PROTO_STATS_REPLY) {
         fprintf(stderr, "trackd stats: no valid reply from %s (%s)\n", socket_path,
-                rc < 0 ? strerror(-rc) : "bad frame");
+                rc < 0 ? proto_strerror(rc) : "bad frame");
         proto_reader_free(&r);
         close(fd);
         return 1;
@@ -768,9 +161,9 @@ int main(int argc, char **argv)
     }
     if (check) {
         struct trackd_config cfg;
-        if (load_config(&cfg, config_path) != 0)
+        if (agent_load_config(&cfg, config_path) != 0)
             return 1;
-        if (check_dsn(&cfg, config_path) != 0) {
+        if (agent_check_dsn(&cfg, config_path) != 0) {
             config_free(&cfg);
             return 1;
         }
@@ -790,7 +183,7 @@ int main(int argc, char **argv)
     }
     if (journal_cmd) {
         struct trackd_config cfg;
-        if (journal_dir == NULL && load_config(&cfg, config_path) != 0)
+        if (journal_dir == NULL && agent_load_config(&cfg, config_path) != 0)
             return 1;
         const char *dir = journal_dir ? journal_dir : cfg.journal_dir;
         int rc = strcmp(journal_cmd, "verify") == 0 ? journal_verify(dir, stdout)
@@ -803,7 +196,7 @@ int main(int argc, char **argv)
     }
     if (artifacts_run || views_drop) {
         struct trackd_config cfg;
-        if (load_config(&cfg, config_path) != 0)
+        if (agent_load_config(&cfg, config_path) != 0)
             return 1;
         int rc = artifacts_run ? dbobjects_list_artifacts(&cfg, artifacts_run, stdout)
                                : dbobjects_drop_views(&cfg, stdout);
@@ -814,11 +207,11 @@ int main(int argc, char **argv)
         if (socket_path)
             return run_stats(socket_path);
         struct trackd_config cfg;
-        if (load_config(&cfg, config_path) != 0)
+        if (agent_load_config(&cfg, config_path) != 0)
             return 1;
         int rc = run_stats(cfg.socket_path);
         config_free(&cfg);
         return rc;
     }
-    return run_agent(config_path);
+    return agent_run(config_path);
 }

@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "util.h"
+
 #define SLOTS (2 * OWNERS_CACHE_MAX)
 
 int owners_init(struct owners *o, bool open_unowned)
@@ -83,14 +85,10 @@ static struct run_owner *set_find(const struct owner_set *s, const char *run_id)
 
 static int set_add(struct owner_set *s, const struct run_owner *e)
 {
-    if (s->n == s->cap) {
-        size_t cap = s->cap ? s->cap * 2 : 16;
-        struct run_owner *v = realloc(s->v, cap * sizeof *v);
-        if (v == NULL)
-            return -ENOMEM;
-        s->v = v;
-        s->cap = cap;
-    }
+    struct run_owner *v = util_grow(s->v, &s->cap, s->n, sizeof *v, 16);
+    if (v == NULL)
+        return -ENOMEM;
+    s->v = v;
     s->v[s->n++] = *e;
     return 0;
 }

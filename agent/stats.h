@@ -16,6 +16,9 @@
     X(connections_rejected)                                                                        \
     X(connections_refused_identity)                                                                \
     X(identity_overridden)                                                                         \
+    X(user_lookups)                                                                                \
+    X(user_lookup_waits)                                                                           \
+    X(user_lookups_slow)                                                                           \
     X(timeouts_hello)                                                                              \
     X(timeouts_frame)                                                                              \
     X(timeouts_idle)                                                                               \
@@ -73,6 +76,7 @@
     X(dead_lettered)                                                                               \
     X(journal_records)                                                                             \
     X(journal_blocks)                                                                              \
+    X(journal_releases)                                                                            \
     X(journal_full)                                                                                \
     X(journal_write_errors)                                                                        \
     X(journal_bytes)                                                                               \

@@ -19,6 +19,7 @@
 #include "dbobjects.h"
 #include "log.h"
 #include "stats.h"
+#include "util.h"
 
 #define COPY_CHUNK (64 * 1024)
 #define BACKOFF_MIN_MS 100
@@ -47,7 +48,7 @@ static void report_run_states(struct writer *w);
 static void note_artifacts(struct writer *w, const PGresult *res);
 static void report_artifacts(struct writer *w);
 static void clear_check(struct writer *w);
-static void setup_done(struct writer *w);
+static void setup_next(struct writer *w);
 static void start_next(struct writer *w);
 static int plan_owners(struct writer *w);
 static bool range_ready(struct writer *w);
@@ -70,20 +71,6 @@ static void set_state(struct writer *w, enum writer_state s)
     if (w->state != s)
         log_debug("[writer] %s -> %s", writer_state_name(w->state), writer_state_name(s));
     w->state = s;
-}
-
-static int64_t wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static uint64_t mono_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
 /* ---- socket watching ----------------------------------------------------- */
@@ -152,21 +139,12 @@ static void connect_target(struct writer *w);
 
 static void backoff_cb(uv_timer_t *t);
 
-static uint64_t backoff_ms(unsigned attempts)
-{
-    uint64_t ms = BACKOFF_MIN_MS;
-    for (unsigned i = 0; i < attempts && ms < BACKOFF_MAX_MS; i++)
-        ms *= 2;
-    if (ms > BACKOFF_MAX_MS)
-        ms = BACKOFF_MAX_MS;
-    /* Jitter keeps a fleet of agents from reconnecting in step. */
-    return ms / 2 + (uint64_t)rand() % (ms / 2 + 1);
-}
-
 static void backoff(struct writer *w)
 {
     set_state(w, W_BACKOFF);
-    uv_timer_start(&w->timer, backoff_cb, backoff_ms(w->attempts), 0);
+    uv_timer_start(
+        &w->timer, backoff_cb,
+        util_backoff_ms(w->attempts + 1, BACKOFF_MIN_MS, BACKOFF_MAX_MS, (uint32_t)rand()), 0);
     w->attempts++;
 }
 
@@ -449,7 +427,7 @@ static void send_pipeline(struct writer *w)
 {
     struct batch_sql *s = &w->sql;
     char now[24];
-    snprintf(now, sizeof now, "%" PRId64, wall_ms());
+    snprintf(now, sizeof now, "%" PRId64, util_clock_ms(CLOCK_REALTIME));
     int rc = 0;
 
     if (!PQenterPipelineMode(w->pg)) {
@@ -525,7 +503,7 @@ static void send_pipeline(struct writer *w)
         conn_lost(w, "pipeline");
         return;
     }
-    w->sync_sent_us = mono_us();
+    w->sync_sent_us = (uint64_t)util_clock_us(CLOCK_MONOTONIC);
     set_state(w, W_PIPELINE);
 }
 
@@ -700,14 +678,10 @@ static void batch_finished(struct writer *w)
 
 static int push_range(struct writer *w, size_t lo, size_t hi)
 {
-    if (w->nstack == w->capstack) {
-        size_t cap = w->capstack ? w->capstack * 2 : 64;
-        struct range *r = realloc(w->stack, cap * sizeof *r);
-        if (r == NULL)
-            return -ENOMEM;
-        w->stack = r;
-        w->capstack = cap;
-    }
+    struct range *r = util_grow(w->stack, &w->capstack, w->nstack, sizeof *r, 64);
+    if (r == NULL)
+        return -ENOMEM;
+    w->stack = r;
     w->stack[w->nstack++] = (struct range){lo, hi};
     return 0;
 }
@@ -1028,15 +1002,54 @@ static void clear_check(struct writer *w)
     w->ncheck = 0;
 }
 
-/* The connection is set up: make trackd_run_owners if it is not known to exist, read the
- * journal's progress once, then write. */
-static void setup_done(struct writer *w)
+/*
+ * trackd's own tables, in order, each made (if missing) by the first connection that can: one
+ * simple query each, so PgBouncer's transaction mode runs them. A step that fails is logged
+ * with what it costs, and the writer goes on without it until the next connection.
+ */
+static const struct setup_step {
+    enum writer_state state;
+    const char *table; /* for conn_lost */
+} setup_steps[] = {{W_LEDGER, "trackd_artifacts"}, {W_OWNERS_TABLE, "trackd_run_owners"}};
+
+static bool *setup_ok(struct writer *w, enum writer_state st)
 {
-    if (!w->owners_ok && w->state != W_OWNERS_TABLE) {
-        set_state(w, W_OWNERS_TABLE);
-        w->owners_ok = true; /* unless the statement fails */
-        if (!PQsendQuery(w->pg, dbobjects_run_owners_table_sql) || flush_out(w) != 0)
-            conn_lost(w, "trackd_run_owners");
+    return st == W_LEDGER ? &w->ledger_ok : &w->owners_ok;
+}
+
+/* The step of state st failed with res. */
+static void setup_failed(struct writer *w, enum writer_state st, const PGresult *res)
+{
+    *setup_ok(w, st) = false;
+    const char *e = PQresultErrorMessage(res);
+    if (st == W_LEDGER)
+        log_limited(LOG_ERROR,
+                    "[writer] cannot create trackd's table trackd_artifacts (or the mlflow_* "
+                    "views): %.*s; artifacts are rejected until it exists",
+                    (int)strcspn(e, "\n"), e);
+    else
+        log_limited(LOG_ERROR,
+                    "[writer] cannot create trackd's table trackd_run_owners: %.*s; runs are "
+                    "created without an owner, and every run follows the user_id rule%s. Grant "
+                    "trackd's role CREATE on the schema (or create the table as its owner)",
+                    (int)strcspn(e, "\n"), e,
+                    w->cfg->open_unowned_runs ? " (open_unowned_runs: anyone writes any run)" : "");
+}
+
+/* The connection is checked: make what is not known to exist (setup_steps), read the
+ * journal's progress once, then write. */
+static void setup_next(struct writer *w)
+{
+    while (w->setup_step < sizeof setup_steps / sizeof setup_steps[0]) {
+        const struct setup_step *s = &setup_steps[w->setup_step++];
+        bool *ok = setup_ok(w, s->state);
+        if (*ok)
+            continue;
+        *ok = true; /* unless the statement fails */
+        set_state(w, s->state);
+        const char *sql = s->state == W_LEDGER ? w->ledger_sql : dbobjects_run_owners_table_sql;
+        if (!PQsendQuery(w->pg, sql) || flush_out(w) != 0)
+            conn_lost(w, s->table);
         return;
     }
     if (!w->progress_loaded && w->journal_id[0]) {
@@ -1114,14 +1127,8 @@ static void check_done(struct writer *w)
     stats.db_connected = 1;
     /* What the cache knows came from the last server; this may be another one (a failover). */
     owners_clear(&w->owners);
-    if (!w->ledger_ok) {
-        set_state(w, W_LEDGER);
-        w->ledger_ok = true; /* until a statement fails */
-        if (!PQsendQuery(w->pg, w->ledger_sql) || flush_out(w) != 0)
-            conn_lost(w, "ledger");
-        return;
-    }
-    setup_done(w);
+    w->setup_step = 0;
+    setup_next(w);
 }
 
 static void note_artifacts(struct writer *w, const PGresult *res)
@@ -1201,40 +1208,14 @@ static void drive(struct writer *w)
             PQclear(res);
             continue;
         }
-        if (st == W_OWNERS_TABLE) {
+        if (st == W_LEDGER || st == W_OWNERS_TABLE) {
             PGresult *res = PQgetResult(w->pg);
             if (res == NULL) {
-                setup_done(w);
+                setup_next(w);
                 continue;
             }
-            if (PQresultStatus(res) == PGRES_FATAL_ERROR) {
-                w->owners_ok = false;
-                log_limited(
-                    LOG_ERROR,
-                    "[writer] cannot create trackd's table trackd_run_owners: %.*s; runs "
-                    "are created without an owner, and every run follows the user_id "
-                    "rule%s. Grant trackd's role CREATE on the schema (or create the "
-                    "table as its owner)",
-                    (int)strcspn(PQresultErrorMessage(res), "\n"), PQresultErrorMessage(res),
-                    w->cfg->open_unowned_runs ? " (open_unowned_runs: anyone writes any run)" : "");
-            }
-            PQclear(res);
-            continue;
-        }
-        if (st == W_LEDGER) {
-            PGresult *res = PQgetResult(w->pg);
-            if (res == NULL) {
-                setup_done(w);
-                continue;
-            }
-            if (PQresultStatus(res) == PGRES_FATAL_ERROR) {
-                w->ledger_ok = false;
-                log_limited(LOG_ERROR,
-                            "[writer] cannot create trackd's table trackd_artifacts (or the "
-                            "mlflow_* views): %.*s; artifacts are rejected until it exists",
-                            (int)strcspn(PQresultErrorMessage(res), "\n"),
-                            PQresultErrorMessage(res));
-            }
+            if (PQresultStatus(res) == PGRES_FATAL_ERROR)
+                setup_failed(w, st, res);
             PQclear(res);
             continue;
         }
@@ -1264,7 +1245,7 @@ static void drive(struct writer *w)
             ExecStatusType t = PQresultStatus(res);
             if (t == PGRES_PIPELINE_SYNC) {
                 PQclear(res);
-                uint64_t rtt = mono_us() - w->sync_sent_us;
+                uint64_t rtt = (uint64_t)util_clock_us(CLOCK_MONOTONIC) - w->sync_sent_us;
                 stats.db_rtt_us_last = rtt;
                 if (rtt > stats.db_rtt_us_max)
                     stats.db_rtt_us_max = rtt;
@@ -1416,8 +1397,12 @@ int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *c
         w->targets.timeout_ms ? w->targets.timeout_ms : cfg->pg_connect_timeout_ms;
     uv_timer_init(loop, &w->timer);
     w->timer.data = w;
-    connect_start(w);
     return 0;
+}
+
+void writer_start(struct writer *w)
+{
+    connect_start(w);
 }
 
 void writer_submit(struct writer *w, struct batch *b)

@@ -120,12 +120,19 @@ struct writer {
     struct pgconn_schema schema; /* what the last passed check found */
     enum batch_schema variant;   /* the statements that fit it */
     unsigned attempts;           /* consecutive failures, for backoff */
+    unsigned setup_step;         /* the next of writer.c's setup_steps on this connection */
     uint64_t sync_sent_us;
     void (*closed_cb)(struct writer *);
 };
 
+/*
+ * Sets w up without touching the network: the DSN is parsed (-EINVAL, logged, when libpq cannot
+ * take it), nothing is connected. Returns 0, -EINVAL or -ENOMEM.
+ */
 int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *cfg,
                 const struct writer_cbs *cbs, void *ctx);
+/* Starts connecting (resolving the host off the loop first); batches may be submitted before. */
+void writer_start(struct writer *w);
 /*
  * Names the journal whose progress this writer records (id: 32 hex digits) and where its
  * durable LSN is kept. Call before the first connection completes.

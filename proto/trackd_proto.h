@@ -67,7 +67,11 @@ enum proto_error_code {
     PROTO_ERR_SHUTDOWN = 31       /* agent stopped before the event was written */
 };
 
-/* Negative return codes of this module; proto_strerror() names them. */
+/*
+ * Negative return codes of this module, below every negative errno (Linux's stop above -200;
+ * PROTO_ERRNO_MIN in proto.c is -1000): functions of the agent and the shim return 0, a negative
+ * errno or one of these, and proto_strerror() names any of them.
+ */
 enum proto_err {
     PROTO_EBADMAGIC = -1001,
     PROTO_EVERSION = -1002,
@@ -80,6 +84,7 @@ enum proto_err {
     PROTO_ETRAILING = -1009 /* bytes left after the body's single object */
 };
 
+/* A message for 0, a PROTO_E* code or a negative errno; never NULL. */
 const char *proto_strerror(int code);
 const char *proto_kind_name(int kind); /* "metrics", ...; "unknown" otherwise */
 

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "trackd_proto.h"
+#include "util.h"
 
 #define DEFAULT_BUFFER (16u * 1024u * 1024u)
 #define SEND_THRESHOLD (256u * 1024u) /* send at once above this */
@@ -114,7 +115,8 @@ struct trackd_client {
     int fd;
     struct proto_reader reader;
     struct proto_buf sendbuf;
-    unsigned reconnect_ms;
+    unsigned reconnect_failures; /* since the last connection; for util_backoff_ms */
+    unsigned backoff_seed;       /* rand_r state for the backoff's jitter */
     bool ever_connected;
     int64_t last_send_ms; /* monotonic; see WARM_IDLE_MS */
 };
@@ -128,22 +130,8 @@ const char *trackd_strerror(int rc)
     case -ETIMEDOUT: return "timed out waiting for the agent";
     case -ENOMEM: return "out of memory";
     case -EMSGSIZE: return "event larger than the agent's frame limit";
-    default: return rc < 0 ? strerror(-rc) : "unknown";
+    default: return rc < 0 ? proto_strerror(rc) : "unknown";
     }
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void deadline_after(struct timespec *ts, int ms)
@@ -319,7 +307,7 @@ static int start_run(trackd_client *c, const char *run_id, const uint64_t *exper
     if (rc != 0)
         return rc;
     if (start_time_ms == TRACKD_NOW)
-        start_time_ms = now_ms();
+        start_time_ms = util_clock_ms(CLOCK_REALTIME);
     struct proto_str exp = to_str(experiment ? experiment : "Default");
     struct proto_str name = to_str(run_name);
     size_t need = exp.len + name.len + kvs_size(tags, ntags) + 96;
@@ -390,8 +378,9 @@ int trackd_log_metric(trackd_client *c, const char *run_id, const char *key, dou
     CHECK_USABLE(c);
     if (c == NULL || key == NULL || run_id == NULL)
         return -EINVAL;
-    struct proto_point p = {to_str(key), value,
-                            timestamp_ms == TRACKD_NOW ? now_ms() : timestamp_ms, step};
+    struct proto_point p = {
+        to_str(key), value,
+        timestamp_ms == TRACKD_NOW ? util_clock_ms(CLOCK_REALTIME) : timestamp_ms, step};
     pthread_mutex_lock(&c->mu);
     if (!same_open_run(c, run_id) && !run_id_ok(run_id)) {
         pthread_mutex_unlock(&c->mu);
@@ -423,7 +412,7 @@ int trackd_log_metrics(trackd_client *c, const char *run_id, const struct trackd
         if (klen > largest)
             largest = klen;
     }
-    int64_t now = now_ms();
+    int64_t now = util_clock_ms(CLOCK_REALTIME);
     pthread_mutex_lock(&c->mu);
     int rc = admit(c, need, n, largest + 96);
     for (size_t i = 0; rc == 0 && i < n; i++) {
@@ -720,7 +709,7 @@ int trackd_update_run(trackd_client *c, const char *run_id, const char *status, 
     if (c == NULL || !run_id_ok(run_id))
         return -EINVAL;
     if (end_time_ms == TRACKD_NOW)
-        end_time_ms = now_ms();
+        end_time_ms = util_clock_ms(CLOCK_REALTIME);
     struct proto_str st = to_str(status), name = to_str(run_name);
     APPEND_FRAME(c, st.len + name.len + 64, 1,
                  proto_encode_update_run(&c->pending, seq, run_id, status ? &st : NULL,
@@ -756,7 +745,7 @@ int trackd_end_run(trackd_client *c, const char *run_id, const char *status, int
     if (c == NULL || !run_id_ok(run_id))
         return -EINVAL;
     if (end_time_ms == TRACKD_NOW)
-        end_time_ms = now_ms();
+        end_time_ms = util_clock_ms(CLOCK_REALTIME);
     struct proto_str st = to_str(status ? status : "FINISHED");
     APPEND_FRAME(c, st.len + 64, 1,
                  proto_encode_end_run(&c->pending, seq, run_id, st, end_time_ms));
@@ -1099,7 +1088,7 @@ static int try_connect(struct trackd_client *c)
         c->ctr.reconnects++;
     pthread_mutex_unlock(&c->mu);
     c->ever_connected = true;
-    c->reconnect_ms = RECONNECT_MIN_MS;
+    c->reconnect_failures = 0;
     return 0;
 }
 
@@ -1141,9 +1130,11 @@ static void *io_main(void *arg)
                 break;
             pthread_mutex_unlock(&c->mu);
             if (try_connect(c) != 0) {
-                wait_events(c, (int)c->reconnect_ms);
-                c->reconnect_ms =
-                    c->reconnect_ms * 2 > RECONNECT_MAX_MS ? RECONNECT_MAX_MS : c->reconnect_ms * 2;
+                /* Jittered: the ranks of a job that lost the agent together do not all
+                 * come back in the same millisecond. */
+                wait_events(c, (int)util_backoff_ms(++c->reconnect_failures, RECONNECT_MIN_MS,
+                                                    RECONNECT_MAX_MS,
+                                                    (uint32_t)rand_r(&c->backoff_seed)));
             }
             pthread_mutex_lock(&c->mu);
             continue;
@@ -1152,7 +1143,7 @@ static void *io_main(void *arg)
             if (stopping)
                 break;
             /* Warm: producers do not wake us; we look again after linger_ms. */
-            bool warm = mono_ms() - c->last_send_ms < WARM_IDLE_MS;
+            bool warm = util_clock_ms(CLOCK_MONOTONIC) - c->last_send_ms < WARM_IDLE_MS;
             c->io_idle = !warm;
             pthread_mutex_unlock(&c->mu);
             int rc = wait_events(c, warm ? c->linger_ms : -1);
@@ -1180,7 +1171,7 @@ static void *io_main(void *arg)
             }
         }
         lingered = false;
-        c->last_send_ms = mono_ms();
+        c->last_send_ms = util_clock_ms(CLOCK_MONOTONIC);
         struct proto_buf tmp = c->sendbuf;
         c->sendbuf = c->pending;
         c->pending = tmp;
@@ -1324,11 +1315,11 @@ int trackd_open(trackd_client **out, const struct trackd_options *opts)
     c->no_context_tags = o.no_context_tags != 0;
     while (c->session == 0)
         if (getrandom(&c->session, sizeof c->session, 0) != (ssize_t)sizeof c->session)
-            c->session = (uint64_t)now_ms() ^ ((uint64_t)getpid() << 32);
+            c->session = (uint64_t)util_clock_ms(CLOCK_REALTIME) ^ ((uint64_t)getpid() << 32);
     proto_buf_init(&c->unacked, c->limit + 2 * (size_t)PROTO_MAX_BODY_HARD);
     c->next_seq = 1;
     c->fd = -1;
-    c->reconnect_ms = RECONNECT_MIN_MS;
+    c->backoff_seed = (unsigned)(c->session ^ c->session >> 32);
     /* Encoding never fails on the bound: admit() enforces it with slack to spare. */
     proto_buf_init(&c->pending, c->limit + 2 * (size_t)PROTO_MAX_BODY_HARD);
     proto_buf_init(&c->sendbuf, c->limit + 2 * (size_t)PROTO_MAX_BODY_HARD);

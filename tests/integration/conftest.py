@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import BUILD, Agent, Postgres
+from harness import BUILD, Agent, Postgres, TcpPostgres
 
 
 def pytest_configure(config):
@@ -27,6 +27,19 @@ def pg(artifact_root):
     server.bootstrap_template(artifact_root)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def tcp_pg(artifact_root):
+    """A second server that listens on 127.0.0.1 only, as a stock PostgreSQL does."""
+    pg = TcpPostgres()
+    pg.start()
+    pg.pause()
+    pg.opts += f" -p {pg.port} -c listen_addresses=127.0.0.1"
+    pg.resume()
+    pg.bootstrap_template(artifact_root)
+    yield pg
+    pg.stop()
 
 
 @pytest.fixture

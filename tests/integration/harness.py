@@ -183,13 +183,14 @@ class Agent:
             f'[journal]\ndir = "{journal_dir or self.workdir / "journal"}"\n' + extra)
         self.proc = None
         self.command = [str(BUILD / "trackd")]  # a test may run it through a wrapper
+        self.env = None  # or the whole environment to start it with
 
     def start(self, wait=True):
         # The log may hold earlier runs in the same directory: wait for a new "ready".
         readies = self.log().count("[agent] ready")
         self.logfile = open(self.logpath, "ab")
         self.proc = subprocess.Popen(self.command + ["--config", str(self.config)],
-                                     stdout=self.logfile, stderr=subprocess.STDOUT)
+                                     stdout=self.logfile, stderr=subprocess.STDOUT, env=self.env)
         if wait:
             wait_for(lambda: self.proc.poll() is not None
                      or self.log().count("[agent] ready") > readies, 30, "the agent to start")

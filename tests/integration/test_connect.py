@@ -12,21 +12,9 @@ import subprocess
 from datetime import datetime
 
 import pytest
-from harness import Agent, TcpPostgres, driver_runs, free_port, run_driver, wait_for
+from harness import Agent, driver_runs, free_port, run_driver, wait_for
 
 TS0 = 1_700_000_000_000
-
-
-@pytest.fixture(scope="module")
-def tcp_pg(artifact_root):
-    pg = TcpPostgres()
-    pg.start()
-    pg.pause()
-    pg.opts += f" -p {pg.port} -c listen_addresses=127.0.0.1"
-    pg.resume()
-    pg.bootstrap_template(artifact_root)
-    yield pg
-    pg.stop()
 
 
 @pytest.fixture

@@ -192,6 +192,20 @@ static void test_snapshot_upload_forget(void **state)
         artifacts_snapshot(&f.ar, &o5, RUN, (struct proto_str){"x/y.txt", 7}, &none, fd, &dup),
         -EEXIST);
 
+    /* What needs the disk is the worker's: a descriptor that is not a regular file is refused
+     * through the callback, off the loop. */
+    struct artifact_origin o7 = {7, 0xabc, 7, &PEER, "ml"};
+    fd = open("/dev/null", O_RDONLY);
+    assert_int_equal(
+        artifacts_snapshot(&f.ar, &o7, RUN, (struct proto_str){"n.txt", 5}, &none, fd, &dup), 0);
+    int waiting = f.s.snapshots;
+    while (f.s.snapshots == waiting)
+        uv_run(&f.loop, UV_RUN_ONCE);
+    assert_int_equal(f.s.rc, -EBADF);
+    assert_true(artifacts_refused(f.s.rc));
+    assert_string_equal(f.s.msg, "the descriptor is not a regular file");
+    assert_null(artifacts_find(&f.ar, "0000000000000abc-0000000000000007"));
+
     /* A file that is not what the client saw at the call (rewritten since) is not taken. */
     char later[300];
     snprintf(later, sizeof later, "%s/later.txt", f.dir);
@@ -225,9 +239,10 @@ static void test_snapshot_upload_forget(void **state)
     char tmpdir_path[400];
     snprintf(tmpdir_path, sizeof tmpdir_path, "%s/store/run/artifacts/x", f.dir);
     assert_int_equal(count_files(tmpdir_path), 1); /* no temporary file left */
-    artifacts_forget(&f.ar, a);
+    artifacts_forget(&f.ar, a);                    /* the files go on a worker thread */
+    while (artifacts_find(&f.ar, "0000000000000abc-0000000000000005") != NULL)
+        uv_run(&f.loop, UV_RUN_ONCE);
     assert_int_equal(count_files(spool), 0);
-    assert_null(artifacts_find(&f.ar, "0000000000000abc-0000000000000005"));
 
     fx_end(&f);
 }
@@ -275,7 +290,22 @@ static void test_recover_after_restart(void **state)
     assert_int_equal(back->peer.nshared, 2);
     assert_int_equal(back->peer.shared[1], PEER.shared[1]);
     assert_string_equal(back->user, "ml?user");
-    artifacts_forget(&f.ar, back);
+
+    /* Its frame resent after the restart: not in memory yet (recovery did not run), but in
+     * the spool: the worker says so, and nothing is copied again. */
+    fx_stop_module(&f);
+    fx_init_module(&f, "");
+    int fd = open(src, O_RDONLY);
+    struct artifact *dup = NULL;
+    struct proto_file_seen none = {0, 0};
+    struct artifact_origin o9 = {7, 0xabc, 9, &PEER, "ml"};
+    assert_int_equal(
+        artifacts_snapshot(&f.ar, &o9, RUN, (struct proto_str){"empty", 5}, &none, fd, &dup), 0);
+    int waiting = f.s.snapshots;
+    while (f.s.snapshots == waiting)
+        uv_run(&f.loop, UV_RUN_ONCE);
+    assert_int_equal(f.s.rc, -EEXIST);
+    assert_true(artifacts_refused(f.s.rc));
     fx_end(&f);
 }
 

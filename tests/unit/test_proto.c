@@ -13,6 +13,7 @@
 #include <cmocka.h> /* after the headers it needs */
 
 #include <ctype.h>
+#include <errno.h>
 #include <math.h>
 #include <msgpack.h>
 #include <stdio.h>
@@ -620,8 +621,10 @@ static void test_names(void **state)
     assert_string_equal(proto_strerror(PROTO_EDEPTH), "msgpack nesting too deep");
     assert_string_equal(proto_strerror(PROTO_ENOMEM), "out of buffer space");
     assert_string_equal(proto_strerror(PROTO_ETRAILING), "bytes left after the message body");
-    assert_string_equal(proto_strerror(-1), "unknown error");
+    /* Negative errno values are named too: one strerror for every code the project returns. */
+    assert_string_equal(proto_strerror(-ENOENT), strerror(ENOENT));
     assert_string_equal(proto_strerror(-1010), "unknown error");
+    assert_string_equal(proto_strerror(7), "unknown error");
 }
 
 /* ---- (b) incremental reassembly ---------------------------------------- */

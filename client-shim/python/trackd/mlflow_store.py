@@ -42,20 +42,7 @@ from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.uri import append_to_uri_path, resolve_uri_if_local
 
 from . import _trackd
-from .mlflow_compat import (
-    _generate_random_name,
-    _validate_batch_log_data,
-    _validate_batch_log_limits,
-    _validate_experiment_artifact_location_length,
-    _validate_experiment_name,
-    _validate_metric,
-    _validate_param,
-    _validate_param_keys_unique,
-    _validate_run_id,
-    _validate_tag,
-    _validate_tag_name,
-    artifact_repos_cache,
-)
+from . import mlflow_compat as compat
 
 _log = logging.getLogger("trackd")
 
@@ -208,7 +195,7 @@ class TrackdStore(SqlAlchemyStore):
         use only when a read needs it: starting a run never needs one, whatever the scheme
         of the experiment's artifact location (mlflow-artifacts: needs an http tracking URI
         to build, which trackd: is not)."""
-        cache = artifact_repos_cache()
+        cache = compat.artifact_repos_cache()
         if cache is None:
             _log.debug("trackd: this MLflow has no artifact repository cache; artifacts are "
                        "uploaded by MLflow itself")
@@ -225,10 +212,10 @@ class TrackdStore(SqlAlchemyStore):
     # ---- experiments ---------------------------------------------------------
 
     def create_experiment(self, name, artifact_location=None, tags=None):
-        _validate_experiment_name(name)
+        compat._validate_experiment_name(name)
         if artifact_location:
             artifact_location = resolve_uri_if_local(artifact_location)
-            _validate_experiment_artifact_location_length(artifact_location)
+            compat._validate_experiment_artifact_location_length(artifact_location)
         self._barrier()
         if super().get_experiment_by_name(name) is not None:
             raise MlflowException(f"Experiment(name={name}) already exists.",
@@ -267,7 +254,7 @@ class TrackdStore(SqlAlchemyStore):
                 "Both 'run_name' argument and 'mlflow.runName' tag are specified, but with "
                 f"different values (run_name='{run_name}', mlflow.runName='{tag_name}').",
                 INVALID_PARAMETER_VALUE)
-        run_name = run_name or tag_name or _generate_random_name()
+        run_name = run_name or tag_name or compat._generate_random_name()
         if not tag_name:
             tags.append(RunTag(MLFLOW_RUN_NAME, run_name))
         run_id = uuid.uuid4().hex
@@ -296,7 +283,7 @@ class TrackdStore(SqlAlchemyStore):
         so no run is left RUNNING. When the agent has rejected events of this process that
         were not raised yet, a FINISHED run ends FAILED instead, as it would have under
         MLflow, where the rejected call raised inside the run; then the rejection is raised."""
-        _validate_run_id(run_id)
+        compat._validate_run_id(run_id)
         client = self._client()
         flushed = True
         if run_status == RunStatus.FINISHED and self._dirty:
@@ -319,10 +306,10 @@ class TrackdStore(SqlAlchemyStore):
     # ---- the training-loop calls ------------------------------------------------
 
     def log_batch(self, run_id, metrics, params, tags):
-        _validate_run_id(run_id)
-        metrics, params, tags = _validate_batch_log_data(metrics, params, tags)
-        _validate_batch_log_limits(metrics, params, tags)
-        _validate_param_keys_unique(params)
+        compat._validate_run_id(run_id)
+        metrics, params, tags = compat._validate_batch_log_data(metrics, params, tags)
+        compat._validate_batch_log_limits(metrics, params, tags)
+        compat._validate_param_keys_unique(params)
         self._check_params(run_id, params)
         self._send(run_id, metrics, params, tags)
 
@@ -371,24 +358,24 @@ class TrackdStore(SqlAlchemyStore):
     # One entity: MLflow's single-entity validation (SqlAlchemyStore.log_metric, log_param,
     # set_tag), whose messages name the field without a batch path.
     def log_metric(self, run_id, metric):
-        _validate_run_id(run_id)
-        _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)
+        compat._validate_run_id(run_id)
+        compat._validate_metric(metric.key, metric.value, metric.timestamp, metric.step)
         self._send(run_id, [metric], [], [])
 
     def log_param(self, run_id, param):
-        _validate_run_id(run_id)
-        param = _validate_param(param.key, param.value)
+        compat._validate_run_id(run_id)
+        param = compat._validate_param(param.key, param.value)
         self._check_params(run_id, [param], single=True)
         self._send(run_id, [], [param], [])
 
     def set_tag(self, run_id, tag):
-        _validate_run_id(run_id)
-        tag = _validate_tag(tag.key, tag.value)
+        compat._validate_run_id(run_id)
+        tag = compat._validate_tag(tag.key, tag.value)
         self._send(run_id, [], [], [tag])
 
     def delete_tag(self, run_id, key):
-        _validate_run_id(run_id)
-        _validate_tag_name(key)
+        compat._validate_run_id(run_id)
+        compat._validate_tag_name(key)
         self._dirty = True
         self._client().delete_tag(run_id, key)
 
