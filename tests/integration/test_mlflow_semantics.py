@@ -9,9 +9,9 @@ puts them under the script's ./mlruns, the agent under its default root) and the
 "unknown" or what the caller claims).
 
 Every case runs with the pinned MLflow and with each release of the compatibility matrix
-(test_compat.py), on databases that release made and with its client; with
-TRACKD_COMPAT_SEMANTICS=pinned (the sanitizer build: the agent's code is the same for every
-release, test_compat.py covers each release's statements there) with the pinned one only."""
+(test_compat.py), on databases that release made and with its client; in the sanitizer pass
+(TRACKD_SUITE=sanitizers: the agent's code is the same for every release, test_compat.py
+covers each release's statements there) with the pinned one only."""
 import getpass
 import json
 import math
@@ -27,7 +27,7 @@ from test_compat import compat_envs, release_db
 
 PINNED = "3.17.2"
 RELEASES = [(PINNED, sys.executable)] + (
-    [] if os.environ.get("TRACKD_COMPAT_SEMANTICS") == "pinned" else compat_envs())
+    [] if os.environ.get("TRACKD_SUITE") == "sanitizers" else compat_envs())
 # The matrix installs mlflow-skinny (the tracking client and store); these cases need
 # scikit-learn and MLflow's model flavours, which only the pinned environment has.
 NEEDS_FULL_MLFLOW = {"sklearn_log_model", "sklearn_autolog"}
