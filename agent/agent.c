@@ -39,6 +39,8 @@
 
 extern char **environ;
 
+#define AGENT_THREADPOOL_SIZE "16"
+
 struct agent {
     uv_loop_t loop;
     struct trackd_config cfg;
@@ -124,12 +126,18 @@ static void on_snapshotted(void *ctx, struct artifact *art, int rc, const char *
 {
     struct agent *a = ctx;
     struct conn *c = conn_find(&a->conns, art->conn_id);
+    char text[800];
+    snprintf(text, sizeof text, "artifact '%.200s' not taken: %.500s", art->path, msg);
     if (rc == 0)
         queue_artifact(a, art, c);
-    else if (!artifacts_refused(rc)) /* refused at the door: nothing was accepted */
+    else if (rc == -EEXIST)
+        stats.duplicates_dropped++; /* resent after a restart: the spool already holds it */
+    else if (artifacts_refused(rc))
+        stats.artifacts_failed++; /* refused at the door: nothing was accepted to dead-letter */
+    else
         deadletter_frame(&a->dead, art->conn_id, art->seq, PROTO_ERR_ARTIFACT, msg);
     if (c)
-        conn_artifact_taken(c, art->seq, rc, msg);
+        conn_artifact_taken(c, art->seq, rc, text);
 }
 
 static void on_recovered(void *ctx, struct artifact *art)
@@ -222,7 +230,13 @@ static void on_error(void *ctx, uint32_t conn_id, uint64_t seq, uint32_t code, c
 static void on_released(void *ctx, uint64_t lsn)
 {
     struct agent *a = ctx;
-    journaler_release(&a->journal, lsn);
+    journaler_release(&a->journal, lsn); /* segments go on a worker: on_journal_room follows */
+}
+
+/* Committed segments are gone: clients paused on a full journal may be read again. */
+static void on_journal_room(void *ctx)
+{
+    struct agent *a = ctx;
     if (a->replaying)
         return;
     uint64_t bytes, quota;
@@ -479,12 +493,19 @@ int agent_run(const char *config_path)
                  "PostgreSQL answers",
                  msg);
 
+    /*
+     * libuv's threadpool (4 threads by default) runs the journal's writes, snapshots, uploads,
+     * spool deletes, user-name lookups and host-name resolution. A snapshot stuck on an NFS
+     * file or a lookup stuck in LDAP holds a thread; with 16, the journal still finds one.
+     * Read by libuv at its first work item, so set before any. An operator's value wins.
+     */
+    setenv("UV_THREADPOOL_SIZE", AGENT_THREADPOOL_SIZE, 0);
     uv_loop_init(&a.loop);
     a.started_ms = uv_now(&a.loop);
     struct writer_cbs wcbs = {on_reject, on_batch_done, on_artifact_ready, on_artifact_recorded};
     struct artifacts_cbs acbs = {on_snapshotted, on_uploaded};
     struct ingest_cbs icbs = {on_pause, on_flushed, on_error, on_released};
-    struct journaler_cbs jcbs = {on_durable, on_stalled};
+    struct journaler_cbs jcbs = {on_durable, on_stalled, on_journal_room};
     if (writer_init(&a.writer, &a.loop, &a.cfg, &wcbs, &a) != 0)
         return 1;
     writer_start(&a.writer);

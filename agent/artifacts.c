@@ -374,8 +374,8 @@ static void space_cb(uv_timer_t *t);
 /*
  * No room in the spool (a full disk, a quota): the snapshot waits, holding the client's
  * descriptor, and so does its connection, whose later frames stay unread. Tried again after
- * 100 ms doubling to 5 s; the first one that fits resumes the rest, in order. An artifact
- * that had waited before keeps its place at the head (again: the worker found no room).
+ * 100 ms doubling to 5 s (jittered); the first one that fits resumes the rest, in order. An
+ * artifact that had waited before keeps its place at the head (again: the worker found no room).
  */
 static void wait_for_space(struct artifacts *ar, struct artifact *a)
 {
@@ -397,11 +397,13 @@ static void wait_for_space(struct artifacts *ar, struct artifact *a)
     uint64_t ms = util_backoff_ms(ar->space_failures + 1, ARTIFACTS_SPACE_RETRY_MIN_MS,
                                   ARTIFACTS_SPACE_RETRY_MAX_MS, (uint32_t)rand());
     ar->space_failures++;
+    char size[48] = "";
+    if (a->size) /* known once a worker has looked at the file */
+        snprintf(size, sizeof size, " (%" PRIu64 " bytes)", a->size);
     log_limited(LOG_ERROR,
-                "[artifacts] the spool %s has no room for %s (%" PRIu64 " bytes) and room to spare "
-                "for the journal: free space there; its client waits, trying again in %" PRIu64
-                " ms",
-                ar->spool, a->path, a->size, ms);
+                "[artifacts] the spool %s has no room for %s%s and room to spare for the "
+                "journal: free space there; its client waits, trying again in %" PRIu64 " ms",
+                ar->spool, a->path, size, ms);
     uv_timer_start(&ar->space_timer, space_cb, ms, 0);
 }
 
@@ -1003,11 +1005,8 @@ static void forget_work(uv_work_t *w)
 static void forget_done(uv_work_t *w, int status)
 {
     struct artifact *a = w->data;
-    struct artifacts *ar = a->ar;
     if (status == 0 && a->rc != 0)
         log_limited(LOG_WARN, "[artifacts] cannot delete %s: %s", a->msg, strerror(-a->rc));
-    unlink_live(ar, a);
-    stats.artifacts_pending = ar->nlive;
     free_artifact(a);
 }
 
@@ -1032,7 +1031,10 @@ void artifacts_forget(struct artifacts *ar, struct artifact *a)
             break;
         }
     }
-    /* Deleting a large file takes the file system a while: a worker does it. */
+    /* Gone for everyone at once (no lookup finds it, no upload takes it); deleting a large
+     * file takes the file system a while, so a worker does that. */
+    unlink_live(ar, a);
+    stats.artifacts_pending = ar->nlive;
     a->uploading = true;
     a->work.data = a;
     if (uv_queue_work(ar->loop, &a->work, forget_work, forget_done) != 0) {

@@ -27,7 +27,8 @@
 /* Free space the spool leaves on its file system (for the journal), in bytes; on a file
  * system smaller than 8 GiB, an eighth of it. */
 #define ARTIFACTS_SPOOL_RESERVE (1024ull * 1024 * 1024)
-/* No room in the spool: the snapshot is tried again after 100 ms, doubling to 5 s. */
+/* No room in the spool: the snapshot is tried again after 100 ms, doubling to 5 s (each wait
+ * jittered down by up to half, util_backoff_ms). */
 #define ARTIFACTS_SPACE_RETRY_MIN_MS 100
 #define ARTIFACTS_SPACE_RETRY_MAX_MS 5000
 /* A store that is down: retried after 1 s, doubling to 60 s, for about 30 minutes. */

@@ -76,6 +76,8 @@ int conn_server_init(struct conn_server *s, uv_loop_t *loop, const struct trackd
         snprintf(msg, msglen, "out of memory");
         return -ENOMEM;
     }
+    /* Before the loop serves anyone: `trackd stats`, run as the agent's user, never waits. */
+    users_prime(&s->users, geteuid());
     uv_timer_init(loop, &s->sweep);
     s->sweep.data = s;
     return 0;
@@ -472,15 +474,8 @@ static int take_fd(struct conn *c)
 
 void conn_artifact_taken(struct conn *c, uint64_t seq, int rc, const char *msg)
 {
-    if (rc == -EEXIST) {
-        stats.duplicates_dropped++; /* resent after a restart: the spool already holds it */
-    } else if (rc != 0) {
-        char text[700];
-        snprintf(text, sizeof text, "artifact not taken: %s", msg);
-        conn_send_error(c, seq, PROTO_ERR_ARTIFACT, text);
-        if (artifacts_refused(rc))
-            stats.artifacts_failed++;
-    }
+    if (rc != 0 && rc != -EEXIST) /* -EEXIST: resent after a restart, already held */
+        conn_send_error(c, seq, PROTO_ERR_ARTIFACT, msg);
     accept_seq(c, seq);
     c->snapshotting = false;
     if (c->state == CONN_CLOSING)

@@ -110,8 +110,9 @@ void conn_drain_all(struct conn_server *s);
 /* Closes every connection and the sweep timer (shutdown). */
 void conn_close_all(struct conn_server *s);
 /*
- * The artifact of frame seq is in the spool (rc 0) or could not be taken (msg says why):
- * the frame counts as accepted and the frames after it are read again.
+ * The artifact of frame seq is in the spool (rc 0), was already (-EEXIST), or could not be
+ * taken (msg, the client's error text, says why): the frame counts as accepted and the frames
+ * after it are read again.
  */
 void conn_artifact_taken(struct conn *c, uint64_t seq, int rc, const char *msg);
 /* The journal is durable up to lsn: acknowledge what every connection has there. */

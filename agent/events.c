@@ -392,7 +392,7 @@ uint64_t events_artifact(const struct events_sink *s, const struct events_origin
     begin(&m, s, o, seq);
     struct ev *ev = add_ev(&m, EV_ARTIFACT, run_id, pstr(path), pstr(id), pstr(sha256));
     if (ev == NULL)
-        return 0;
+        return 0; /* out of memory: the caller logs it */
     ev->step = (int64_t)size;
     return ev->serial;
 }

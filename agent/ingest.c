@@ -260,7 +260,8 @@ uint64_t ingest_artifact(struct ingest *in, const struct events_origin *o, uint6
     if (s.b == NULL)
         return 0;
     uint64_t serial = events_artifact(&s, o, seq, run_id, path, id, size, sha256);
-    after_message(in);
+    if (serial != 0)
+        after_message(in);
     return serial;
 }
 

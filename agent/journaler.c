@@ -174,6 +174,8 @@ static void release_done(struct journaler *jr)
     stats.journal_releases++;
     jr->released_lsn = jr->work_release;
     jr->work_release = 0;
+    if (jr->cbs.released)
+        jr->cbs.released(jr->ctx);
 }
 
 /* The position the next work item may release: only records that reached the disk (an
@@ -227,8 +229,8 @@ static void retry_cb(uv_timer_t *t)
 /*
  * A write or fsync failed. A full disk (ENOSPC, EDQUOT) or an I/O error does not go away by
  * trying again at once: clients stop being read, the same block is tried again after 100 ms
- * doubling to 5 s, and the first success resumes everything. Nothing is dropped: the block
- * stays in memory, and its frames stay unacknowledged.
+ * doubling to 5 s (jittered), and the first success resumes everything. Nothing is dropped: the
+ * block stays in memory, and its frames stay unacknowledged.
  */
 static void write_failed(struct journaler *jr)
 {

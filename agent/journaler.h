@@ -38,6 +38,9 @@ struct journaler_cbs {
     /* Writes fail (true: a full disk, an I/O error) or work again (false): while they fail,
      * clients must not be read. */
     void (*stalled)(void *ctx, bool stalled);
+    /* Committed segments were deleted (journaler_release's work is done): the journal may
+     * have room again. */
+    void (*released)(void *ctx);
 };
 
 /* What the work item does with the journal; every kind also releases what is due. */

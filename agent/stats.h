@@ -19,6 +19,7 @@
     X(user_lookups)                                                                                \
     X(user_lookup_waits)                                                                           \
     X(user_lookups_slow)                                                                           \
+    X(user_lookup_timeouts)                                                                        \
     X(timeouts_hello)                                                                              \
     X(timeouts_frame)                                                                              \
     X(timeouts_idle)                                                                               \

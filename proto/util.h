@@ -132,8 +132,11 @@ static inline void util_iso_time_now(char out[UTIL_ISO_TIME_LEN])
 static inline int util_mkdir_p(const char *path, mode_t parents, mode_t leaf)
 {
     char buf[4096];
-    if ((size_t)snprintf(buf, sizeof buf, "%s", path) >= sizeof buf)
+    size_t n = (size_t)snprintf(buf, sizeof buf, "%s", path);
+    if (n >= sizeof buf)
         return -ENAMETOOLONG;
+    while (n > 1 && buf[n - 1] == '/')
+        buf[--n] = '\0'; /* "/x/journal/" is "/x/journal": the leaf's mode goes to it */
     for (char *p = buf + 1; *p; p++) {
         if (*p != '/')
             continue;

@@ -2,6 +2,7 @@
 (tests/preload/slowlib.c) makes one uid's NSS lookup, or one host name's resolution, take
 2 s, as a stalled LDAP server or DNS resolver does; other clients are served meanwhile."""
 import os
+import pwd
 import shutil
 import tempfile
 import time
@@ -32,7 +33,8 @@ def slow_agent(pg, db, base, **slow):
     os.chmod(base / "agent", 0o755)
     a.config.write_text(a.config.read_text().replace("[agent]\n", "[agent]\nsocket_mode = 0o666\n", 1))
     a.env = dict(os.environ, LD_PRELOAD=str(SLOWLIB), SLOWLIB_MS=str(DELAY_MS),
-                 SLOWLIB_LOG=str(base / "slow.log"), **slow)
+                 SLOWLIB_LOG=str(base / "slow.log"))
+    a.env.update(slow)
     asan = a.env.get("ASAN_OPTIONS")
     # A sanitizer build's runtime must otherwise be the first library loaded.
     a.env["ASAN_OPTIONS"] = (asan + ":" if asan else "") + "verify_asan_link_order=0"
@@ -58,11 +60,11 @@ def test_a_slow_user_lookup_delays_only_its_own_connections(pg, db, base):
         pytest.skip("needs root to connect as another uid")
     agent = slow_agent(pg, db, base, SLOWLIB_UID=str(SLOW_UID))
     try:
-        Raw(agent.socket).hello()  # root's name is cached from here on
         t0 = time.monotonic()
         slow, = Raw.connected_as(agent.socket, SLOW_UID, SLOW_UID, timeout=30)
         slow.send(frame("hello", [1, 4242, "raw", "raw.py", "LOCAL", "rawproto"], seq=1))
-        wait_for(lambda: agent.stats()["user_lookups"] >= 2, 10, "the slow lookup to start")
+        # The agent's own uid (root here) is named at start, before anyone is served.
+        wait_for(lambda: agent.stats()["user_lookups"] >= 1, 10, "the slow lookup to start")
         others = []
         for _ in range(5):
             root = Raw(agent.socket)
@@ -81,9 +83,41 @@ def test_a_slow_user_lookup_delays_only_its_own_connections(pg, db, base):
         assert max(others) < 1.0, others
         assert again_s < 1.0
         assert slow_calls(base) == [f"uid {SLOW_UID}"]
-        assert stats["user_lookups"] == 2 and stats["user_lookups_slow"] == 1
+        assert stats["user_lookups"] == 1 and stats["user_lookups_slow"] == 1
         assert "NSS took" in agent.log() and f"to name uid {SLOW_UID}" in agent.log()
         for c in (slow, again):
+            c.close()
+    finally:
+        assert agent.stop() == 0
+
+
+def test_a_user_lookup_that_never_ends_names_the_uid_by_number(pg, db, base):
+    """NSS does not answer for nobody within the agent's 10 s: the connection goes on with
+    the uid's number as its user name (logged and counted), and the lookup, which goes on,
+    names nobody's next connection."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    nobody = pwd.getpwnam("nobody")
+    agent = slow_agent(pg, db, base, SLOWLIB_UID=str(nobody.pw_uid), SLOWLIB_MS="12000")
+    try:
+        t0 = time.monotonic()
+        first, = Raw.connected_as(agent.socket, nobody.pw_uid, nobody.pw_gid, timeout=30)
+        first.hello()
+        waited = time.monotonic() - t0
+        wait_for(lambda: slow_calls(base) == [f"uid {nobody.pw_uid}"], 30,
+                 "the lookup to end")
+        second, = Raw.connected_as(agent.socket, nobody.pw_uid, nobody.pw_gid, timeout=30)
+        second_s = hello_seconds(second)
+        stats = agent.stats()
+        log = agent.log()
+        print(f"\nscenario=nss-never-answers waited_s={waited:.2f} second_s={second_s:.3f} "
+              f"timeouts={stats['user_lookup_timeouts']} lookups={stats['user_lookups']}")
+        assert 9.5 <= waited < 12, waited
+        assert second_s < 1.0
+        assert stats["user_lookup_timeouts"] == 1 and stats["user_lookups"] == 1
+        assert (f"no user name for uid {nobody.pw_uid} after 10000 ms (NSS does not answer): "
+                "its connection goes on with the number as its user name") in log
+        for c in (first, second):
             c.close()
     finally:
         assert agent.stop() == 0

@@ -80,6 +80,7 @@ static void test_one_lookup_for_many_waiters(void **state)
     assert_int_equal(stats.user_lookups, 2);
 
     users_close(&u);
+    uv_run(&loop, UV_RUN_DEFAULT);
     assert_int_equal(uv_loop_close(&loop), 0);
     users_free(&u);
 }
@@ -108,6 +109,7 @@ static void test_cache_is_bounded(void **state)
         held += users_find(&u, uid) != NULL;
     assert_int_equal(held, USERS_CACHE_MAX);
     users_close(&u);
+    uv_run(&loop, UV_RUN_DEFAULT);
     assert_int_equal(uv_loop_close(&loop), 0);
     users_free(&u);
 }
