@@ -1,6 +1,7 @@
 """Nothing the agent waits for outside itself blocks its loop. A test-only preload library
 (tests/preload/slowlib.c) makes one uid's NSS lookup, or one host name's resolution, take
-2 s, as a stalled LDAP server or DNS resolver does; other clients are served meanwhile."""
+2 s, as a stalled LDAP server or DNS resolver does; other clients are served meanwhile (the
+library writes its log line when the slow call ends, so the tests check order, not time)."""
 import os
 import pwd
 import shutil
@@ -70,6 +71,8 @@ def test_a_slow_user_lookup_delays_only_its_own_connections(pg, db, base):
             root = Raw(agent.socket)
             others.append(hello_seconds(root))
             root.close()
+        # slowlib writes its line when the lookup ends: root was answered before that.
+        during = slow_calls(base)
         kind, _, _ = slow.read()
         slow_s = time.monotonic() - t0
         assert kind == KINDS["welcome"]
@@ -79,10 +82,8 @@ def test_a_slow_user_lookup_delays_only_its_own_connections(pg, db, base):
         print(f"\nscenario=slow-nss-lookup delay_ms={DELAY_MS} slow_client_s={slow_s:.2f} "
               f"other_clients_max_s={max(others):.3f} cached_again_s={again_s:.3f} "
               f"lookups={stats['user_lookups']} slow={stats['user_lookups_slow']}")
-        assert slow_s >= DELAY_MS / 1000 * 0.9, "the preload did not slow the lookup down"
-        assert max(others) < 1.0, others
-        assert again_s < 1.0
-        assert slow_calls(base) == [f"uid {SLOW_UID}"]
+        assert during == [], "root waited for another uid's lookup"
+        assert slow_calls(base) == [f"uid {SLOW_UID}"]  # one lookup, over before the welcome
         assert stats["user_lookups"] == 1 and stats["user_lookups_slow"] == 1
         assert "NSS took" in agent.log() and f"to name uid {SLOW_UID}" in agent.log()
         for c in (slow, again):
@@ -104,6 +105,8 @@ def test_a_user_lookup_that_never_ends_names_the_uid_by_number(pg, db, base):
         first, = Raw.connected_as(agent.socket, nobody.pw_uid, nobody.pw_gid, timeout=30)
         first.hello()
         waited = time.monotonic() - t0
+        during = slow_calls(base)
+        timeouts = agent.stats()["user_lookup_timeouts"]
         wait_for(lambda: slow_calls(base) == [f"uid {nobody.pw_uid}"], 30,
                  "the lookup to end")
         second, = Raw.connected_as(agent.socket, nobody.pw_uid, nobody.pw_gid, timeout=30)
@@ -112,8 +115,7 @@ def test_a_user_lookup_that_never_ends_names_the_uid_by_number(pg, db, base):
         log = agent.log()
         print(f"\nscenario=nss-never-answers waited_s={waited:.2f} second_s={second_s:.3f} "
               f"timeouts={stats['user_lookup_timeouts']} lookups={stats['user_lookups']}")
-        assert 9.5 <= waited < 12, waited
-        assert second_s < 1.0
+        assert during == [] and timeouts == 1, "welcomed only when the lookup ended"
         assert stats["user_lookup_timeouts"] == 1 and stats["user_lookups"] == 1
         assert (f"no user name for uid {nobody.pw_uid} after 10000 ms (NSS does not answer): "
                 "its connection goes on with the number as its user name") in log
@@ -165,7 +167,6 @@ def test_a_slow_host_name_does_not_delay_acknowledgements(tcp_pg, base, artifact
         print(f"\nscenario=slow-host-name delay_ms={DELAY_MS} ack_s={ack_s:.3f} "
               f"flushed_s={flushed_s:.2f} connects_at_ack={connects_at_ack}")
         assert connects_at_ack == 0, "the writer connected before the acknowledgement"
-        assert ack_s < 1.0
         assert tcp_pg.query(db, "SELECT key, value, step FROM metrics WHERE run_uuid = %s",
                             (run_id,)) == [("loss", 0.5, 1)]
         assert f"host {SLOW_HOST}" in slow_calls(base)
