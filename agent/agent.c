@@ -19,11 +19,9 @@
 #include <curl/curl.h>
 #include <uv.h>
 
-#include "artifacts.h"
 #include "config.h"
 #include "dbobjects.h"
 #include "deadletter.h"
-#include "destination.h"
 #include "conn.h"
 #include "identity.h"
 #include "ingest.h"
@@ -34,6 +32,7 @@
 #include "pgconn.h"
 #include "stats.h"
 #include "trackd_proto.h"
+#include "uploader.h"
 #include "util.h"
 #include "writer.h"
 
@@ -50,7 +49,7 @@ struct agent {
     struct journaler journal;
     struct deadletter dead;
     struct listener listener;
-    struct artifacts art;
+    struct uploader up;
     uv_signal_t sigterm, sigint, sighup;
     const char *config_path; /* reread at SIGHUP; NULL: built-in defaults */
     uv_timer_t tick;         /* 1 s: rates and uptime */
@@ -80,85 +79,69 @@ static void on_reject(void *ctx, const struct batch *b, const struct ev *ev, uin
         conn_send_error(c, ev->seq, code, message);
     else
         stats.errors_undeliverable++;
-    /* Only now may a flush barrier waiting for this artifact answer: after its error. */
     if (ev->kind == EV_ARTIFACT && code != PROTO_ERR_SHUTDOWN) {
         char id[64];
         snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
-        struct artifact *art = artifacts_find(&a->art, id);
-        if (art) {
-            ingest_unhold(&a->ingest, art->serial);
-            artifacts_forget(&a->art, art);
-        }
+        uploader_rejected(&a->up, id);
     }
 }
 
-/* ---- artifacts -------------------------------------------------------------- */
+/* ---- artifacts: the uploader's requests --------------------------------------- */
 
-static void artifact_problem(struct agent *a, const struct artifact *art, const char *msg)
+static uint64_t on_artifact_ledger(void *ctx, const struct artifact *art)
 {
-    char text[700];
-    snprintf(text, sizeof text, "artifact '%.200s' of run %s: %.400s", art->path, art->run_id, msg);
-    deadletter_frame(&a->dead, art->conn_id, art->seq, PROTO_ERR_ARTIFACT, text);
+    struct agent *a = ctx;
+    /* The identity kept with the spool copy: the run-owner rule holds after a restart too. */
+    const struct spool_entry *e = &art->e;
+    struct events_origin o = {conn_find(&a->conns, art->conn_id) ? art->conn_id : 0,
+                              e->user,
+                              "",
+                              "",
+                              false,
+                              0,
+                              e->has_peer ? &e->peer : NULL};
+    return ingest_artifact(&a->ingest, &o, art->seq, e->run_id, e->path, e->id, e->size, e->sha256);
+}
+
+static int on_artifact_record(void *ctx, const struct artifact *art, const char *status,
+                              const char *error)
+{
+    struct agent *a = ctx;
+    return ingest_artifact_done(&a->ingest, art->e.id, status, error);
+}
+
+static void on_artifact_hold(void *ctx, uint64_t serial, bool hold)
+{
+    struct agent *a = ctx;
+    if (!hold)
+        ingest_unhold(&a->ingest, serial);
+    else if (ingest_hold(&a->ingest, serial) != 0)
+        log_warn("[artifacts] out of memory: a flush may return before serial %llu is uploaded",
+                 (unsigned long long)serial);
+}
+
+static void on_artifact_taken(void *ctx, const struct artifact *art, int rc, const char *msg)
+{
+    struct agent *a = ctx;
+    struct conn *c = conn_find(&a->conns, art->conn_id);
+    if (c)
+        conn_artifact_taken(c, art->seq, rc, msg);
+}
+
+static void on_artifact_failed(void *ctx, const struct artifact *art, const char *msg, bool tell)
+{
+    struct agent *a = ctx;
+    deadletter_frame(&a->dead, art->conn_id, art->seq, PROTO_ERR_ARTIFACT, msg);
+    if (!tell)
+        return;
     struct conn *c = art->conn_id ? conn_find(&a->conns, art->conn_id) : NULL;
     if (c)
-        conn_send_error(c, art->seq, PROTO_ERR_ARTIFACT, text);
+        conn_send_error(c, art->seq, PROTO_ERR_ARTIFACT, msg);
     else
         stats.errors_undeliverable++;
 }
 
-/* Queues the ledger row of a spooled artifact; flush barriers wait for its upload. */
-static void queue_artifact(struct agent *a, struct artifact *art, const struct conn *c)
-{
-    /* The identity kept with the spool copy: the run-owner rule holds after a restart too. */
-    struct events_origin o = {0, art->user, "", "", false, 0, art->has_peer ? &art->peer : NULL};
-    if (c)
-        o.conn_id = c->id;
-    art->serial = ingest_artifact(&a->ingest, &o, art->seq, art->run_id, art->path, art->id,
-                                  art->size, art->sha256);
-    if (art->serial && ingest_hold(&a->ingest, art->serial) != 0)
-        log_warn("[artifacts] out of memory: a flush may return before %s is uploaded", art->id);
-    if (art->serial == 0)
-        log_error("[artifacts] out of memory queueing %s; it is retried at the next start",
-                  art->id);
-}
-
-static void on_snapshotted(void *ctx, struct artifact *art, int rc, const char *msg)
-{
-    struct agent *a = ctx;
-    struct conn *c = conn_find(&a->conns, art->conn_id);
-    char text[800];
-    snprintf(text, sizeof text, "artifact '%.200s' not taken: %.500s", art->path, msg);
-    if (rc == 0)
-        queue_artifact(a, art, c);
-    else if (rc == -EEXIST)
-        stats.duplicates_dropped++; /* resent after a restart: the spool already holds it */
-    else if (artifacts_refused(rc))
-        stats.artifacts_failed++; /* refused at the door: nothing was accepted to dead-letter */
-    else
-        deadletter_frame(&a->dead, art->conn_id, art->seq, PROTO_ERR_ARTIFACT, msg);
-    if (c)
-        conn_artifact_taken(c, art->seq, rc, text);
-}
-
-static void on_recovered(void *ctx, struct artifact *art)
-{
-    queue_artifact(ctx, art, NULL);
-}
-
-static void on_uploaded(void *ctx, struct artifact *art, int rc, const char *msg)
-{
-    struct agent *a = ctx;
-    /* The error goes out before the hold is released: a flush waiting for this upload
-     * answers after it, so flush() never returns before the failure is in the client. */
-    if (rc != 0)
-        artifact_problem(a, art, msg);
-    ingest_unhold(&a->ingest, art->serial);
-    if (ingest_artifact_done(&a->ingest, art->id, rc == 0 ? "done" : "failed",
-                             rc == 0 ? NULL : msg) != 0)
-        log_error("[artifacts] out of memory recording %s; it is uploaded again at the next "
-                  "start",
-                  art->id);
-}
+/* ---- the writer's results ------------------------------------------------------ */
 
 static void on_artifact_ready(void *ctx, const struct batch *b, const struct ev *ev,
                               const char *store_uri, const char *status)
@@ -166,33 +149,13 @@ static void on_artifact_ready(void *ctx, const struct batch *b, const struct ev 
     struct agent *a = ctx;
     char id[64];
     snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
-    struct artifact *art = artifacts_find(&a->art, id);
-    if (art == NULL)
-        return; /* recorded twice (a replay): the first one is at work */
-    if (strcmp(status, "pending") == 0) {
-        /* Only where the operator allows, and below a local root without following links. */
-        char why[700], root[4200];
-        const char *below = NULL;
-        if (destination_problem(&a->cfg, store_uri, strlen(store_uri), why, sizeof why)) {
-            stats.artifacts_failed++;
-            on_uploaded(a, art, -EPERM, why);
-            return;
-        }
-        bool local = destination_local_root(&a->cfg, store_uri, root, sizeof root, &below) == 0;
-        artifacts_upload(&a->art, art, store_uri, local ? root : NULL, local ? below : NULL);
-        return;
-    }
-    /* Uploaded (or given up on) before a restart: only the spool copy is left to delete. */
-    ingest_unhold(&a->ingest, art->serial);
-    artifacts_forget(&a->art, art);
+    uploader_committed(&a->up, id, store_uri, status);
 }
 
 static void on_artifact_recorded(void *ctx, const char *id)
 {
     struct agent *a = ctx;
-    struct artifact *art = artifacts_find(&a->art, id);
-    if (art)
-        artifacts_forget(&a->art, art);
+    uploader_recorded(&a->up, id);
 }
 
 static void on_batch_done(void *ctx, struct batch *b)
@@ -330,7 +293,7 @@ static void finish(struct agent *a)
                  "start");
     else
         journaler_release(&a->journal, a->journal.appended_lsn); /* everything is committed */
-    artifacts_close(&a->art, NULL);
+    uploader_close(&a->up, NULL);
     journaler_close(&a->journal, journal_closed);
     ingest_cut(&a->ingest);
     conn_close_all(&a->conns);
@@ -503,7 +466,8 @@ int agent_run(const char *config_path)
     uv_loop_init(&a.loop);
     a.started_ms = uv_now(&a.loop);
     struct writer_cbs wcbs = {on_reject, on_batch_done, on_artifact_ready, on_artifact_recorded};
-    struct artifacts_cbs acbs = {on_snapshotted, on_uploaded};
+    struct uploader_cbs ucbs = {on_artifact_ledger, on_artifact_record, on_artifact_hold,
+                                on_artifact_taken, on_artifact_failed};
     struct ingest_cbs icbs = {on_pause, on_flushed, on_error, on_released};
     struct journaler_cbs jcbs = {on_durable, on_stalled, on_journal_room};
     if (writer_init(&a.writer, &a.loop, &a.cfg, &wcbs, &a) != 0)
@@ -552,12 +516,11 @@ int agent_run(const char *config_path)
         log_error("[agent] %s", msg);
         return 1;
     }
-    if (artifacts_init(&a.art, &a.loop, a.cfg.journal_dir, a.cfg.mlflow_server_url, &s3, &acbs, &a,
-                       msg, sizeof msg) != 0) {
+    if (uploader_init(&a.up, &a.loop, &a.cfg, &s3, &ucbs, &a, msg, sizeof msg) != 0) {
         log_error("[agent] %s", msg);
         return 1;
     }
-    a.conns.artifacts = &a.art;
+    a.conns.uploader = &a.up;
     struct journal_replay_stats rs;
     a.replaying = true;
     a.replay_log_ms = 0; /* the first wait is logged at once */
@@ -586,7 +549,7 @@ int agent_run(const char *config_path)
         config_free(&a.cfg);
         return 0;
     }
-    int recovered = artifacts_recover(&a.art, on_recovered, &a);
+    int recovered = uploader_recover(&a.up);
     if (recovered > 0)
         log_info("[artifacts] %d spooled artifact(s) from before the restart resume", recovered);
     if (journaler_open(&a.journal, msg, sizeof msg) != 0) {
@@ -597,7 +560,7 @@ int agent_run(const char *config_path)
     a.conns.durable_lsn = a.journal.durable_lsn;
     if (listener_start(&a.listener, &a.loop, &a.cfg, &a.conns, msg, sizeof msg) != 0) {
         log_error("[agent] %s", msg);
-        artifacts_close(&a.art, NULL);
+        uploader_close(&a.up, NULL);
         journaler_close(&a.journal, journal_closed);
         writer_close(&a.writer, writer_closed);
         ingest_close(&a.ingest);

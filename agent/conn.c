@@ -23,7 +23,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "artifacts.h"
+#include "uploader.h"
 #include "config.h"
 #include "ingest.h"
 #include "journaler.h"
@@ -305,9 +305,9 @@ static const char *artifact_refusal(int rc)
     case -ENOBUFS: return "too many artifacts pending in the agent";
     case -EDQUOT:
         return "this user already has " XSTR(
-            ARTIFACTS_MAX_LIVE_PER_UID) " artifacts waiting for upload (the agent's limit per "
-                                        "uid); wait for a flush and "
-                                        "log it again";
+            UPLOADER_MAX_LIVE_PER_UID) " artifacts waiting for upload (the agent's limit per "
+                                       "uid); wait for a flush and "
+                                       "log it again";
     default: return proto_strerror(rc);
     }
 }
@@ -332,16 +332,16 @@ static void on_artifact(struct conn *c, const struct proto_msg *m)
         return;
     }
     const struct proto_str path = m->u.artifact.path;
-    const char *problem = artifacts_path_problem(path.ptr, path.len);
-    if (c->srv->artifacts == NULL)
+    const char *problem = uploader_path_problem(path.ptr, path.len);
+    if (c->srv->uploader == NULL)
         problem = "this agent does not take artifacts";
     if (problem == NULL &&
         (m->u.artifact.run_id.len != PROTO_RUN_ID_LEN || memchr(path.ptr, '\0', path.len) != NULL))
         problem = "bad run id or path";
     struct artifact *a = NULL;
     int rc = problem ? -EINVAL
-                     : artifacts_snapshot(
-                           c->srv->artifacts,
+                     : uploader_snapshot(
+                           c->srv->uploader,
                            &(struct artifact_origin){c->id, c->session, m->seq, &c->peer, c->user},
                            m->u.artifact.run_id.ptr, path, &m->u.artifact.seen, fd, &a);
     if (problem)

@@ -81,7 +81,7 @@ struct conn_server {
     bool draining; /* shutdown: no new messages */
     struct session_table sessions;
     struct journaler *journal;   /* NULL: frames are acknowledged once ingested */
-    struct artifacts *artifacts; /* NULL: ARTIFACT frames are refused */
+    struct uploader *uploader;   /* NULL: ARTIFACT frames are refused */
     uint64_t durable_lsn;        /* the journal is written up to here */
     bool journal_full;           /* reads paused until the journal has room again */
     bool journal_stalled;        /* reads paused while journal writes fail (a full disk) */

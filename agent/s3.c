@@ -302,16 +302,12 @@ static int request(const struct s3_config *cfg, const struct target *t, const ch
     } else {
         curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
     }
-    CURLcode cc = curl_easy_perform(h);
-    long code = 0;
-    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
+    long code;
+    int prc = http_perform(h, method, url, err, &code, msg, msglen);
     curl_slist_free_all(list);
     curl_easy_cleanup(h);
-    if (cc != CURLE_OK) {
-        snprintf(msg, msglen, "%s %.200s: %.200s", method, url,
-                 err[0] ? err : curl_easy_strerror(cc));
-        return http_transfer_error(cc);
-    }
+    if (prc != 0)
+        return prc;
     /* S3 may answer 200 with an <Error> body (CompleteMultipartUpload does). */
     if (code >= 200 && code < 300 && strstr(r->text, "<Error>") == NULL)
         return 0;

@@ -1,16 +1,19 @@
 /*
- * Small helpers the agent and the shim share (both build proto/): byte order, clocks and
- * retry backoff. Header only, static inline.
+ * Small helpers the agent and the shim share (both build proto/): byte order, clocks, files,
+ * the error sentence and retry backoff. Header only, static inline.
  */
 #ifndef TRACKD_UTIL_H
 #define TRACKD_UTIL_H
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- byte order: big-endian for the wire and COPY, little-endian for journal segments ---- */
 
@@ -146,6 +149,42 @@ static inline int util_mkdir_p(const char *path, mode_t parents, mode_t leaf)
         *p = '/';
     }
     return mkdir(buf, leaf) != 0 && errno != EEXIST ? -errno : 0;
+}
+
+/* Writes all n bytes (again after EINTR or a short write). 0 or -errno (-EIO: wrote nothing). */
+static inline int util_write_full(int fd, const void *buf, size_t n)
+{
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return w < 0 ? -errno : -EIO;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* ---- errors ---------------------------------------------------------------------------- */
+
+/*
+ * The project's error convention: 0 or a negative errno, with a sentence in a caller's buffer
+ * where there is more to say. Sets msg to "<what>: <strerror(-rc)>" and returns rc; what is cut
+ * at UTIL_ERROR_WHAT_MAX bytes (it often names a long path) so the reason always fits.
+ */
+#define UTIL_ERROR_WHAT_MAX 300
+__attribute__((format(printf, 4, 5))) static inline int util_errorf(char *msg, size_t msglen,
+                                                                    int rc, const char *fmt, ...)
+{
+    char what[UTIL_ERROR_WHAT_MAX + 1];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    snprintf(msg, msglen, "%s: %s", what, strerror(-rc));
+    return rc;
 }
 
 /* ---- backoff --------------------------------------------------------------------------- */

@@ -1,7 +1,9 @@
 /*
- * Unit tests for agent/artifacts.c on a real libuv loop and real files: path rules, the
- * spool copy and its SHA-256, uploads to local paths and file:// URIs, recovery of a
- * spooled artifact after a "restart", and the messages for stores that cannot be used.
+ * Unit tests for agent/uploader.c (with spool.c and transports.c) on a real libuv loop and real
+ * files: path rules, the spool copy and its SHA-256, an artifact's states from snapshot to
+ * forget, uploads to local paths and file:// URIs, destinations the operator does not allow,
+ * recovery of a spooled artifact after a "restart", and the messages for stores that cannot be
+ * used. The rest of the agent (ingest, the client, the dead-letter file) is the callbacks.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -17,17 +19,52 @@
 #include <cmocka.h>
 #include <curl/curl.h>
 
-#include "artifacts.h"
+#include "config.h"
 #include "s3.h"
+#include "stats.h"
+#include "uploader.h"
 
+/* What the uploader asked of the agent. */
 struct seen {
-    int snapshots, uploads;
+    int snapshots, ledgers, records, failures, holds, unholds;
     int rc;
     char msg[512];
-    struct artifact *last;
+    char status[16];
+    char failed[700];
+    bool told;
+    const struct artifact *last;
+    uint64_t next_serial;
 };
 
-static void on_snapshot(void *ctx, struct artifact *a, int rc, const char *msg)
+static uint64_t on_ledger(void *ctx, const struct artifact *a)
+{
+    struct seen *s = ctx;
+    (void)a;
+    s->ledgers++;
+    return ++s->next_serial;
+}
+
+static int on_record(void *ctx, const struct artifact *a, const char *status, const char *error)
+{
+    struct seen *s = ctx;
+    s->records++;
+    s->last = a;
+    snprintf(s->status, sizeof s->status, "%s", status);
+    snprintf(s->msg, sizeof s->msg, "%s", error ? error : "");
+    return 0;
+}
+
+static void on_hold(void *ctx, uint64_t serial, bool hold)
+{
+    struct seen *s = ctx;
+    assert_true(serial > 0);
+    if (hold)
+        s->holds++;
+    else
+        s->unholds++;
+}
+
+static void on_taken(void *ctx, const struct artifact *a, int rc, const char *msg)
 {
     struct seen *s = ctx;
     s->snapshots++;
@@ -36,16 +73,16 @@ static void on_snapshot(void *ctx, struct artifact *a, int rc, const char *msg)
     snprintf(s->msg, sizeof s->msg, "%s", msg);
 }
 
-static void on_upload(void *ctx, struct artifact *a, int rc, const char *msg)
+static void on_failed(void *ctx, const struct artifact *a, const char *msg, bool tell)
 {
     struct seen *s = ctx;
-    s->uploads++;
-    s->rc = rc;
-    s->last = a;
-    snprintf(s->msg, sizeof s->msg, "%s", msg);
+    (void)a;
+    s->failures++;
+    s->told = tell;
+    snprintf(s->failed, sizeof s->failed, "%s", msg);
 }
 
-static const struct artifacts_cbs cbs = {on_snapshot, on_upload};
+static const struct uploader_cbs cbs = {on_ledger, on_record, on_hold, on_taken, on_failed};
 
 static char *tmpdir(void)
 {
@@ -92,7 +129,7 @@ static void rm_rf(const char *dir)
 static const char RUN[] = "0123456789abcdef0123456789abcdef";
 static const struct peer PEER = {4242, 2, {77, 900}};
 
-static struct artifact *snapshot(struct artifacts *ar, uv_loop_t *loop, struct seen *s,
+static struct artifact *snapshot(struct uploader *up, uv_loop_t *loop, struct seen *s,
                                  const char *file, const char *path, uint64_t seq)
 {
     int fd = open(file, O_RDONLY);
@@ -104,41 +141,64 @@ static struct artifact *snapshot(struct artifacts *ar, uv_loop_t *loop, struct s
     struct proto_file_seen fs = {(uint64_t)st.st_size,
                                  (uint64_t)st.st_mtim.tv_sec * 1000000000u + st.st_mtim.tv_nsec};
     struct artifact_origin o = {7, 0xabc, seq, &PEER, "ml:user"};
-    assert_int_equal(artifacts_snapshot(ar, &o, RUN, p, &fs, fd, &a), 0);
+    int ledgers = s->ledgers, holds = s->holds;
+    assert_int_equal(uploader_snapshot(up, &o, RUN, p, &fs, fd, &a), 0);
+    assert_int_equal(a->state, ARTIFACT_SNAPSHOT);
     int before = s->snapshots;
     while (s->snapshots == before)
         uv_run(loop, UV_RUN_ONCE);
     assert_int_equal(s->rc, 0);
     assert_ptr_equal(s->last, a);
+    /* Spooled: its "pending" row is queued and flush barriers wait for it. */
+    assert_int_equal(a->state, ARTIFACT_LEDGER);
+    assert_int_equal(s->ledgers, ledgers + 1);
+    assert_int_equal(s->holds, holds + 1);
+    assert_int_equal(a->serial, s->next_serial);
     return a;
 }
 
-/* A module on its own loop over a fresh directory, as the tests below use it. */
+/* A module on its own loop over a fresh directory, as the tests below use it: local
+ * destinations below <dir>/store and the stores named in allowed_roots are allowed. */
 struct fx {
     char *dir;
     uv_loop_t loop;
-    struct artifacts ar;
+    struct trackd_config cfg;
+    struct uploader up;
     struct seen s;
 };
 
-static void fx_init_module(struct fx *f, const char *server)
+static void set_str(char **field, const char *value)
 {
-    char msg[256];
-    assert_int_equal(
-        artifacts_init(&f->ar, &f->loop, f->dir, server, NULL, &cbs, &f->s, msg, sizeof msg), 0);
+    free(*field);
+    *field = strdup(value);
+    assert_non_null(*field);
 }
 
-static void fx_start(struct fx *f, const char *server)
+static void fx_init_module(struct fx *f)
+{
+    char msg[256];
+    assert_int_equal(uploader_init(&f->up, &f->loop, &f->cfg, NULL, &cbs, &f->s, msg, sizeof msg),
+                     0);
+}
+
+static void fx_start(struct fx *f, const char *server, const char *allowed)
 {
     memset(f, 0, sizeof *f);
     f->dir = tmpdir();
     uv_loop_init(&f->loop);
-    fx_init_module(f, server);
+    assert_int_equal(config_init(&f->cfg), 0);
+    char store[300];
+    snprintf(store, sizeof store, "%s/store", f->dir);
+    set_str(&f->cfg.journal_dir, f->dir);
+    set_str(&f->cfg.artifact_root, store);
+    set_str(&f->cfg.mlflow_server_url, server);
+    set_str(&f->cfg.allowed_roots, allowed);
+    fx_init_module(f);
 }
 
 static void fx_stop_module(struct fx *f)
 {
-    artifacts_close(&f->ar, NULL);
+    uploader_close(&f->up, NULL);
     uv_run(&f->loop, UV_RUN_DEFAULT);
 }
 
@@ -148,6 +208,7 @@ static void fx_end(struct fx *f)
     assert_int_equal(uv_loop_close(&f->loop), 0);
     rm_rf(f->dir);
     free(f->dir);
+    config_free(&f->cfg);
 }
 
 static void test_path_rules(void **state)
@@ -155,15 +216,15 @@ static void test_path_rules(void **state)
     (void)state;
     const char *ok[] = {"a", "plots/loss.png", "a b/c.d", "deep/er/still/x", ".hidden", "a..b"};
     for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
-        assert_null(artifacts_path_problem(ok[i], strlen(ok[i])));
+        assert_null(uploader_path_problem(ok[i], strlen(ok[i])));
     const char *bad[] = {"", "/abs", "a//b", "a/", "./a", "a/../b", "..", "a/.", "a\nb", "t\tab"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
-        assert_non_null(artifacts_path_problem(bad[i], strlen(bad[i])));
+        assert_non_null(uploader_path_problem(bad[i], strlen(bad[i])));
     char longp[1100];
     memset(longp, 'x', sizeof longp);
-    assert_string_equal(artifacts_path_problem(longp, 1025),
+    assert_string_equal(uploader_path_problem(longp, 1025),
                         "the artifact path is longer than 1024 bytes");
-    assert_null(artifacts_path_problem(longp, 1024));
+    assert_null(uploader_path_problem(longp, 1024));
 }
 
 static void test_snapshot_upload_forget(void **state)
@@ -171,15 +232,15 @@ static void test_snapshot_upload_forget(void **state)
     (void)state;
     char src[300], spool[300], dest[400], got[64];
     struct fx f;
-    fx_start(&f, "");
+    fx_start(&f, "", "");
     snprintf(src, sizeof src, "%s/in.txt", f.dir);
     write_file(src, "abc");
-    struct artifact *a = snapshot(&f.ar, &f.loop, &f.s, src, "x/y.txt", 5);
+    struct artifact *a = snapshot(&f.up, &f.loop, &f.s, src, "x/y.txt", 5);
     unlink(src); /* the spool copy is what counts now */
-    assert_string_equal(a->sha256,
+    assert_string_equal(a->e.sha256,
                         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-    assert_int_equal(a->size, 3);
-    assert_string_equal(a->id, "0000000000000abc-0000000000000005");
+    assert_int_equal(a->e.size, 3);
+    assert_string_equal(a->e.id, "0000000000000abc-0000000000000005");
     snprintf(spool, sizeof spool, "%s/artifacts", f.dir);
     assert_int_equal(count_files(spool), 2); /* .data and .meta */
 
@@ -189,7 +250,7 @@ static void test_snapshot_upload_forget(void **state)
     struct proto_file_seen none = {0, 0};
     struct artifact_origin o5 = {7, 0xabc, 5, &PEER, "ml"}, o6 = {7, 0xabc, 6, &PEER, "ml"};
     assert_int_equal(
-        artifacts_snapshot(&f.ar, &o5, RUN, (struct proto_str){"x/y.txt", 7}, &none, fd, &dup),
+        uploader_snapshot(&f.up, &o5, RUN, (struct proto_str){"x/y.txt", 7}, &none, fd, &dup),
         -EEXIST);
 
     /* What needs the disk is the worker's: a descriptor that is not a regular file is refused
@@ -197,14 +258,15 @@ static void test_snapshot_upload_forget(void **state)
     struct artifact_origin o7 = {7, 0xabc, 7, &PEER, "ml"};
     fd = open("/dev/null", O_RDONLY);
     assert_int_equal(
-        artifacts_snapshot(&f.ar, &o7, RUN, (struct proto_str){"n.txt", 5}, &none, fd, &dup), 0);
+        uploader_snapshot(&f.up, &o7, RUN, (struct proto_str){"n.txt", 5}, &none, fd, &dup), 0);
     int waiting = f.s.snapshots;
     while (f.s.snapshots == waiting)
         uv_run(&f.loop, UV_RUN_ONCE);
     assert_int_equal(f.s.rc, -EBADF);
-    assert_true(artifacts_refused(f.s.rc));
-    assert_string_equal(f.s.msg, "the descriptor is not a regular file");
-    assert_null(artifacts_find(&f.ar, "0000000000000abc-0000000000000007"));
+    assert_true(uploader_refused(f.s.rc));
+    assert_string_equal(f.s.msg,
+                        "artifact 'n.txt' not taken: the descriptor is not a regular file");
+    assert_null(uploader_find(&f.up, "0000000000000abc-0000000000000007"));
 
     /* A file that is not what the client saw at the call (rewritten since) is not taken. */
     char later[300];
@@ -216,45 +278,83 @@ static void test_snapshot_upload_forget(void **state)
     struct proto_file_seen old = {3, (uint64_t)st.st_mtim.tv_sec * 1000000000u - 1};
     struct artifact *stale = NULL;
     assert_int_equal(
-        artifacts_snapshot(&f.ar, &o6, RUN, (struct proto_str){"l.txt", 5}, &old, fd, &stale), 0);
+        uploader_snapshot(&f.up, &o6, RUN, (struct proto_str){"l.txt", 5}, &old, fd, &stale), 0);
     int before = f.s.snapshots;
     while (f.s.snapshots == before)
         uv_run(&f.loop, UV_RUN_ONCE);
     assert_int_equal(f.s.rc, -ESTALE);
     assert_non_null(strstr(f.s.msg, "the file changed after log_artifact (at the call: 3 bytes"));
     assert_non_null(strstr(f.s.msg, "when copied: 4 bytes"));
-    assert_null(artifacts_find(&f.ar, "0000000000000abc-0000000000000006"));
+    /* Accepted work that failed: dead-lettered; the client heard it in the answer. */
+    assert_int_equal(f.s.failures, 1);
+    assert_false(f.s.told);
+    assert_null(uploader_find(&f.up, "0000000000000abc-0000000000000006"));
     assert_int_equal(count_files(spool), 2); /* only y.txt's .data and .meta */
 
     snprintf(dest, sizeof dest, "file://%s/store/run/artifacts/x/y.txt", f.dir);
-    char root[300];
-    snprintf(root, sizeof root, "%s/store", f.dir);
-    assert_int_equal(mkdir(root, 0755), 0);
-    artifacts_upload(&f.ar, a, dest, root, dest + 7 + strlen(root) + 1);
-    while (f.s.uploads == 0)
+    uint64_t uploaded = stats.artifacts_uploaded;
+    uploader_committed(&f.up, a->e.id, dest, "pending"); /* its row is in the database */
+    assert_int_equal(a->state, ARTIFACT_UPLOAD);
+    while (f.s.records == 0)
         uv_run(&f.loop, UV_RUN_ONCE);
-    assert_int_equal(f.s.rc, 0);
+    /* Uploaded: the barrier is released and the final row queued; the spool copy stays until
+     * that row is committed. */
+    assert_int_equal(a->state, ARTIFACT_RECORD);
+    assert_string_equal(f.s.status, "done");
+    assert_int_equal(f.s.unholds, 1);
+    assert_int_equal(f.s.failures, 1);
+    assert_int_equal(stats.artifacts_uploaded, uploaded + 1);
     read_file(dest + 7, got, sizeof got);
     assert_string_equal(got, "abc");
     char tmpdir_path[400];
     snprintf(tmpdir_path, sizeof tmpdir_path, "%s/store/run/artifacts/x", f.dir);
     assert_int_equal(count_files(tmpdir_path), 1); /* no temporary file left */
-    artifacts_forget(&f.ar, a); /* gone at once; the files go on a worker thread */
-    assert_null(artifacts_find(&f.ar, "0000000000000abc-0000000000000005"));
+    assert_int_equal(count_files(spool), 2);
+    /* The same row committed again (a replay) starts nothing. */
+    uploader_committed(&f.up, a->e.id, dest, "pending");
+    assert_int_equal(a->state, ARTIFACT_RECORD);
+    uploader_recorded(&f.up, "0000000000000abc-0000000000000005"); /* the final row is in */
+    /* Gone at once; the files go on a worker thread. */
+    assert_null(uploader_find(&f.up, "0000000000000abc-0000000000000005"));
     uv_run(&f.loop, UV_RUN_DEFAULT);
     assert_int_equal(count_files(spool), 0);
 
     fx_end(&f);
 }
 
-static int recovered;
-static char recovered_sha[65];
-
-static void on_recover(void *ctx, struct artifact *a)
+/* A destination the operator does not allow fails the artifact, tells its client and records
+ * "failed"; nothing is written anywhere. */
+static void test_destination_not_allowed(void **state)
 {
-    (void)ctx;
-    recovered++;
-    snprintf(recovered_sha, sizeof recovered_sha, "%s", a->sha256);
+    (void)state;
+    char src[300], dest[400];
+    struct fx f;
+    fx_start(&f, "", "");
+    snprintf(src, sizeof src, "%s/in.txt", f.dir);
+    write_file(src, "abc");
+    struct artifact *a = snapshot(&f.up, &f.loop, &f.s, src, "f.txt", 3);
+    snprintf(dest, sizeof dest, "%s/elsewhere/f.txt", f.dir);
+    uint64_t failed = stats.artifacts_failed;
+    uploader_committed(&f.up, a->e.id, dest, "pending");
+    assert_int_equal(a->state, ARTIFACT_RECORD);
+    assert_string_equal(f.s.status, "failed");
+    assert_non_null(strstr(f.s.msg, "is not below an artifact root this agent may write to"));
+    assert_int_equal(f.s.failures, 1);
+    assert_true(f.s.told);
+    assert_non_null(strstr(f.s.failed, "artifact 'f.txt' of run 0123456789abcdef"));
+    assert_int_equal(f.s.unholds, 1);
+    assert_int_equal(stats.artifacts_failed, failed + 1);
+    char elsewhere[400];
+    snprintf(elsewhere, sizeof elsewhere, "%s/elsewhere", f.dir);
+    assert_int_equal(access(elsewhere, F_OK), -1);
+
+    /* A rejected ledger row (its error went to the client): released and forgotten. */
+    write_file(src, "abcd");
+    struct artifact *b = snapshot(&f.up, &f.loop, &f.s, src, "g.txt", 4);
+    uploader_rejected(&f.up, b->e.id);
+    assert_int_equal(f.s.unholds, 2);
+    assert_null(uploader_find(&f.up, "0000000000000abc-0000000000000004"));
+    fx_end(&f);
 }
 
 static void test_recover_after_restart(void **state)
@@ -262,66 +362,77 @@ static void test_recover_after_restart(void **state)
     (void)state;
     char src[300], part[400];
     struct fx f;
-    fx_start(&f, "");
+    fx_start(&f, "", "");
     snprintf(src, sizeof src, "%s/in.txt", f.dir);
     write_file(src, "");
-    struct artifact *a = snapshot(&f.ar, &f.loop, &f.s, src, "empty", 9);
-    assert_int_equal(a->size, 0);
+    struct artifact *a = snapshot(&f.up, &f.loop, &f.s, src, "empty", 9);
+    assert_int_equal(a->e.size, 0);
     char sha[65];
-    snprintf(sha, sizeof sha, "%s", a->sha256);
+    snprintf(sha, sizeof sha, "%s", a->e.sha256);
     fx_stop_module(&f); /* a "crash": the spool stays */
     /* A snapshot cut short leaves a .part, which recovery deletes. */
     snprintf(part, sizeof part, "%s/artifacts/0000000000000abc-000000000000000a.part", f.dir);
     write_file(part, "partial");
 
-    fx_init_module(&f, "");
-    recovered = 0;
-    assert_int_equal(artifacts_recover(&f.ar, on_recover, NULL), 1);
-    assert_int_equal(recovered, 1);
-    assert_string_equal(recovered_sha, sha);
+    fx_init_module(&f);
+    int ledgers = f.s.ledgers;
+    assert_int_equal(uploader_recover(&f.up), 1);
+    assert_int_equal(f.s.ledgers, ledgers + 1);
     assert_int_equal(access(part, F_OK), -1);
-    struct artifact *back = artifacts_find(&f.ar, "0000000000000abc-0000000000000009");
+    struct artifact *back = uploader_find(&f.up, "0000000000000abc-0000000000000009");
     assert_non_null(back);
-    assert_string_equal(back->path, "empty");
-    assert_memory_equal(back->run_id, RUN, 32);
+    assert_int_equal(back->state, ARTIFACT_LEDGER);
+    assert_int_equal(back->conn_id, 0);
+    assert_string_equal(back->e.sha256, sha);
+    assert_string_equal(back->e.path, "empty");
+    assert_memory_equal(back->e.run_id, RUN, 32);
     /* The client's identity comes back with it (the ':' of its name made safe). */
-    assert_true(back->has_peer);
-    assert_int_equal(back->peer.uid, PEER.uid);
-    assert_int_equal(back->peer.nshared, 2);
-    assert_int_equal(back->peer.shared[1], PEER.shared[1]);
-    assert_string_equal(back->user, "ml?user");
+    assert_true(back->e.has_peer);
+    assert_int_equal(back->e.peer.uid, PEER.uid);
+    assert_int_equal(back->e.peer.nshared, 2);
+    assert_int_equal(back->e.peer.shared[1], PEER.shared[1]);
+    assert_string_equal(back->e.user, "ml?user");
+    /* Uploaded before the restart: its row says so, and only the spool copy is left. */
+    uploader_committed(&f.up, back->e.id, "ignored", "done");
+    assert_null(uploader_find(&f.up, "0000000000000abc-0000000000000009"));
+    uv_run(&f.loop, UV_RUN_DEFAULT);
+    char spool[300];
+    snprintf(spool, sizeof spool, "%s/artifacts", f.dir);
+    assert_int_equal(count_files(spool), 0);
+    write_file(src, "");
 
     /* Its frame resent after the restart: not in memory yet (recovery did not run), but in
      * the spool: the worker says so, and nothing is copied again. */
+    a = snapshot(&f.up, &f.loop, &f.s, src, "empty", 9);
     fx_stop_module(&f);
-    fx_init_module(&f, "");
+    fx_init_module(&f);
     int fd = open(src, O_RDONLY);
     struct artifact *dup = NULL;
     struct proto_file_seen none = {0, 0};
     struct artifact_origin o9 = {7, 0xabc, 9, &PEER, "ml"};
     assert_int_equal(
-        artifacts_snapshot(&f.ar, &o9, RUN, (struct proto_str){"empty", 5}, &none, fd, &dup), 0);
+        uploader_snapshot(&f.up, &o9, RUN, (struct proto_str){"empty", 5}, &none, fd, &dup), 0);
     int waiting = f.s.snapshots;
     while (f.s.snapshots == waiting)
         uv_run(&f.loop, UV_RUN_ONCE);
     assert_int_equal(f.s.rc, -EEXIST);
-    assert_true(artifacts_refused(f.s.rc));
+    assert_true(uploader_refused(f.s.rc));
     fx_end(&f);
 }
 
-/* One uid holds at most ARTIFACTS_MAX_LIVE_PER_UID artifacts; another uid is not affected. */
+/* One uid holds at most UPLOADER_MAX_LIVE_PER_UID artifacts; another uid is not affected. */
 static void test_pending_artifacts_are_bounded_per_uid(void **state)
 {
     (void)state;
     char src[300];
     struct fx f;
-    fx_start(&f, "");
+    fx_start(&f, "", "");
     snprintf(src, sizeof src, "%s/in.txt", f.dir);
     write_file(src, "x");
     const struct peer other = {4343, 0, {0}};
     struct artifact *a = NULL;
     struct proto_file_seen seen = {0, 0};
-    for (uint64_t seq = 1; seq <= ARTIFACTS_MAX_LIVE_PER_UID + 1; seq++) {
+    for (uint64_t seq = 1; seq <= UPLOADER_MAX_LIVE_PER_UID + 1; seq++) {
         struct stat st;
         int fd = open(src, O_RDONLY);
         assert_int_equal(fstat(fd, &st), 0);
@@ -329,14 +440,14 @@ static void test_pending_artifacts_are_bounded_per_uid(void **state)
                                         (uint64_t)st.st_mtim.tv_sec * 1000000000u +
                                             (uint64_t)st.st_mtim.tv_nsec};
         struct artifact_origin o = {7, 0xabc, seq, &PEER, "ml"};
-        int rc = artifacts_snapshot(&f.ar, &o, RUN, (struct proto_str){"f", 1}, &seen, fd, &a);
-        assert_int_equal(rc, seq <= ARTIFACTS_MAX_LIVE_PER_UID ? 0 : -EDQUOT);
+        int rc = uploader_snapshot(&f.up, &o, RUN, (struct proto_str){"f", 1}, &seen, fd, &a);
+        assert_int_equal(rc, seq <= UPLOADER_MAX_LIVE_PER_UID ? 0 : -EDQUOT);
     }
     int fd = open(src, O_RDONLY);
     struct artifact_origin o = {8, 0xdef, 1, &other, "other"};
-    assert_int_equal(artifacts_snapshot(&f.ar, &o, RUN, (struct proto_str){"f", 1}, &seen, fd, &a),
+    assert_int_equal(uploader_snapshot(&f.up, &o, RUN, (struct proto_str){"f", 1}, &seen, fd, &a),
                      0);
-    while (f.s.snapshots < ARTIFACTS_MAX_LIVE_PER_UID + 1)
+    while (f.s.snapshots < UPLOADER_MAX_LIVE_PER_UID + 1)
         uv_run(&f.loop, UV_RUN_ONCE);
     fx_end(&f);
 }
@@ -345,17 +456,19 @@ static void upload_fails_with(const char *uri, const char *server, int want_rc, 
 {
     char src[300];
     struct fx f;
-    fx_start(&f, server);
+    fx_start(&f, server, "gs://bucket,s3://bucket,mlflow-artifacts:/");
     snprintf(src, sizeof src, "%s/in.txt", f.dir);
     write_file(src, "data");
-    struct artifact *a = snapshot(&f.ar, &f.loop, &f.s, src, "f", 1);
-    artifacts_upload(&f.ar, a, uri, NULL, NULL);
-    while (f.s.uploads == 0)
+    struct artifact *a = snapshot(&f.up, &f.loop, &f.s, src, "f", 1);
+    uploader_committed(&f.up, a->e.id, uri, "pending");
+    while (f.s.records == 0)
         uv_run(&f.loop, UV_RUN_ONCE);
-    assert_int_equal(f.s.rc, want_rc);
+    assert_int_equal(a->rc, want_rc);
+    assert_string_equal(f.s.status, "failed");
     if (strstr(f.s.msg, want) == NULL)
         fail_msg("message '%s' lacks '%s'", f.s.msg, want);
-    artifacts_forget(&f.ar, a);
+    assert_true(f.s.told);
+    uploader_recorded(&f.up, a->e.id);
     fx_end(&f);
 }
 
@@ -367,7 +480,7 @@ static void test_stores_that_cannot_be_used(void **state)
     upload_fails_with("s3://bucket/run/artifacts/f", "", -EACCES, "no S3 credentials");
     upload_fails_with("mlflow-artifacts:/1/run/artifacts/f", "", -EDESTADDRREQ,
                       "set [artifacts] mlflow_server_url");
-    upload_fails_with("file://host/x/f", "", -EPERM, "below no allowed artifact root");
+    upload_fails_with("file://host/x/f", "", -EPERM, "is not below an artifact root");
 }
 
 /* AWS's published example: "GET Object" in the S3 Signature Version 4 documentation. */
@@ -403,6 +516,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_path_rules),
         cmocka_unit_test(test_snapshot_upload_forget),
+        cmocka_unit_test(test_destination_not_allowed),
         cmocka_unit_test(test_recover_after_restart),
         cmocka_unit_test(test_pending_artifacts_are_bounded_per_uid),
         cmocka_unit_test(test_stores_that_cannot_be_used),
