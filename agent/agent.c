@@ -81,7 +81,8 @@ static void on_reject(void *ctx, const struct batch *b, const struct ev *ev, uin
         stats.errors_undeliverable++;
     if (ev->kind == EV_ARTIFACT && code != PROTO_ERR_SHUTDOWN) {
         char id[64];
-        snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
+        struct sref upload_id = ev_upload_id(ev);
+        snprintf(id, sizeof id, "%.*s", (int)upload_id.len, batch_sptr(b, upload_id));
         uploader_rejected(&a->up, id);
     }
 }
@@ -148,7 +149,8 @@ static void on_artifact_ready(void *ctx, const struct batch *b, const struct ev 
 {
     struct agent *a = ctx;
     char id[64];
-    snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
+    snprintf(id, sizeof id, "%.*s", (int)ev->artifact.upload_id.len,
+             batch_sptr(b, ev->artifact.upload_id));
     uploader_committed(&a->up, id, store_uri, status);
 }
 

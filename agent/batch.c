@@ -16,6 +16,17 @@
 #include "util.h"
 #include "validate.h"
 
+const char *ev_kind_name(int kind)
+{
+    switch (kind) {
+#define EV_KIND_NAME(name, text)                                                                   \
+    case EV_##name: return text;
+        EV_KINDS(EV_KIND_NAME)
+#undef EV_KIND_NAME
+    }
+    return "unknown";
+}
+
 const char *run_status_name(int status)
 {
     static const char *const names[] = {"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"};
@@ -371,20 +382,20 @@ static int copy_header(struct proto_buf *c)
 /* One staging row: key, value, timestamp, run_uuid, step, is_nan, ord. */
 static int copy_row(struct proto_buf *c, const struct batch *b, const struct ev *ev, uint32_t ord)
 {
-    size_t need = 2 + (4 + ev->a.len) + 12 + 12 + (4 + PROTO_RUN_ID_LEN) + 12 + 5 + 8;
+    size_t need = 2 + (4 + ev->kv.key.len) + 12 + 12 + (4 + PROTO_RUN_ID_LEN) + 12 + 5 + 8;
     if (proto_buf_reserve(c, need) != 0)
         return -ENOMEM;
     uint8_t *p = c->data + c->len;
     uint64_t bits;
     util_put_be16(p, 7), p += 2;
-    util_put_be32(p, ev->a.len), p += 4;
-    memcpy(p, batch_sptr(b, ev->a), ev->a.len), p += ev->a.len;
-    memcpy(&bits, &ev->value, sizeof bits);
+    util_put_be32(p, ev->kv.key.len), p += 4;
+    memcpy(p, batch_sptr(b, ev->kv.key), ev->kv.key.len), p += ev->kv.key.len;
+    memcpy(&bits, &ev->point.value, sizeof bits);
     util_put_be32(p, 8), util_put_be64(p + 4, bits), p += 12;
-    util_put_be32(p, 8), util_put_be64(p + 4, (uint64_t)ev->ts), p += 12;
+    util_put_be32(p, 8), util_put_be64(p + 4, (uint64_t)ev->point.ts), p += 12;
     util_put_be32(p, PROTO_RUN_ID_LEN), p += 4;
     memcpy(p, ev->run_id, PROTO_RUN_ID_LEN), p += PROTO_RUN_ID_LEN;
-    util_put_be32(p, 8), util_put_be64(p + 4, (uint64_t)ev->step), p += 12;
+    util_put_be32(p, 8), util_put_be64(p + 4, (uint64_t)ev->point.step), p += 12;
     util_put_be32(p, 1), p[4] = ev->is_nan ? 1 : 0, p += 5;
     util_put_be32(p, 4), util_put_be32(p + 4, ord), p += 8;
     c->len = (size_t)(p - c->data);
@@ -435,7 +446,9 @@ static bool same_identity(const struct batch *b, const struct ev *x, const struc
         return false;
     if (by == BY_RUN)
         return true;
-    return x->a.len == y->a.len && memcmp(batch_sptr(b, x->a), batch_sptr(b, y->a), x->a.len) == 0;
+    /* The name: an experiment's or a start's experiment, a key otherwise (str[0] of each). */
+    return x->str[0].len == y->str[0].len &&
+           memcmp(batch_sptr(b, x->str[0]), batch_sptr(b, y->str[0]), x->str[0].len) == 0;
 }
 
 /*
@@ -451,7 +464,7 @@ static size_t *dedup_find(struct dedup *d, const struct batch *b, size_t i, enum
     if (by != BY_NAME)
         h = hash_bytes(h, ev->run_id, PROTO_RUN_ID_LEN);
     if (by != BY_RUN)
-        h = hash_bytes(h, batch_sptr(b, ev->a), ev->a.len);
+        h = hash_bytes(h, batch_sptr(b, ev->str[0]), ev->str[0].len);
     for (size_t pos = h & d->mask;; pos = (pos + 1) & d->mask) {
         if (d->slot[pos] == 0) {
             *found = SIZE_MAX;
@@ -509,213 +522,270 @@ static int reject(struct batch_sql *s, struct batch *b, size_t i)
 
 static bool is_run_name_tag(const struct batch *b, const struct ev *ev)
 {
-    return ev->a.len == sizeof RUN_NAME_TAG - 1 &&
-           memcmp(batch_sptr(b, ev->a), RUN_NAME_TAG, ev->a.len) == 0;
+    return ev->kv.key.len == sizeof RUN_NAME_TAG - 1 &&
+           memcmp(batch_sptr(b, ev->kv.key), RUN_NAME_TAG, ev->kv.key.len) == 0;
 }
 
-int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_max,
-                    struct batch_sql *s)
+/* Appends the batch string r as one element of a text array literal. */
+static int append_sref(struct proto_buf *arr, const struct batch *b, struct sref r)
 {
-    struct dedup tags = {0}, params = {0}, ends = {0}, exps = {0}, runs = {0};
-    size_t *tag_win = NULL, *end_win = NULL;
-    int rc = -ENOMEM;
+    return batch_array_append(arr, batch_sptr(b, r), r.len);
+}
 
-    batch_sql_free(s);
-    size_t n = hi - lo;
-    if (dedup_init(&tags, n) || dedup_init(&params, n) || dedup_init(&ends, n) ||
-        dedup_init(&exps, n) || dedup_init(&runs, n))
-        goto out;
-    tag_win = malloc((n + 1) * sizeof *tag_win);
-    end_win = malloc((n + 1) * sizeof *end_win);
-    if (tag_win == NULL || end_win == NULL)
-        goto out;
+static int append_run(struct proto_buf *arr, const struct ev *ev)
+{
+    return batch_array_append(arr, ev->run_id, PROTO_RUN_ID_LEN);
+}
 
-    /* Pass 1: which tag and end_run events win (the last per identity). */
-    for (size_t i = lo; i < hi; i++) {
+/* An experiment id + 1 as an array element: 0 (by name) is NULL. */
+static int append_exp_id(struct proto_buf *arr, int64_t id_plus_1)
+{
+    return id_plus_1 > 0 ? array_int(arr, id_plus_1 - 1) : batch_array_append_null(arr);
+}
+
+/* One batch_sql_build call: its range, and what the first pass found. */
+struct build {
+    struct batch *b;
+    struct batch_sql *s;
+    size_t lo;
+    unsigned tag_value_max;
+    struct dedup tags, params, ends, exps, runs;
+    size_t *tag_win, *end_win; /* by i - lo: 1 when event i is the last of its identity */
+};
+
+/* Pass 1: which tag and end_run events win (the last per identity); a later end_run takes
+ * the fields it keeps from the one it replaces. */
+static void find_winners(struct build *bd, size_t hi)
+{
+    struct batch *b = bd->b;
+    for (size_t i = bd->lo; i < hi; i++) {
         struct ev *ev = &b->evs[i];
-        size_t prev, *slot;
-        tag_win[i - lo] = end_win[i - lo] = 0;
+        size_t prev, *slot, k = i - bd->lo;
+        bd->tag_win[k] = bd->end_win[k] = 0;
         if (ev->flags & EV_REJECTED)
             continue;
         if (ev->kind == EV_TAG || ev->kind == EV_DELETE_TAG) {
             /* Set and delete of one tag: the last one in the range decides. */
-            slot = dedup_find(&tags, b, i, BY_RUN_KEY, &prev);
+            slot = dedup_find(&bd->tags, b, i, BY_RUN_KEY, &prev);
             if (prev != SIZE_MAX)
-                tag_win[prev - lo] = 0;
+                bd->tag_win[prev - bd->lo] = 0;
             *slot = i + 1;
-            tag_win[i - lo] = 1;
+            bd->tag_win[k] = 1;
         } else if (ev->kind == EV_END_RUN) {
-            slot = dedup_find(&ends, b, i, BY_RUN, &prev);
+            slot = dedup_find(&bd->ends, b, i, BY_RUN, &prev);
             if (prev != SIZE_MAX) {
-                /* Fold the earlier update into this one: fields this one keeps come from it. */
                 const struct ev *p = &b->evs[prev];
                 if ((ev->flags & EV_KEEP_STATUS) && !(p->flags & EV_KEEP_STATUS)) {
                     ev->status = p->status;
                     ev->flags &= (uint8_t)~EV_KEEP_STATUS;
                 }
                 if ((ev->flags & EV_KEEP_END) && !(p->flags & EV_KEEP_END)) {
-                    ev->ts = p->ts;
+                    ev->end_ms = p->end_ms;
                     ev->flags &= (uint8_t)~EV_KEEP_END;
                 }
-                end_win[prev - lo] = 0;
+                bd->end_win[prev - bd->lo] = 0;
             }
             *slot = i + 1;
-            end_win[i - lo] = 1;
+            bd->end_win[k] = 1;
         }
     }
+}
 
-    /* Pass 2: emit in arrival order. */
-    uint32_t ord = 0;
-    for (size_t i = lo; i < hi; i++) {
-        struct ev *ev = &b->evs[i];
-        if (ev->flags & EV_REJECTED)
-            continue;
-        const char *a = batch_sptr(b, ev->a);
-        if (ev->kind != EV_EXPERIMENT && ev->kind != EV_ARTIFACT_DONE) {
-            size_t prev, *slot = dedup_find(&runs, b, i, BY_RUN, &prev);
-            if (prev == SIZE_MAX) {
-                *slot = i + 1;
-                bool start = ev->kind == EV_START_RUN;
-                if (batch_array_append(&s->state_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
-                    (start ? batch_array_append(&s->state_exps, a, ev->a.len)
-                           : batch_array_append_null(&s->state_exps)) ||
-                    (start && ev->step > 0 ? array_int(&s->state_exp_ids, ev->step - 1)
-                                           : batch_array_append_null(&s->state_exp_ids)))
-                    goto out;
-                s->n_state_runs++;
-            }
-        }
-        switch (ev->kind) {
-        case EV_EXPERIMENT:
-        case EV_START_RUN: {
-            /* A run started by experiment id creates no experiment, as MLflow's create_run. */
-            bool by_name = ev->kind == EV_EXPERIMENT || ev->step == 0;
-            size_t prev, *slot = by_name ? dedup_find(&exps, b, i, BY_NAME, &prev) : NULL;
-            if (by_name && prev == SIZE_MAX) {
-                *slot = i + 1;
-                struct sref loc = ev->kind == EV_EXPERIMENT ? ev->b : (struct sref){0, 0};
-                if (batch_array_append(&s->exp_names, a, ev->a.len) ||
-                    batch_array_append(&s->exp_locations, batch_sptr(b, loc), loc.len))
-                    goto out;
-                s->n_exps++;
-            }
-            if (ev->kind == EV_START_RUN) {
-                if (batch_array_append(&s->run_ids, ev->run_id, PROTO_RUN_ID_LEN) ||
-                    batch_array_append(&s->run_names, batch_sptr(b, ev->b), ev->b.len) ||
-                    batch_array_append(&s->run_users, batch_sptr(b, ev->c), ev->c.len) ||
-                    array_int(&s->run_starts, ev->ts) ||
-                    batch_array_append(&s->run_exps, a, ev->a.len) ||
-                    (ev->step > 0 ? array_int(&s->run_exp_ids, ev->step - 1)
-                                  : batch_array_append_null(&s->run_exp_ids)))
-                    goto out;
-                s->n_runs++;
-                const struct batch_peer *who = batch_ev_peer(b, ev);
-                if (who && append_owner(s, ev->run_id, &who->id) != 0)
-                    goto out;
-            }
-            break;
-        }
-        case EV_TAG: {
-            if (!tag_win[i - lo])
-                break;
-            const char *v = batch_sptr(b, ev->b);
-            size_t vlen = validate_utf8_prefix(v, ev->b.len, tag_value_max);
-            if (batch_array_append(&s->tag_keys, a, ev->a.len) ||
-                batch_array_append(&s->tag_values, v, vlen) ||
-                batch_array_append(&s->tag_runs, ev->run_id, PROTO_RUN_ID_LEN))
-                goto out;
-            s->n_tags++;
-            if (is_run_name_tag(b, ev)) {
-                if (batch_array_append(&s->rename_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
-                    batch_array_append(&s->rename_values, v, vlen))
-                    goto out;
-                s->n_renames++;
-            }
-            break;
-        }
-        case EV_PARAM: {
-            size_t prev, *slot = dedup_find(&params, b, i, BY_RUN_KEY, &prev);
-            if (prev != SIZE_MAX) {
-                const struct ev *first = &b->evs[prev];
-                bool same = first->b.len == ev->b.len &&
-                            memcmp(batch_sptr(b, first->b), batch_sptr(b, ev->b), ev->b.len) == 0;
-                if (!same && reject(s, b, i))
-                    goto out;
-                break; /* the same value again is a no-op, as in MLflow */
-            }
-            *slot = i + 1;
-            if (batch_array_append(&s->param_keys, a, ev->a.len) ||
-                batch_array_append(&s->param_values, batch_sptr(b, ev->b), ev->b.len) ||
-                batch_array_append(&s->param_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
-                array_int(&s->param_ords, (int64_t)i))
-                goto out;
-            s->n_params++;
-            break;
-        }
-        case EV_METRIC:
-            if (s->n_metrics == 0 && copy_header(&s->copy))
-                goto out;
-            if (copy_row(&s->copy, b, ev, ord++))
-                goto out;
-            s->n_metrics++;
-            break;
-        case EV_END_RUN: {
-            if (!end_win[i - lo])
-                break;
-            const char *st = run_status_name(ev->status);
-            if (batch_array_append(&s->end_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
-                ((ev->flags & EV_KEEP_STATUS)
-                     ? batch_array_append_null(&s->end_statuses)
-                     : batch_array_append(&s->end_statuses, st, strlen(st))) ||
-                ((ev->flags & EV_KEEP_END) ? batch_array_append_null(&s->end_times)
-                                           : array_int(&s->end_times, ev->ts)))
-                goto out;
-            s->n_ends++;
-            break;
-        }
-        case EV_DELETE_TAG:
-            if (!tag_win[i - lo])
-                break;
-            if (batch_array_append(&s->del_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
-                batch_array_append(&s->del_keys, a, ev->a.len))
-                goto out;
-            s->n_dels++;
-            break;
-        case EV_ARTIFACT:
-            if (batch_array_append(&s->art_ids, batch_sptr(b, ev->b), ev->b.len) ||
-                batch_array_append(&s->art_runs, ev->run_id, PROTO_RUN_ID_LEN) ||
-                batch_array_append(&s->art_paths, a, ev->a.len) ||
-                array_int(&s->art_sizes, ev->step) ||
-                batch_array_append(&s->art_shas, batch_sptr(b, ev->c), ev->c.len))
-                goto out;
-            s->n_arts++;
-            break;
-        case EV_ARTIFACT_DONE:
-            if (batch_array_append(&s->done_ids, batch_sptr(b, ev->b), ev->b.len) ||
-                batch_array_append(&s->done_statuses, a, ev->a.len) ||
-                batch_array_append(&s->done_errors, batch_sptr(b, ev->c), ev->c.len))
-                goto out;
-            s->n_dones++;
-            break;
-        }
+/* The run state check's input: every run the range names, once, with the experiment a start
+ * names. */
+static int emit_run_state(struct build *bd, size_t i)
+{
+    const struct ev *ev = &bd->b->evs[i];
+    struct batch_sql *s = bd->s;
+    size_t prev, *slot = dedup_find(&bd->runs, bd->b, i, BY_RUN, &prev);
+    if (prev != SIZE_MAX)
+        return 0;
+    *slot = i + 1;
+    bool start = ev->kind == EV_START_RUN;
+    if (append_run(&s->state_runs, ev) ||
+        (start ? append_sref(&s->state_exps, bd->b, ev->run.experiment)
+               : batch_array_append_null(&s->state_exps)) ||
+        append_exp_id(&s->state_exp_ids, start ? ev->start.experiment_id : 0))
+        return -ENOMEM;
+    s->n_state_runs++;
+    return 0;
+}
+
+/* An experiment by name (once per range), and a run's start. */
+static int emit_start(struct build *bd, size_t i)
+{
+    struct batch *b = bd->b;
+    const struct ev *ev = &b->evs[i];
+    struct batch_sql *s = bd->s;
+    bool is_start = ev->kind == EV_START_RUN;
+    /* A run started by experiment id creates no experiment, as MLflow's create_run. */
+    bool by_name = !is_start || ev->start.experiment_id == 0;
+    size_t prev, *slot = by_name ? dedup_find(&bd->exps, b, i, BY_NAME, &prev) : NULL;
+    if (by_name && prev == SIZE_MAX) {
+        *slot = i + 1;
+        struct sref name = is_start ? ev->run.experiment : ev->experiment.name;
+        struct sref loc = is_start ? (struct sref){0, 0} : ev->experiment.location;
+        if (append_sref(&s->exp_names, b, name) || append_sref(&s->exp_locations, b, loc))
+            return -ENOMEM;
+        s->n_exps++;
     }
+    if (!is_start)
+        return 0;
+    if (append_run(&s->run_ids, ev) || append_sref(&s->run_names, b, ev->run.name) ||
+        append_sref(&s->run_users, b, ev->run.user) || array_int(&s->run_starts, ev->start.ms) ||
+        append_sref(&s->run_exps, b, ev->run.experiment) ||
+        append_exp_id(&s->run_exp_ids, ev->start.experiment_id))
+        return -ENOMEM;
+    s->n_runs++;
+    const struct batch_peer *who = batch_ev_peer(b, ev);
+    return who ? append_owner(s, ev->run_id, &who->id) : 0;
+}
+
+/* The winning set of a tag; mlflow.runName renames the run too. Values are cut to the
+ * database's tags.value. */
+static int emit_tag(struct build *bd, size_t i)
+{
+    const struct ev *ev = &bd->b->evs[i];
+    struct batch_sql *s = bd->s;
+    const char *v = batch_sptr(bd->b, ev->kv.value);
+    size_t vlen = validate_utf8_prefix(v, ev->kv.value.len, bd->tag_value_max);
+    if (append_sref(&s->tag_keys, bd->b, ev->kv.key) ||
+        batch_array_append(&s->tag_values, v, vlen) || append_run(&s->tag_runs, ev))
+        return -ENOMEM;
+    s->n_tags++;
+    if (!is_run_name_tag(bd->b, ev))
+        return 0;
+    if (append_run(&s->rename_runs, ev) || batch_array_append(&s->rename_values, v, vlen))
+        return -ENOMEM;
+    s->n_renames++;
+    return 0;
+}
+
+/* A param once per run and key: the same value again is a no-op, as in MLflow; another value
+ * is rejected. */
+static int emit_param(struct build *bd, size_t i)
+{
+    struct batch *b = bd->b;
+    const struct ev *ev = &b->evs[i];
+    struct batch_sql *s = bd->s;
+    size_t prev, *slot = dedup_find(&bd->params, b, i, BY_RUN_KEY, &prev);
+    if (prev != SIZE_MAX) {
+        const struct sref x = b->evs[prev].kv.value, y = ev->kv.value;
+        bool same = x.len == y.len && memcmp(batch_sptr(b, x), batch_sptr(b, y), y.len) == 0;
+        return same ? 0 : reject(s, b, i);
+    }
+    *slot = i + 1;
+    if (append_sref(&s->param_keys, b, ev->kv.key) ||
+        append_sref(&s->param_values, b, ev->kv.value) || append_run(&s->param_runs, ev) ||
+        array_int(&s->param_ords, (int64_t)i))
+        return -ENOMEM;
+    s->n_params++;
+    return 0;
+}
+
+static int emit_end(struct build *bd, const struct ev *ev)
+{
+    struct batch_sql *s = bd->s;
+    const char *st = run_status_name(ev->status);
+    if (append_run(&s->end_runs, ev) ||
+        ((ev->flags & EV_KEEP_STATUS) ? batch_array_append_null(&s->end_statuses)
+                                      : batch_array_append(&s->end_statuses, st, strlen(st))) ||
+        ((ev->flags & EV_KEEP_END) ? batch_array_append_null(&s->end_times)
+                                   : array_int(&s->end_times, ev->end_ms)))
+        return -ENOMEM;
+    s->n_ends++;
+    return 0;
+}
+
+static int emit_artifact(struct build *bd, const struct ev *ev)
+{
+    struct batch_sql *s = bd->s;
+    const struct batch *b = bd->b;
+    if (ev->kind == EV_ARTIFACT_DONE) {
+        if (append_sref(&s->done_ids, b, ev->done.upload_id) ||
+            append_sref(&s->done_statuses, b, ev->done.status) ||
+            append_sref(&s->done_errors, b, ev->done.error))
+            return -ENOMEM;
+        s->n_dones++;
+        return 0;
+    }
+    if (append_sref(&s->art_ids, b, ev->artifact.upload_id) || append_run(&s->art_runs, ev) ||
+        append_sref(&s->art_paths, b, ev->artifact.path) ||
+        array_int(&s->art_sizes, (int64_t)ev->size) ||
+        append_sref(&s->art_shas, b, ev->artifact.sha256))
+        return -ENOMEM;
+    s->n_arts++;
+    return 0;
+}
+
+/* Pass 2: one event's statement inputs, in arrival order. */
+static int emit(struct build *bd, size_t i, uint32_t *ord)
+{
+    const struct ev *ev = &bd->b->evs[i];
+    struct batch_sql *s = bd->s;
+    size_t k = i - bd->lo;
+    if (ev->kind != EV_EXPERIMENT && ev->kind != EV_ARTIFACT_DONE && emit_run_state(bd, i))
+        return -ENOMEM;
+    switch (ev->kind) {
+    case EV_EXPERIMENT:
+    case EV_START_RUN: return emit_start(bd, i);
+    case EV_TAG: return bd->tag_win[k] ? emit_tag(bd, i) : 0;
+    case EV_PARAM: return emit_param(bd, i);
+    case EV_METRIC:
+        if (s->n_metrics == 0 && copy_header(&s->copy))
+            return -ENOMEM;
+        if (copy_row(&s->copy, bd->b, ev, (*ord)++))
+            return -ENOMEM;
+        s->n_metrics++;
+        return 0;
+    case EV_END_RUN: return bd->end_win[k] ? emit_end(bd, ev) : 0;
+    case EV_DELETE_TAG:
+        if (!bd->tag_win[k])
+            return 0;
+        if (append_run(&s->del_runs, ev) || append_sref(&s->del_keys, bd->b, ev->kv.key))
+            return -ENOMEM;
+        s->n_dels++;
+        return 0;
+    case EV_ARTIFACT:
+    case EV_ARTIFACT_DONE: return emit_artifact(bd, ev);
+    }
+    return 0;
+}
+
+int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_max,
+                    struct batch_sql *s)
+{
+    struct build bd = {.b = b, .s = s, .lo = lo, .tag_value_max = tag_value_max};
+    int rc = -ENOMEM;
+    batch_sql_free(s);
+    size_t n = hi - lo;
+    if (dedup_init(&bd.tags, n) || dedup_init(&bd.params, n) || dedup_init(&bd.ends, n) ||
+        dedup_init(&bd.exps, n) || dedup_init(&bd.runs, n))
+        goto out;
+    bd.tag_win = malloc((n + 1) * sizeof *bd.tag_win);
+    bd.end_win = malloc((n + 1) * sizeof *bd.end_win);
+    if (bd.tag_win == NULL || bd.end_win == NULL)
+        goto out;
+    find_winners(&bd, hi);
+    uint32_t ord = 0;
+    for (size_t i = lo; i < hi; i++)
+        if (!(b->evs[i].flags & EV_REJECTED) && emit(&bd, i, &ord) != 0)
+            goto out;
     if (s->n_metrics && copy_trailer(&s->copy))
         goto out;
-    {
-        struct proto_buf *arrays[] = {SQL_BUFS(s)};
-        /* Every buffer but the COPY stream is a text array literal. */
-        for (size_t k = 0; k + 1 < sizeof arrays / sizeof arrays[0]; k++)
-            if (batch_array_finish(arrays[k]))
-                goto out;
-    }
+    struct proto_buf *arrays[] = {SQL_BUFS(s)};
+    /* Every buffer but the COPY stream is a text array literal. */
+    for (size_t k = 0; k + 1 < sizeof arrays / sizeof arrays[0]; k++)
+        if (batch_array_finish(arrays[k]))
+            goto out;
     rc = 0;
 out:
-    free(tags.slot);
-    free(params.slot);
-    free(ends.slot);
-    free(exps.slot);
-    free(runs.slot);
-    free(tag_win);
-    free(end_win);
+    free(bd.tags.slot);
+    free(bd.params.slot);
+    free(bd.ends.slot);
+    free(bd.exps.slot);
+    free(bd.runs.slot);
+    free(bd.tag_win);
+    free(bd.end_win);
     return rc;
 }

@@ -22,17 +22,27 @@ struct sref {
     uint32_t len;
 };
 
+/* The kinds of event, with the name logs and the dead-letter file give them. */
+#define EV_KINDS(X)                                                                                \
+    X(EXPERIMENT, "experiment")                                                                    \
+    X(START_RUN, "start_run")                                                                      \
+    X(METRIC, "metric")                                                                            \
+    X(PARAM, "param")                                                                              \
+    X(TAG, "tag")                                                                                  \
+    X(END_RUN, "end_run")                                                                          \
+    X(DELETE_TAG, "delete_tag")                                                                    \
+    X(ARTIFACT, "artifact")           /* the artifact's ledger row */                              \
+    X(ARTIFACT_DONE, "artifact_done") /* its update: uploaded or failed */
+
 enum ev_kind {
-    EV_EXPERIMENT,
-    EV_START_RUN,
-    EV_METRIC,
-    EV_PARAM,
-    EV_TAG,
-    EV_END_RUN,
-    EV_DELETE_TAG,
-    EV_ARTIFACT,     /* ledger row: a = path, b = upload id, c = sha256, step = size */
-    EV_ARTIFACT_DONE /* ledger update: a = status, b = upload id, c = error */
+#define EV_KIND_ENUM(name, text) EV_##name,
+    EV_KINDS(EV_KIND_ENUM)
+#undef EV_KIND_ENUM
+        EV_KIND_COUNT
 };
+
+/* "metric", "start_run", ...; "unknown" outside the enum. */
+const char *ev_kind_name(int kind);
 
 enum ev_flag {
     EV_REJECTED = 1,    /* resolved (an error, or EV_COMMITTED_BEFORE); skipped by later attempts */
@@ -45,24 +55,59 @@ enum run_status { RUN_RUNNING, RUN_SCHEDULED, RUN_FINISHED, RUN_FAILED, RUN_KILL
 
 const char *run_status_name(int status);
 
+/*
+ * One event. Its strings live in the batch's arena and its numbers in the event, each named by
+ * kind; str[] is the same strings in order, for code that treats every kind alike.
+ */
 struct ev {
     uint8_t kind;
     uint8_t flags;
-    uint8_t is_nan;
-    uint8_t status;   /* EV_END_RUN */
+    uint8_t is_nan;   /* EV_METRIC */
+    uint8_t status;   /* EV_END_RUN: enum run_status */
     uint16_t peer;    /* who sent it: 1 + index into the batch's peers; 0 = not checked */
     uint32_t conn_id; /* origin, for errors; 0 once the client is gone */
     uint64_t seq;     /* origin frame */
     uint64_t serial;  /* agent-wide arrival order */
     uint64_t lsn;     /* journal record it came from (0: none) */
     char run_id[PROTO_RUN_ID_LEN];
-    struct sref a; /* experiment name | metric/param/tag key | run: experiment */
-    struct sref b; /* param/tag value | run: name | experiment: artifact location */
-    struct sref c; /* run: user */
-    double value;  /* metric, sanitised */
-    int64_t ts;    /* metric timestamp | run start | run end */
-    int64_t step;  /* metric step | run: experiment id + 1, 0 = by name (a) | artifact size */
+    union {
+        struct sref str[3];
+        struct {
+            struct sref name, location; /* location "" = the default root */
+        } experiment;                   /* EV_EXPERIMENT */
+        struct {
+            struct sref experiment, name, user; /* experiment: its name, if not by id */
+        } run;                                  /* EV_START_RUN */
+        struct {
+            struct sref key, value;
+        } kv; /* EV_METRIC (key), EV_PARAM, EV_TAG, EV_DELETE_TAG (key) */
+        struct {
+            struct sref path, upload_id, sha256;
+        } artifact; /* EV_ARTIFACT */
+        struct {
+            struct sref status, upload_id, error;
+        } done; /* EV_ARTIFACT_DONE */
+    };
+    union {
+        struct {
+            double value; /* sanitised: NaN as 0 with is_nan */
+            int64_t ts;   /* ms since the epoch */
+            int64_t step;
+        } point; /* EV_METRIC */
+        struct {
+            int64_t ms;            /* start time */
+            int64_t experiment_id; /* + 1; 0 = by name (run.experiment) */
+        } start;                   /* EV_START_RUN */
+        int64_t end_ms;            /* EV_END_RUN */
+        uint64_t size;             /* EV_ARTIFACT, bytes */
+    };
 };
+
+/* The upload id of an EV_ARTIFACT or EV_ARTIFACT_DONE event. */
+static inline struct sref ev_upload_id(const struct ev *ev)
+{
+    return ev->kind == EV_ARTIFACT ? ev->artifact.upload_id : ev->done.upload_id;
+}
 
 /* A client identity events of the batch carry (agent/identity.h), with its user name. */
 struct batch_peer {

@@ -118,13 +118,6 @@ static void finish(struct deadletter *d, struct line *l)
         log_limited(LOG_ERROR, "[deadletter] write to %s failed: %s", d->path, strerror(errno));
 }
 
-static const char *kind_name(int kind)
-{
-    static const char *const names[] = {"experiment", "start_run", "metric",    "param",
-                                        "tag",        "end_run",   "delete_tag"};
-    return kind >= 0 && kind <= EV_DELETE_TAG ? names[kind] : "unknown";
-}
-
 void deadletter_event(struct deadletter *d, const struct batch *b, const struct ev *ev,
                       uint32_t code, const char *sqlstate, const char *message)
 {
@@ -134,7 +127,7 @@ void deadletter_event(struct deadletter *d, const struct batch *b, const struct 
     put_json(&l, sqlstate, strlen(sqlstate));
     put_num(&l, ",\"client\":{\"conn\":%" PRIu32 ",\"seq\":%" PRIu64 "},\"event\":{\"kind\":",
             ev->conn_id, ev->seq);
-    put_json(&l, kind_name(ev->kind), strlen(kind_name(ev->kind)));
+    put_json(&l, ev_kind_name(ev->kind), strlen(ev_kind_name(ev->kind)));
     if (ev->kind != EV_EXPERIMENT) {
         putz(&l, ",\"run_id\":");
         put_json(&l, ev->run_id, PROTO_RUN_ID_LEN);
@@ -142,14 +135,14 @@ void deadletter_event(struct deadletter *d, const struct batch *b, const struct 
     if (ev->kind != EV_END_RUN) {
         putz(&l, ev->kind == EV_EXPERIMENT || ev->kind == EV_START_RUN ? ",\"experiment\":"
                                                                        : ",\"key\":");
-        put_json(&l, batch_sptr(b, ev->a), ev->a.len);
+        put_json(&l, batch_sptr(b, ev->str[0]), ev->str[0].len); /* the name or key */
     }
     if (ev->kind == EV_METRIC)
         put_num(&l, ",\"value\":%.17g,\"is_nan\":%s,\"timestamp\":%" PRId64 ",\"step\":%" PRId64,
-                ev->value, ev->is_nan ? "true" : "false", ev->ts, ev->step);
+                ev->point.value, ev->is_nan ? "true" : "false", ev->point.ts, ev->point.step);
     if (ev->kind == EV_PARAM || ev->kind == EV_TAG || ev->kind == EV_START_RUN) {
         putz(&l, ev->kind == EV_START_RUN ? ",\"run_name\":" : ",\"value\":");
-        put_json(&l, batch_sptr(b, ev->b), ev->b.len);
+        put_json(&l, batch_sptr(b, ev->str[1]), ev->str[1].len); /* the run name or value */
     }
     put(&l, "}", 1);
     finish(d, &l);

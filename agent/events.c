@@ -64,7 +64,8 @@ static void fail_v(struct mctx *m, const struct validate_error *e)
     fail(m, (uint32_t)e->code, e->message);
 }
 
-/* Appends an event with up to three strings; NULL on out of memory. */
+/* Appends an event with up to three strings, into ev->str (named by kind in struct ev); NULL
+ * on out of memory. */
 static struct ev *add_ev(struct mctx *m, int kind, const char *run_id, struct proto_str a,
                          struct proto_str b, struct proto_str c)
 {
@@ -87,9 +88,9 @@ static struct ev *add_ev(struct mctx *m, int kind, const char *run_id, struct pr
     ev->serial = (*m->s->next_serial)++;
     if (run_id)
         memcpy(ev->run_id, run_id, PROTO_RUN_ID_LEN);
-    ev->a = sa;
-    ev->b = sb;
-    ev->c = sc;
+    ev->str[0] = sa;
+    ev->str[1] = sb;
+    ev->str[2] = sc;
     stats.events_received++;
     return ev;
 }
@@ -232,8 +233,8 @@ static void do_start_run(struct mctx *m, const struct proto_msg *msg)
     struct ev *run = add_ev(m, EV_START_RUN, run_id, exp, name, user);
     if (run == NULL)
         return;
-    run->ts = msg->u.start_run.start_time;
-    run->step =
+    run->start.ms = msg->u.start_run.start_time;
+    run->start.experiment_id =
         msg->u.start_run.has_experiment_id ? (int64_t)msg->u.start_run.experiment_id + 1 : 0;
 
     it = msg->u.start_run.tags;
@@ -265,10 +266,10 @@ static void do_point(struct mctx *m, const char *run_id, const struct proto_poin
     if (ev == NULL)
         return;
     struct validate_metric_value v = validate_metric_sanitize(p->value);
-    ev->value = v.value;
+    ev->point.value = v.value;
     ev->is_nan = v.is_nan;
-    ev->ts = p->timestamp;
-    ev->step = p->step;
+    ev->point.ts = p->timestamp;
+    ev->point.step = p->step;
 }
 
 static void do_kvs(struct mctx *m, const struct proto_msg *msg)
@@ -311,7 +312,7 @@ static void do_end_run(struct mctx *m, const struct proto_msg *msg)
     if (ev == NULL)
         return;
     ev->status = status_of(st);
-    ev->ts = msg->u.end_run.end_time;
+    ev->end_ms = msg->u.end_run.end_time;
 }
 
 /* experiments.artifact_location is VARCHAR(256). */
@@ -373,7 +374,7 @@ static void do_update_run(struct mctx *m, const struct proto_msg *msg)
     else
         ev->flags |= EV_KEEP_STATUS;
     if (msg->u.update_run.has_end_time)
-        ev->ts = msg->u.update_run.end_time;
+        ev->end_ms = msg->u.update_run.end_time;
     else
         ev->flags |= EV_KEEP_END;
 }
@@ -393,7 +394,7 @@ uint64_t events_artifact(const struct events_sink *s, const struct events_origin
     struct ev *ev = add_ev(&m, EV_ARTIFACT, run_id, pstr(path), pstr(id), pstr(sha256));
     if (ev == NULL)
         return 0; /* out of memory: the caller logs it */
-    ev->step = (int64_t)size;
+    ev->size = size;
     return ev->serial;
 }
 

@@ -202,9 +202,9 @@ size_t owners_check(struct owners *o, const struct batch *b, size_t lo, size_t h
             /* A start journaled before peers were kept: no owner row; its user decides. */
             e->kind = OWNER_USER_ID;
             e->user_id[0] = '\0';
-            if (ev->c.len <= OWNERS_USER_MAX) {
-                memcpy(e->user_id, batch_sptr(b, ev->c), ev->c.len);
-                e->user_id[ev->c.len] = '\0';
+            if (ev->run.user.len <= OWNERS_USER_MAX) {
+                memcpy(e->user_id, batch_sptr(b, ev->run.user), ev->run.user.len);
+                e->user_id[ev->run.user.len] = '\0';
             }
         }
     }

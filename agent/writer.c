@@ -628,8 +628,8 @@ static void param_changed_message(struct writer *w, size_t i, const char *old, c
     snprintf(out, n,
              "Changing param values is not allowed. Param with key='%.*s' was already logged "
              "with value='%.*s' for run ID='%.*s'. Attempted logging new value '%.*s'.",
-             (int)ev->a.len, batch_sptr(b, ev->a), 200, old, PROTO_RUN_ID_LEN, ev->run_id,
-             (int)(ev->b.len > 200 ? 200 : ev->b.len), batch_sptr(b, ev->b));
+             (int)ev->kv.key.len, batch_sptr(b, ev->kv.key), 200, old, PROTO_RUN_ID_LEN, ev->run_id,
+             (int)(ev->kv.value.len > 200 ? 200 : ev->kv.value.len), batch_sptr(b, ev->kv.value));
 }
 
 /* Rejections the range build found (same param twice with different values). */
@@ -644,11 +644,11 @@ static void report_build_rejects(struct writer *w)
         size_t oldlen = 0;
         for (size_t j = w->cur.lo; j < i; j++) {
             const struct ev *o = &b->evs[j];
-            if (o->kind == EV_PARAM && o->a.len == ev->a.len &&
+            if (o->kind == EV_PARAM && o->kv.key.len == ev->kv.key.len &&
                 memcmp(o->run_id, ev->run_id, PROTO_RUN_ID_LEN) == 0 &&
-                memcmp(batch_sptr(b, o->a), batch_sptr(b, ev->a), ev->a.len) == 0) {
-                old = batch_sptr(b, o->b);
-                oldlen = o->b.len;
+                memcmp(batch_sptr(b, o->kv.key), batch_sptr(b, ev->kv.key), ev->kv.key.len) == 0) {
+                old = batch_sptr(b, o->kv.value);
+                oldlen = o->kv.value.len;
                 break;
             }
         }
@@ -1155,16 +1155,18 @@ static void report_artifacts(struct writer *w)
             continue;
         if (ev->kind == EV_ARTIFACT_DONE) {
             char id[64];
-            snprintf(id, sizeof id, "%.*s", (int)ev->b.len, batch_sptr(b, ev->b));
+            snprintf(id, sizeof id, "%.*s", (int)ev->done.upload_id.len,
+                     batch_sptr(b, ev->done.upload_id));
             w->cbs.artifact_recorded(w->ctx, id);
             continue;
         }
         if (ev->kind != EV_ARTIFACT)
             continue;
         size_t k = 0;
+        const struct sref id = ev->artifact.upload_id;
         while (k < w->n_art_ret &&
-               (w->art_ret[k * 3] == NULL || strlen(w->art_ret[k * 3]) != ev->b.len ||
-                memcmp(w->art_ret[k * 3], batch_sptr(b, ev->b), ev->b.len) != 0))
+               (w->art_ret[k * 3] == NULL || strlen(w->art_ret[k * 3]) != id.len ||
+                memcmp(w->art_ret[k * 3], batch_sptr(b, id), id.len) != 0))
             k++;
         if (k < w->n_art_ret && w->art_ret[k * 3 + 1] && w->art_ret[k * 3 + 2]) {
             w->cbs.artifact_ready(w->ctx, b, ev, w->art_ret[k * 3 + 1], w->art_ret[k * 3 + 2]);

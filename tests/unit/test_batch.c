@@ -48,9 +48,9 @@ static size_t add(struct batch *b, int kind, const char *run, const char *a, con
         assert_int_equal(strlen(run), PROTO_RUN_ID_LEN);
         memcpy(ev->run_id, run, PROTO_RUN_ID_LEN);
     }
-    ev->a = ra;
-    ev->b = rb;
-    ev->c = rc;
+    ev->str[0] = ra;
+    ev->str[1] = rb;
+    ev->str[2] = rc;
     ev->seq = b->n;
     ev->serial = b->n;
     return b->n - 1;
@@ -65,7 +65,7 @@ static size_t add_run(struct batch *b, const char *run, const char *exp, const c
                       const char *user, int64_t start)
 {
     size_t i = add(b, EV_START_RUN, run, exp, name, user);
-    b->evs[i].ts = start;
+    b->evs[i].start.ms = start;
     return i;
 }
 
@@ -73,9 +73,9 @@ static size_t add_metric(struct batch *b, const char *run, const char *key, doub
                          int64_t ts, int64_t step, int is_nan)
 {
     size_t i = add(b, EV_METRIC, run, key, NULL, NULL);
-    b->evs[i].value = value;
-    b->evs[i].ts = ts;
-    b->evs[i].step = step;
+    b->evs[i].point.value = value;
+    b->evs[i].point.ts = ts;
+    b->evs[i].point.step = step;
     b->evs[i].is_nan = (uint8_t)is_nan;
     return i;
 }
@@ -94,7 +94,7 @@ static size_t add_end(struct batch *b, const char *run, int status, int64_t ts)
 {
     size_t i = add(b, EV_END_RUN, run, NULL, NULL, NULL);
     b->evs[i].status = (uint8_t)status;
-    b->evs[i].ts = ts;
+    b->evs[i].end_ms = ts;
     return i;
 }
 
@@ -323,7 +323,7 @@ static void test_experiments_and_runs(void **state)
     struct batch b3;
     batch_init(&b3);
     size_t i = add_run(&b3, R1, "named", "", "ana", T0);
-    b3.evs[i].step = 7 + 1;
+    b3.evs[i].start.experiment_id = 7 + 1;
     add_run(&b3, R2, "other", "", "ana", T0);
     build(&b3, 0, b3.n, &s);
     assert_array(&s.exp_names, "{\"other\"}");
@@ -740,7 +740,7 @@ static void test_batch_storage(void **state)
         struct ev *ev = batch_push(&b, i % 2 ? EV_METRIC : EV_TAG);
         assert_non_null(ev);
         assert_int_equal(ev->kind, i % 2 ? EV_METRIC : EV_TAG);
-        assert_int_equal(ev->value, 0);
+        assert_int_equal(ev->point.value, 0);
     }
     assert_int_equal(b.n, 600);
     assert_int_equal(b.n_metrics, 300);

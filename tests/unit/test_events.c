@@ -90,8 +90,8 @@ static void assert_str(const struct batch *b, struct sref r, const char *want)
 static const struct ev *tag(const struct batch *b, const char *key)
 {
     for (size_t i = 0; i < b->n; i++)
-        if (b->evs[i].kind == EV_TAG && b->evs[i].a.len == strlen(key) &&
-            memcmp(batch_sptr(b, b->evs[i].a), key, b->evs[i].a.len) == 0)
+        if (b->evs[i].kind == EV_TAG && b->evs[i].kv.key.len == strlen(key) &&
+            memcmp(batch_sptr(b, b->evs[i].kv.key), key, b->evs[i].kv.key.len) == 0)
             return &b->evs[i];
     return NULL;
 }
@@ -115,18 +115,18 @@ static void test_start_run_expands_as_mlflow(void **state)
     const struct ev *run = &f.b.evs[0];
     assert_int_equal(run->kind, EV_START_RUN);
     assert_memory_equal(run->run_id, RUN, 32);
-    assert_str(&f.b, run->a, "mnist");
-    assert_str(&f.b, run->b, "baseline");
-    assert_str(&f.b, run->c, "ana");
-    assert_int_equal(run->ts, 1700000000000);
-    assert_int_equal(run->step, 0); /* by name */
+    assert_str(&f.b, run->run.experiment, "mnist");
+    assert_str(&f.b, run->run.name, "baseline");
+    assert_str(&f.b, run->run.user, "ana");
+    assert_int_equal(run->start.ms, 1700000000000);
+    assert_int_equal(run->start.experiment_id, 0); /* by name */
     assert_int_equal(run->seq, 7);
     assert_int_equal(run->serial, 100);
-    assert_str(&f.b, tag(&f.b, "team")->b, "vision");
-    assert_str(&f.b, tag(&f.b, "mlflow.runName")->b, "baseline");
-    assert_str(&f.b, tag(&f.b, "mlflow.user")->b, "ana");
-    assert_str(&f.b, tag(&f.b, "mlflow.source.name")->b, "train.py");
-    assert_str(&f.b, tag(&f.b, "mlflow.source.type")->b, "LOCAL");
+    assert_str(&f.b, tag(&f.b, "team")->kv.value, "vision");
+    assert_str(&f.b, tag(&f.b, "mlflow.runName")->kv.value, "baseline");
+    assert_str(&f.b, tag(&f.b, "mlflow.user")->kv.value, "ana");
+    assert_str(&f.b, tag(&f.b, "mlflow.source.name")->kv.value, "train.py");
+    assert_str(&f.b, tag(&f.b, "mlflow.source.type")->kv.value, "LOCAL");
     assert_int_equal(f.serial, 106);
     assert_int_equal(stats.events_received, 6);
     fx_free(&f);
@@ -147,13 +147,13 @@ static void test_claimed_user_is_overridden(void **state)
         struct proto_kv tags[] = {{S("mlflow.user"), S("mallory")}};
         assert_int_equal(proto_encode_start_run(&pb, 2, RUN, S("e"), NULL, 1, tags, 1, NULL), 0);
         assert_int_equal(expand(&f, &pb), 0);
-        assert_str(&f.b, f.b.evs[0].c, want[i]);
-        assert_str(&f.b, tag(&f.b, "mlflow.user")->b, want[i]);
+        assert_str(&f.b, f.b.evs[0].run.user, want[i]);
+        assert_str(&f.b, tag(&f.b, "mlflow.user")->kv.value, want[i]);
         assert_int_equal(stats.identity_overridden, i == 0 ? 1 : 0);
         /* No name given: MLflow's adjective-noun-number. */
         const struct ev *n = tag(&f.b, "mlflow.runName");
         assert_non_null(n);
-        assert_non_null(memchr(batch_sptr(&f.b, n->b), '-', n->b.len));
+        assert_non_null(memchr(batch_sptr(&f.b, n->kv.value), '-', n->kv.value.len));
         fx_free(&f);
     }
 }
@@ -184,8 +184,8 @@ static void test_bad_key_rejects_only_its_point(void **state)
     assert_non_null(strstr(f.errs.msg[0], "Invalid value \"../up\" for parameter 'name' supplied"));
     assert_int_equal(stats.rejected_bad_key, 1);
     assert_int_equal(f.b.n, 2);
-    assert_str(&f.b, f.b.evs[0].a, "loss");
-    assert_int_equal(f.b.evs[0].step, 3);
+    assert_str(&f.b, f.b.evs[0].kv.key, "loss");
+    assert_int_equal(f.b.evs[0].point.step, 3);
     assert_true(f.b.evs[1].is_nan);
     fx_free(&f);
 }
@@ -215,7 +215,7 @@ static void test_run_id_and_long_values(void **state)
     assert_int_equal(f.errs.n, 1);
     assert_int_equal(f.b.n, 2);
     assert_int_equal(f.b.evs[1].kind, EV_PARAM);
-    assert_int_equal(f.b.evs[1].b.len, 6000); /* MLflow's MAX_PARAM_VAL_LENGTH, cut */
+    assert_int_equal(f.b.evs[1].kv.value.len, 6000); /* MLflow's MAX_PARAM_VAL_LENGTH, cut */
     fx_free(&f);
 }
 
@@ -241,11 +241,17 @@ static void test_end_run_and_artifact_rows(void **state)
         events_artifact(&f.sink, &f.origin, 8, RUN, "plots/a.png", "id-1", 42, "ab12");
     assert_int_equal(serial, f.b.evs[1].serial);
     assert_int_equal(f.b.evs[1].kind, EV_ARTIFACT);
-    assert_int_equal(f.b.evs[1].step, 42);
-    assert_str(&f.b, f.b.evs[1].a, "plots/a.png");
+    assert_int_equal(f.b.evs[1].size, 42);
+    assert_str(&f.b, f.b.evs[1].artifact.path, "plots/a.png");
+    assert_str(&f.b, f.b.evs[1].artifact.upload_id, "id-1");
+    assert_str(&f.b, f.b.evs[1].artifact.sha256, "ab12");
     assert_int_equal(events_artifact_done(&f.sink, "id-1", "failed", "store down"), 0);
     assert_int_equal(f.b.evs[2].kind, EV_ARTIFACT_DONE);
-    assert_str(&f.b, f.b.evs[2].c, "store down");
+    assert_str(&f.b, f.b.evs[2].done.status, "failed");
+    assert_str(&f.b, f.b.evs[2].done.upload_id, "id-1");
+    assert_str(&f.b, f.b.evs[2].done.error, "store down");
+    assert_string_equal(ev_kind_name(EV_ARTIFACT_DONE), "artifact_done");
+    assert_string_equal(ev_kind_name(EV_KIND_COUNT), "unknown");
     fx_free(&f);
 }
 

@@ -232,7 +232,7 @@ static void test_start_without_a_peer(void **state)
     struct sref user;
     assert_int_equal(batch_str(&b, "alice", 5, &user), 0);
     size_t start = add(&b, EV_START_RUN, R1, NULL, NULL);
-    b.evs[start].c = user;
+    b.evs[start].run.user = user;
     add(&b, EV_METRIC, R1, &ALICE, "alice");
     size_t eve = add(&b, EV_METRIC, R1, &EVE, "eve");
     struct proto_buf ids;
