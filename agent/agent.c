@@ -396,22 +396,22 @@ int agent_load_config(struct trackd_config *cfg, const char *path)
 {
     struct config_error err;
     char line[1024];
-    config_init(cfg);
-    if (path && config_load_file(cfg, path, &err) != 0) {
+    int rc = config_init(cfg);
+    if (rc == 0 && path && (rc = config_load_file(cfg, path, &err)) != 0) {
         config_format_error(&err, line, sizeof line);
         fprintf(stderr, "%s\n", line);
-        return -1;
+        return rc;
     }
-    if (config_apply_env(cfg, environ, &err) != 0) {
+    if (rc == 0 && (rc = config_apply_env(cfg, environ, &err)) != 0) {
         config_format_error(&err, line, sizeof line);
         fprintf(stderr, "%s\n", line);
-        return -1;
+        return rc;
     }
-    if (config_check(cfg, line, sizeof line) != 0) {
+    if (rc == 0 && (rc = config_check(cfg, line, sizeof line)) != 0)
         fprintf(stderr, "%s: %s\n", path ? path : "configuration", line);
-        return -1;
-    }
-    return 0;
+    else if (rc != 0)
+        fprintf(stderr, "out of memory reading the configuration\n");
+    return rc;
 }
 
 /*
@@ -425,7 +425,7 @@ int agent_check_dsn(const struct trackd_config *cfg, const char *config_path)
     if (pgconn_dsn_check(cfg->pg_dsn, why, sizeof why) != 0) {
         log_error("[agent] %s: [postgres] dsn is not a usable libpq connection string: %s",
                   config_path ? config_path : "(defaults)", why);
-        return -1;
+        return -EINVAL;
     }
     return 0;
 }

@@ -12,11 +12,12 @@ struct trackd_config;
 int agent_run(const char *config_path);
 
 /* Loads path (NULL: defaults only), then the environment, then the cross-key checks; a problem
- * is printed to stderr with its file and line. Returns 0 or -1. */
+ * is printed to stderr with its file and line. Returns 0 or -errno. */
 int agent_load_config(struct trackd_config *cfg, const char *path);
 
 /* Refuses a [postgres] dsn libpq cannot parse, before anything echoes it; registers the
- * password (PGPASSWORD included) as a secret the log never prints. Returns 0 or -1, logged. */
+ * password (PGPASSWORD included) as a secret the log never prints. Returns 0 or -EINVAL,
+ * logged. */
 int agent_check_dsn(const struct trackd_config *cfg, const char *config_path);
 
 #endif

@@ -461,7 +461,7 @@ static int take_fd(struct conn *c)
     uv_pipe_t *tmp = malloc(sizeof *tmp);
     if (tmp == NULL || uv_pipe_init(c->srv->loop, tmp, 0) != 0) {
         free(tmp);
-        return -1;
+        return -ENOMEM;
     }
     int fd = -1;
     uv_os_fd_t raw;

@@ -3,6 +3,7 @@
  */
 #include "destination.h"
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
@@ -170,7 +171,7 @@ int destination_local_root(const struct trackd_config *cfg, const char *uri, cha
     struct match m;
     if (!allowed(cfg, (struct span){uri, strlen(uri)}, &m) || m.local.n == 0 || m.root.n == 0 ||
         m.root.n >= rootlen)
-        return -1;
+        return -EPERM;
     memcpy(root, m.root.p, m.root.n);
     root[m.root.n] = '\0';
     const char *rest = m.local.p + m.root.n;

@@ -30,7 +30,7 @@ const char *destination_problem(const struct trackd_config *cfg, const char *uri
 /*
  * For an allowed local destination (a path or file:// URI): the root directory it is below
  * (into root, without a trailing '/') and the path below it (*below points into uri; "" for
- * the root itself). Returns 0, or -1 when uri is not an allowed local destination.
+ * the root itself). Returns 0, or -EPERM when uri is not an allowed local destination.
  */
 int destination_local_root(const struct trackd_config *cfg, const char *uri, char *root,
                            size_t rootlen, const char **below);

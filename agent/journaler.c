@@ -114,7 +114,7 @@ int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, int
     int r = journal_replay(cfg->journal_dir, replay_record, &rc, st, &err);
     if (r < 0) {
         snprintf(msg, msglen, "journal replay failed: %s", err.message);
-        return -1;
+        return r;
     }
     if (rc.skipped)
         log_info("[journal] %llu already committed records skipped",
@@ -345,9 +345,10 @@ int journaler_open(struct journaler *jr, char *msg, size_t msglen)
         .zstd_level = 1,
     };
     struct journal_error err;
-    if (journal_open(&jr->j, &jc, &err) != 0) {
+    int orc = journal_open(&jr->j, &jc, &err);
+    if (orc != 0) {
         snprintf(msg, msglen, "cannot open the journal in %s: %s", cfg->journal_dir, err.message);
-        return -1;
+        return orc;
     }
     struct journal_usage u;
     journal_usage(jr->j, &u);

@@ -77,8 +77,8 @@ struct journaler {
 /*
  * Replays the journal in dir before the agent serves anyone: cb receives each frame with
  * its origin and LSN, in LSN order, and pace runs after each one (it may run the loop until
- * memory allows more; non-zero stops the replay). Returns 0, 1 when pace stopped it, or -1
- * with msg.
+ * memory allows more; non-zero stops the replay). Returns 0, 1 when pace stopped it, or
+ * -errno with msg.
  */
 typedef void (*journaler_frame_cb)(void *ctx, const struct frame_origin *o,
                                    const struct proto_header *h, const uint8_t *body, uint64_t lsn);
@@ -88,7 +88,7 @@ int journaler_replay(const struct trackd_config *cfg, journaler_frame_cb cb, int
 /* Sets jr up without opening the journal: releases may come in already (during replay). */
 void journaler_init(struct journaler *jr, uv_loop_t *loop, const struct trackd_config *cfg,
                     const struct journaler_cbs *cbs, void *ctx);
-/* Opens the journal for appending (after the replay). Returns 0 or -1 with msg. */
+/* Opens the journal for appending (after the replay). Returns 0 or -errno with msg. */
 int journaler_open(struct journaler *jr, char *msg, size_t msglen);
 /* Appends one frame (header + body); -ENOSPC when the journal is at its quota. */
 int journaler_append(struct journaler *jr, const struct frame_origin *o,

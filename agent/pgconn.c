@@ -487,20 +487,20 @@ int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
             snprintf(msg, msglen, "schema check failed: %.*s",
                      rev ? (int)strcspn(PQresultErrorMessage(rev), "\n") : 15,
                      rev ? PQresultErrorMessage(rev) : "no result");
-        return -1;
+        return -EINVAL;
     }
     if (PQntuples(rev) != 1) {
         snprintf(msg, msglen,
                  "alembic_version must hold exactly one row (found %d); the MLflow schema is "
                  "incomplete: run `mlflow db upgrade` on it",
                  PQntuples(rev));
-        return -1;
+        return -EINVAL;
     }
     snprintf(out->revision, sizeof out->revision, "%s", PQgetvalue(rev, 0, 0));
     out->tested = revision_allowed(cfg, out->revision);
     if (!result_ok(cols, "information_schema.columns", msg, msglen) ||
         !result_ok(keys, "the unique indexes of MLflow's tables (pg_index)", msg, msglen))
-        return -1;
+        return -EINVAL;
     const char *advice = out->tested ? "the database does not match its MLflow release; run "
                                        "`mlflow db upgrade` with that release"
                                      : "trackd writes MLflow 2.10 to 3.17 schemas; upgrade the "
@@ -512,7 +512,7 @@ int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
             snprintf(msg, msglen,
                      "MLflow schema revision %s does not fit: column %s.%s is missing (%s)",
                      out->revision, required_columns[i].table, required_columns[i].column, advice);
-            return -1;
+            return -EINVAL;
         }
         const char *type = PQgetvalue(cols, row, 2);
         if (!type_in(type, required_columns[i].types)) {
@@ -521,7 +521,7 @@ int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
                      "it as %s (%s)",
                      out->revision, required_columns[i].table, required_columns[i].column, type,
                      required_columns[i].types, advice);
-            return -1;
+            return -EINVAL;
         }
         /* NULL for text and for a varchar without a length: no limit. */
         const char *len = PQgetvalue(cols, row, 3);
@@ -532,7 +532,7 @@ int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
                      "characters, trackd writes up to %u (%s)",
                      out->revision, required_columns[i].table, required_columns[i].column, holds,
                      required_columns[i].min_len, advice);
-            return -1;
+            return -EINVAL;
         }
         if (strcmp(required_columns[i].table, "tags") == 0 &&
             strcmp(required_columns[i].column, "value") == 0)
@@ -546,7 +546,7 @@ int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
                  "MLflow schema revision %s does not fit: experiments has no unique key on (%s), "
                  "which experiment names rely on (%s)",
                  out->revision, exp_key, advice);
-        return -1;
+        return -EINVAL;
     }
     for (size_t i = 0; i < sizeof required_keys / sizeof required_keys[0]; i++)
         if (!has_key(keys, required_keys[i].table, required_keys[i].columns)) {
@@ -555,7 +555,7 @@ int pgconn_check_results(const struct trackd_config *cfg, const char *dbname,
                      "which trackd relies on for %s (%s)",
                      out->revision, required_keys[i].table, required_keys[i].columns,
                      required_keys[i].used_for, advice);
-            return -1;
+            return -EINVAL;
         }
     return 0;
 }

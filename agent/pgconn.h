@@ -9,6 +9,7 @@
 #define TRACKD_PGCONN_H
 
 #include <libpq-fe.h>
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -108,7 +109,7 @@ const struct pgconn_error_class *pgconn_error_class(const char *sqlstate);
  * by the writer on every new connection. pgconn_check_results judges their results (any may
  * be NULL or an error): 0 with *out filled when every column trackd writes is there with a
  * usable type and every unique key its statements rely on exists, whatever the revision; else
- * -1 with a sentence naming the missing or different column or key and what to do.
+ * -EINVAL with a sentence naming the missing or different column or key and what to do.
  */
 #define PGCONN_CHECK_RESULTS 3
 extern const char pgconn_check_sql[];
@@ -131,7 +132,12 @@ void pgconn_log_schema(const struct pgconn_schema *s);
 /* The tested revisions, comma-separated. */
 const char *pgconn_tested_list(void);
 
-enum { PGCONN_CHECK_OK = 0, PGCONN_CHECK_FAILED = -1, PGCONN_CHECK_UNREACHABLE = -2 };
+/* pgconn_check_schema's results, in the project's 0 / -errno convention. */
+enum {
+    PGCONN_CHECK_OK = 0,
+    PGCONN_CHECK_FAILED = -EINVAL,        /* the schema or configuration is wrong */
+    PGCONN_CHECK_UNREACHABLE = -ENOTCONN, /* no connection: the agent starts offline */
+};
 
 /*
  * Connects (blocking, bounded by [postgres] connect_timeout_ms) and runs the schema check.

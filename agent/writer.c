@@ -120,7 +120,7 @@ static int flush_out(struct writer *w)
 {
     int r = PQflush(w->pg);
     if (r < 0)
-        return -1;
+        return -EIO; /* the connection's error message says why */
     poll_watch(w, PQsocket(w->pg), UV_READABLE | (r == 1 ? UV_WRITABLE : 0));
     return 0;
 }
@@ -415,7 +415,7 @@ static int send_stmt(struct writer *w, enum stmt which, const char *sql, int n,
                      const char *const *values)
 {
     if (!PQsendQueryParams(w->pg, sql, n, NULL, values, NULL, NULL, 0))
-        return -1;
+        return -EIO; /* the connection's error message says why */
     w->stmts[w->pending_results++] = (uint8_t)which;
     return 0;
 }

@@ -760,8 +760,9 @@ static void test_destinations(void **state)
                      0);
     assert_string_equal(root, "/data/team");
     assert_string_equal(below, "e/r/artifacts/f.txt");
-    assert_int_equal(destination_local_root(&c, "s3://bucket/ml/x", root, sizeof root, &below), -1);
-    assert_int_equal(destination_local_root(&c, "/etc/passwd", root, sizeof root, &below), -1);
+    assert_int_equal(destination_local_root(&c, "s3://bucket/ml/x", root, sizeof root, &below),
+                     -EPERM);
+    assert_int_equal(destination_local_root(&c, "/etc/passwd", root, sizeof root, &below), -EPERM);
     config_free(&c);
 
     /* Without a server, mlflow-artifacts: goes nowhere. */
