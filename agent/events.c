@@ -59,6 +59,17 @@ void events_reject(const struct events_sink *s, const struct events_origin *o, u
     fail(&m, code, message);
 }
 
+/* A validation error goes to the client as is: the two enums must agree. */
+_Static_assert((int)VALIDATE_BAD_UTF8 == (int)PROTO_ERR_BAD_UTF8 &&
+                   (int)VALIDATE_BAD_KEY == (int)PROTO_ERR_BAD_KEY &&
+                   (int)VALIDATE_KEY_TOO_LONG == (int)PROTO_ERR_KEY_TOO_LONG &&
+                   (int)VALIDATE_VALUE_TOO_LONG == (int)PROTO_ERR_VALUE_TOO_LONG &&
+                   (int)VALIDATE_BAD_RUN_ID == (int)PROTO_ERR_BAD_RUN_ID &&
+                   (int)VALIDATE_BAD_TIMESTAMP == (int)PROTO_ERR_BAD_TIMESTAMP &&
+                   (int)VALIDATE_BAD_STATUS == (int)PROTO_ERR_BAD_STATUS &&
+                   (int)VALIDATE_BAD_NAME == (int)PROTO_ERR_BAD_NAME,
+               "validate_code values are wire error codes");
+
 static void fail_v(struct mctx *m, const struct validate_error *e)
 {
     fail(m, (uint32_t)e->code, e->message);
