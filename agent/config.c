@@ -1,9 +1,7 @@
 /*
- * config — parse agent.toml and TRACKD_* overrides into struct trackd_config.
- *
- * The file format is a strict TOML subset read in one bounded pass, line by line: anything we do
- * not understand is an error with file:line:column, because a silently ignored setting is worse
- * than a daemon that refuses to start. Loads work on a copy of the struct and commit only on
+ * config — the agent's settings: one key table (name, type, default, range, doc) drives agent.toml,
+ * TRACKD_* overrides, config_dump() and config_diff(). toml.c reads the file's syntax and hands
+ * each [section], key and value here. Loads work on a copy of the struct and commit only on
  * success, so a bad file or variable never leaves a half-applied configuration behind.
  */
 #include "config.h"
@@ -17,8 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "toml.h"
+
 #define CONFIG_MAX_FILE (1024 * 1024)
-#define CONFIG_MAX_LINE (64 * 1024)
+#define CONFIG_MAX_LINE TOML_MAX_LINE /* a string value is never longer than its line */
 #define CONFIG_MAX_PATH 4095
 
 #if defined(__GNUC__)
@@ -289,483 +289,121 @@ static int enum_find(const struct config_key *k, const char *s)
     return -1;
 }
 
-/* Returns the value of the hex digit c, or 16 when c is none. */
-static unsigned digit_value(unsigned char c)
-{
-    if (isdigit(c))
-        return (unsigned)(c - '0');
-    return isxdigit(c) ? (unsigned)(tolower(c) - 'a' + 10) : 16;
-}
-
 /*
- * Parses a TOML integer from s[0..n): optional sign, decimal, or unsigned 0x/0o, with _ only
- * between digits. legacy_octal lets "0660" mean octal the way chmod users write it; TOML itself
- * forbids leading zeros, so only environment values use it. Returns NULL, or why s is not an
- * integer. *overflow reports digits beyond 64 bits, which every key's range rejects anyway.
+ * Type- and range-checks v for k and stores it in the working copy (a string as a copy). v NULL
+ * is a value of no type k could take. Returns 0, -ENOMEM, or -EINVAL after writing the "must ..."
+ * half of the complaint to why; the caller adds file position or variable.
  */
-static const char *int_parse(const char *s, size_t n, bool legacy_octal, uint64_t *out, bool *neg,
-                             bool *overflow)
-{
-    unsigned base = 10;
-    bool prev_digit = false;
-
-    *out = 0;
-    *neg = *overflow = false;
-    if (n > 0 && (*s == '+' || *s == '-')) {
-        *neg = *s == '-';
-        if (n >= 3 && s[1] == '0' && (s[2] == 'x' || s[2] == 'o'))
-            return "a sign is not allowed before 0x or 0o";
-        s++, n--;
-    }
-    if (n >= 2 && s[0] == '0' && s[1] == 'b')
-        return "binary integers are not supported";
-    if (n >= 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'o')) {
-        base = s[1] == 'x' ? 16 : 8;
-        s += 2, n -= 2;
-    } else if (n >= 2 && s[0] == '0') {
-        if (!legacy_octal)
-            return "leading zeros are not allowed (write octal with 0o, as in 0o660)";
-        base = 8;
-    }
-    if (n == 0)
-        return "it has no digits";
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        unsigned d = digit_value(c);
-        if (c == '_') {
-            if (!prev_digit || i + 1 == n)
-                return "underscores must sit between digits";
-            prev_digit = false;
-            continue;
-        }
-        if (d >= base)
-            return base == 8 ? "it has a character that is not an octal digit"
-                             : "it has a character that is not a digit";
-        if (*out > (UINT64_MAX - d) / base)
-            *overflow = true;
-        else
-            *out = *out * base + d;
-        prev_digit = true;
-    }
-    return NULL;
-}
-
-/* Returns the length of the valid UTF-8 sequence at s, or 0 for an invalid one. */
-static size_t utf8_len(const char *str, const char *end)
-{
-    const unsigned char *s = (const unsigned char *)str;
-    size_t n;
-    uint32_t cp, min;
-
-    if (s[0] < 0x80)
-        return 1;
-    if (s[0] >= 0xC2 && s[0] <= 0xDF)
-        n = 2, cp = s[0] & 0x1Fu, min = 0x80;
-    else if ((s[0] & 0xF0) == 0xE0)
-        n = 3, cp = s[0] & 0x0Fu, min = 0x800;
-    else if (s[0] >= 0xF0 && s[0] <= 0xF4)
-        n = 4, cp = s[0] & 0x07u, min = 0x10000;
-    else
-        return 0;
-    if ((size_t)(end - str) < n)
-        return 0;
-    for (size_t i = 1; i < n; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        cp = cp << 6 | (s[i] & 0x3Fu);
-    }
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
-    return n;
-}
-
-static size_t utf8_encode(uint32_t cp, char *out)
-{
-    size_t n = cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
-    static const unsigned char lead[] = {0, 0x00, 0xC0, 0xE0, 0xF0};
-
-    for (size_t i = n - 1; i > 0; i--, cp >>= 6)
-        out[i] = (char)(0x80 | (cp & 0x3F));
-    out[0] = (char)(lead[n] | cp);
-    return n;
-}
-
-/* TOML forbids raw control characters everywhere except tab. */
-static bool is_control(unsigned char c)
-{
-    return (c < 0x20 && c != '\t') || c == 0x7F;
-}
-
-/* VAL_NONE is an environment value that is not an integer where one is needed. */
-enum value_kind { VAL_NONE, VAL_STRING, VAL_INTEGER, VAL_BOOL };
-
-struct value {
-    enum value_kind kind;
-    char *str; /* VAL_STRING: owned by whoever filled the struct, until value_store() takes it */
-    size_t len;
-    uint64_t mag;
-    bool neg, overflow;
-    const char *end; /* first byte after the value */
-};
-
-/*
- * Type- and range-checks v for k and stores it in the working copy, taking v->str. On failure
- * writes the "must ..." half of the complaint to why; the caller adds file position or variable.
- */
-static bool value_store(struct trackd_config *work, const struct trackd_config *orig,
-                        const struct config_key *k, struct value *v, char *why, size_t len)
+static int value_store(struct trackd_config *work, const struct trackd_config *orig,
+                       const struct config_key *k, const struct toml_value *v, char *why,
+                       size_t len)
 {
     int found;
+    char *copy;
 
     switch (k->type) {
     case KEY_STRING:
-        if (v->kind != VAL_STRING)
+        if (!v || v->type != TOML_STRING)
             break;
         assert(k->min <= 1);
         if (v->len < k->min) {
             snprintf(why, len, "must not be empty");
-            return false;
+            return -EINVAL;
         }
         if (v->len > k->max) {
             snprintf(why, len, "must be at most %" PRIu64 " bytes long", k->max);
-            return false;
+            return -EINVAL;
         }
-        key_set_str(work, orig, k, v->str);
-        v->str = NULL;
-        return true;
+        if ((copy = strndup(v->str, v->len)) == NULL)
+            return -ENOMEM;
+        key_set_str(work, orig, k, copy);
+        return 0;
     case KEY_BOOL:
-        if (v->kind != VAL_BOOL)
+        if (!v || v->type != TOML_BOOL)
             break;
         key_set_int(work, k, v->mag);
-        return true;
+        return 0;
     case KEY_ENUM:
-        if (v->kind != VAL_STRING || (found = enum_find(k, v->str)) < 0)
+        if (!v || v->type != TOML_STRING || (found = enum_find(k, v->str)) < 0)
             break;
         key_set_int(work, k, (uint64_t)found);
-        return true;
+        return 0;
     case KEY_U32:
     case KEY_U64:
     case KEY_MODE:
-        if (v->kind != VAL_INTEGER || v->overflow || (v->neg && v->mag != 0) || v->mag < k->min ||
-            v->mag > k->max)
+        if (!v || v->type != TOML_INTEGER || v->overflow || (v->neg && v->mag != 0) ||
+            v->mag < k->min || v->mag > k->max)
             break;
         key_set_int(work, k, v->mag);
-        return true;
+        return 0;
     }
     key_expect(k, why, len);
-    return false;
+    return -EINVAL;
 }
 
-/* ---- file parser ---- */
+/* ---- file ---- */
 
-struct parser {
-    const char *name;
-    const char *pos, *end;  /* unparsed text */
-    const char *line, *eol; /* current line, eol before any "\r\n" */
-    int lineno;
+/* A file load's state, the ctx of the toml_parse() callbacks. */
+struct file_load {
+    struct trackd_config *work;
+    const struct trackd_config *orig;
     int section; /* index into sections[], -1 before the first header */
     int section_line[NSECTIONS];
     int key_line[NKEYS];
-    struct trackd_config *work;
-    const struct trackd_config *orig;
-    struct config_error *err;
-    char *decoded; /* CONFIG_MAX_LINE bytes: a string's text is never longer than its line */
+    const struct config_key *key; /* the key whose value comes next */
 };
 
-static int parse_fail(struct parser *p, const char *at, const char *fmt, ...) PRINTF_LIKE(3, 4);
-
-static int parse_fail(struct parser *p, const char *at, const char *fmt, ...)
+static int file_table(void *ctx, struct toml_reader *r, const char *open, const char *name,
+                      size_t len)
 {
-    char msg[sizeof p->err->message];
-    va_list ap;
-    int column = 1;
+    struct file_load *f = ctx;
 
-    /* Columns count characters so editors and humans agree on them. */
-    for (const char *s = p->line; s < at; s++)
-        if (((unsigned char)*s & 0xC0) != 0x80)
-            column++;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    return error_set(p->err, p->name, p->lineno, column, "%s", msg);
-}
-
-static const char *skip_ws(const char *s, const char *end)
-{
-    while (s < end && (*s == ' ' || *s == '\t'))
-        s++;
-    return s;
-}
-
-static const char *skip_bare(const char *s, const char *end)
-{
-    while (s < end && (isalnum((unsigned char)*s) || *s == '_' || *s == '-'))
-        s++;
-    return s;
-}
-
-static int check_comment(struct parser *p, const char *s)
-{
-    while (s < p->eol) {
-        size_t n;
-        if (is_control((unsigned char)*s))
-            return parse_fail(p, s, "control character U+%04X is not allowed in a comment",
-                              (unsigned char)*s);
-        if ((n = utf8_len(s, p->eol)) == 0)
-            return parse_fail(p, s, "comment contains invalid UTF-8");
-        s += n;
-    }
-    return 0;
-}
-
-/* After a header or value only blanks and a comment may follow. */
-static int parse_line_end(struct parser *p, const char *s, const char *what)
-{
-    s = skip_ws(s, p->eol);
-    if (s == p->eol)
-        return 0;
-    if (*s == '#')
-        return check_comment(p, s);
-    return parse_fail(p, s, "unexpected text after %s", what);
-}
-
-static int parse_header(struct parser *p, const char *open)
-{
-    const char *name, *s = open + 1;
-    int len;
-
-    if (s < p->eol && *s == '[')
-        return parse_fail(p, open, "arrays of tables ([[...]]) are not supported");
-    name = skip_ws(s, p->eol);
-    s = skip_bare(name, p->eol);
-    len = (int)(s - name);
-    if (len == 0) {
-        if (s < p->eol && (*s == '"' || *s == '\''))
-            return parse_fail(p, s, "quoted section names are not supported");
-        return parse_fail(p, s, "expected a section name after \"[\"");
-    }
-    s = skip_ws(s, p->eol);
-    if (s < p->eol && *s == '.')
-        return parse_fail(p, s, "dotted section names are not supported");
-    if (s == p->eol || *s != ']')
-        return parse_fail(p, s, "expected \"]\" after the section name");
     for (size_t i = 0; i < NSECTIONS; i++) {
-        if (strlen(sections[i]) != (size_t)len || memcmp(sections[i], name, (size_t)len) != 0)
+        if (!toml_name_is(name, len, sections[i]))
             continue;
-        if (p->section_line[i])
-            return parse_fail(p, open, "duplicate section [%s]; it was already opened on line %d",
-                              sections[i], p->section_line[i]);
-        p->section_line[i] = p->lineno;
-        p->section = (int)i;
-        return parse_line_end(p, s + 1, "the section header");
-    }
-    return parse_fail(p, name, "unknown section [%.*s]", len, name);
-}
-
-/*
- * Parses a \uXXXX or \UXXXXXXXX escape whose backslash is at esc into p->decoded at *n.
- * Returns the first byte after it, or NULL after reporting the error.
- */
-static const char *parse_unicode(struct parser *p, const char *esc, size_t *n)
-{
-    unsigned digits = esc[1] == 'u' ? 4 : 8;
-    const char *s = esc + 2;
-    uint32_t cp = 0;
-
-    for (unsigned i = 0; i < digits; i++, s++) {
-        if (s == p->eol || digit_value((unsigned char)*s) == 16) {
-            parse_fail(p, esc, "escape \"\\%c\" needs %u hex digits", esc[1], digits);
-            return NULL;
-        }
-        cp = cp << 4 | digit_value((unsigned char)*s);
-    }
-    if (cp == 0) {
-        parse_fail(p, esc, "NUL characters are not allowed in strings");
-        return NULL;
-    }
-    if (cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-        parse_fail(p, esc, "escape \"%.*s\" is not a Unicode scalar value", (int)(s - esc), esc);
-        return NULL;
-    }
-    *n += utf8_encode(cp, p->decoded + *n);
-    return s;
-}
-
-/* Parses "..." (escapes, UTF-8) or '...' (verbatim) starting at the opening quote. */
-static int parse_string(struct parser *p, const char *open, struct value *v)
-{
-    static const char escapes[] = "\"\"\\\\n\nt\tr\rb\bf\f";
-    const char *s = open + 1, *e;
-    char *out = p->decoded;
-    size_t n = 0, len;
-
-    for (;;) {
-        unsigned char c;
-        if (s == p->eol || (*s == '\\' && *open == '"' && s + 1 == p->eol))
-            return parse_fail(p, open, "string is missing its closing quote");
-        c = (unsigned char)*s;
-        if (c == (unsigned char)*open)
-            break;
-        if (c == '\\' && *open == '"') {
-            if (s[1] == 'u' || s[1] == 'U') {
-                if ((s = parse_unicode(p, s, &n)) == NULL)
-                    return -EINVAL;
-                continue;
-            }
-            /* escapes[] pairs each escape letter with its byte; search only the letters. */
-            for (e = escapes; *e && *e != s[1]; e += 2)
-                ;
-            if (*e) {
-                out[n++] = e[1];
-                s += 2;
-                continue;
-            }
-            if (isgraph((unsigned char)s[1]))
-                return parse_fail(p, s, "invalid escape \"\\%c\" in string", s[1]);
-            return parse_fail(p, s, "invalid escape in string");
-        }
-        if (is_control(c))
-            return parse_fail(p, s, "control character U+%04X must be escaped in a string", c);
-        if ((len = utf8_len(s, p->eol)) == 0)
-            return parse_fail(p, s, "string contains invalid UTF-8");
-        memcpy(out + n, s, len);
-        n += len;
-        s += len;
-    }
-    v->kind = VAL_STRING;
-    v->len = n;
-    v->end = s + 1;
-    if ((v->str = malloc(n + 1)) == NULL) {
-        error_set(p->err, p->name, 0, 0, "out of memory");
-        return -ENOMEM;
-    }
-    memcpy(v->str, out, n);
-    v->str[n] = '\0';
-    return 0;
-}
-
-static bool token_is(const char *s, size_t n, const char *word)
-{
-    return strlen(word) == n && memcmp(s, word, n) == 0;
-}
-
-/*
- * Parses a value starting at s. Unsupported TOML forms are recognised by their first characters so
- * the message names what the user wrote instead of a generic syntax error.
- */
-static int parse_value(struct parser *p, const char *s, struct value *v)
-{
-    const char *t = s, *body = s;
-    size_t n, bn;
-    const char *why;
-
-    if (s == p->eol || *s == '#')
-        return parse_fail(p, s, "expected a value after \"=\"");
-    if (p->eol - s >= 3 && (*s == '"' || *s == '\'') && s[1] == *s && s[2] == *s)
-        return parse_fail(p, s, "multi-line strings are not supported");
-    if (*s == '"' || *s == '\'')
-        return parse_string(p, s, v);
-    if (*s == '[')
-        return parse_fail(p, s, "arrays are not supported");
-    if (*s == '{')
-        return parse_fail(p, s, "inline tables are not supported");
-
-    while (t < p->eol && (isalnum((unsigned char)*t) || (*t && strchr("_+-.:", *t))))
-        t++;
-    n = (size_t)(t - s);
-    v->end = t;
-    if (token_is(s, n, "true") || token_is(s, n, "false")) {
-        v->kind = VAL_BOOL;
-        v->mag = token_is(s, n, "true");
+        if (f->section_line[i])
+            return toml_fail(r, open, "duplicate section [%s]; it was already opened on line %d",
+                             sections[i], f->section_line[i]);
+        f->section_line[i] = toml_line(r);
+        f->section = (int)i;
         return 0;
     }
-    if (n > 0 && (*s == '+' || *s == '-'))
-        body++;
-    bn = n - (size_t)(body - s);
-    if (token_is(body, bn, "inf") || token_is(body, bn, "nan"))
-        return parse_fail(p, s, "floats are not supported");
-    if (bn == 0 || !isdigit((unsigned char)*body))
-        return parse_fail(p, s, "expected a value: a quoted string, an integer, true or false");
-    if (memchr(s, ':', n) ||
-        (n >= 5 && body == s && isdigit((unsigned char)s[1]) && isdigit((unsigned char)s[2]) &&
-         isdigit((unsigned char)s[3]) && s[4] == '-'))
-        return parse_fail(p, s, "dates and times are not supported");
-    if (!(bn > 1 && body[0] == '0' && body[1] == 'x') &&
-        (memchr(s, '.', n) || memchr(s, 'e', n) || memchr(s, 'E', n)))
-        return parse_fail(p, s, "floats are not supported");
-    v->kind = VAL_INTEGER;
-    if ((why = int_parse(s, n, false, &v->mag, &v->neg, &v->overflow)) == NULL)
-        return 0;
-    return parse_fail(p, s, "\"%.*s\" is not a valid integer: %s", (int)(n < 64 ? n : 64), s, why);
+    return toml_fail(r, name, "unknown section [%.*s]", (int)len, name);
 }
 
-static int parse_keyval(struct parser *p, const char *key)
+static int file_key(void *ctx, struct toml_reader *r, const char *key, size_t len)
 {
-    const char *s = skip_bare(key, p->eol), *at;
-    int klen = (int)(s - key), rc;
+    struct file_load *f = ctx;
     const char *section;
-    struct value v = {0};
-    char why[160];
 
-    if (klen == 0 && s < p->eol && (*s == '"' || *s == '\''))
-        return parse_fail(p, s, "quoted keys are not supported");
-    s = skip_ws(s, p->eol);
-    if (klen > 0 && s < p->eol && *s == '.')
-        return parse_fail(p, s, "dotted keys are not supported");
-    if (klen == 0 || s == p->eol || *s != '=')
-        return parse_fail(p, key, "expected \"key = value\"");
-    if (p->section < 0)
-        return parse_fail(p, key, "key \"%.*s\" must be inside a section such as [agent]", klen,
-                          key);
-    section = sections[p->section];
+    if (f->section < 0)
+        return toml_fail(r, key, "key \"%.*s\" must be inside a section such as [agent]", (int)len,
+                         key);
+    section = sections[f->section];
     for (size_t i = 0; i < NKEYS; i++) {
         const struct config_key *k = &keys[i];
-        if (strcmp(k->section, section) != 0 || !token_is(key, (size_t)klen, k->name))
+        if (strcmp(k->section, section) != 0 || !toml_name_is(key, len, k->name))
             continue;
-        if (p->key_line[i])
-            return parse_fail(p, key, "duplicate key \"%s\" in [%s]; it was already set on line %d",
-                              k->name, section, p->key_line[i]);
-        p->key_line[i] = p->lineno;
-        at = skip_ws(s + 1, p->eol);
-        rc = parse_value(p, at, &v);
-        if (rc == 0 && !value_store(p->work, p->orig, k, &v, why, sizeof why))
-            rc = parse_fail(p, at, "value for %s.%s %s", k->section, k->name, why);
-        free(v.str);
-        return rc ? rc : parse_line_end(p, v.end, "the value");
+        if (f->key_line[i])
+            return toml_fail(r, key, "duplicate key \"%s\" in [%s]; it was already set on line %d",
+                             k->name, section, f->key_line[i]);
+        f->key_line[i] = toml_line(r);
+        f->key = k;
+        return 0;
     }
-    return parse_fail(p, key, "unknown key \"%.*s\" in [%s]", klen, key, section);
+    return toml_fail(r, key, "unknown key \"%.*s\" in [%s]", (int)len, key, section);
 }
 
-static int parse_text(struct parser *p)
+static int file_value(void *ctx, struct toml_reader *r, const struct toml_value *v)
 {
-    /* Editors on some systems prepend a UTF-8 byte order mark; it carries no meaning. */
-    if (p->end - p->pos >= 3 && memcmp(p->pos, "\xEF\xBB\xBF", 3) == 0)
-        p->pos += 3;
-    while (p->pos < p->end) {
-        const char *nl = memchr(p->pos, '\n', (size_t)(p->end - p->pos)), *s;
-        int rc = 0;
+    struct file_load *f = ctx;
+    const struct config_key *k = f->key;
+    char why[160];
+    int rc = value_store(f->work, f->orig, k, v, why, sizeof why);
 
-        p->lineno++;
-        p->line = p->pos;
-        p->eol = nl ? nl : p->end;
-        p->pos = nl ? nl + 1 : p->end;
-        if (p->eol > p->line && p->eol[-1] == '\r')
-            p->eol--;
-        if (p->eol - p->line > CONFIG_MAX_LINE)
-            return parse_fail(p, p->line, "line is longer than %d bytes", CONFIG_MAX_LINE);
-        s = skip_ws(p->line, p->eol);
-        if (s == p->eol)
-            continue;
-        if (*s == '#')
-            rc = check_comment(p, s);
-        else if (*s == '[')
-            rc = parse_header(p, s);
-        else
-            rc = parse_keyval(p, s);
-        if (rc)
-            return rc;
-    }
-    return 0;
+    if (rc == -EINVAL)
+        return toml_fail(r, v->at, "value for %s.%s %s", k->section, k->name, why);
+    return rc;
 }
 
 /* ---- public API ---- */
@@ -789,9 +427,11 @@ int config_init(struct trackd_config *c)
 int config_load_string(struct trackd_config *c, const char *text, size_t len, const char *name,
                        struct config_error *err)
 {
+    static const struct toml_handler handler = {file_table, file_key, file_value};
     struct config_error scratch;
     struct trackd_config work = *c;
-    struct parser p;
+    struct file_load f;
+    struct toml_error terr;
     int rc;
 
     if (!err)
@@ -803,21 +443,15 @@ int config_load_string(struct trackd_config *c, const char *text, size_t len, co
         error_set(err, name, 0, 0, "file is larger than %d bytes", CONFIG_MAX_FILE);
         return -EFBIG;
     }
-    memset(&p, 0, sizeof p);
-    p.name = name;
-    p.pos = text ? text : "";
-    p.end = p.pos + (text ? len : 0);
-    p.section = -1;
-    p.work = &work;
-    p.orig = c;
-    p.err = err;
-    p.decoded = malloc(CONFIG_MAX_LINE);
-    if (!p.decoded) {
+    memset(&f, 0, sizeof f);
+    f.work = &work;
+    f.orig = c;
+    f.section = -1;
+    rc = toml_parse(text ? text : "", text ? len : 0, &handler, &f, &terr);
+    if (rc == -ENOMEM)
         error_set(err, name, 0, 0, "out of memory");
-        return -ENOMEM;
-    }
-    rc = parse_text(&p);
-    free(p.decoded);
+    else if (rc != 0)
+        error_set(err, name, terr.line, terr.column, "%s", terr.message);
     config_txn_end(c, &work, rc == 0);
     return rc;
 }
@@ -885,8 +519,9 @@ static int env_apply_one(struct trackd_config *work, const struct trackd_config 
     const char *section = NULL;
     size_t rest_len;
     char name[sizeof err->where], why[160];
-    struct value v = {0};
-    bool stored;
+    struct toml_value v = {0};
+    const struct toml_value *have = NULL; /* &v once val is of a type k may take */
+    int rc;
 
     if (!eq || strncmp(entry, "TRACKD_", 7) != 0)
         return 0;
@@ -909,24 +544,26 @@ static int env_apply_one(struct trackd_config *work, const struct trackd_config 
     if (k->type == KEY_BOOL) {
         bool t = strcmp(val, "true") == 0 || strcmp(val, "1") == 0;
         if (t || strcmp(val, "false") == 0 || strcmp(val, "0") == 0) {
-            v.kind = VAL_BOOL;
+            v.type = TOML_BOOL;
             v.mag = t;
+            have = &v;
         }
     } else if (k->type == KEY_STRING || k->type == KEY_ENUM) {
-        v.kind = VAL_STRING;
+        v.type = TOML_STRING;
+        v.str = val;
         v.len = strlen(val);
-        if ((v.str = strdup(val)) == NULL) {
-            error_set(err, name, 0, 0, "out of memory");
-            return -ENOMEM;
-        }
+        have = &v;
     } else {
         bool legacy_octal = k->type == KEY_MODE;
-        if (int_parse(val, strlen(val), legacy_octal, &v.mag, &v.neg, &v.overflow) == NULL)
-            v.kind = VAL_INTEGER;
+        if (toml_int_parse(val, strlen(val), legacy_octal, &v) == NULL)
+            have = &v;
     }
-    stored = value_store(work, orig, k, &v, why, sizeof why);
-    free(v.str);
-    return stored ? 0 : error_set(err, name, 0, 0, "%s", why);
+    rc = value_store(work, orig, k, have, why, sizeof why);
+    if (rc == -ENOMEM) {
+        error_set(err, name, 0, 0, "out of memory");
+        return rc;
+    }
+    return rc ? error_set(err, name, 0, 0, "%s", why) : 0;
 }
 
 int config_apply_env(struct trackd_config *c, char *const *envp, struct config_error *err)
@@ -952,27 +589,6 @@ int config_format_error(const struct config_error *err, char *buf, size_t len)
 }
 
 /* ---- dump ---- */
-
-static void dump_quoted(FILE *out, const char *s)
-{
-    fputc('"', out);
-    for (; *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        switch (c) {
-        case '"': fputs("\\\"", out); break;
-        case '\\': fputs("\\\\", out); break;
-        case '\n': fputs("\\n", out); break;
-        case '\t': fputs("\\t", out); break;
-        case '\r': fputs("\\r", out); break;
-        default:
-            if (is_control(c))
-                fprintf(out, "\\u%04X", c);
-            else
-                fputc(c, out);
-        }
-    }
-    fputc('"', out);
-}
 
 static bool dsn_is_uri(const char *s)
 {
@@ -1021,7 +637,8 @@ static char *redact_keywords(const char *s, char *o)
                     s++;
         }
         hit = strpbrk(val, "=@");
-        mask = token_is(key, klen, "password") || (token_is(key, klen, "dbname") && hit && hit < s);
+        mask = toml_name_is(key, klen, "password") ||
+               (toml_name_is(key, klen, "dbname") && hit && hit < s);
         o = mask ? append(o, "****", 4) : append(o, val, (size_t)(s - val));
     }
     return o;
@@ -1137,11 +754,11 @@ void config_dump(const struct trackd_config *c, FILE *out)
             char *masked = NULL;
             if (s && (k->flags & KEY_SECRET_DSN))
                 s = masked = dsn_redact(s); /* NULL here prints "****", never the raw DSN */
-            dump_quoted(out, s ? s : (k->flags & KEY_SECRET_DSN) ? "****" : "");
+            toml_write_string(out, s ? s : (k->flags & KEY_SECRET_DSN) ? "****" : "");
             free(masked);
             break;
         }
-        case KEY_ENUM: dump_quoted(out, k->names[key_get_int(c, k)]); break;
+        case KEY_ENUM: toml_write_string(out, k->names[key_get_int(c, k)]); break;
         case KEY_MODE: fprintf(out, "0o%03" PRIo64, key_get_int(c, k)); break;
         case KEY_BOOL: fputs(key_get_int(c, k) ? "true" : "false", out); break;
         case KEY_U32:

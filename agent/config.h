@@ -3,7 +3,7 @@
  *
  * One static key table in config.c drives parsing, environment overrides, defaults and
  * config_dump(), so adding a setting means adding one table row and one struct field.
- * The file format is a strict TOML subset parsed by hand; see config.c for what is accepted.
+ * The file format is a strict TOML subset parsed by hand; see toml.h for what is accepted.
  */
 #ifndef TRACKD_CONFIG_H
 #define TRACKD_CONFIG_H
