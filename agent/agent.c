@@ -283,18 +283,9 @@ static void journal_closed(struct journaler *jr)
     (void)jr;
 }
 
-static void finish(struct agent *a)
+/* Closes every module and handle; the loop then runs out. */
+static void close_modules(struct agent *a)
 {
-    uint64_t left = stats.queue_events;
-    if (!ingest_drained(&a->ingest))
-        log_warn("[agent] shutdown grace of %u ms ended with %llu events not written; they stay "
-                 "in the journal for the next start",
-                 a->cfg.shutdown_grace_ms, (unsigned long long)left);
-    else if (!a->replay_complete)
-        log_warn("[agent] stopped during the journal replay; the rest is replayed at the next "
-                 "start");
-    else
-        journaler_release(&a->journal, a->journal.appended_lsn); /* everything is committed */
     uploader_close(&a->up, NULL);
     journaler_close(&a->journal, journal_closed);
     ingest_cut(&a->ingest);
@@ -308,6 +299,22 @@ static void finish(struct agent *a)
     uv_close((uv_handle_t *)&a->sigterm, NULL);
     uv_close((uv_handle_t *)&a->sigint, NULL);
     uv_close((uv_handle_t *)&a->sighup, NULL);
+}
+
+/* The end of a shutdown: the journal is released as far as it was committed. */
+static void finish(struct agent *a)
+{
+    uint64_t left = stats.queue_events;
+    if (!ingest_drained(&a->ingest))
+        log_warn("[agent] shutdown grace of %u ms ended with %llu events not written; they stay "
+                 "in the journal for the next start",
+                 a->cfg.shutdown_grace_ms, (unsigned long long)left);
+    else if (!a->replay_complete)
+        log_warn("[agent] stopped during the journal replay; the rest is replayed at the next "
+                 "start");
+    else
+        journaler_release(&a->journal, a->journal.appended_lsn); /* everything is committed */
+    close_modules(a);
 }
 
 static void shutdown_tick(uv_timer_t *t)
@@ -430,6 +437,128 @@ int agent_check_dsn(const struct trackd_config *cfg, const char *config_path)
     return 0;
 }
 
+/*
+ * The modules on one loop, wired to each other, with signals and timers; nothing is served
+ * yet. 0 or -errno with msg.
+ */
+static int start_modules(struct agent *a, char *msg, size_t msglen)
+{
+    static const struct writer_cbs wcbs = {on_reject, on_batch_done, on_artifact_ready,
+                                           on_artifact_recorded};
+    static const struct uploader_cbs ucbs = {on_artifact_ledger, on_artifact_record,
+                                             on_artifact_hold, on_artifact_taken,
+                                             on_artifact_failed};
+    static const struct ingest_cbs icbs = {on_pause, on_flushed, on_error, on_released};
+    static const struct journaler_cbs jcbs = {on_durable, on_stalled, on_journal_room};
+    /*
+     * libuv's threadpool (4 threads by default) runs the journal's writes, snapshots, uploads,
+     * spool deletes, user-name lookups and host-name resolution. A snapshot stuck on an NFS
+     * file or a lookup stuck in LDAP holds a thread; with 16, the journal still finds one.
+     * Read by libuv at its first work item, so set before any. An operator's value wins.
+     */
+    setenv("UV_THREADPOOL_SIZE", AGENT_THREADPOOL_SIZE, 0);
+    uv_loop_init(&a->loop);
+    a->started_ms = uv_now(&a->loop);
+    int rc = writer_init(&a->writer, &a->loop, &a->cfg, &wcbs, a);
+    if (rc != 0)
+        return util_errorf(msg, msglen, rc, "cannot set up the writer");
+    writer_start(&a->writer);
+    ingest_init(&a->ingest, &a->loop, &a->cfg, &a->writer, &icbs, a);
+    journaler_init(&a->journal, &a->loop, &a->cfg, &jcbs, a);
+    if ((rc = conn_server_init(&a->conns, &a->loop, &a->cfg, &a->ingest, msg, msglen)) != 0)
+        return rc;
+    uv_signal_init(&a->loop, &a->sigterm);
+    uv_signal_init(&a->loop, &a->sigint);
+    uv_signal_init(&a->loop, &a->sighup);
+    a->sigterm.data = a->sigint.data = a->sighup.data = a;
+    uv_signal_start(&a->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&a->sigint, on_signal, SIGINT);
+    uv_signal_start(&a->sighup, on_sighup, SIGHUP);
+    uv_timer_init(&a->loop, &a->tick);
+    uv_timer_init(&a->loop, &a->shutdown);
+    a->tick.data = a->shutdown.data = a;
+
+    /* The journal directory itself is private (0700); the directories above it that it
+     * creates are 0755, since /var/lib/trackd also holds the default artifact store, which
+     * MLflow readers on the node must reach. */
+    if ((rc = util_mkdir_p(a->cfg.journal_dir, 0755, 0700)) != 0)
+        return util_errorf(msg, msglen, rc, "cannot create the journal directory %s",
+                           a->cfg.journal_dir);
+    /* One agent per journal: held (and never closed) for the life of the process. */
+    if ((rc = journaldir_lock(a->cfg.journal_dir, msg, msglen)) < 0 ||
+        (rc = journaldir_identity(a->cfg.journal_dir, a->journal_id, msg, msglen)) != 0)
+        return rc;
+    writer_set_journal(&a->writer, a->journal_id, &a->journal.durable_lsn);
+    /* Replay may reject events, so the dead-letter file must be open before it. */
+    deadletter_open(&a->dead, a->cfg.journal_dir);
+    static struct s3_config s3;
+    if ((rc = s3_config_init(&s3, a->cfg.s3_endpoint_url, a->cfg.s3_region, a->cfg.s3_access_key_id,
+                             a->cfg.s3_secret_file, msg, msglen)) != 0 ||
+        (rc = uploader_init(&a->up, &a->loop, &a->cfg, &s3, &ucbs, a, msg, msglen)) != 0)
+        return rc;
+    a->conns.uploader = &a->up;
+    return 0;
+}
+
+/*
+ * Every journaled frame through ingest again, before anyone is served. 0 when the journal is
+ * through, 1 when a signal stopped it, -errno with msg.
+ */
+static int replay_journal(struct agent *a, char *msg, size_t msglen)
+{
+    struct journal_replay_stats rs;
+    a->replaying = true;
+    a->replay_log_ms = 0; /* the first wait is logged at once */
+    int rc = journaler_replay(&a->cfg, on_replayed, replay_pace, a, &rs, msg, msglen);
+    a->replaying = false;
+    if (rc < 0)
+        return rc;
+    a->replay_complete = rc == 0;
+    if (rs.records || rs.quarantined || rs.torn_tail_bytes)
+        log_info("[journal] replayed %llu frames from %llu segments (%llu quarantined, %llu torn "
+                 "bytes skipped)%s%s",
+                 (unsigned long long)rs.records, (unsigned long long)rs.segments,
+                 (unsigned long long)rs.quarantined, (unsigned long long)rs.torn_tail_bytes,
+                 rs.last_problem[0] ? ": " : "", rs.last_problem);
+    return a->stopping ? 1 : 0;
+}
+
+/* Spooled artifacts resume, the journal opens for appending and clients are served. 0 or
+ * -errno with msg. */
+static int serve(struct agent *a, char *msg, size_t msglen)
+{
+    int recovered = uploader_recover(&a->up);
+    if (recovered > 0)
+        log_info("[artifacts] %d spooled artifact(s) from before the restart resume", recovered);
+    int rc = journaler_open(&a->journal, msg, msglen);
+    if (rc != 0)
+        return rc;
+    a->conns.journal = &a->journal;
+    a->conns.durable_lsn = a->journal.durable_lsn;
+    if ((rc = listener_start(&a->listener, &a->loop, &a->cfg, &a->conns, msg, msglen)) != 0)
+        return rc;
+    uv_timer_start(&a->tick, on_tick, 1000, 1000);
+    conn_server_start(&a->conns);
+    if (geteuid() == 0)
+        log_warn("[agent] running as root; an unprivileged user is enough (see "
+                 "agent/systemd/trackd.service)");
+    log_info("[agent] ready");
+    return 0;
+}
+
+/* Runs the loop until every handle is closed, then frees what outlives it. */
+static void run_to_end(struct agent *a)
+{
+    uv_run(&a->loop, UV_RUN_DEFAULT);
+    int rc = uv_loop_close(&a->loop);
+    if (rc != 0)
+        log_warn("[agent] loop closed with handles open: %s", uv_strerror(rc));
+    log_info("[agent] stopped");
+    conn_server_free(&a->conns);
+    deadletter_close(&a->dead);
+    config_free(&a->cfg);
+}
+
 int agent_run(const char *config_path)
 {
     static struct agent a; /* large; lives for the whole process */
@@ -441,6 +570,7 @@ int agent_run(const char *config_path)
         config_free(&a.cfg);
         return 1;
     }
+    a.config_path = config_path;
     signal(SIGPIPE, SIG_IGN);
     curl_global_init(CURL_GLOBAL_DEFAULT); /* before any thread: it is not thread-safe */
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
@@ -457,140 +587,28 @@ int agent_run(const char *config_path)
         log_warn("[agent] %s; starting offline: events are journaled and written once "
                  "PostgreSQL answers",
                  msg);
-
-    /*
-     * libuv's threadpool (4 threads by default) runs the journal's writes, snapshots, uploads,
-     * spool deletes, user-name lookups and host-name resolution. A snapshot stuck on an NFS
-     * file or a lookup stuck in LDAP holds a thread; with 16, the journal still finds one.
-     * Read by libuv at its first work item, so set before any. An operator's value wins.
-     */
-    setenv("UV_THREADPOOL_SIZE", AGENT_THREADPOOL_SIZE, 0);
-    uv_loop_init(&a.loop);
-    a.started_ms = uv_now(&a.loop);
-    struct writer_cbs wcbs = {on_reject, on_batch_done, on_artifact_ready, on_artifact_recorded};
-    struct uploader_cbs ucbs = {on_artifact_ledger, on_artifact_record, on_artifact_hold,
-                                on_artifact_taken, on_artifact_failed};
-    struct ingest_cbs icbs = {on_pause, on_flushed, on_error, on_released};
-    struct journaler_cbs jcbs = {on_durable, on_stalled, on_journal_room};
-    if (writer_init(&a.writer, &a.loop, &a.cfg, &wcbs, &a) != 0)
-        return 1;
-    writer_start(&a.writer);
-    ingest_init(&a.ingest, &a.loop, &a.cfg, &a.writer, &icbs, &a);
-    journaler_init(&a.journal, &a.loop, &a.cfg, &jcbs, &a);
-    if (conn_server_init(&a.conns, &a.loop, &a.cfg, &a.ingest, msg, sizeof msg) != 0) {
+    if (start_modules(&a, msg, sizeof msg) != 0) {
         log_error("[agent] %s", msg);
         return 1;
     }
-    uv_signal_init(&a.loop, &a.sigterm);
-    uv_signal_init(&a.loop, &a.sigint);
-    a.sigterm.data = a.sigint.data = &a;
-    uv_signal_start(&a.sigterm, on_signal, SIGTERM);
-    uv_signal_start(&a.sigint, on_signal, SIGINT);
-    uv_signal_init(&a.loop, &a.sighup);
-    a.sighup.data = &a;
-    a.config_path = config_path;
-    uv_signal_start(&a.sighup, on_sighup, SIGHUP);
-    uv_timer_init(&a.loop, &a.tick);
-    uv_timer_init(&a.loop, &a.shutdown);
-    a.tick.data = a.shutdown.data = &a;
-
-    /* Replay may reject events, so the dead-letter file must be open before it. */
-    /* The journal directory itself is private (0700); the directories above it that it
-     * creates are 0755, since /var/lib/trackd also holds the default artifact store, which
-     * MLflow readers on the node must reach. */
-    int made = util_mkdir_p(a.cfg.journal_dir, 0755, 0700);
-    if (made != 0) {
-        log_error("[agent] cannot create the journal directory %s: %s", a.cfg.journal_dir,
-                  strerror(-made));
-        return 1;
-    }
-    /* One agent per journal: held (and never closed) for the life of the process. */
-    if (journaldir_lock(a.cfg.journal_dir, msg, sizeof msg) < 0 ||
-        journaldir_identity(a.cfg.journal_dir, a.journal_id, msg, sizeof msg) != 0) {
+    int rc = replay_journal(&a, msg, sizeof msg);
+    if (rc < 0) {
         log_error("[agent] %s", msg);
         return 1;
     }
-    writer_set_journal(&a.writer, a.journal_id, &a.journal.durable_lsn);
-    deadletter_open(&a.dead, a.cfg.journal_dir);
-    static struct s3_config s3;
-    if (s3_config_init(&s3, a.cfg.s3_endpoint_url, a.cfg.s3_region, a.cfg.s3_access_key_id,
-                       a.cfg.s3_secret_file, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    if (uploader_init(&a.up, &a.loop, &a.cfg, &s3, &ucbs, &a, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    a.conns.uploader = &a.up;
-    struct journal_replay_stats rs;
-    a.replaying = true;
-    a.replay_log_ms = 0; /* the first wait is logged at once */
-    int rrc = journaler_replay(&a.cfg, on_replayed, replay_pace, &a, &rs, msg, sizeof msg);
-    a.replaying = false;
-    if (rrc < 0) {
-        log_error("[agent] %s", msg);
-        return 1;
-    }
-    a.replay_complete = rrc == 0;
-    if (rs.records || rs.quarantined || rs.torn_tail_bytes)
-        log_info("[journal] replayed %llu frames from %llu segments (%llu quarantined, %llu torn "
-                 "bytes skipped)%s%s",
-                 (unsigned long long)rs.records, (unsigned long long)rs.segments,
-                 (unsigned long long)rs.quarantined, (unsigned long long)rs.torn_tail_bytes,
-                 rs.last_problem[0] ? ": " : "", rs.last_problem);
-    if (a.stopping) {
+    if (rc > 0) {
         /* A signal came during the replay: write what is queued, within the grace period. */
         ingest_cut(&a.ingest);
         uv_timer_start(&a.shutdown, shutdown_tick, 0, 20);
-        uv_run(&a.loop, UV_RUN_DEFAULT);
-        uv_loop_close(&a.loop);
-        log_info("[agent] stopped");
-        conn_server_free(&a.conns);
-        deadletter_close(&a.dead);
-        config_free(&a.cfg);
+        run_to_end(&a);
         return 0;
     }
-    int recovered = uploader_recover(&a.up);
-    if (recovered > 0)
-        log_info("[artifacts] %d spooled artifact(s) from before the restart resume", recovered);
-    if (journaler_open(&a.journal, msg, sizeof msg) != 0) {
+    if (serve(&a, msg, sizeof msg) != 0) {
         log_error("[agent] %s", msg);
+        close_modules(&a);
+        run_to_end(&a);
         return 1;
     }
-    a.conns.journal = &a.journal;
-    a.conns.durable_lsn = a.journal.durable_lsn;
-    if (listener_start(&a.listener, &a.loop, &a.cfg, &a.conns, msg, sizeof msg) != 0) {
-        log_error("[agent] %s", msg);
-        uploader_close(&a.up, NULL);
-        journaler_close(&a.journal, journal_closed);
-        writer_close(&a.writer, writer_closed);
-        ingest_close(&a.ingest);
-        conn_close_all(&a.conns);
-        uv_close((uv_handle_t *)&a.tick, NULL);
-        uv_close((uv_handle_t *)&a.shutdown, NULL);
-        uv_close((uv_handle_t *)&a.sigterm, NULL);
-        uv_close((uv_handle_t *)&a.sigint, NULL);
-        uv_close((uv_handle_t *)&a.sighup, NULL);
-        uv_run(&a.loop, UV_RUN_DEFAULT);
-        uv_loop_close(&a.loop);
-        config_free(&a.cfg);
-        return 1;
-    }
-    uv_timer_start(&a.tick, on_tick, 1000, 1000);
-    conn_server_start(&a.conns);
-    if (geteuid() == 0)
-        log_warn("[agent] running as root; an unprivileged user is enough (see "
-                 "agent/systemd/trackd.service)");
-    log_info("[agent] ready");
-
-    uv_run(&a.loop, UV_RUN_DEFAULT);
-    int rc = uv_loop_close(&a.loop);
-    if (rc != 0)
-        log_warn("[agent] loop closed with handles open: %s", uv_strerror(rc));
-    log_info("[agent] stopped");
-    conn_server_free(&a.conns);
-    deadletter_close(&a.dead);
-    config_free(&a.cfg);
+    run_to_end(&a);
     return 0;
 }

@@ -105,11 +105,19 @@ static int run_stats(const char *socket_path)
     return 0;
 }
 
-int main(int argc, char **argv)
+/* What the command line asks for. */
+struct cli {
+    const char *config_path, *socket_path;
+    const char *journal_cmd, *journal_dir; /* trackd journal verify|status [DIR] */
+    const char *artifacts_run;             /* trackd artifacts RUN_ID */
+    bool check, stats, views_drop;
+};
+
+/* Fills cli from argv. 0 to go on; else the exit status (0 after --help or --version, 2 for a
+ * usage error, with a message on stderr). */
+static int parse_args(int argc, char **argv, struct cli *cli, bool *done)
 {
-    const char *config_path = NULL, *socket_path = NULL, *journal_cmd = NULL, *journal_dir = NULL;
-    const char *artifacts_run = NULL;
-    bool check = false, stats_cmd = false, views_drop = false;
+    *done = true;
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
         if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
@@ -124,18 +132,19 @@ int main(int argc, char **argv)
                 fprintf(stderr, "trackd: --config needs a file\n");
                 return 2;
             }
-            config_path = argv[i];
+            cli->config_path = argv[i];
         } else if (strcmp(arg, "--check-config") == 0) {
-            check = true;
+            cli->check = true;
             if (i + 1 < argc && argv[i + 1][0] != '-')
-                config_path = argv[++i];
+                cli->config_path = argv[++i];
         } else if (strcmp(arg, "--socket") == 0 && i + 1 < argc) {
-            socket_path = argv[++i];
+            cli->socket_path = argv[++i];
         } else if (strcmp(arg, "stats") == 0) {
-            stats_cmd = true;
+            cli->stats = true;
         } else if (strcmp(arg, "journal") == 0 && i + 1 < argc) {
-            journal_cmd = argv[++i];
-            if (strcmp(journal_cmd, "verify") != 0 && strcmp(journal_cmd, "status") != 0) {
+            cli->journal_cmd = argv[++i];
+            if (strcmp(cli->journal_cmd, "verify") != 0 &&
+                strcmp(cli->journal_cmd, "status") != 0) {
                 fprintf(stderr, "trackd: journal needs 'verify' or 'status'\n");
                 return 2;
             }
@@ -144,74 +153,94 @@ int main(int argc, char **argv)
                 fprintf(stderr, "trackd: artifacts needs a run id\n");
                 return 2;
             }
-            artifacts_run = argv[i];
+            cli->artifacts_run = argv[i];
         } else if (strcmp(arg, "views") == 0) {
             if (++i >= argc || strcmp(argv[i], "drop") != 0) {
                 fprintf(stderr, "trackd: views needs 'drop'\n");
                 return 2;
             }
-            views_drop = true;
-        } else if (journal_cmd && arg[0] != '-' && journal_dir == NULL) {
-            journal_dir = arg;
+            cli->views_drop = true;
+        } else if (cli->journal_cmd && arg[0] != '-' && cli->journal_dir == NULL) {
+            cli->journal_dir = arg;
         } else {
             fprintf(stderr, "trackd: unknown argument '%s'\n", arg);
             usage(stderr);
             return 2;
         }
     }
-    if (check) {
-        struct trackd_config cfg;
-        if (agent_load_config(&cfg, config_path) != 0)
-            return 1;
-        if (agent_check_dsn(&cfg, config_path) != 0) {
-            config_free(&cfg);
-            return 1;
-        }
-        /* The allow-lists name users and groups that must exist here. */
-        struct identity_rules rules;
-        char why[512];
-        if (identity_rules_parse(&rules, cfg.allowed_uids, cfg.allowed_gids, cfg.shared_gids, why,
-                                 sizeof why)) {
-            fprintf(stderr, "trackd: %s: %s\n", config_path ? config_path : "(defaults)", why);
-            config_free(&cfg);
-            return 1;
-        }
+    *done = false;
+    return 0;
+}
+
+/* --check-config: the file, the DSN and the users and groups the allow-lists name. */
+static int run_check(const struct cli *cli)
+{
+    const char *name = cli->config_path ? cli->config_path : "(defaults)";
+    struct trackd_config cfg;
+    if (agent_load_config(&cfg, cli->config_path) != 0)
+        return 1;
+    int rc = 1;
+    struct identity_rules rules;
+    char why[512];
+    if (agent_check_dsn(&cfg, cli->config_path) != 0) {
+        /* logged */
+    } else if (identity_rules_parse(&rules, cfg.allowed_uids, cfg.allowed_gids, cfg.shared_gids,
+                                    why, sizeof why)) {
+        fprintf(stderr, "trackd: %s: %s\n", name, why);
+    } else {
         identity_rules_free(&rules);
-        printf("%s: configuration OK\n", config_path ? config_path : "(defaults)");
-        config_free(&cfg);
-        return 0;
+        printf("%s: configuration OK\n", name);
+        rc = 0;
     }
-    if (journal_cmd) {
-        struct trackd_config cfg;
-        if (journal_dir == NULL && agent_load_config(&cfg, config_path) != 0)
-            return 1;
-        const char *dir = journal_dir ? journal_dir : cfg.journal_dir;
-        int rc = strcmp(journal_cmd, "verify") == 0 ? journal_verify(dir, stdout)
-                                                    : journal_status(dir, stdout);
-        if (journal_dir == NULL)
-            config_free(&cfg);
-        if (rc < 0)
-            fprintf(stderr, "trackd journal %s: %s: %s\n", journal_cmd, dir, strerror(-rc));
-        return rc == 0 ? 0 : 1;
-    }
-    if (artifacts_run || views_drop) {
-        struct trackd_config cfg;
-        if (agent_load_config(&cfg, config_path) != 0)
-            return 1;
-        int rc = artifacts_run ? dbobjects_list_artifacts(&cfg, artifacts_run, stdout)
-                               : dbobjects_drop_views(&cfg, stdout);
+    config_free(&cfg);
+    return rc;
+}
+
+/* trackd journal verify|status [DIR]: the configured journal unless DIR is given. */
+static int run_journal(const struct cli *cli)
+{
+    struct trackd_config cfg;
+    bool configured = cli->journal_dir == NULL;
+    if (configured && agent_load_config(&cfg, cli->config_path) != 0)
+        return 1;
+    const char *dir = configured ? cfg.journal_dir : cli->journal_dir;
+    int rc = strcmp(cli->journal_cmd, "verify") == 0 ? journal_verify(dir, stdout)
+                                                     : journal_status(dir, stdout);
+    if (rc < 0)
+        fprintf(stderr, "trackd journal %s: %s: %s\n", cli->journal_cmd, dir, strerror(-rc));
+    if (configured)
         config_free(&cfg);
+    return rc == 0 ? 0 : 1;
+}
+
+/* The tools that need the configuration: artifacts RUN_ID, views drop, stats. */
+static int run_tool(const struct cli *cli)
+{
+    bool stats_only = !cli->artifacts_run && !cli->views_drop;
+    if (stats_only && cli->socket_path)
+        return run_stats(cli->socket_path);
+    struct trackd_config cfg;
+    if (agent_load_config(&cfg, cli->config_path) != 0)
+        return 1;
+    int rc = cli->artifacts_run ? dbobjects_list_artifacts(&cfg, cli->artifacts_run, stdout)
+             : cli->views_drop  ? dbobjects_drop_views(&cfg, stdout)
+                                : run_stats(cfg.socket_path);
+    config_free(&cfg);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    struct cli cli = {0};
+    bool done;
+    int rc = parse_args(argc, argv, &cli, &done);
+    if (done)
         return rc;
-    }
-    if (stats_cmd) {
-        if (socket_path)
-            return run_stats(socket_path);
-        struct trackd_config cfg;
-        if (agent_load_config(&cfg, config_path) != 0)
-            return 1;
-        int rc = run_stats(cfg.socket_path);
-        config_free(&cfg);
-        return rc;
-    }
-    return agent_run(config_path);
+    if (cli.check)
+        return run_check(&cli);
+    if (cli.journal_cmd)
+        return run_journal(&cli);
+    if (cli.artifacts_run || cli.views_drop || cli.stats)
+        return run_tool(&cli);
+    return agent_run(cli.config_path);
 }
