@@ -303,13 +303,14 @@ int spool_copy(const struct spool *s, struct spool_entry *e, int fd,
     return rc;
 }
 
-int spool_copy_out(const struct spool *s, const char *id, int out, uint64_t size)
+int spool_copy_out(const struct spool *s, const char *id, int out, uint64_t size, char *msg,
+                   size_t msglen)
 {
     char data[4200];
     spool_file(s, id, ".data", data, sizeof data);
     int in = open(data, O_RDONLY | O_CLOEXEC);
     if (in < 0)
-        return -errno;
+        return util_errorf(msg, msglen, -errno, "cannot open the spool copy %s", data);
     uint64_t done = 0, started = 0;
     bool plain = false;
     int rc = 0;

@@ -62,8 +62,10 @@ int spool_check(const struct spool *s, struct spool_entry *e, int fd, char *msg,
 int spool_copy(const struct spool *s, struct spool_entry *e, int fd,
                const struct proto_file_seen *seen, char *msg, size_t msglen);
 /* Worker thread: copies the first size bytes of id's .data to out (copy_file_range where the
- * kernel can, else through a buffer), starting writeback as it goes. 0 or -errno. */
-int spool_copy_out(const struct spool *s, const char *id, int out, uint64_t size);
+ * kernel can, else through a buffer), starting writeback as it goes. 0 or -errno; msg says so
+ * when the spool copy itself cannot be opened, and is left alone otherwise. */
+int spool_copy_out(const struct spool *s, const char *id, int out, uint64_t size, char *msg,
+                   size_t msglen);
 /* Worker thread: deletes id's two files. 0 or -errno with msg naming the file. */
 int spool_remove(const struct spool *s, const char *id, char *msg, size_t msglen);
 

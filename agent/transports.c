@@ -90,12 +90,16 @@ static int put_local(const struct transport_put *p, char *msg, size_t msglen)
     unlinkat(dfd, tmp, 0); /* left by an upload a crash cut short */
     int rc = 0;
     int out = openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-    if (out < 0)
+    if (out < 0) {
         rc = util_errorf(msg, msglen, -errno, "cannot create %s in %s/%s", tmp, root, dirs);
-    else if ((rc = spool_copy_out(p->spool, p->e->id, out, p->e->size)) != 0)
-        util_errorf(msg, msglen, rc, "cannot write %s/%s", root, rel);
-    else if (fsync(out) != 0)
-        rc = util_errorf(msg, msglen, -errno, "cannot fsync %s/%s", root, rel);
+    } else {
+        msg[0] = '\0'; /* spool_copy_out names the spool copy when that is what failed */
+        rc = spool_copy_out(p->spool, p->e->id, out, p->e->size, msg, msglen);
+        if (rc != 0 && msg[0] == '\0')
+            util_errorf(msg, msglen, rc, "cannot write %s/%s", root, rel);
+        else if (rc == 0 && fsync(out) != 0)
+            rc = util_errorf(msg, msglen, -errno, "cannot fsync %s/%s", root, rel);
+    }
     if (out >= 0)
         close(out);
     if (rc == 0 && renameat(dfd, tmp, dfd, name) != 0)
