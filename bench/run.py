@@ -406,6 +406,47 @@ class Bench:
         return {"contender": "L", "mode": "w1", "points": n, "events": n, "seconds": secs,
                 "procs": 1, "dropped": 0}
 
+    def run_direct_w1(self, contender, n_conns):
+        """L-direct (n_conns 1) and P (2): W1's rows COPYed straight into metrics, no staging
+        table, and latest_metrics from the winners per (run, key) computed here, as an agent
+        that knows its batch cannot conflict could; P splits the runs over parallel psql
+        connections. The ceiling a direct write path could reach on this machine."""
+        db = self.db(f"w1_{contender}")
+        steps = self.w1_steps("L")
+        ids = [f"{i:032x}" for i in range(1, PROCS + 1)]
+        self.make_runs(db, ids)
+        parts = [ids[k::n_conns] for k in range(n_conns)]
+        scripts = []
+        log(f"W1 {contender}: writing {PROCS * 50 * steps:,} rows for {n_conns} psql ...")
+        for k, part in enumerate(parts):
+            rows, latest = self.work / f"w1-direct-{k}.tsv", self.work / f"w1-latest-{k}.tsv"
+            with open(rows, "w") as f, open(latest, "w") as g:
+                for rid in part:
+                    for s in range(steps):
+                        f.write("".join(f"m{k}\t{(s * 50 + k) * 0.5!r}\t{TS0 + s}\t{rid}\t{s}\tf\n"
+                                        for k in range(50)))
+                    s = steps - 1
+                    g.write("".join(f"m{k}\t{(s * 50 + k) * 0.5!r}\t{TS0 + s}\t{rid}\t{s}\tf\n"
+                                    for k in range(50)))
+            scripts.append(DIRECT_W1.format(path=rows, latest=latest))
+        log(f"W1 {contender}: psql \\copy straight into metrics, {n_conns} connection(s) ...")
+        t = time.monotonic()
+        threads = [threading.Thread(target=self.psql, args=(db, sc)) for sc in scripts]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        secs = time.monotonic() - t
+        for k in range(n_conns):
+            (self.work / f"w1-direct-{k}.tsv").unlink()
+            (self.work / f"w1-latest-{k}.tsv").unlink()
+        n = PROCS * 50 * steps
+        if self.count(db, "metrics") != n or self.count(db, "latest_metrics") != PROCS * 50:
+            raise RuntimeError(f"{contender} W1: rows missing")
+        log(f"  {n:,} points in {secs:.2f} s = {n / secs:,.0f} points/s")
+        return {"contender": contender, "mode": "w1", "points": n, "events": n, "seconds": secs,
+                "procs": n_conns, "dropped": 0}
+
     def run_limit_w2(self):
         db = self.db("w2_L")
         nruns = self.w2_runs("L")
@@ -512,6 +553,22 @@ CREATE TEMP TABLE stage (key text, value float8, "timestamp" int8, run_uuid text
 {metrics}COMMIT;
 """
 
+# L-direct and P: COPY straight into metrics, then the winners the writer would compute.
+DIRECT_W1 = """
+BEGIN;
+\\copy metrics (key, value, "timestamp", run_uuid, step, is_nan) FROM '{path}'
+CREATE TEMP TABLE win (key text, value float8, "timestamp" int8, run_uuid text, step int8,
+                       is_nan bool) ON COMMIT DROP;
+\\copy win FROM '{latest}'
+INSERT INTO latest_metrics (key, value, "timestamp", step, is_nan, run_uuid)
+  SELECT key, value, "timestamp", step, is_nan, run_uuid FROM win ORDER BY run_uuid, key
+  ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value, "timestamp" = EXCLUDED."timestamp",
+    step = EXCLUDED.step, is_nan = EXCLUDED.is_nan
+  WHERE (EXCLUDED.step, EXCLUDED."timestamp", EXCLUDED.value)
+      > (latest_metrics.step, latest_metrics."timestamp", latest_metrics.value);
+COMMIT;
+"""
+
 STAGE_W2 = """
 BEGIN;
 CREATE TEMP TABLE s_runs (id text, name text, st int8, exp int4) ON COMMIT DROP;
@@ -541,9 +598,11 @@ COMMIT;
 
 # ---- the report ------------------------------------------------------------------------------
 
-W1_ORDER = ["L", "T-C", "T-Py", "T-M", "M1", "M2", "M3", "M3-buf"]
+W1_ORDER = ["L", "L-direct", "P", "T-C", "T-Py", "T-M", "M1", "M2", "M3", "M3-buf"]
 W2_ORDER = ["L", "T-C", "T-Py", "T-M", "M1", "M2", "M3"]
-WHAT = {"L": "psql \\copy + trackd's statements", "T-C": "libtrackd (C) -> agent",
+WHAT = {"L": "psql \\copy + trackd's statements",
+        "L-direct": "psql \\copy straight into metrics", "P": "L-direct, 2 connections",
+        "T-C": "libtrackd (C) -> agent",
         "T-Py": "trackd package -> agent", "T-M": "mlflow fluent API, trackd: URI",
         "M1": "mlflow.log_metric, postgresql://", "M2": "MlflowClient.log_batch x 1000",
         "M3": "MLflow async logging", "M3-buf": "async, BUFFERING_SECONDS=2"}
@@ -771,7 +830,10 @@ def main():
         if "W1" in parts:
             if not only or "L" in only:
                 attempt(b, "W1 L", lambda: b.rows.append(b.run_limit_w1()))
-            for c in [c for c in W1_ORDER[1:] if not only or c in only]:
+            for c, conns in (("L-direct", 1), ("P", 2)):
+                if not only or c in only:
+                    attempt(b, f"W1 {c}", lambda: b.rows.append(b.run_direct_w1(c, conns)))
+            for c in [c for c in W1_ORDER[3:] if not only or c in only]:
                 r = attempt(b, f"W1 {c}", lambda: b.run_contender(c, "w1"))
                 if r:
                     b.rows.append(r)
