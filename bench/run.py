@@ -1,12 +1,14 @@
 """The trackd bench: every contender, every workload, side by side in one run on this machine.
 
-    ./trackd-dev bench [--scale 1.0] [--only W1,W2,PACED,W3,SCALE]
+    ./trackd-dev bench [--scale 1.0] [--only W1,W2,PACED,W3,W4,SCALE] [--w4-rows 10000000]
     .venv/bin/python bench/run.py [same options]      (after ./trackd-dev build)
 
 Workloads (at --scale 1; --scale multiplies steps and runs):
   W1  high-frequency scalars: 8 processes x 50 keys x 20,000 steps, one run each (8,000,000 points)
   W2  many runs: 2,000 runs x (20 params, 10 tags, 5 keys x 100 steps), over 8 processes
   W3  a 512 MiB artifact logged by another process while W1 runs through trackd
+  W4  W1 through L and T-C again, into a database whose metrics table already holds
+      --w4-rows rows (10,000,000) of 100 other runs: the cost as the table grows
 Contenders, on one PostgreSQL 15 (default settings, fsync on), each into a fresh copy of the
 same MLflow schema:
   L     the limit: psql \\copy of the same rows into a staging table, then the statements
@@ -211,6 +213,9 @@ class Bench:
         self.paced = []     # paced rows
         self.scale_rows = []
         self.w3 = None
+        self.w4 = []        # W4 rows: W1 into a full metrics table
+        self.prefill = 0    # rows W4 puts into every new database's metrics first
+        self.baseline = {}  # db -> {table: rows the prefill left}
         self.failures = []  # (part, first line of the error)
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TRACKD_"))}
         self.base_env["PYTHONPATH"] = str(ROOT / "bench")
@@ -220,7 +225,22 @@ class Bench:
 
     def db(self, tag):
         self.ndb += 1
-        return self.pg.mlflow_db(f"b{self.ndb}_{tag.lower().replace('-', '_')}")
+        db = self.pg.mlflow_db(f"b{self.ndb}_{tag.lower().replace('-', '_')}")
+        if self.prefill:
+            self.fill(db, self.prefill)
+        return db
+
+    def fill(self, db, n):
+        """W4: n metric rows of 100 runs that are not the workload's (50 keys each, steps in
+        order), their latest_metrics, then VACUUM ANALYZE and a checkpoint, so the workload
+        meets a large, settled table and index."""
+        log(f"W4: filling {db} with {n:,} metric rows ...")
+        per_run = max(1, n // 100)
+        secs = self.psql(db, FILL_W4.format(per_run=per_run, ts0=TS0 - 10**9))
+        secs += self.psql(db, "VACUUM ANALYZE metrics;\nCHECKPOINT;\n")
+        self.baseline[db] = {t: self.pg.query(db, f"SELECT count(*) FROM {t}")[0][0]
+                             for t in ("metrics", "latest_metrics", "runs")}
+        log(f"  {self.baseline[db]['metrics']:,} rows in {secs:.0f} s")
 
     def agent(self, db, name):
         a = Agent(self.pg, db, self.work / name, artifact_root=str(self.work / "mlruns"), log_level="info")
@@ -229,7 +249,9 @@ class Bench:
         return a.start()
 
     def count(self, db, table):
-        return self.pg.query(db, f"SELECT count(*) FROM {table}")[0][0]
+        """Rows in table, less those W4's prefill put there."""
+        n = self.pg.query(db, f"SELECT count(*) FROM {table}")[0][0]
+        return n - self.baseline.get(db, {}).get(table, 0)
 
     # -- shapes ---------------------------------------------------------------------------------
     def w1_steps(self, contender):
@@ -553,6 +575,20 @@ CREATE TEMP TABLE stage (key text, value float8, "timestamp" int8, run_uuid text
 {metrics}COMMIT;
 """
 
+# W4's prefill: 100 runs of {per_run} points each (50 keys, one step per 50 points).
+FILL_W4 = """
+INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id, status,
+                  start_time, source_version, lifecycle_stage, artifact_uri, experiment_id)
+  SELECT 'f' || lpad(r::text, 31, '0'), 'fill-' || r, 'UNKNOWN', '', '', 'bench', 'FINISHED', 0,
+         '', 'active', '', 0 FROM generate_series(1, 100) r;
+INSERT INTO metrics (key, value, "timestamp", run_uuid, step, is_nan)
+  SELECT 'm' || (g % 50), g * 0.25, {ts0} + g / 50, 'f' || lpad(r::text, 31, '0'), g / 50, false
+  FROM generate_series(1, 100) r, generate_series(0, {per_run} - 1) g;
+INSERT INTO latest_metrics (key, value, "timestamp", step, is_nan, run_uuid)
+  SELECT DISTINCT ON (run_uuid, key) key, value, "timestamp", step, is_nan, run_uuid FROM metrics
+  ORDER BY run_uuid, key, step DESC, "timestamp" DESC, value DESC;
+"""
+
 # L-direct and P: COPY straight into metrics, then the winners the writer would compute.
 DIRECT_W1 = """
 BEGIN;
@@ -693,6 +729,20 @@ def write_report(b, args, started):
               f"| with the upload, whole run | {x['seconds']:.2f} | {rate(x):,.0f} | {rate(x) / rate(a):.2f} |",
               f"| only while the upload ran ({w['upload_s']:.1f} s, agent counters every 0.1 s) | | "
               f"{w['rate_during']:,.0f} | {w['rate_during'] / rate(a):.2f} |", ""]
+    if b.w4:
+        empty = {r["contender"]: r for r in w1}
+        L += ["## W4: W1 into a metrics table that already holds rows", "",
+              f"The same W1 (L and T-C), each into a database whose `metrics` already held "
+              f"{args.w4_rows:,} rows of 100 other runs (index built, VACUUM ANALYZE, checkpoint).", "",
+              "| contender | points | points/s, full table | vs L, full table | points/s, empty table (W1) | full / empty |",
+              "|---|---:|---:|---:|---:|---:|"]
+        lim4 = next((r for r in b.w4 if r["contender"] == "L"), None)
+        for r in b.w4:
+            e = empty.get(r["contender"])
+            L.append(f"| {r['contender']} | {r['points']:,} | {rate(r):,.0f} | "
+                     + (f"{rate(r) / rate(lim4):.2f}" if lim4 else "–") + " | "
+                     + (f"{rate(e):,.0f} | {rate(r) / rate(e):.2f} |" if e else "– | – |"))
+        L.append("")
     if b.scale_rows:
         L += ["## SCALE: W1 with several agents on one PostgreSQL", "",
               "Each agent has its own socket and journal; processes are spread over the agents "
@@ -808,7 +858,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiplies W1's steps and W2's runs (default 1: the full workloads)")
-    ap.add_argument("--only", default="W1,W2,PACED,W3,SCALE", help="comma-separated parts to run")
+    ap.add_argument("--only", default="W1,W2,PACED,W3,W4,SCALE", help="comma-separated parts to run")
+    ap.add_argument("--w4-rows", type=int, default=10_000_000,
+                    help="rows W4 puts into metrics before its W1 (default 10,000,000)")
     ap.add_argument("--contenders", default="", help="comma-separated contenders for W1/W2 (default all)")
     ap.add_argument("--artifact-mib", type=int, default=512)
     ap.add_argument("--smoke", action="store_true",
@@ -817,7 +869,7 @@ def main():
     args = ap.parse_args()
     global PACED_SECONDS
     if args.smoke:
-        args.scale, args.artifact_mib, PACED_SECONDS = 0.001, 4, 1
+        args.scale, args.artifact_mib, PACED_SECONDS, args.w4_rows = 0.001, 4, 1, 10_000
     parts = {p.strip().upper() for p in args.only.split(",")}
     only = {c.strip() for c in args.contenders.split(",") if c.strip()}
     started = time.strftime("%Y-%m-%d %H:%M")
@@ -853,6 +905,13 @@ def main():
             alone = alone or attempt(b, "W1 T-C", lambda: b.run_contender("T-C", "w1"))
             if alone:
                 attempt(b, "W3", lambda: b.run_w3(alone))
+        if "W4" in parts:
+            b.prefill = args.w4_rows
+            if not only or "L" in only:
+                attempt(b, "W4 L", lambda: b.w4.append(b.run_limit_w1()))
+            if not only or "T-C" in only:
+                attempt(b, "W4 T-C", lambda: b.w4.append(b.run_contender("T-C", "w1")))
+            b.prefill = 0
         if "SCALE" in parts:
             for n in (1, 4, 16):
                 attempt(b, f"SCALE {n} agents", lambda: b.scale_rows.append(
