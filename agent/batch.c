@@ -254,15 +254,18 @@ const char batch_sql_metrics[] =
     " WHERE" ACTIVE_RUNS " ON CONFLICT DO NOTHING";
 
 /*
- * One row per (run, key): the largest (step, timestamp, value), earliest
- * arrival among equals, replaces the stored row only if strictly greater.
+ * One row per (run, key), the range's winner (latest_winner: the largest (step, timestamp,
+ * value), the earliest arrival among equals), replaces the stored row only if strictly greater,
+ * as SqlAlchemyStore._update_latest_metrics_if_necessary.
  */
 const char batch_sql_latest[] =
     "INSERT INTO latest_metrics (key, value, \"timestamp\", step, is_nan, run_uuid)"
-    " SELECT key, value, \"timestamp\", step, is_nan, run_uuid FROM ("
-    "  SELECT DISTINCT ON (run_uuid, key) * FROM trackd_stage_metrics WHERE" ACTIVE_RUNS
-    "  ORDER BY run_uuid, key, step DESC, \"timestamp\" DESC, value DESC, ord) s"
-    " ORDER BY run_uuid, key"
+    " SELECT u.key, u.value, u.ts, u.step, u.is_nan, u.run"
+    " FROM unnest($1::text[], $2::float8[], $3::int8[], $4::int8[], $5::bool[], $6::text[])"
+    "  AS u(key, value, ts, step, is_nan, run)"
+    " WHERE u.run IN (SELECT run_uuid FROM runs WHERE run_uuid = ANY($6::text[])"
+    "  AND lifecycle_stage = 'active')"
+    " ORDER BY u.run, u.key"
     " ON CONFLICT (key, run_uuid) DO UPDATE SET value = EXCLUDED.value,"
     "  \"timestamp\" = EXCLUDED.\"timestamp\", step = EXCLUDED.step, is_nan = EXCLUDED.is_nan"
     " WHERE (EXCLUDED.step, EXCLUDED.\"timestamp\", EXCLUDED.value)"
@@ -348,6 +351,14 @@ static int array_int(struct proto_buf *arr, int64_t v)
 {
     char tmp[24];
     int n = snprintf(tmp, sizeof tmp, "%" PRId64, v);
+    return batch_array_append(arr, tmp, (size_t)n);
+}
+
+/* A float8 element: 17 significant digits read back as the same double. */
+static int array_double(struct proto_buf *arr, double v)
+{
+    char tmp[32];
+    int n = snprintf(tmp, sizeof tmp, "%.17g", v);
     return batch_array_append(arr, tmp, (size_t)n);
 }
 
@@ -488,7 +499,8 @@ static size_t *dedup_find(struct dedup *d, const struct batch *b, size_t i, enum
         &(s)->end_statuses, &(s)->end_times, &(s)->art_ids, &(s)->art_runs, &(s)->art_paths,       \
         &(s)->art_sizes, &(s)->art_shas, &(s)->done_ids, &(s)->done_statuses, &(s)->done_errors,   \
         &(s)->state_runs, &(s)->state_exps, &(s)->state_exp_ids, &(s)->run_exp_ids,                \
-        &(s)->own_runs, &(s)->own_uids, &(s)->own_gids, &(s)->copy
+        &(s)->own_runs, &(s)->own_uids, &(s)->own_gids, &(s)->latest_keys, &(s)->latest_values,    \
+        &(s)->latest_ts, &(s)->latest_steps, &(s)->latest_nans, &(s)->latest_runs, &(s)->copy
 
 void batch_sql_init(struct batch_sql *s)
 {
@@ -549,7 +561,7 @@ struct build {
     struct batch_sql *s;
     size_t lo;
     unsigned tag_value_max;
-    struct dedup tags, params, ends, exps, runs;
+    struct dedup tags, params, ends, exps, runs, latest;
     size_t *tag_win, *end_win; /* by i - lo: 1 when event i is the last of its identity */
 };
 
@@ -718,6 +730,60 @@ static int emit_artifact(struct build *bd, const struct ev *ev)
     return 0;
 }
 
+/*
+ * MLflow's order for latest_metrics (SqlAlchemyStore._update_latest_metrics_if_necessary):
+ * true when x is strictly greater than y by (step, timestamp, value), values as stored.
+ */
+static bool latest_greater(const struct ev *x, const struct ev *y)
+{
+    if (x->point.step != y->point.step)
+        return x->point.step > y->point.step;
+    if (x->point.ts != y->point.ts)
+        return x->point.ts > y->point.ts;
+    return x->point.value > y->point.value;
+}
+
+/* A metric point: the COPY row, and the winner of its (run, key) so far. */
+static int emit_metric(struct build *bd, size_t i, uint32_t *ord)
+{
+    struct batch *b = bd->b;
+    const struct ev *ev = &b->evs[i];
+    struct batch_sql *s = bd->s;
+    if (s->n_metrics == 0 && copy_header(&s->copy))
+        return -ENOMEM;
+    if (copy_row(&s->copy, b, ev, (*ord)++))
+        return -ENOMEM;
+    s->n_metrics++;
+    size_t prev, *slot = dedup_find(&bd->latest, b, i, BY_RUN_KEY, &prev);
+    if (prev == SIZE_MAX || latest_greater(ev, &b->evs[prev]))
+        *slot = i + 1; /* among equals the first one stays */
+    return 0;
+}
+
+/* The winners, one per (run, key), in the order they came (the statement sorts them). */
+static int emit_latest(struct build *bd, size_t hi)
+{
+    struct batch *b = bd->b;
+    struct batch_sql *s = bd->s;
+    for (size_t i = bd->lo; i < hi; i++) {
+        const struct ev *ev = &b->evs[i];
+        if (ev->kind != EV_METRIC || (ev->flags & EV_REJECTED))
+            continue;
+        size_t winner;
+        dedup_find(&bd->latest, b, i, BY_RUN_KEY, &winner);
+        if (winner != i)
+            continue;
+        if (append_sref(&s->latest_keys, b, ev->kv.key) ||
+            array_double(&s->latest_values, ev->point.value) ||
+            array_int(&s->latest_ts, ev->point.ts) || array_int(&s->latest_steps, ev->point.step) ||
+            batch_array_append(&s->latest_nans, ev->is_nan ? "t" : "f", 1) ||
+            append_run(&s->latest_runs, ev))
+            return -ENOMEM;
+        s->n_latest++;
+    }
+    return 0;
+}
+
 /* Pass 2: one event's statement inputs, in arrival order. */
 static int emit(struct build *bd, size_t i, uint32_t *ord)
 {
@@ -731,13 +797,7 @@ static int emit(struct build *bd, size_t i, uint32_t *ord)
     case EV_START_RUN: return emit_start(bd, i);
     case EV_TAG: return bd->tag_win[k] ? emit_tag(bd, i) : 0;
     case EV_PARAM: return emit_param(bd, i);
-    case EV_METRIC:
-        if (s->n_metrics == 0 && copy_header(&s->copy))
-            return -ENOMEM;
-        if (copy_row(&s->copy, bd->b, ev, (*ord)++))
-            return -ENOMEM;
-        s->n_metrics++;
-        return 0;
+    case EV_METRIC: return emit_metric(bd, i, ord);
     case EV_END_RUN: return bd->end_win[k] ? emit_end(bd, ev) : 0;
     case EV_DELETE_TAG:
         if (!bd->tag_win[k])
@@ -760,7 +820,7 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_ma
     batch_sql_free(s);
     size_t n = hi - lo;
     if (dedup_init(&bd.tags, n) || dedup_init(&bd.params, n) || dedup_init(&bd.ends, n) ||
-        dedup_init(&bd.exps, n) || dedup_init(&bd.runs, n))
+        dedup_init(&bd.exps, n) || dedup_init(&bd.runs, n) || dedup_init(&bd.latest, n))
         goto out;
     bd.tag_win = malloc((n + 1) * sizeof *bd.tag_win);
     bd.end_win = malloc((n + 1) * sizeof *bd.end_win);
@@ -771,7 +831,7 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_ma
     for (size_t i = lo; i < hi; i++)
         if (!(b->evs[i].flags & EV_REJECTED) && emit(&bd, i, &ord) != 0)
             goto out;
-    if (s->n_metrics && copy_trailer(&s->copy))
+    if (s->n_metrics && (copy_trailer(&s->copy) || emit_latest(&bd, hi)))
         goto out;
     struct proto_buf *arrays[] = {SQL_BUFS(s)};
     /* Every buffer but the COPY stream is a text array literal. */
@@ -785,6 +845,7 @@ out:
     free(bd.ends.slot);
     free(bd.exps.slot);
     free(bd.runs.slot);
+    free(bd.latest.slot);
     free(bd.tag_win);
     free(bd.end_win);
     return rc;

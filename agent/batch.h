@@ -197,6 +197,9 @@ struct batch_sql {
 
     struct proto_buf copy;
     size_t n_metrics;
+    /* latest_metrics: one winner per (run, key) of the range, by MLflow's rule (batch.c). */
+    struct proto_buf latest_keys, latest_values, latest_ts, latest_steps, latest_nans, latest_runs;
+    size_t n_latest;
 
     size_t *rejected; /* event indexes flagged while building */
     size_t n_rejected;
@@ -235,6 +238,7 @@ extern const char batch_sql_renames[];
 extern const char batch_sql_params[];
 /* $1 state_runs */
 extern const char batch_sql_metrics[];
+/* $1 keys, $2 values, $3 timestamps, $4 steps, $5 is_nan, $6 runs: the range's winners */
 extern const char batch_sql_latest[];
 extern const char batch_sql_end_runs[];
 extern const char batch_sql_delete_tags[];

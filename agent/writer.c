@@ -471,7 +471,10 @@ static void send_pipeline(struct writer *w)
     if (s->n_metrics) {
         const char *v[] = {BUFSTR(s->state_runs)};
         rc |= send_stmt(w, STMT_METRICS, batch_sql_metrics, 1, v);
-        rc |= send_stmt(w, STMT_LATEST, batch_sql_latest, 1, v);
+        const char *l[] = {BUFSTR(s->latest_keys), BUFSTR(s->latest_values),
+                           BUFSTR(s->latest_ts),   BUFSTR(s->latest_steps),
+                           BUFSTR(s->latest_nans), BUFSTR(s->latest_runs)};
+        rc |= send_stmt(w, STMT_LATEST, batch_sql_latest, 6, l);
     }
     if (s->n_ends) {
         const char *v[] = {BUFSTR(s->end_runs), BUFSTR(s->end_statuses), BUFSTR(s->end_times)};

@@ -117,15 +117,16 @@ static void build(struct batch *b, size_t lo, size_t hi, struct batch_sql *s)
 static void assert_nothing(const struct batch_sql *s)
 {
     const struct proto_buf *arrays[] = {
-        &s->exp_names,     &s->run_ids,      &s->run_names,    &s->run_users,  &s->run_starts,
-        &s->run_exps,      &s->tag_keys,     &s->tag_values,   &s->tag_runs,   &s->rename_runs,
-        &s->rename_values, &s->param_keys,   &s->param_values, &s->param_runs, &s->param_ords,
-        &s->end_runs,      &s->end_statuses, &s->end_times,    &s->state_runs, &s->state_exps,
+        &s->exp_names,     &s->run_ids,       &s->run_names,    &s->run_users,  &s->run_starts,
+        &s->run_exps,      &s->tag_keys,      &s->tag_values,   &s->tag_runs,   &s->rename_runs,
+        &s->rename_values, &s->param_keys,    &s->param_values, &s->param_runs, &s->param_ords,
+        &s->end_runs,      &s->end_statuses,  &s->end_times,    &s->state_runs, &s->state_exps,
+        &s->latest_keys,   &s->latest_values, &s->latest_runs,
     };
     for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++)
         assert_array(arrays[i], "{}");
     assert_int_equal(s->n_exps + s->n_runs + s->n_tags + s->n_renames + s->n_params + s->n_ends +
-                         s->n_metrics + s->n_rejected + s->n_state_runs,
+                         s->n_metrics + s->n_rejected + s->n_state_runs + s->n_latest,
                      0);
     assert_int_equal(s->copy.len, 0);
 }
@@ -603,6 +604,41 @@ static void test_sub_ranges(void **state)
     batch_free(&b);
 }
 
+/* latest_metrics gets one winner per (run, key): the largest (step, timestamp, value), the
+ * first among equals, as SqlAlchemyStore._update_latest_metrics_if_necessary. */
+static void test_latest_winners(void **state)
+{
+    (void)state;
+    struct batch b;
+    struct batch_sql s;
+    batch_init(&b);
+    batch_sql_init(&s);
+    add_metric(&b, R1, "loss", 9.0, T0 + 9, 1, 0); /* a later timestamp, a smaller step */
+    add_metric(&b, R1, "loss", 0.0, T0, 3, 1);     /* NaN, stored as 0 */
+    add_metric(&b, R1, "acc", 0.25, T0, 0, 0);
+    add_metric(&b, R1, "loss", 2.5, T0, 3, 0);       /* the same step and time, a larger value */
+    add_metric(&b, R2, "loss", -1.0, T0, 3, 0);      /* another run */
+    add_metric(&b, R1, "loss", 2.5, T0, 3, 0);       /* equal to the winner: the first stays */
+    add_metric(&b, R1, "acc", 1e308 * 10, T0, 0, 0); /* +Inf, sanitised as the caller does */
+    b.evs[6].point.value = 1.7976931348623157e308;
+    size_t rejected = add_metric(&b, R1, "acc", 5.0, T0 + 1, 9, 0);
+    b.evs[rejected].flags |= EV_REJECTED;
+    build(&b, 0, b.n, &s);
+    assert_int_equal(s.n_metrics, 7);
+    assert_int_equal(s.n_latest, 3);
+    assert_array(&s.latest_keys, "{\"loss\",\"loss\",\"acc\"}"); /* as the winners came */
+    assert_array(&s.latest_values, "{\"2.5\",\"-1\",\"1.7976931348623157e+308\"}");
+    assert_array(&s.latest_steps, "{\"3\",\"3\",\"0\"}");
+    assert_array(&s.latest_nans, "{\"f\",\"f\",\"f\"}");
+    assert_array(&s.latest_runs, "{\"" R1 "\",\"" R2 "\",\"" R1 "\"}");
+    /* Only the range counts: the first two points alone make the NaN the winner. */
+    build(&b, 0, 2, &s);
+    assert_array(&s.latest_values, "{\"0\"}");
+    assert_array(&s.latest_nans, "{\"t\"}");
+    batch_sql_free(&s);
+    batch_free(&b);
+}
+
 static void test_copy_stream(void **state)
 {
     (void)state;
@@ -781,6 +817,7 @@ int main(void)
         cmocka_unit_test(test_end_run_last_wins),
         cmocka_unit_test(test_rejected_skipped),
         cmocka_unit_test(test_sub_ranges),
+        cmocka_unit_test(test_latest_winners),
         cmocka_unit_test(test_copy_stream),
         cmocka_unit_test(test_many_events),
         cmocka_unit_test(test_batch_storage),
