@@ -563,6 +563,8 @@ struct build {
     unsigned tag_value_max;
     struct dedup tags, params, ends, exps, runs, latest;
     size_t *tag_win, *end_win; /* by i - lo: 1 when event i is the last of its identity */
+    size_t *latest_pos;        /* latest's slot of each (run, key), in order of first point */
+    size_t n_latest_pos;
 };
 
 /* Pass 1: which tag and end_run events win (the last per identity); a later end_run takes
@@ -755,24 +757,21 @@ static int emit_metric(struct build *bd, size_t i, uint32_t *ord)
         return -ENOMEM;
     s->n_metrics++;
     size_t prev, *slot = dedup_find(&bd->latest, b, i, BY_RUN_KEY, &prev);
+    if (prev == SIZE_MAX)
+        bd->latest_pos[bd->n_latest_pos++] = (size_t)(slot - bd->latest.slot);
     if (prev == SIZE_MAX || latest_greater(ev, &b->evs[prev]))
         *slot = i + 1; /* among equals the first one stays */
     return 0;
 }
 
-/* The winners, one per (run, key), in the order they came (the statement sorts them). */
-static int emit_latest(struct build *bd, size_t hi)
+/* The winners emit_metric left in the table, one per (run, key), in the order of each one's first
+ * point (the statement sorts them). */
+static int emit_latest(struct build *bd)
 {
     struct batch *b = bd->b;
     struct batch_sql *s = bd->s;
-    for (size_t i = bd->lo; i < hi; i++) {
-        const struct ev *ev = &b->evs[i];
-        if (ev->kind != EV_METRIC || (ev->flags & EV_REJECTED))
-            continue;
-        size_t winner;
-        dedup_find(&bd->latest, b, i, BY_RUN_KEY, &winner);
-        if (winner != i)
-            continue;
+    for (size_t k = 0; k < bd->n_latest_pos; k++) {
+        const struct ev *ev = &b->evs[bd->latest.slot[bd->latest_pos[k]] - 1];
         if (append_sref(&s->latest_keys, b, ev->kv.key) ||
             array_double(&s->latest_values, ev->point.value) ||
             array_int(&s->latest_ts, ev->point.ts) || array_int(&s->latest_steps, ev->point.step) ||
@@ -824,14 +823,15 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_ma
         goto out;
     bd.tag_win = malloc((n + 1) * sizeof *bd.tag_win);
     bd.end_win = malloc((n + 1) * sizeof *bd.end_win);
-    if (bd.tag_win == NULL || bd.end_win == NULL)
+    bd.latest_pos = malloc((n + 1) * sizeof *bd.latest_pos);
+    if (bd.tag_win == NULL || bd.end_win == NULL || bd.latest_pos == NULL)
         goto out;
     find_winners(&bd, hi);
     uint32_t ord = 0;
     for (size_t i = lo; i < hi; i++)
         if (!(b->evs[i].flags & EV_REJECTED) && emit(&bd, i, &ord) != 0)
             goto out;
-    if (s->n_metrics && (copy_trailer(&s->copy) || emit_latest(&bd, hi)))
+    if (s->n_metrics && (copy_trailer(&s->copy) || emit_latest(&bd)))
         goto out;
     struct proto_buf *arrays[] = {SQL_BUFS(s)};
     /* Every buffer but the COPY stream is a text array literal. */
@@ -848,5 +848,6 @@ out:
     free(bd.latest.slot);
     free(bd.tag_win);
     free(bd.end_win);
+    free(bd.latest_pos);
     return rc;
 }

@@ -19,6 +19,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "util.h"
+
 #define LOCK_FILE "lock"
 #define ID_FILE "journal.id"
 
@@ -142,10 +144,6 @@ int journaldir_identity(const char *dir, char id[JOURNALDIR_ID_LEN + 1], char *m
         snprintf(msg, msglen, "cannot write the journal identity %s: %s", path, strerror(e));
         return -e;
     }
-    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
-    }
+    util_fsync_dir(dir); /* the id is written; a lost name only makes a new one next start */
     return 0;
 }

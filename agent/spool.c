@@ -43,16 +43,6 @@ void spool_file(const struct spool *s, const char *id, const char *ext, char *ou
     snprintf(out, n, "%s/%s%s", s->dir, id, ext);
 }
 
-static int fsync_dir(const char *dir)
-{
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    int rc = fsync(fd) == 0 ? 0 : -errno;
-    close(fd);
-    return rc;
-}
-
 /*
  * Starts writeback of each 8 MiB as soon as it is written and waits for the chunk before,
  * so a large artifact never leaves hundreds of MiB dirty for one final fsync to flush in a
@@ -265,7 +255,7 @@ static int write_record(const struct spool *s, const struct spool_entry *e, char
         return util_errorf(msg, msglen, rc, "cannot write %s", part);
     if (rename(part, meta) != 0)
         return util_errorf(msg, msglen, -errno, "cannot rename %s", part);
-    if ((rc = fsync_dir(s->dir)) != 0)
+    if ((rc = util_fsync_dir(s->dir)) != 0)
         return util_errorf(msg, msglen, rc, "cannot fsync %s", s->dir);
     return 0;
 }

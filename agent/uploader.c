@@ -121,6 +121,24 @@ static size_t live_of_uid(const struct uploader *up, uint32_t uid)
     return n;
 }
 
+/*
+ * The loop's side of a worker's end: a cancelled work item (status) fails the artifact with
+ * why; while the uploader closes, the artifact is freed instead (its spool copy stays for the
+ * next start) and true returned.
+ */
+static bool worker_ended(struct artifact *a, int status, const char *why)
+{
+    if (status != 0 && a->rc == 0) {
+        a->rc = status;
+        snprintf(a->msg, sizeof a->msg, "%s", why);
+    }
+    if (!a->up->closing)
+        return false;
+    unlink_live(a->up, a);
+    free_artifact(a);
+    return true;
+}
+
 /* ---- SNAPSHOT and ROOM_WAIT ---------------------------------------------------------------- */
 
 static void snapshot_work(uv_work_t *w)
@@ -241,15 +259,8 @@ static void snapshot_done(uv_work_t *w, int status)
     struct artifact *a = w->data;
     struct uploader *up = a->up;
     bool waited = a->waited;
-    if (status != 0 && a->rc == 0) {
-        a->rc = status;
-        snprintf(a->msg, sizeof a->msg, "snapshot cancelled");
-    }
-    if (up->closing) {
-        unlink_live(up, a);
-        free_artifact(a);
+    if (worker_ended(a, status, "snapshot cancelled"))
         return;
-    }
     if (a->rc == -ENOSPC || a->rc == -EDQUOT) {
         /* The disk filled during the copy: the partial copy is gone, the descriptor kept. */
         a->rc = 0;
@@ -354,15 +365,8 @@ static void upload_done(uv_work_t *w, int status)
     struct artifact *a = w->data;
     struct uploader *up = a->up;
     up->running--;
-    if (status != 0 && a->rc == 0) {
-        a->rc = status;
-        snprintf(a->msg, sizeof a->msg, "upload cancelled");
-    }
-    if (up->closing) {
-        unlink_live(up, a);
-        free_artifact(a);
+    if (worker_ended(a, status, "upload cancelled"))
         return;
-    }
     if (a->rc == 0) {
         log_debug("[artifacts] %s uploaded to %s (%" PRIu64 " bytes)", a->e.id, a->store_uri,
                   a->e.size);

@@ -6,6 +6,7 @@
 #define TRACKD_UTIL_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -165,6 +166,17 @@ static inline int util_write_full(int fd, const void *buf, size_t n)
         n -= (size_t)w;
     }
     return 0;
+}
+
+/* fsyncs directory dir, so that names created or renamed in it are durable. 0 or -errno. */
+static inline int util_fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = fsync(fd) == 0 ? 0 : -errno;
+    close(fd);
+    return rc;
 }
 
 /* ---- errors ---------------------------------------------------------------------------- */

@@ -626,11 +626,11 @@ static void test_latest_winners(void **state)
     build(&b, 0, b.n, &s);
     assert_int_equal(s.n_metrics, 7);
     assert_int_equal(s.n_latest, 3);
-    assert_array(&s.latest_keys, "{\"loss\",\"loss\",\"acc\"}"); /* as the winners came */
-    assert_array(&s.latest_values, "{\"2.5\",\"-1\",\"1.7976931348623157e+308\"}");
-    assert_array(&s.latest_steps, "{\"3\",\"3\",\"0\"}");
+    assert_array(&s.latest_keys, "{\"loss\",\"acc\",\"loss\"}"); /* by first point */
+    assert_array(&s.latest_values, "{\"2.5\",\"1.7976931348623157e+308\",\"-1\"}");
+    assert_array(&s.latest_steps, "{\"3\",\"0\",\"3\"}");
     assert_array(&s.latest_nans, "{\"f\",\"f\",\"f\"}");
-    assert_array(&s.latest_runs, "{\"" R1 "\",\"" R2 "\",\"" R1 "\"}");
+    assert_array(&s.latest_runs, "{\"" R1 "\",\"" R1 "\",\"" R2 "\"}");
     /* Only the range counts: the first two points alone make the NaN the winner. */
     build(&b, 0, 2, &s);
     assert_array(&s.latest_values, "{\"0\"}");
