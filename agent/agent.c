@@ -514,6 +514,7 @@ static int replay_journal(struct agent *a, char *msg, size_t msglen)
     if (rc < 0)
         return rc;
     a->replay_complete = rc == 0;
+    writer_replay_end(&a->writer, a->journal.durable_lsn);
     if (rs.records || rs.quarantined || rs.torn_tail_bytes)
         log_info("[journal] replayed %llu frames from %llu segments (%llu quarantined, %llu torn "
                  "bytes skipped)%s%s",

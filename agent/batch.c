@@ -129,7 +129,18 @@ const char batch_sql_begin_copy[] =
     "CREATE TEMP TABLE IF NOT EXISTS trackd_stage_metrics ("
     " key text, value float8, \"timestamp\" int8, run_uuid text, step int8, is_nan bool,"
     " ord int4) ON COMMIT DELETE ROWS;"
-    "COPY trackd_stage_metrics FROM STDIN (FORMAT binary)";
+    "COPY trackd_stage_metrics " BATCH_METRIC_COLUMNS " FROM STDIN (FORMAT binary)";
+
+/*
+ * The direct form: the range's points go straight into metrics when they cannot conflict
+ * (writer.c says when). The first statement names the range's runs that are missing or not
+ * active; the writer cancels the COPY when it returns any.
+ */
+const char batch_sql_direct_guard[] =
+    "SELECT u.run FROM unnest($1::text[]) AS u(run) WHERE NOT EXISTS"
+    " (SELECT 1 FROM runs r WHERE r.run_uuid = u.run AND r.lifecycle_stage = 'active')";
+const char batch_sql_direct_copy[] =
+    "COPY metrics " BATCH_METRIC_COLUMNS " FROM STDIN (FORMAT binary)";
 
 /*
  * Since MLflow 3.10 (revision 1b5f0d9ad7c1) an experiment's name is unique per workspace and
@@ -390,15 +401,15 @@ static int copy_header(struct proto_buf *c)
     return 0;
 }
 
-/* One staging row: key, value, timestamp, run_uuid, step, is_nan, ord. */
-static int copy_row(struct proto_buf *c, const struct batch *b, const struct ev *ev, uint32_t ord)
+/* One row of BATCH_METRIC_COLUMNS: key, value, timestamp, run_uuid, step, is_nan. */
+static int copy_row(struct proto_buf *c, const struct batch *b, const struct ev *ev)
 {
-    size_t need = 2 + (4 + ev->kv.key.len) + 12 + 12 + (4 + PROTO_RUN_ID_LEN) + 12 + 5 + 8;
+    size_t need = 2 + (4 + ev->kv.key.len) + 12 + 12 + (4 + PROTO_RUN_ID_LEN) + 12 + 5;
     if (proto_buf_reserve(c, need) != 0)
         return -ENOMEM;
     uint8_t *p = c->data + c->len;
     uint64_t bits;
-    util_put_be16(p, 7), p += 2;
+    util_put_be16(p, 6), p += 2;
     util_put_be32(p, ev->kv.key.len), p += 4;
     memcpy(p, batch_sptr(b, ev->kv.key), ev->kv.key.len), p += ev->kv.key.len;
     memcpy(&bits, &ev->point.value, sizeof bits);
@@ -408,7 +419,6 @@ static int copy_row(struct proto_buf *c, const struct batch *b, const struct ev 
     memcpy(p, ev->run_id, PROTO_RUN_ID_LEN), p += PROTO_RUN_ID_LEN;
     util_put_be32(p, 8), util_put_be64(p + 4, (uint64_t)ev->point.step), p += 12;
     util_put_be32(p, 1), p[4] = ev->is_nan ? 1 : 0, p += 5;
-    util_put_be32(p, 4), util_put_be32(p + 4, ord), p += 8;
     c->len = (size_t)(p - c->data);
     return 0;
 }
@@ -448,7 +458,17 @@ static int dedup_init(struct dedup *d, size_t n)
     return d->slot ? 0 : -ENOMEM;
 }
 
-enum dedup_by { BY_NAME, BY_RUN, BY_RUN_KEY };
+/* BY_POINT: a metrics row's primary key (run, key, timestamp, step, value, is_nan). */
+enum dedup_by { BY_NAME, BY_RUN, BY_RUN_KEY, BY_POINT };
+
+/* A point's value as its key compares it: float8 equality, so -0 is 0 (NaN is stored as 0). */
+static uint64_t point_value_bits(const struct ev *ev)
+{
+    double v = ev->point.value == 0 ? 0.0 : ev->point.value;
+    uint64_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return bits;
+}
 
 static bool same_identity(const struct batch *b, const struct ev *x, const struct ev *y,
                           enum dedup_by by)
@@ -457,6 +477,9 @@ static bool same_identity(const struct batch *b, const struct ev *x, const struc
         return false;
     if (by == BY_RUN)
         return true;
+    if (by == BY_POINT && (x->point.ts != y->point.ts || x->point.step != y->point.step ||
+                           x->is_nan != y->is_nan || point_value_bits(x) != point_value_bits(y)))
+        return false;
     /* The name: an experiment's or a start's experiment, a key otherwise (str[0] of each). */
     return x->str[0].len == y->str[0].len &&
            memcmp(batch_sptr(b, x->str[0]), batch_sptr(b, y->str[0]), x->str[0].len) == 0;
@@ -476,6 +499,10 @@ static size_t *dedup_find(struct dedup *d, const struct batch *b, size_t i, enum
         h = hash_bytes(h, ev->run_id, PROTO_RUN_ID_LEN);
     if (by != BY_RUN)
         h = hash_bytes(h, batch_sptr(b, ev->str[0]), ev->str[0].len);
+    if (by == BY_POINT) {
+        uint64_t v[3] = {(uint64_t)ev->point.ts, (uint64_t)ev->point.step, point_value_bits(ev)};
+        h = hash_bytes(h, v, sizeof v);
+    }
     for (size_t pos = h & d->mask;; pos = (pos + 1) & d->mask) {
         if (d->slot[pos] == 0) {
             *found = SIZE_MAX;
@@ -561,7 +588,7 @@ struct build {
     struct batch_sql *s;
     size_t lo;
     unsigned tag_value_max;
-    struct dedup tags, params, ends, exps, runs, latest;
+    struct dedup tags, params, ends, exps, runs, latest, points;
     size_t *tag_win, *end_win; /* by i - lo: 1 when event i is the last of its identity */
     size_t *latest_pos;        /* latest's slot of each (run, key), in order of first point */
     size_t n_latest_pos;
@@ -745,18 +772,26 @@ static bool latest_greater(const struct ev *x, const struct ev *y)
     return x->point.value > y->point.value;
 }
 
-/* A metric point: the COPY row, and the winner of its (run, key) so far. */
-static int emit_metric(struct build *bd, size_t i, uint32_t *ord)
+/*
+ * A metric point: the COPY row, and the winner of its (run, key) so far. The same point again
+ * in the range (the whole primary key equal) is left out, as ON CONFLICT DO NOTHING would
+ * leave it: the stream never conflicts with itself, so it may go straight into metrics.
+ */
+static int emit_metric(struct build *bd, size_t i)
 {
     struct batch *b = bd->b;
     const struct ev *ev = &b->evs[i];
     struct batch_sql *s = bd->s;
+    size_t prev, *slot = dedup_find(&bd->points, b, i, BY_POINT, &prev);
+    if (prev != SIZE_MAX)
+        return 0; /* equal: it cannot win latest_metrics either */
+    *slot = i + 1;
     if (s->n_metrics == 0 && copy_header(&s->copy))
         return -ENOMEM;
-    if (copy_row(&s->copy, b, ev, (*ord)++))
+    if (copy_row(&s->copy, b, ev))
         return -ENOMEM;
     s->n_metrics++;
-    size_t prev, *slot = dedup_find(&bd->latest, b, i, BY_RUN_KEY, &prev);
+    slot = dedup_find(&bd->latest, b, i, BY_RUN_KEY, &prev);
     if (prev == SIZE_MAX)
         bd->latest_pos[bd->n_latest_pos++] = (size_t)(slot - bd->latest.slot);
     if (prev == SIZE_MAX || latest_greater(ev, &b->evs[prev]))
@@ -784,7 +819,7 @@ static int emit_latest(struct build *bd)
 }
 
 /* Pass 2: one event's statement inputs, in arrival order. */
-static int emit(struct build *bd, size_t i, uint32_t *ord)
+static int emit(struct build *bd, size_t i)
 {
     const struct ev *ev = &bd->b->evs[i];
     struct batch_sql *s = bd->s;
@@ -796,7 +831,7 @@ static int emit(struct build *bd, size_t i, uint32_t *ord)
     case EV_START_RUN: return emit_start(bd, i);
     case EV_TAG: return bd->tag_win[k] ? emit_tag(bd, i) : 0;
     case EV_PARAM: return emit_param(bd, i);
-    case EV_METRIC: return emit_metric(bd, i, ord);
+    case EV_METRIC: return emit_metric(bd, i);
     case EV_END_RUN: return bd->end_win[k] ? emit_end(bd, ev) : 0;
     case EV_DELETE_TAG:
         if (!bd->tag_win[k])
@@ -819,7 +854,8 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_ma
     batch_sql_free(s);
     size_t n = hi - lo;
     if (dedup_init(&bd.tags, n) || dedup_init(&bd.params, n) || dedup_init(&bd.ends, n) ||
-        dedup_init(&bd.exps, n) || dedup_init(&bd.runs, n) || dedup_init(&bd.latest, n))
+        dedup_init(&bd.exps, n) || dedup_init(&bd.runs, n) || dedup_init(&bd.latest, n) ||
+        dedup_init(&bd.points, n))
         goto out;
     bd.tag_win = malloc((n + 1) * sizeof *bd.tag_win);
     bd.end_win = malloc((n + 1) * sizeof *bd.end_win);
@@ -827,9 +863,8 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_ma
     if (bd.tag_win == NULL || bd.end_win == NULL || bd.latest_pos == NULL)
         goto out;
     find_winners(&bd, hi);
-    uint32_t ord = 0;
     for (size_t i = lo; i < hi; i++)
-        if (!(b->evs[i].flags & EV_REJECTED) && emit(&bd, i, &ord) != 0)
+        if (!(b->evs[i].flags & EV_REJECTED) && emit(&bd, i) != 0)
             goto out;
     if (s->n_metrics && (copy_trailer(&s->copy) || emit_latest(&bd)))
         goto out;
@@ -846,6 +881,7 @@ out:
     free(bd.exps.slot);
     free(bd.runs.slot);
     free(bd.latest.slot);
+    free(bd.points.slot);
     free(bd.tag_win);
     free(bd.end_win);
     free(bd.latest_pos);

@@ -158,8 +158,9 @@ static inline const struct batch_peer *batch_ev_peer(const struct batch *b, cons
 
 /*
  * The statement inputs for one range of a batch. Array parameters are text
- * literals ("{...}", NUL-terminated); copy is a binary COPY stream for the
- * staging table. Rejections found while building (a param logged twice in
+ * literals ("{...}", NUL-terminated); copy is a binary COPY stream of
+ * BATCH_METRIC_COLUMNS rows, one per distinct point (for the staging table or, on the
+ * direct path, metrics itself). Rejections found while building (a param logged twice in
  * the range with different values) are flagged on the events and listed.
  */
 struct batch_sql {
@@ -223,7 +224,14 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_ma
 enum batch_schema { BATCH_SCHEMA_NAME, BATCH_SCHEMA_WORKSPACE, BATCH_SCHEMA_COUNT };
 
 /* SQL texts the writer sends; $n match the batch_sql arrays above. */
+/* The columns of batch_sql.copy's rows, in order. */
+#define BATCH_METRIC_COLUMNS "(key, value, \"timestamp\", run_uuid, step, is_nan)"
+/* BEGIN, the staging table, and COPY into it (batch_sql_metrics moves the rows on). */
 extern const char batch_sql_begin_copy[];
+/* $1 state_runs; returns those missing from runs or not active. */
+extern const char batch_sql_direct_guard[];
+/* COPY of batch_sql.copy straight into metrics. */
+extern const char batch_sql_direct_copy[];
 /* $1 names, $2 artifact root with '/', $3 now ms, $4 locations */
 extern const char *const batch_sql_experiments[BATCH_SCHEMA_COUNT];
 extern const char *const batch_sql_runs[BATCH_SCHEMA_COUNT];

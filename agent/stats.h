@@ -53,6 +53,8 @@
     X(batches_committed)                                                                           \
     X(batches_failed)                                                                              \
     X(batch_splits)                                                                                \
+    X(ranges_direct)                                                                               \
+    X(direct_fallbacks)                                                                            \
     X(db_retries)                                                                                  \
     X(db_errors_class_08)                                                                          \
     X(db_errors_class_25)                                                                          \

@@ -52,7 +52,7 @@ static void setup_next(struct writer *w);
 static void start_next(struct writer *w);
 static int plan_owners(struct writer *w);
 static bool range_ready(struct writer *w);
-static int push_range(struct writer *w, size_t lo, size_t hi);
+static int push_range(struct writer *w, struct range r);
 static void connect_start(struct writer *w);
 static void connect_failed(struct writer *w, const char *why);
 
@@ -170,7 +170,7 @@ static void requeue_current(struct writer *w)
 {
     if (w->head && w->cur.hi > w->cur.lo) {
         /* Popped from the stack, so a slot is free. */
-        if (push_range(w, w->cur.lo, w->cur.hi) != 0)
+        if (push_range(w, w->cur) != 0)
             log_error("[writer] out of memory re-queueing a range");
         w->cur.lo = w->cur.hi = 0;
     }
@@ -470,7 +470,8 @@ static void send_pipeline(struct writer *w)
     }
     if (s->n_metrics) {
         const char *v[] = {BUFSTR(s->state_runs)};
-        rc |= send_stmt(w, STMT_METRICS, batch_sql_metrics, 1, v);
+        if (!w->direct) /* else the COPY wrote them */
+            rc |= send_stmt(w, STMT_METRICS, batch_sql_metrics, 1, v);
         const char *l[] = {BUFSTR(s->latest_keys), BUFSTR(s->latest_values),
                            BUFSTR(s->latest_ts),   BUFSTR(s->latest_steps),
                            BUFSTR(s->latest_nans), BUFSTR(s->latest_runs)};
@@ -510,10 +511,13 @@ static void send_pipeline(struct writer *w)
     set_state(w, W_PIPELINE);
 }
 
+/* Streams the range's COPY rows, or cancels the COPY when the direct guard refused it. */
 static void send_copy(struct writer *w)
 {
     struct proto_buf *c = &w->sql.copy;
-    while (w->copy_sent < c->len) {
+    const char *cancel =
+        w->direct_refused ? "trackd: a run of the range is missing or not active" : NULL;
+    while (cancel == NULL && w->copy_sent < c->len) {
         size_t n = c->len - w->copy_sent;
         if (n > COPY_CHUNK)
             n = COPY_CHUNK;
@@ -528,7 +532,7 @@ static void send_copy(struct writer *w)
         }
         w->copy_sent += n;
     }
-    int r = PQputCopyEnd(w->pg, NULL);
+    int r = PQputCopyEnd(w->pg, cancel);
     if (r < 0) {
         conn_lost(w, "copy");
         return;
@@ -596,15 +600,58 @@ static void skip_committed(struct writer *w)
     }
 }
 
+/* Whether the current range holds events of journal records read back at start-up. */
+static bool range_replayed(const struct writer *w)
+{
+    for (size_t i = w->cur.lo; i < w->cur.hi; i++)
+        if (w->head->evs[i].lsn && w->head->evs[i].lsn <= w->replay_end)
+            return true;
+    return false;
+}
+
+/*
+ * The direct path: the range's points COPY straight into metrics, which saves writing each one
+ * twice (the staging table, then INSERT ... SELECT). Taken when nothing can make a point
+ * conflict or dangle: batch_sql_build left out points equal within the range, the range
+ * starts no run (its row would come after the COPY), nothing in it was replayed after a
+ * crash (it may be stored already), and the guard, in the same round trip as the COPY,
+ * finds every run the range names present and active. If a stored row equals a point or a
+ * run is gone after all, the transaction fails and the range goes through the staging path
+ * (range_failed; counted in direct_fallbacks).
+ */
+static char *direct_sql(struct writer *w)
+{
+    const char *runs = BUFSTR(w->sql.state_runs);
+    char *lit = PQescapeLiteral(w->pg, runs, strlen(runs));
+    if (lit == NULL)
+        return NULL;
+    const char *guard = strstr(batch_sql_direct_guard, "$1");
+    size_t n = strlen(batch_sql_direct_guard) + strlen(lit) + strlen(batch_sql_direct_copy) + 16;
+    char *q = malloc(n);
+    if (q != NULL)
+        snprintf(q, n, "BEGIN;%.*s%s%s;%s", (int)(guard - batch_sql_direct_guard),
+                 batch_sql_direct_guard, lit, guard + 2, batch_sql_direct_copy);
+    PQfreemem(lit);
+    return q;
+}
+
 static void start_range(struct writer *w)
 {
     range_progress(w);
     w->failed = false;
     w->fail_state[0] = '\0';
     w->copy_sent = 0;
+    w->direct_refused = false;
     clear_range_results(w);
+    free(w->direct_sql);
+    w->direct_sql = NULL;
+    w->direct = w->sql.n_metrics && w->sql.n_runs == 0 && !w->cur.staging && !range_replayed(w);
+    if (w->direct && (w->direct_sql = direct_sql(w)) == NULL)
+        w->direct = false; /* out of memory: the staging path needs none */
     set_state(w, W_TXN_START);
-    const char *q = w->sql.n_metrics ? batch_sql_begin_copy : "BEGIN";
+    const char *q = w->direct ? w->direct_sql : w->sql.n_metrics ? batch_sql_begin_copy : "BEGIN";
+    if (w->direct)
+        stats.ranges_direct++;
     if (!PQsendQuery(w->pg, q) || flush_out(w) != 0)
         conn_lost(w, "begin");
 }
@@ -679,13 +726,13 @@ static void batch_finished(struct writer *w)
     w->cbs.batch_done(w->ctx, b);
 }
 
-static int push_range(struct writer *w, size_t lo, size_t hi)
+static int push_range(struct writer *w, struct range r)
 {
-    struct range *r = util_grow(w->stack, &w->capstack, w->nstack, sizeof *r, 64);
-    if (r == NULL)
+    struct range *s = util_grow(w->stack, &w->capstack, w->nstack, sizeof *s, 64);
+    if (s == NULL)
         return -ENOMEM;
-    w->stack = r;
-    w->stack[w->nstack++] = (struct range){lo, hi};
+    w->stack = s;
+    w->stack[w->nstack++] = r;
     return 0;
 }
 
@@ -710,7 +757,7 @@ static void start_next(struct writer *w)
             return;
         if (!w->head_started) {
             w->head_started = true;
-            if (w->head->n && push_range(w, 0, w->head->n) != 0) {
+            if (w->head->n && push_range(w, (struct range){0, w->head->n, false}) != 0) {
                 w->head_started = false;
                 backoff(w);
                 return;
@@ -889,6 +936,24 @@ static void count_retry(const char *sqlstate, const char *what, const char *msg)
 /* Decides what a failed range becomes: a retry, two halves, or a rejection. */
 static void range_failed(struct writer *w)
 {
+    if (w->direct && (w->direct_refused || pgconn_classify(w->fail_state) != PGCONN_RETRY)) {
+        /* A stored row equal to a point (23505), a run gone (23503), one not active (the
+         * guard): the staging path sorts these out, and says what is wrong with which event. */
+        stats.direct_fallbacks++;
+        if (w->direct_refused)
+            log_debug("[writer] events %zu-%zu name a run that is missing or not active; "
+                      "through the staging table instead",
+                      w->cur.lo, w->cur.hi);
+        else
+            log_debug("[writer] the direct COPY of events %zu-%zu failed (SQLSTATE %s: %s); "
+                      "through the staging table instead",
+                      w->cur.lo, w->cur.hi, w->fail_state, w->fail_msg);
+        w->cur.staging = true;
+        requeue_current(w);
+        set_state(w, W_IDLE);
+        start_next(w);
+        return;
+    }
     stats.batches_failed++;
     if (pgconn_classify(w->fail_state) == PGCONN_RETRY) {
         count_retry(w->fail_state, "", w->fail_msg);
@@ -909,8 +974,9 @@ static void range_failed(struct writer *w)
         /* The first half goes on top so arrival order is kept. */
         size_t mid = lo + (hi - lo) / 2;
         stats.batch_splits++;
-        if (push_range(w, mid, hi) != 0 || push_range(w, lo, mid) != 0) {
-            w->cur = (struct range){lo, hi};
+        if (push_range(w, (struct range){mid, hi, true}) != 0 ||
+            push_range(w, (struct range){lo, mid, true}) != 0) {
+            w->cur = (struct range){lo, hi, true};
             requeue_current(w);
             backoff(w);
             return;
@@ -1295,6 +1361,8 @@ static void drive(struct writer *w)
             continue;
         }
         ExecStatusType t = PQresultStatus(res);
+        if (t == PGRES_TUPLES_OK && w->direct && PQntuples(res) > 0)
+            w->direct_refused = true; /* batch_sql_direct_guard named a run */
         if (t == PGRES_COPY_IN) {
             PQclear(res);
             set_state(w, W_COPY_DATA);
@@ -1359,6 +1427,12 @@ void writer_set_journal(struct writer *w, const char *id, const uint64_t *durabl
 {
     snprintf(w->journal_id, sizeof w->journal_id, "%s", id);
     w->durable_lsn = durable_lsn;
+    w->replay_end = UINT64_MAX;
+}
+
+void writer_replay_end(struct writer *w, uint64_t lsn)
+{
+    w->replay_end = lsn;
 }
 
 int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *cfg,
@@ -1466,6 +1540,8 @@ void writer_close(struct writer *w, void (*closed)(struct writer *))
     poll_stop(w);
     clear_range_results(w);
     batch_sql_free(&w->sql);
+    free(w->direct_sql);
+    w->direct_sql = NULL;
     owners_free(&w->owners);
     proto_buf_free(&w->owner_ids);
     free(w->stack);

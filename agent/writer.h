@@ -54,6 +54,7 @@ enum writer_state {
 struct range {
     size_t lo;
     size_t hi;
+    bool staging; /* through the staging table even if the points could go straight in */
 };
 
 struct writer {
@@ -87,6 +88,10 @@ struct writer {
     struct range cur;
     struct batch_sql sql;
     size_t copy_sent;
+    bool direct;         /* the range's points go straight into metrics (writer.c) */
+    bool direct_refused; /* the direct guard named a run: the COPY is cancelled */
+    char *direct_sql;    /* BEGIN, the guard and the COPY, for the range in flight */
+    uint64_t replay_end; /* events of journal records up to here were replayed */
     int pending_results; /* statements sent in the pipeline */
     uint8_t stmts[16];   /* which statement each is (enum stmt in writer.c) */
     int stmt_index;
@@ -135,9 +140,12 @@ int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *c
 void writer_start(struct writer *w);
 /*
  * Names the journal whose progress this writer records (id: 32 hex digits) and where its
- * durable LSN is kept. Call before the first connection completes.
+ * durable LSN is kept. Call before the first connection completes. Until writer_replay_end,
+ * every journaled event counts as replayed (it may be stored already).
  */
 void writer_set_journal(struct writer *w, const char *id, const uint64_t *durable_lsn);
+/* The start-up replay read the journal up to record lsn: later records are new. */
+void writer_replay_end(struct writer *w, uint64_t lsn);
 /* The journal's durable LSN moved: a batch waiting for it may be written now. */
 void writer_journal_durable(struct writer *w);
 /* Queues b (takes ownership) and starts work if idle. */

@@ -228,6 +228,62 @@ def test_unknown_run_is_refused_without_splitting(pg, db, agent):
     assert stats["batch_splits"] == 0 and stats["batches_failed"] == 0
 
 
+def test_direct_copy_and_every_way_it_falls_back(pg, db, agent):
+    """A range that starts no run COPYs its points straight into metrics. The same point twice in
+    a range is written once; a point already stored, a run deleted underneath and a run no one
+    started each make the range take the staging path, with the same rows and the same refusals
+    as there, nothing split or failed."""
+    ghost = "e" * 32
+    before = agent.stats()
+
+    def delta(stats, name):
+        return stats[name] - before[name]
+
+    lines = [["run", "r", "direct-exp", "", "now"], ["flush", "30000"]]
+    # 1. Direct: 300 points, one of them twice, and a -0.0 beside a 0.0 (equal in the key).
+    for s in range(300):
+        lines += [["metric", "r", "m", str(s), str(s), str(TS0)]] * (2 if s == 7 else 1)
+    lines += [["metric", "r", "z", "0.0", "0", str(TS0)], ["metric", "r", "z", "-0.0", "0", str(TS0)],
+              ["flush", "30000"]]
+    # 2. A point equal to a stored one, with new ones: 23505, then the staging path.
+    lines += [["metric", "r", "m", "5", "5", str(TS0)], ["metric", "r", "m", "1000", "1000", str(TS0)],
+              ["flush", "30000"]]
+    # 3. A run no one started: refused as MLflow refuses it.
+    lines += [["metric", ghost, "m", "1", "1", str(TS0)], ["metric", "r", "m", "1001", "1001", str(TS0)],
+              ["flush", "30000"], ["errors"]]
+    out, _ = run_driver(agent.socket, lines)
+    run_id = driver_runs(out)["r"]
+    assert [f for f in out if f[0] == "flush"] == [["flush", "0"]] * 4
+    errors = driver_errors(out)
+    assert [(code, msg) for _, code, msg in errors] == [(24, f"Run with id={ghost} not found")]
+    rows = pg.query(db, "SELECT key, value, step FROM metrics WHERE run_uuid = %s ORDER BY key, step",
+                    (run_id,))
+    assert rows == [("m", float(s), s) for s in list(range(300)) + [1000, 1001]] + [("z", 0.0, 0)]
+    assert pg.query(db, "SELECT key, value, step FROM latest_metrics WHERE run_uuid = %s ORDER BY key",
+                    (run_id,)) == [("m", 1001.0, 1001), ("z", 0.0, 0)]
+    stats = agent.stats()
+    assert delta(stats, "ranges_direct") >= 3, stats  # more if a batch was cut by time
+    assert delta(stats, "direct_fallbacks") == 2, stats
+    assert delta(stats, "batches_failed") == 0 and delta(stats, "batch_splits") == 0, stats
+    assert delta(stats, "rejected_run_state") == 1 and delta(stats, "rejected_database") == 0
+
+    # 4. A run deleted underneath (as `mlflow runs delete` does): its points are refused with
+    # MLflow's words, on the staging path.
+    with pg.connect(db) as c:
+        c.execute("UPDATE runs SET lifecycle_stage = 'deleted', deleted_time = 1"
+                  " WHERE run_uuid = %s", (run_id,))
+    out, _ = run_driver(agent.socket, [["metric", run_id, "m", "2000", "2000", str(TS0)],
+                                       ["flush", "30000"], ["errors"]])
+    errors = driver_errors(out)
+    assert [(code, msg) for _, code, msg in errors] == [
+        (25, f"The run {run_id} must be in the 'active' state. Current state is deleted.")], errors
+    assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s AND step = 2000",
+                    (run_id,)) == [(0,)]
+    stats2 = agent.stats()
+    assert stats2["ranges_direct"] - stats["ranges_direct"] == 1
+    assert stats2["direct_fallbacks"] - stats["direct_fallbacks"] == 1
+
+
 def test_agent_refuses_database_without_mlflow_schema(pg, tmp_path):
     pg.create_db("empty_db")
     a = Agent(pg, "empty_db", tmp_path / "a").start(wait=False)
