@@ -152,3 +152,58 @@ def compare_under_trackd(pg, tmp_path, python, new_db):
 def test_unchanged_mlflow_script_under_trackd(pg, tmp_path):
     pytest.importorskip("trackd._trackd")
     compare_under_trackd(pg, tmp_path, sys.executable, pg.mlflow_db)
+
+
+FAST_SCRIPT = textwrap.dedent('''
+    import json
+    import mlflow
+    from mlflow.tracking import fluent
+    from trackd.mlflow_store import TrackdStore
+
+    slow = []
+    original = TrackdStore.log_metric
+    def counted(self, run_id, metric):
+        slow.append(metric.key)
+        return original(self, run_id, metric)
+    TrackdStore.log_metric = counted
+
+    mlflow.set_experiment("fast-path")
+    with mlflow.start_run(run_name="f") as r:
+        for i in range(1000):
+            mlflow.log_metric("loss", 1.0 / (i + 1), step=i, timestamp=1_700_000_000_000 + i)
+        mlflow.log_metric("flag", True, step=0)  # a bool: MLflow's own path converts it
+    wrapped = getattr(mlflow.log_metric, "__trackd_original__", None) is not None
+    print(json.dumps({"run": r.info.run_id, "slow": slow, "wrapped": wrapped,
+                      "fluent_wrapped": fluent.log_metric is mlflow.log_metric}))
+''')
+
+
+@pytest.mark.parametrize("switch", [None, "0"])
+def test_fluent_log_metric_fast_path_and_its_switch(pg, db, tmp_path, switch):
+    """Under trackd:, mlflow.log_metric on the active run goes straight to the agent once a
+    store exists (set_experiment made it): the store's log_metric sees only the call MLflow must
+    convert (a bool), and the rows are the same; TRACKD_MLFLOW_FAST_PATH=0 leaves every call on
+    MLflow's path."""
+    pytest.importorskip("trackd._trackd")
+    agent = Agent(pg, db, tmp_path / "agent").start()
+    try:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TRACKD_"))}
+        env = dict(base, MLFLOW_TRACKING_URI=f"trackd://{agent.socket}",
+                   TRACKD_BACKEND_URI=pg.url(db))
+        if switch is not None:
+            env["TRACKD_MLFLOW_FAST_PATH"] = switch
+        (tmp_path / "fast.py").write_text(FAST_SCRIPT)
+        out = json.loads(_run(["fast.py"], env, tmp_path))
+    finally:
+        assert agent.stop() == 0
+    if switch is None:
+        assert out["wrapped"] and out["fluent_wrapped"]
+        assert out["slow"] == ["flag"], out["slow"]
+    else:
+        assert not out["wrapped"]
+        assert out["slow"] == ["loss"] * 1000 + ["flag"]
+    rows = pg.query(db, "SELECT count(*), min(step), max(step), min(value) FROM metrics"
+                        " WHERE run_uuid = %s AND key = 'loss'", (out["run"],))
+    assert rows == [(1000, 0, 999, 1.0 / 1000)]
+    assert pg.query(db, "SELECT value, step, is_nan FROM latest_metrics WHERE run_uuid = %s"
+                        " ORDER BY key", (out["run"],)) == [(1.0, 0, False), (1.0 / 1000, 999, False)]

@@ -438,6 +438,88 @@ CASES = {
         step("script", body)
     ''',
     # A block that raises: FAILED, the exception propagates unchanged.
+    # mlflow.log_metric's forms around trackd's fast path (trackd/mlflow_fast.py): the calls it
+    # takes and those it leaves to MLflow, in one script, so that the two ways meet: an
+    # auto-started run, nested runs, a thread, bad keys met twice, values MLflow converts,
+    # async logging, and a tracking URI changed between calls.
+    "fluent_log_metric_forms": '''
+        import threading
+        import numpy as np
+        def body():
+            mlflow.set_experiment("fluent-forms")
+            step("auto", mlflow.log_metric, "auto", 1.0, step=1, timestamp=TS0)
+            note("auto", mlflow.active_run().info.run_id)
+            mlflow.end_run()
+            with mlflow.start_run(run_name="outer") as outer:
+                note("outer", outer.info.run_id)
+                read("plain", repr(mlflow.log_metric("m", 0.5, step=3, timestamp=TS0 + 1)))
+                step("no_step", mlflow.log_metric, "m", 1, timestamp=TS0 + 2)
+                step("step_zero", mlflow.log_metric, "m", 2, step=0, timestamp=TS0 + 3)
+                step("sync_true", mlflow.log_metric, "m", 3.5, 4, True, TS0 + 4)
+                step("big_int", mlflow.log_metric, "m", 10**20, step=5, timestamp=TS0 + 5)
+                step("huge_int", synced, mlflow.log_metric, "m", 2**1100, step=6, timestamp=TS0)
+                step("nan", mlflow.log_metric, "m", float("nan"), step=7, timestamp=TS0 + 6)
+                step("inf", mlflow.log_metric, "m", float("-inf"), step=8, timestamp=TS0 + 7)
+                step("np", mlflow.log_metric, "m", np.float64(0.25), step=9, timestamp=TS0 + 8)
+                step("bool", mlflow.log_metric, "m", True, step=10, timestamp=TS0 + 9)
+                step("same_point", mlflow.log_metric, "m", 0.5, step=3, timestamp=TS0 + 1)
+                for attempt in range(2):
+                    step(f"bad_key_{attempt}", synced, mlflow.log_metric, "bad key!", 1.0)
+                    step(f"long_key_{attempt}", synced, mlflow.log_metric, "k" * 251, 1.0)
+                step("negative_ts", synced, mlflow.log_metric, "m", 1.0, step=11, timestamp=-1)
+                step("int64_step", mlflow.log_metric, "m", 1.0, step=2**63 - 1, timestamp=TS0)
+                step("run_id_given", mlflow.log_metric, "given", 1.0, step=0, timestamp=TS0,
+                     run_id=outer.info.run_id)
+                ops = mlflow.log_metric("async", 1.0, step=0, timestamp=TS0, synchronous=False)
+                read("async_returns", type(ops).__name__)
+                ops.wait()
+                with mlflow.start_run(run_name="inner", nested=True) as inner:
+                    note("inner", inner.info.run_id)
+                    step("nested", mlflow.log_metric, "n", 1.0, step=0, timestamp=TS0)
+                step("after_nested", mlflow.log_metric, "n", 2.0, step=1, timestamp=TS0)
+
+                def worker():
+                    started = mlflow.active_run() is None
+                    step("thread", mlflow.log_metric, "thread", 1.0, step=0, timestamp=TS0)
+                    if started:
+                        note("thread", mlflow.active_run().info.run_id)
+                        mlflow.end_run()
+                t = threading.Thread(target=worker)
+                t.start()
+                t.join()
+
+                os.environ["MLFLOW_ENABLE_ASYNC_LOGGING"] = "true"
+                read("env_async_returns",
+                     type(mlflow.log_metric("env_async", 1.0, step=0, timestamp=TS0)).__name__)
+                mlflow.flush_async_logging()
+                del os.environ["MLFLOW_ENABLE_ASYNC_LOGGING"]
+
+                uri = mlflow.get_tracking_uri()
+                mlflow.set_tracking_uri("sqlite:///other.db")
+                step("other_store", mlflow.log_metric, "elsewhere", 1.0, step=0, timestamp=TS0)
+                mlflow.set_tracking_uri(uri)
+                step("back", synced, mlflow.log_metric, "m", 9.0, step=12, timestamp=TS0 + 10)
+            c = MlflowClient()
+            read("history", sorted((m.value, m.step, m.timestamp)
+                                   for m in c.get_metric_history(outer.info.run_id, "m")))
+        step("script", body)
+    ''',
+    # The now-stamped forms (no timestamp, and 0, which MLflow reads as none): the wall clock.
+    "fluent_log_metric_now": '''
+        import time
+        def body():
+            mlflow.set_experiment("fluent-now")
+            with mlflow.start_run(run_name="now") as r:
+                note("r", r.info.run_id)
+                t0 = int(time.time() * 1000)
+                mlflow.log_metric("none", 1.0, step=1)
+                mlflow.log_metric("zero", 2.0, step=2, timestamp=0)
+                t1 = int(time.time() * 1000)
+            c = MlflowClient()
+            read("within_call", [t0 <= m.timestamp <= t1 for k in ("none", "zero")
+                                 for m in c.get_metric_history(r.info.run_id, k)])
+        step("script", body)
+    ''',
     "block_raises": '''
         def body():
             mlflow.set_experiment("raises")
@@ -484,7 +566,7 @@ RANDOM_NAME = re.compile(r"^[a-z]+-[a-z]+-[0-9]+$")
 
 
 # Cases whose metrics MLflow stamps with the wall clock: their timestamps are not compared.
-CLOCKED = {"sklearn_autolog"}
+CLOCKED = {"sklearn_autolog", "fluent_log_metric_now"}
 
 
 def rows(pg, db, ids, clocked=False):
