@@ -166,24 +166,33 @@ FAST_SCRIPT = textwrap.dedent('''
         slow.append(metric.key)
         return original(self, run_id, metric)
     TrackdStore.log_metric = counted
+    batches = []
+    original_batch = TrackdStore.log_batch
+    def counted_batch(self, run_id, metrics, params, tags):
+        batches.append(sorted(m.key for m in metrics))
+        return original_batch(self, run_id, metrics, params, tags)
+    TrackdStore.log_batch = counted_batch
 
     mlflow.set_experiment("fast-path")
     with mlflow.start_run(run_name="f") as r:
         for i in range(1000):
             mlflow.log_metric("loss", 1.0 / (i + 1), step=i, timestamp=1_700_000_000_000 + i)
         mlflow.log_metric("flag", True, step=0)  # a bool: MLflow's own path converts it
+        for i in range(10):
+            mlflow.log_metrics({"x": i * 1.5, "y": i}, step=i, timestamp=1_700_000_000_000)
+        mlflow.log_metrics({"x": 0.0, "z": True}, step=10)  # MLflow's path again
     wrapped = getattr(mlflow.log_metric, "__trackd_original__", None) is not None
-    print(json.dumps({"run": r.info.run_id, "slow": slow, "wrapped": wrapped,
+    print(json.dumps({"run": r.info.run_id, "slow": slow, "batches": batches, "wrapped": wrapped,
                       "fluent_wrapped": fluent.log_metric is mlflow.log_metric}))
 ''')
 
 
 @pytest.mark.parametrize("switch", [None, "0"])
 def test_fluent_log_metric_fast_path_and_its_switch(pg, db, tmp_path, switch):
-    """Under trackd:, mlflow.log_metric on the active run goes straight to the agent once a
-    store exists (set_experiment made it): the store's log_metric sees only the call MLflow must
-    convert (a bool), and the rows are the same; TRACKD_MLFLOW_FAST_PATH=0 leaves every call on
-    MLflow's path."""
+    """Under trackd:, mlflow.log_metric(s) on the active run go straight to the agent once a
+    store exists (set_experiment made it): the store's log_metric and log_batch see only the
+    calls MLflow must convert (a bool), and the rows are the same; TRACKD_MLFLOW_FAST_PATH=0
+    leaves every call on MLflow's path."""
     pytest.importorskip("trackd._trackd")
     agent = Agent(pg, db, tmp_path / "agent").start()
     try:
@@ -199,11 +208,16 @@ def test_fluent_log_metric_fast_path_and_its_switch(pg, db, tmp_path, switch):
     if switch is None:
         assert out["wrapped"] and out["fluent_wrapped"]
         assert out["slow"] == ["flag"], out["slow"]
+        assert out["batches"] == [["x", "z"]], out["batches"]
     else:
         assert not out["wrapped"]
         assert out["slow"] == ["loss"] * 1000 + ["flag"]
+        assert out["batches"] == [["x", "y"]] * 10 + [["x", "z"]]
     rows = pg.query(db, "SELECT count(*), min(step), max(step), min(value) FROM metrics"
                         " WHERE run_uuid = %s AND key = 'loss'", (out["run"],))
     assert rows == [(1000, 0, 999, 1.0 / 1000)]
-    assert pg.query(db, "SELECT value, step, is_nan FROM latest_metrics WHERE run_uuid = %s"
-                        " ORDER BY key", (out["run"],)) == [(1.0, 0, False), (1.0 / 1000, 999, False)]
+    assert pg.query(db, "SELECT key, value, step FROM latest_metrics WHERE run_uuid = %s"
+                        " ORDER BY key", (out["run"],)) == [
+        ("flag", 1.0, 0), ("loss", 1.0 / 1000, 999), ("x", 0.0, 10), ("y", 9.0, 9), ("z", 1.0, 10)]
+    assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s AND key IN ('x', 'y')",
+                    (out["run"],)) == [(21,)]

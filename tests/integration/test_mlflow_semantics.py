@@ -438,7 +438,7 @@ CASES = {
         step("script", body)
     ''',
     # A block that raises: FAILED, the exception propagates unchanged.
-    # mlflow.log_metric's forms around trackd's fast path (trackd/mlflow_fast.py): the calls it
+    # mlflow.log_metric(s)' forms around trackd's fast path (trackd/mlflow_fast.py): the calls it
     # takes and those it leaves to MLflow, in one script, so that the two ways meet: an
     # auto-started run, nested runs, a thread, bad keys met twice, values MLflow converts,
     # async logging, and a tracking URI changed between calls.
@@ -468,6 +468,22 @@ CASES = {
                     step(f"long_key_{attempt}", synced, mlflow.log_metric, "k" * 251, 1.0)
                 step("negative_ts", synced, mlflow.log_metric, "m", 1.0, step=11, timestamp=-1)
                 step("int64_step", mlflow.log_metric, "m", 1.0, step=2**63 - 1, timestamp=TS0)
+                read("metrics_returns", repr(mlflow.log_metrics({"a": 1, "b": 0.5}, step=2,
+                                                                timestamp=TS0)))
+                step("metrics_no_step", mlflow.log_metrics, {"a": 2.0, "c": -1}, timestamp=TS0 + 1)
+                step("metrics_empty", mlflow.log_metrics, {})
+                step("metrics_bad_key", synced, mlflow.log_metrics, {"a": 3.0, "bad key!": 1.0},
+                     step=3, timestamp=TS0)
+                step("metrics_bool", mlflow.log_metrics, {"a": 4.0, "flag": False}, step=4,
+                     timestamp=TS0)
+                step("metrics_np", mlflow.log_metrics, {"a": np.float32(5.0)}, step=5,
+                     timestamp=TS0)
+                step("metrics_huge", synced, mlflow.log_metrics, {"a": 6.0, "h": 2**1100},
+                     step=6, timestamp=TS0)
+                step("metrics_nan", mlflow.log_metrics, {"a": float("nan"), "i": float("inf")},
+                     step=7, timestamp=TS0)
+                step("metrics_neg_ts", synced, mlflow.log_metrics, {"a": 8.0}, step=8,
+                     timestamp=-5)
                 step("run_id_given", mlflow.log_metric, "given", 1.0, step=0, timestamp=TS0,
                      run_id=outer.info.run_id)
                 ops = mlflow.log_metric("async", 1.0, step=0, timestamp=TS0, synchronous=False)
@@ -514,9 +530,12 @@ CASES = {
                 t0 = int(time.time() * 1000)
                 mlflow.log_metric("none", 1.0, step=1)
                 mlflow.log_metric("zero", 2.0, step=2, timestamp=0)
+                mlflow.log_metrics({"many_none": 1.0, "many_none2": 2}, step=3)
+                mlflow.log_metrics({"many_zero": 1.0}, step=4, timestamp=0)
                 t1 = int(time.time() * 1000)
             c = MlflowClient()
-            read("within_call", [t0 <= m.timestamp <= t1 for k in ("none", "zero")
+            read("within_call", [t0 <= m.timestamp <= t1
+                                 for k in ("none", "zero", "many_none", "many_none2", "many_zero")
                                  for m in c.get_metric_history(r.info.run_id, k)])
         step("script", body)
     ''',

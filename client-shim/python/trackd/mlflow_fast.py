@@ -1,10 +1,10 @@
-"""A fast path for ``mlflow.log_metric`` under a ``trackd:`` tracking URI.
+"""A fast path for ``mlflow.log_metric`` and ``mlflow.log_metrics`` under a ``trackd:`` URI.
 
 MLflow's fluent ``log_metric`` builds an ``MlflowClient`` (twice in MLflow 3), resolves the
 tracking and registry URIs, looks for a Spark session and wraps the point in entities before it
-reaches the store: 40-120 µs a call, where the store itself needs a few. The wrapper installed
-here takes the common call -- the active run of this thread, no ``run_id``, ``model_id`` or
-``dataset``, synchronous, a float or int value, int step and timestamp, a key MLflow already
+reaches the store: 40-120 µs a call, where the store itself needs a few. The wrappers installed
+here take the common call -- the active run of this thread, no ``run_id``, ``model_id`` or
+``dataset``, synchronous, float or int values, int step and timestamp, keys MLflow already
 accepted -- straight to the store's shim client, with the same result MLflow's path gives:
 the same row (``timestamp or now``, ``step or 0``, the value as a float), ``None`` returned,
 and rejections raised at the next read as before. Every other call goes to MLflow's own
@@ -84,44 +84,88 @@ def _key_ok(key) -> bool:
     return True
 
 
+def _step_ts(step, timestamp):
+    """(step, timestamp) as the store takes them -- MLflow's `step or 0` and `timestamp or now`
+    (None: the shim stamps it) -- or None when MLflow's own path must look at them."""
+    if step is None:
+        step = 0
+    elif type(step) is not int or not _INT64_MIN <= step <= _INT64_MAX:  # noqa: E721
+        return None
+    if not timestamp:
+        timestamp = None
+    elif type(timestamp) is not int or not 0 < timestamp <= _INT64_MAX:  # noqa: E721
+        return None
+    return step, timestamp
+
+
+def _target(synchronous, run_id, rest, kwargs):
+    """(store, run id) when the call may take the fast path as far as its context goes: the
+    tracking URI names a trackd store, no run_id, model_id or dataset (nor any argument a later
+    MLflow adds), synchronous, and a run active on this thread with no logged model outputs
+    and no active model; else None."""
+    uri = tracking_utils._tracking_uri or os.environ.get(_URI_ENV)  # as get_tracking_uri
+    store = _cache.store_for(uri) if uri else None
+    if (store is None or run_id is not None or rest or synchronous is False
+            or (kwargs and any(v is not None for v in kwargs.values()))):
+        return None
+    if synchronous is None:
+        a = os.environ.get(_ASYNC_ENV)
+        if a is not None and a.lower() not in ("false", "0"):
+            return None
+    stack = _stack_of_thread()
+    if not stack or _active_model_id() is not None:
+        return None
+    run = stack[-1]
+    outputs = getattr(run, "outputs", None)  # MLflow 3: metrics of the run's logged models
+    if outputs is not None and outputs.model_outputs:
+        return None
+    return store, run.info.run_id
+
+
 def _fast_log_metric(original):
     @functools.wraps(original)
     def log_metric(key, value, step=None, synchronous=None, timestamp=None, run_id=None, *rest,
                    **kwargs):
-        # The order of the tests follows what is cheapest to rule out.
-        uri = tracking_utils._tracking_uri or os.environ.get(_URI_ENV)  # as get_tracking_uri
-        store = _cache.store_for(uri) if uri else None
-        if (store is None or run_id is not None or rest or synchronous is False
-                or (kwargs and any(v is not None for v in kwargs.values()))):
-            return original(key, value, step, synchronous, timestamp, run_id, *rest, **kwargs)
         t = type(value)
-        if t is not float and t is not int:  # bool, numpy, tensors: MLflow converts them
+        st = _step_ts(step, timestamp) if t is float or t is int else None
+        target = _target(synchronous, run_id, rest, kwargs) if st is not None else None
+        if target is None or not _key_ok(key):
+            # bool, numpy, tensors, odd steps and times, another run or store: MLflow's way
             return original(key, value, step, synchronous, timestamp, run_id, *rest, **kwargs)
-        if step is None:
-            step = 0
-        elif type(step) is not int or not _INT64_MIN <= step <= _INT64_MAX:  # noqa: E721
-            return original(key, value, step, synchronous, timestamp, run_id, *rest, **kwargs)
-        if not timestamp:
-            timestamp = None  # now, as MLflow's `timestamp or get_current_time_millis()`
-        elif type(timestamp) is not int or not 0 < timestamp <= _INT64_MAX:  # noqa: E721
-            return original(key, value, step, synchronous, timestamp, run_id, *rest, **kwargs)
-        if synchronous is None:
-            a = os.environ.get(_ASYNC_ENV)
-            if a is not None and a.lower() not in ("false", "0"):
-                return original(key, value, step, synchronous, timestamp, run_id, *rest,
-                                **kwargs)
-        stack = _stack_of_thread()
-        if not stack or not _key_ok(key) or _active_model_id() is not None:
-            return original(key, value, step, synchronous, timestamp, run_id, *rest, **kwargs)
-        run = stack[-1]
-        outputs = getattr(run, "outputs", None)  # MLflow 3: metrics of the run's logged models
-        if outputs is not None and outputs.model_outputs:
-            return original(key, value, step, synchronous, timestamp, run_id, *rest, **kwargs)
-        store._log_metric_fast(run.info.run_id, key, float(value), step, timestamp)
+        target[0]._log_metric_fast(target[1], key, float(value), st[0], st[1])
         return None
 
     log_metric.__trackd_original__ = original
     return log_metric
+
+
+def _fast_log_metrics(original):
+    # MLflow 2 orders these arguments (metrics, step, synchronous, run_id, timestamp) too.
+    @functools.wraps(original)
+    def log_metrics(metrics, step=None, synchronous=None, run_id=None, timestamp=None, *rest,
+                    **kwargs):
+        st = _step_ts(step, timestamp) if type(metrics) is dict and metrics else None  # noqa
+        target = _target(synchronous, run_id, rest, kwargs) if st is not None else None
+        if target is not None:
+            for k, v in metrics.items():
+                t = type(v)
+                if (t is not float and t is not int) or not _key_ok(k):
+                    target = None
+                    break
+        if target is None:
+            return original(metrics, step, synchronous, run_id, timestamp, *rest, **kwargs)
+        target[0]._log_metrics_fast(target[1], metrics, st[0], st[1])
+        return None
+
+    log_metrics.__trackd_original__ = original
+    return log_metrics
+
+
+def _wrap(name, make):
+    wrapped = make(getattr(fluent, name))
+    setattr(fluent, name, wrapped)
+    if getattr(mlflow, name, None) is wrapped.__trackd_original__:
+        setattr(mlflow, name, wrapped)
 
 
 def store_made():
@@ -132,7 +176,5 @@ def store_made():
     if _installed or os.environ.get(SWITCH_ENV, "1") in ("0", "false", "False", "no"):
         return
     _installed = True
-    wrapped = _fast_log_metric(fluent.log_metric)
-    fluent.log_metric = wrapped
-    if getattr(mlflow, "log_metric", None) is wrapped.__trackd_original__:
-        mlflow.log_metric = wrapped
+    _wrap("log_metric", _fast_log_metric)
+    _wrap("log_metrics", _fast_log_metrics)

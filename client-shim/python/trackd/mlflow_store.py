@@ -371,6 +371,13 @@ class TrackdStore(SqlAlchemyStore):
         if not self._client().log_metric(run_id, key, value, step, timestamp):
             _log.warning("trackd: buffer full, 1 event dropped (see trackd stats)")
 
+    def _log_metrics_fast(self, run_id, metrics, step, timestamp):
+        """mlflow.log_metrics' fast path: metrics a non-empty {key: float or int} of keys MLflow
+        accepted, one step and timestamp as for _log_metric_fast."""
+        self._dirty = True
+        if not self._client().log_metrics(run_id, metrics, step, timestamp):
+            _log.warning("trackd: buffer full, %d events dropped (see trackd stats)", len(metrics))
+
     def log_param(self, run_id, param):
         compat._validate_run_id(run_id)
         param = compat._validate_param(param.key, param.value)
