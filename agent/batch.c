@@ -133,8 +133,8 @@ const char batch_sql_begin_copy[] =
 
 /*
  * The direct form: the range's points go straight into metrics when they cannot conflict
- * (writer.c says when). The first statement names the range's runs that are missing or not
- * active; the writer cancels the COPY when it returns any.
+ * (writer.c says when). The guard, after the range's run starts, names the range's runs that
+ * are missing or not active; the writer rolls back instead of the COPY when it names any.
  */
 const char batch_sql_direct_guard[] =
     "SELECT u.run FROM unnest($1::text[]) AS u(run) WHERE NOT EXISTS"

@@ -26,6 +26,8 @@
 #define BACKOFF_MAX_MS 10000
 
 enum stmt {
+    STMT_BEGIN,
+    STMT_GUARD,
     STMT_EXPS,
     STMT_RUNS,
     STMT_RUN_STATE,
@@ -60,8 +62,8 @@ const char *writer_state_name(enum writer_state s)
 {
     static const char *const names[] = {"disconnected", "resolving",    "connecting", "checking",
                                         "ledger",       "owners table", "progress",   "idle",
-                                        "owners",       "txn_start",    "copy_data",  "pipeline",
-                                        "rollback",     "backoff",      "closing"};
+                                        "owners",       "prepare",      "txn_start",  "copy_data",
+                                        "pipeline",     "rollback",     "backoff",    "closing"};
     _Static_assert(sizeof names / sizeof names[0] == W_CLOSING + 1, "a name per state");
     return names[s];
 }
@@ -356,11 +358,22 @@ static void connect_start(struct writer *w)
 
 /* ---- transaction steps ----------------------------------------------------- */
 
-static const char *const stmt_names[] = {
-    "experiments",      "runs",        "run states",      "tags",
-    "run names",        "params",      "metrics",         "latest_metrics",
-    "end runs",         "tag deletes", "artifact ledger", "artifact results",
-    "journal progress", "commit"};
+static const char *const stmt_names[] = {"begin",
+                                         "direct guard",
+                                         "experiments",
+                                         "runs",
+                                         "run states",
+                                         "tags",
+                                         "run names",
+                                         "params",
+                                         "metrics",
+                                         "latest_metrics",
+                                         "end runs",
+                                         "tag deletes",
+                                         "artifact ledger",
+                                         "artifact results",
+                                         "journal progress",
+                                         "commit"};
 _Static_assert(sizeof stmt_names / sizeof stmt_names[0] == STMT_COUNT, "a name per statement");
 
 static void record_failure(struct writer *w, const PGresult *res)
@@ -372,10 +385,11 @@ static void record_failure(struct writer *w, const PGresult *res)
     const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     const char *d = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
     snprintf(w->fail_state, sizeof w->fail_state, "%s", st ? st : "");
-    const char *where = w->state == W_PIPELINE && w->stmt_index < w->pending_results
-                            ? stmt_names[w->stmts[w->stmt_index]]
-                        : w->sql.n_metrics ? "begin/copy"
-                                           : "begin";
+    const char *where =
+        (w->state == W_PIPELINE || w->state == W_PREPARE) && w->stmt_index < w->pending_results
+            ? stmt_names[w->stmts[w->stmt_index]]
+        : w->sql.n_metrics ? "begin/copy"
+                           : "begin";
     snprintf(w->fail_msg, sizeof w->fail_msg, "%s (in %s)%s%s", m ? m : PQresultErrorMessage(res),
              where, d ? ": " : "", d ? d : "");
 }
@@ -422,20 +436,11 @@ static int send_stmt(struct writer *w, enum stmt which, const char *sql, int n,
 
 #define BUFSTR(buf) ((const char *)(buf).data)
 
-/* Sends every statement of the range and COMMIT in one pipeline. */
-static void send_pipeline(struct writer *w)
+/* The range's experiments and run starts (and who owns each new run). */
+static int send_starts(struct writer *w, const char *now)
 {
     struct batch_sql *s = &w->sql;
-    char now[24];
-    snprintf(now, sizeof now, "%" PRId64, util_clock_ms(CLOCK_REALTIME));
     int rc = 0;
-
-    if (!PQenterPipelineMode(w->pg)) {
-        conn_lost(w, "pipeline");
-        return;
-    }
-    w->pending_results = 0;
-    w->stmt_index = 0;
     if (s->n_exps) {
         const char *v[] = {BUFSTR(s->exp_names), w->artifact_root, now, BUFSTR(s->exp_locations)};
         rc |= send_stmt(w, STMT_EXPS, batch_sql_experiments[w->variant], 4, v);
@@ -451,6 +456,25 @@ static void send_pipeline(struct writer *w)
                         owned ? batch_sql_runs_owned[w->variant] : batch_sql_runs[w->variant],
                         owned ? 10 : 6, v);
     }
+    return rc;
+}
+
+/* Sends every statement of the range and COMMIT in one pipeline. */
+static void send_pipeline(struct writer *w)
+{
+    struct batch_sql *s = &w->sql;
+    char now[24];
+    snprintf(now, sizeof now, "%" PRId64, util_clock_ms(CLOCK_REALTIME));
+    int rc = 0;
+
+    if (!PQenterPipelineMode(w->pg)) {
+        conn_lost(w, "pipeline");
+        return;
+    }
+    w->pending_results = 0;
+    w->stmt_index = 0;
+    if (!w->direct) /* else send_prepare sent them */
+        rc |= send_starts(w, now);
     if (s->n_state_runs) {
         const char *v[] = {BUFSTR(s->state_runs), BUFSTR(s->state_exps), BUFSTR(s->state_exp_ids)};
         rc |= send_stmt(w, STMT_RUN_STATE, batch_sql_run_state[w->variant], 3, v);
@@ -511,13 +535,50 @@ static void send_pipeline(struct writer *w)
     set_state(w, W_PIPELINE);
 }
 
-/* Streams the range's COPY rows, or cancels the COPY when the direct guard refused it. */
+/*
+ * The direct path's first round trip, one pipeline: BEGIN, the range's experiments and run
+ * starts, and the guard, which names the range's runs that are missing or not active once
+ * those starts are in. prepare_done sends the COPY into metrics, or rolls back.
+ */
+static void send_prepare(struct writer *w)
+{
+    char now[24];
+    snprintf(now, sizeof now, "%" PRId64, util_clock_ms(CLOCK_REALTIME));
+    if (!PQenterPipelineMode(w->pg)) {
+        conn_lost(w, "pipeline");
+        return;
+    }
+    w->pending_results = 0;
+    w->stmt_index = 0;
+    const char *v[] = {BUFSTR(w->sql.state_runs)};
+    int rc = send_stmt(w, STMT_BEGIN, "BEGIN", 0, NULL);
+    rc |= send_starts(w, now);
+    rc |= send_stmt(w, STMT_GUARD, batch_sql_direct_guard, 1, v);
+    if (rc != 0 || !PQpipelineSync(w->pg) || flush_out(w) != 0) {
+        conn_lost(w, "pipeline");
+        return;
+    }
+    set_state(w, W_PREPARE);
+}
+
+/* The first round trip is answered: COPY the points in, or give the range up to the staging
+ * path (range_failed, after the rollback). */
+static void prepare_done(struct writer *w)
+{
+    if (w->failed || w->direct_refused) {
+        send_rollback(w);
+        return;
+    }
+    set_state(w, W_TXN_START);
+    if (!PQsendQuery(w->pg, batch_sql_direct_copy) || flush_out(w) != 0)
+        conn_lost(w, "copy");
+}
+
+/* Streams the range's COPY rows. */
 static void send_copy(struct writer *w)
 {
     struct proto_buf *c = &w->sql.copy;
-    const char *cancel =
-        w->direct_refused ? "trackd: a run of the range is missing or not active" : NULL;
-    while (cancel == NULL && w->copy_sent < c->len) {
+    while (w->copy_sent < c->len) {
         size_t n = c->len - w->copy_sent;
         if (n > COPY_CHUNK)
             n = COPY_CHUNK;
@@ -532,7 +593,7 @@ static void send_copy(struct writer *w)
         }
         w->copy_sent += n;
     }
-    int r = PQputCopyEnd(w->pg, cancel);
+    int r = PQputCopyEnd(w->pg, NULL);
     if (r < 0) {
         conn_lost(w, "copy");
         return;
@@ -612,29 +673,12 @@ static bool range_replayed(const struct writer *w)
 /*
  * The direct path: the range's points COPY straight into metrics, which saves writing each one
  * twice (the staging table, then INSERT ... SELECT). Taken when nothing can make a point
- * conflict or dangle: batch_sql_build left out points equal within the range, the range
- * starts no run (its row would come after the COPY), nothing in it was replayed after a
- * crash (it may be stored already), and the guard, in the same round trip as the COPY,
- * finds every run the range names present and active. If a stored row equals a point or a
- * run is gone after all, the transaction fails and the range goes through the staging path
- * (range_failed; counted in direct_fallbacks).
+ * conflict or dangle: batch_sql_build left out points equal within the range, nothing in it
+ * was replayed after a crash (it may be stored already), and the guard, after the range's run
+ * starts, finds every run the range names present and active (send_prepare). If a stored row
+ * equals a point or a run is gone after all, the transaction fails and the range goes through
+ * the staging path (range_failed; counted in direct_fallbacks).
  */
-static char *direct_sql(struct writer *w)
-{
-    const char *runs = BUFSTR(w->sql.state_runs);
-    char *lit = PQescapeLiteral(w->pg, runs, strlen(runs));
-    if (lit == NULL)
-        return NULL;
-    const char *guard = strstr(batch_sql_direct_guard, "$1");
-    size_t n = strlen(batch_sql_direct_guard) + strlen(lit) + strlen(batch_sql_direct_copy) + 16;
-    char *q = malloc(n);
-    if (q != NULL)
-        snprintf(q, n, "BEGIN;%.*s%s%s;%s", (int)(guard - batch_sql_direct_guard),
-                 batch_sql_direct_guard, lit, guard + 2, batch_sql_direct_copy);
-    PQfreemem(lit);
-    return q;
-}
-
 static void start_range(struct writer *w)
 {
     range_progress(w);
@@ -643,15 +687,14 @@ static void start_range(struct writer *w)
     w->copy_sent = 0;
     w->direct_refused = false;
     clear_range_results(w);
-    free(w->direct_sql);
-    w->direct_sql = NULL;
-    w->direct = w->sql.n_metrics && w->sql.n_runs == 0 && !w->cur.staging && !range_replayed(w);
-    if (w->direct && (w->direct_sql = direct_sql(w)) == NULL)
-        w->direct = false; /* out of memory: the staging path needs none */
-    set_state(w, W_TXN_START);
-    const char *q = w->direct ? w->direct_sql : w->sql.n_metrics ? batch_sql_begin_copy : "BEGIN";
-    if (w->direct)
+    w->direct = w->sql.n_metrics && !w->cur.staging && !range_replayed(w);
+    if (w->direct) {
         stats.ranges_direct++;
+        send_prepare(w);
+        return;
+    }
+    set_state(w, W_TXN_START);
+    const char *q = w->sql.n_metrics ? batch_sql_begin_copy : "BEGIN";
     if (!PQsendQuery(w->pg, q) || flush_out(w) != 0)
         conn_lost(w, "begin");
 }
@@ -1302,10 +1345,10 @@ static void drive(struct writer *w)
                 PQclear(res);
             continue;
         }
-        if (st != W_TXN_START && st != W_PIPELINE && st != W_ROLLBACK)
+        if (st != W_PREPARE && st != W_TXN_START && st != W_PIPELINE && st != W_ROLLBACK)
             return;
         PGresult *res = PQgetResult(w->pg);
-        if (st == W_PIPELINE) {
+        if (st == W_PIPELINE || st == W_PREPARE) {
             if (res == NULL) {
                 /* End of one statement's results. */
                 if (w->stmt_index >= w->pending_results)
@@ -1324,7 +1367,9 @@ static void drive(struct writer *w)
                     conn_lost(w, "pipeline exit");
                     return;
                 }
-                if (w->failed) {
+                if (st == W_PREPARE) {
+                    prepare_done(w);
+                } else if (w->failed) {
                     send_rollback(w);
                 } else {
                     if (w->exit_after_commits && --w->exit_after_commits == 0) {
@@ -1345,6 +1390,8 @@ static void drive(struct writer *w)
                 res = note_run_states(w, res);
             else if (ok && w->stmts[w->stmt_index] == STMT_ARTIFACTS)
                 note_artifacts(w, res);
+            else if (ok && w->stmts[w->stmt_index] == STMT_GUARD && PQntuples(res) > 0)
+                w->direct_refused = true;
             PQclear(res);
             continue;
         }
@@ -1361,8 +1408,6 @@ static void drive(struct writer *w)
             continue;
         }
         ExecStatusType t = PQresultStatus(res);
-        if (t == PGRES_TUPLES_OK && w->direct && PQntuples(res) > 0)
-            w->direct_refused = true; /* batch_sql_direct_guard named a run */
         if (t == PGRES_COPY_IN) {
             PQclear(res);
             set_state(w, W_COPY_DATA);
@@ -1540,8 +1585,6 @@ void writer_close(struct writer *w, void (*closed)(struct writer *))
     poll_stop(w);
     clear_range_results(w);
     batch_sql_free(&w->sql);
-    free(w->direct_sql);
-    w->direct_sql = NULL;
     owners_free(&w->owners);
     proto_buf_free(&w->owner_ids);
     free(w->stack);

@@ -43,6 +43,7 @@ enum writer_state {
     W_PROGRESS,     /* reading the journal's progress row (once per process) */
     W_IDLE,
     W_OWNERS,    /* looking up the owners of the next range's runs (agent/owners.h) */
+    W_PREPARE,   /* direct path: BEGIN, runs and the guard sent in a pipeline (writer.c) */
     W_TXN_START, /* BEGIN (and COPY start / end) results pending */
     W_COPY_DATA, /* streaming COPY rows */
     W_PIPELINE,  /* statements and COMMIT sent, results pending */
@@ -89,8 +90,7 @@ struct writer {
     struct batch_sql sql;
     size_t copy_sent;
     bool direct;         /* the range's points go straight into metrics (writer.c) */
-    bool direct_refused; /* the direct guard named a run: the COPY is cancelled */
-    char *direct_sql;    /* BEGIN, the guard and the COPY, for the range in flight */
+    bool direct_refused; /* the direct guard named a run: the range takes the staging path */
     uint64_t replay_end; /* events of journal records up to here were replayed */
     int pending_results; /* statements sent in the pipeline */
     uint8_t stmts[16];   /* which statement each is (enum stmt in writer.c) */

@@ -359,7 +359,11 @@ class Bench:
             res["visible"] = poller.visible_latencies(results) if poll == "steps" else []
             res["max_conns"] = poller.max_conns
         for a in agents:
-            res.setdefault("stats", []).append(a.stats())
+            st = a.stats()
+            res.setdefault("stats", []).append(st)
+            log(f"{contender} {mode}: the agent committed {st['batches_committed']:,} transactions,"
+                f" {st['ranges_direct']:,} of them tried straight into metrics,"
+                f" {st['direct_fallbacks']:,} fell back to the staging table")
             rc = a.stop(timeout=120)
             if rc != 0:
                 raise RuntimeError(f"agent exited {rc}:\n{a.log()[-3000:]}")
