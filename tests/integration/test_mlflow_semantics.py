@@ -374,7 +374,8 @@ CASES = {
             X = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]] * 5)
             y = np.array([1, 0, 1, 0] * 5)
             mlflow.set_experiment("sklearn-auto")
-            mlflow.sklearn.autolog(log_input_examples=False, silent=True)
+            # Not silent: an error autolog swallows is then in the script's stderr.
+            mlflow.sklearn.autolog(log_input_examples=False)
             with mlflow.start_run(run_name="auto") as r:
                 note("r", r.info.run_id)
                 LogisticRegression(C=0.5).fit(X, y)
@@ -559,7 +560,9 @@ def run_case(name, env, cwd, python=sys.executable):
                        text=True, timeout=300)
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"{name} failed:\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["stderr"] = p.stderr  # not compared: shown when the outcomes differ
+    return res
 
 
 # MlflowClient.log_param appends this advice to the store's error at the call; a rejection
@@ -671,8 +674,9 @@ def test_case_behaves_as_mlflow(case, pg, release, default_agent, tmp_path):
     seen_ml = normalise({k: res_ml[k] for k in ("steps", "read")}, res_ml["ids"])
     seen_tr = normalise({k: res_tr[k] for k in ("steps", "read")}, res_tr["ids"])
     differ = [(ml, tr) for ml, tr in zip(seen_ml["steps"], seen_tr["steps"]) if ml != tr]
-    assert not differ, "calls that differ (MLflow, trackd):\n" + "\n".join(map(repr, differ))
-    assert seen_tr == seen_ml
+    why = f"\nthe trackd run's stderr:\n{res_tr['stderr'][-4000:]}"
+    assert not differ, "calls that differ (MLflow, trackd):\n" + "\n".join(map(repr, differ)) + why
+    assert seen_tr == seen_ml, why
     rows_ml = rows(pg, db_ml, res_ml["ids"], case in CLOCKED)
     rows_tr = rows(pg, db_tr, res_tr["ids"], case in CLOCKED)
     for table in ("metrics", "latest_metrics"):
