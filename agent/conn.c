@@ -261,6 +261,7 @@ static void on_hello(struct conn *c, const struct proto_msg *m)
     log_info("[conn %u] hello from pid %u (%s), uid %u (%s), protocol %u", c->id, m->u.hello.pid,
              c->program, (unsigned)c->uid, c->user, m->u.hello.version);
     set_state(c, CONN_OPEN);
+    c->greeted = true;
     if (!conn_may_read(c))
         stop_reading(c); /* a producer now, and the agent is paused */
     struct proto_buf pb;
@@ -558,8 +559,11 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         return;
     if (proto_reader_pending(&c->reader) == 0) {
         c->partial_since_ms = 0;
-        if (c->reader.cap > READ_CHUNK)
+        /* A busy client keeps one chunk between frames; a client that only said hello may
+         * stay quiet for long (a thousand such hold 64 MiB of the read budget otherwise). */
+        if (c->reader.cap > READ_CHUNK || c->greeted)
             release_reader(c);
+        c->greeted = false;
     } else if (c->partial_since_ms == 0) {
         c->partial_since_ms = uv_now(c->srv->loop);
     }
@@ -630,8 +634,9 @@ static void shed_reader_memory(struct conn_server *s)
         struct conn *oldest = NULL;
         for (struct conn *c = s->head; c; c = c->next)
             if (c->partial_since_ms && !c->snapshotting && c->uid == uid &&
-                (!oldest || c->partial_since_ms < oldest->partial_since_ms))
-                oldest = c;
+                (!oldest || c->partial_since_ms < oldest->partial_since_ms ||
+                 (c->partial_since_ms == oldest->partial_since_ms && c->id < oldest->id)))
+                oldest = c; /* the loop's clock counts milliseconds: ties go to the older */
         if (oldest == NULL)
             return;
         stats.closed_read_memory++;

@@ -53,6 +53,7 @@ struct conn {
     uint64_t last_lsn;  /* journal record of the last frame accepted; acked once durable */
     struct proto_reader reader;
     bool reading;
+    bool greeted;     /* the HELLO was the last frame read: the buffer goes back once empty */
     size_t out_bytes; /* queued for writing */
     int fds[8];       /* descriptors received ahead of their ARTIFACT frames */
     size_t nfds;

@@ -253,6 +253,38 @@ def test_incomplete_frames_share_one_memory_budget(pg, db, tmp_path, artifact_ro
         assert a.stop() == 0
 
 
+def test_clients_that_only_said_hello_hold_no_read_buffer(pg, db, tmp_path, artifact_root):
+    """Twenty clients that said hello and stay quiet would hold 1.25 MiB of 64 KiB read buffers,
+    over a 1 MiB budget for incomplete frames, if they kept them: the agent gives each back
+    once the hello is read, so a client with a partial frame within the budget is not closed
+    for it, and its frame completes."""
+    a = start_agent(pg, db, tmp_path, artifact_root,
+                    "max_read_buffer_bytes = 1048576\nframe_timeout_ms = 30000\n")
+    try:
+        idle = []
+        for _ in range(20):
+            r = Raw(a.socket)
+            r.hello()
+            idle.append(r)
+        slow = Raw(a.socket)
+        slow.hello()
+        whole = frame("flush", [], seq=2)
+        slow.send(whole[:10])  # part of the header: an incomplete frame
+        wait_for(lambda: a.stats()["read_buffer_bytes"] <= 1048576, 30,
+                 "the read buffers to fit the budget")
+        st = a.stats()
+        assert st["closed_read_memory"] == 0, st
+        # The slow client's chunk, and the stats request's own connection.
+        assert st["read_buffer_bytes"] <= 2 * 65536, st
+        slow.send(whole[10:])
+        kind, _, _ = slow.read()
+        assert kind == KINDS["flushed"]
+        for r in idle + [slow]:
+            r.close()
+    finally:
+        assert a.stop() == 0
+
+
 # ---- malformed input --------------------------------------------------------------------------
 
 def test_deep_nesting_and_truncated_frames(pg, db, agent):
