@@ -679,11 +679,18 @@ def table(rows, order, what, limit):
     return out
 
 
+ONLY_ALL = "W1,W2,PACED,W3,W4,SCALE"
+W4_ROWS = 10_000_000
+
+
 def write_report(b, args, started):
     host = socket.gethostname()
     today = datetime.date.today()
+    opts = f"--scale {args.scale:g}" + (f" --only {args.only}" if args.only != ONLY_ALL else "") \
+        + (f" --contenders {args.contenders}" if args.contenders else "") \
+        + (f" --w4-rows {args.w4_rows}" if args.w4_rows != W4_ROWS else "")
     L = [f"# trackd bench, {today} on {host}", "", report.machine(), versions(),
-         f"Command: `./trackd-dev bench --scale {args.scale:g}` (started {started}, "
+         f"Command: `./trackd-dev bench {opts}` (started {started}, "
          f"took {(time.monotonic() - b.t_start) / 60:.0f} min).", ""]
     w1 = [r for r in b.rows if r["mode"] == "w1"]
     w2 = [r for r in b.rows if r["mode"] == "w2"]
@@ -875,8 +882,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiplies W1's steps and W2's runs (default 1: the full workloads)")
-    ap.add_argument("--only", default="W1,W2,PACED,W3,W4,SCALE", help="comma-separated parts to run")
-    ap.add_argument("--w4-rows", type=int, default=10_000_000,
+    ap.add_argument("--only", default=ONLY_ALL, help="comma-separated parts to run")
+    ap.add_argument("--w4-rows", type=int, default=W4_ROWS,
                     help="rows W4 puts into metrics before its W1 (default 10,000,000)")
     ap.add_argument("--contenders", default="", help="comma-separated contenders for W1/W2 (default all)")
     ap.add_argument("--artifact-mib", type=int, default=512)
