@@ -134,11 +134,15 @@ const char batch_sql_begin_copy[] =
 /*
  * The direct form: the range's points go straight into metrics when they cannot conflict
  * (writer.c says when). The guard, after the range's run starts, names the range's runs that
- * are missing or not active; the writer rolls back instead of the COPY when it names any.
+ * are missing or not active; the writer rolls back instead of the COPY when it names any. The
+ * active ones stay locked (FOR SHARE) until COMMIT: a delete_run in between waits, instead of
+ * finding the COPY's rows committed under a deleted run.
  */
 const char batch_sql_direct_guard[] =
-    "SELECT u.run FROM unnest($1::text[]) AS u(run) WHERE NOT EXISTS"
-    " (SELECT 1 FROM runs r WHERE r.run_uuid = u.run AND r.lifecycle_stage = 'active')";
+    "WITH active AS (SELECT run_uuid FROM runs WHERE run_uuid = ANY($1::text[])"
+    "  AND lifecycle_stage = 'active' FOR SHARE)"
+    " SELECT u.run FROM unnest($1::text[]) AS u(run)"
+    " WHERE u.run NOT IN (SELECT run_uuid FROM active)";
 const char batch_sql_direct_copy[] =
     "COPY metrics " BATCH_METRIC_COLUMNS " FROM STDIN (FORMAT binary)";
 

@@ -558,6 +558,7 @@ static void send_prepare(struct writer *w)
         conn_lost(w, "pipeline");
         return;
     }
+    w->sync_sent_us = (uint64_t)util_clock_us(CLOCK_MONOTONIC);
     set_state(w, W_PREPARE);
 }
 
@@ -979,18 +980,23 @@ static void count_retry(const char *sqlstate, const char *what, const char *msg)
 /* Decides what a failed range becomes: a retry, two halves, or a rejection. */
 static void range_failed(struct writer *w)
 {
-    if (w->direct && (w->direct_refused || pgconn_classify(w->fail_state) != PGCONN_RETRY)) {
-        /* A stored row equal to a point (23505), a run gone (23503), one not active (the
-         * guard): the staging path sorts these out, and says what is wrong with which event. */
+    if (w->direct) {
+        /* A stored row equal to a point (23505), a run gone (23503) or not active (the guard),
+         * or anything only a COPY into metrics meets (row-level security, a view): the staging
+         * path sorts these out, says what is wrong with which event, and retries what is
+         * worth retrying. The range keeps that path from now on, so it cannot go round. */
         stats.direct_fallbacks++;
         if (w->direct_refused)
             log_debug("[writer] events %zu-%zu name a run that is missing or not active; "
                       "through the staging table instead",
                       w->cur.lo, w->cur.hi);
         else
-            log_debug("[writer] the direct COPY of events %zu-%zu failed (SQLSTATE %s: %s); "
-                      "through the staging table instead",
-                      w->cur.lo, w->cur.hi, w->fail_state, w->fail_msg);
+            log_limited(strcmp(w->fail_state, "23505") == 0 || strcmp(w->fail_state, "23503") == 0
+                            ? LOG_DEBUG
+                            : LOG_INFO,
+                        "[writer] the direct COPY of events %zu-%zu failed (SQLSTATE %s: %s); "
+                        "through the staging table instead",
+                        w->cur.lo, w->cur.hi, w->fail_state, w->fail_msg);
         w->cur.staging = true;
         requeue_current(w);
         set_state(w, W_IDLE);
