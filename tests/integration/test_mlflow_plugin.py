@@ -181,6 +181,8 @@ FAST_SCRIPT = textwrap.dedent('''
         for i in range(10):
             mlflow.log_metrics({"x": i * 1.5, "y": i}, step=i, timestamp=1_700_000_000_000)
         mlflow.log_metrics({"x": 0.0, "z": True}, step=10)  # MLflow's path again
+        # More keys than one frame holds: still one timestamp for the call, as MLflow's.
+        mlflow.log_metrics({f"wide{i}": 1.0 for i in range(2500)}, step=0)
     wrapped = getattr(mlflow.log_metric, "__trackd_original__", None) is not None
     print(json.dumps({"run": r.info.run_id, "slow": slow, "batches": batches, "wrapped": wrapped,
                       "fluent_wrapped": fluent.log_metric is mlflow.log_metric}))
@@ -212,12 +214,15 @@ def test_fluent_log_metric_fast_path_and_its_switch(pg, db, tmp_path, switch):
     else:
         assert not out["wrapped"]
         assert out["slow"] == ["loss"] * 1000 + ["flag"]
-        assert out["batches"] == [["x", "y"]] * 10 + [["x", "z"]]
+        assert out["batches"][:11] == [["x", "y"]] * 10 + [["x", "z"]]
+        assert len(out["batches"]) == 14  # the 2,500 keys in MLflow's chunks of 1,000
     rows = pg.query(db, "SELECT count(*), min(step), max(step), min(value) FROM metrics"
                         " WHERE run_uuid = %s AND key = 'loss'", (out["run"],))
     assert rows == [(1000, 0, 999, 1.0 / 1000)]
     assert pg.query(db, "SELECT key, value, step FROM latest_metrics WHERE run_uuid = %s"
-                        " ORDER BY key", (out["run"],)) == [
+                        " AND key NOT LIKE 'wide%%' ORDER BY key", (out["run"],)) == [
         ("flag", 1.0, 0), ("loss", 1.0 / 1000, 999), ("x", 0.0, 10), ("y", 9.0, 9), ("z", 1.0, 10)]
     assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s AND key IN ('x', 'y')",
                     (out["run"],)) == [(21,)]
+    assert pg.query(db, "SELECT count(*), count(DISTINCT timestamp) FROM metrics"
+                        " WHERE run_uuid = %s AND key LIKE 'wide%%'", (out["run"],)) == [(2500, 1)]

@@ -487,6 +487,14 @@ CASES = {
                      timestamp=-5)
                 step("run_id_given", mlflow.log_metric, "given", 1.0, step=0, timestamp=TS0,
                      run_id=outer.info.run_id)
+                # MLflow reads any synchronous value but None and True as asynchronous.
+                ops = mlflow.log_metric("sync_zero", 1.0, step=0, timestamp=TS0, synchronous=0)
+                read("sync_zero_returns", type(ops).__name__)
+                if ops is not None:
+                    ops.wait()
+                # A keyword of MLflow 3 (model_id): MLflow 2 refuses it, even as None.
+                step("model_id_none", mlflow.log_metric, "mn", 1.0, step=0, timestamp=TS0,
+                     model_id=None)
                 ops = mlflow.log_metric("async", 1.0, step=0, timestamp=TS0, synchronous=False)
                 read("async_returns", type(ops).__name__)
                 ops.wait()

@@ -17,11 +17,13 @@ is made).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import mlflow
 from mlflow.tracking import fluent
 from mlflow.tracking._tracking_service import utils as tracking_utils
+from mlflow.utils.time import get_current_time_millis
 
 from . import mlflow_compat as compat
 
@@ -52,7 +54,7 @@ class _Cache:
         if uri is not self.uri and uri != self.uri:
             from .mlflow_store import TrackdStore
 
-            store = tracking_utils._get_store()  # pylint: disable=protected-access
+            store = tracking_utils._get_store(uri)  # pylint: disable=protected-access
             self.store = store if isinstance(store, TrackdStore) else None
             self.uri = uri
         return self.store
@@ -70,10 +72,10 @@ _installed = False
 def _key_ok(key) -> bool:
     """True when MLflow's _validate_metric accepts key (name rules and length; the rest of its
     checks concern the value, timestamp and step, which the caller checks)."""
+    if type(key) is not str:  # noqa: E721 -- exactly str (hashable, and as the set holds)
+        return False
     if key in _valid_keys:
         return True
-    if type(key) is not str:  # noqa: E721 -- exactly str, as the set holds
-        return False
     try:
         compat._validate_metric(key, 0.0, 0, 0)  # pylint: disable=protected-access
     except Exception:  # pylint: disable=broad-except -- MLflow's own path raises it again
@@ -91,22 +93,25 @@ def _step_ts(step, timestamp):
         step = 0
     elif type(step) is not int or not _INT64_MIN <= step <= _INT64_MAX:  # noqa: E721
         return None
-    if not timestamp:
-        timestamp = None
+    if timestamp is None or (type(timestamp) is int and timestamp == 0):  # noqa: E721
+        timestamp = None  # no truth test on other types: MLflow's path meets them first
     elif type(timestamp) is not int or not 0 < timestamp <= _INT64_MAX:  # noqa: E721
         return None
     return step, timestamp
 
 
-def _target(synchronous, run_id, rest, kwargs):
+def _target(synchronous, run_id, rest, kwargs, names):
     """(store, run id) when the call may take the fast path as far as its context goes: the
-    tracking URI names a trackd store, no run_id, model_id or dataset (nor any argument a later
-    MLflow adds), synchronous, and a run active on this thread with no logged model outputs
-    and no active model; else None."""
+    tracking URI names a trackd store; no run_id, model_id or dataset, and no keyword this
+    MLflow's function does not take (names: those it does); synchronous (None or True: MLflow
+    reads any other value as asynchronous); and a run active on this thread with no logged
+    model outputs and no active model. Else None."""
     uri = tracking_utils._tracking_uri or os.environ.get(_URI_ENV)  # as get_tracking_uri
     store = _cache.store_for(uri) if uri else None
-    if (store is None or run_id is not None or rest or synchronous is False
-            or (kwargs and any(v is not None for v in kwargs.values()))):
+    if (store is None or run_id is not None or rest
+            or (synchronous is not None and synchronous is not True)):
+        return None
+    if kwargs and any(v is not None or k not in names for k, v in kwargs.items()):
         return None
     if synchronous is None:
         a = os.environ.get(_ASYNC_ENV)
@@ -122,13 +127,20 @@ def _target(synchronous, run_id, rest, kwargs):
     return store, run.info.run_id
 
 
+def _keywords(fn) -> frozenset:
+    """The keyword arguments fn takes."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _fast_log_metric(original):
+    names = _keywords(original)
+
     @functools.wraps(original)
     def log_metric(key, value, step=None, synchronous=None, timestamp=None, run_id=None, *rest,
                    **kwargs):
         t = type(value)
         st = _step_ts(step, timestamp) if t is float or t is int else None
-        target = _target(synchronous, run_id, rest, kwargs) if st is not None else None
+        target = _target(synchronous, run_id, rest, kwargs, names) if st is not None else None
         if target is None or not _key_ok(key):
             # bool, numpy, tensors, odd steps and times, another run or store: MLflow's way
             return original(key, value, step, synchronous, timestamp, run_id, *rest, **kwargs)
@@ -140,12 +152,14 @@ def _fast_log_metric(original):
 
 
 def _fast_log_metrics(original):
+    names = _keywords(original)
+
     # MLflow 2 orders these arguments (metrics, step, synchronous, run_id, timestamp) too.
     @functools.wraps(original)
     def log_metrics(metrics, step=None, synchronous=None, run_id=None, timestamp=None, *rest,
                     **kwargs):
         st = _step_ts(step, timestamp) if type(metrics) is dict and metrics else None  # noqa
-        target = _target(synchronous, run_id, rest, kwargs) if st is not None else None
+        target = _target(synchronous, run_id, rest, kwargs, names) if st is not None else None
         if target is not None:
             for k, v in metrics.items():
                 t = type(v)
@@ -154,7 +168,9 @@ def _fast_log_metrics(original):
                     break
         if target is None:
             return original(metrics, step, synchronous, run_id, timestamp, *rest, **kwargs)
-        target[0]._log_metrics_fast(target[1], metrics, st[0], st[1])
+        # One time for the whole dict, as MLflow's (the shim would stamp each frame it fills).
+        ts = st[1] if st[1] is not None else get_current_time_millis()
+        target[0]._log_metrics_fast(target[1], metrics, st[0], ts)
         return None
 
     log_metrics.__trackd_original__ = original
