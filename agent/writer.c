@@ -436,6 +436,30 @@ static int send_stmt(struct writer *w, enum stmt which, const char *sql, int n,
 
 #define BUFSTR(buf) ((const char *)(buf).data)
 
+/* Opens a pipeline for one round trip of statements (send_stmt). */
+static bool pipeline_open(struct writer *w)
+{
+    if (!PQenterPipelineMode(w->pg)) {
+        conn_lost(w, "pipeline");
+        return false;
+    }
+    w->pending_results = 0;
+    w->stmt_index = 0;
+    return true;
+}
+
+/* Ends the pipeline with a sync and sends it; rc is what queueing the statements returned.
+ * drive() reads the results in state st. */
+static void pipeline_send(struct writer *w, int rc, enum writer_state st)
+{
+    if (rc != 0 || !PQpipelineSync(w->pg) || flush_out(w) != 0) {
+        conn_lost(w, "pipeline");
+        return;
+    }
+    w->sync_sent_us = (uint64_t)util_clock_us(CLOCK_MONOTONIC);
+    set_state(w, st);
+}
+
 /* The range's experiments and run starts (and who owns each new run). */
 static int send_starts(struct writer *w, const char *now)
 {
@@ -467,12 +491,8 @@ static void send_pipeline(struct writer *w)
     snprintf(now, sizeof now, "%" PRId64, util_clock_ms(CLOCK_REALTIME));
     int rc = 0;
 
-    if (!PQenterPipelineMode(w->pg)) {
-        conn_lost(w, "pipeline");
+    if (!pipeline_open(w))
         return;
-    }
-    w->pending_results = 0;
-    w->stmt_index = 0;
     if (!w->direct) /* else send_prepare sent them */
         rc |= send_starts(w, now);
     if (s->n_state_runs) {
@@ -527,12 +547,7 @@ static void send_pipeline(struct writer *w)
         rc |= send_stmt(w, STMT_PROGRESS, dbobjects_progress_sql, 4, v);
     }
     rc |= send_stmt(w, STMT_COMMIT, "COMMIT", 0, NULL);
-    if (rc != 0 || !PQpipelineSync(w->pg) || flush_out(w) != 0) {
-        conn_lost(w, "pipeline");
-        return;
-    }
-    w->sync_sent_us = (uint64_t)util_clock_us(CLOCK_MONOTONIC);
-    set_state(w, W_PIPELINE);
+    pipeline_send(w, rc, W_PIPELINE);
 }
 
 /*
@@ -544,22 +559,13 @@ static void send_prepare(struct writer *w)
 {
     char now[24];
     snprintf(now, sizeof now, "%" PRId64, util_clock_ms(CLOCK_REALTIME));
-    if (!PQenterPipelineMode(w->pg)) {
-        conn_lost(w, "pipeline");
+    if (!pipeline_open(w))
         return;
-    }
-    w->pending_results = 0;
-    w->stmt_index = 0;
     const char *v[] = {BUFSTR(w->sql.state_runs)};
     int rc = send_stmt(w, STMT_BEGIN, "BEGIN", 0, NULL);
     rc |= send_starts(w, now);
     rc |= send_stmt(w, STMT_GUARD, batch_sql_direct_guard, 1, v);
-    if (rc != 0 || !PQpipelineSync(w->pg) || flush_out(w) != 0) {
-        conn_lost(w, "pipeline");
-        return;
-    }
-    w->sync_sent_us = (uint64_t)util_clock_us(CLOCK_MONOTONIC);
-    set_state(w, W_PREPARE);
+    pipeline_send(w, rc, W_PREPARE);
 }
 
 /* The first round trip is answered: COPY the points in, or give the range up to the staging
