@@ -43,7 +43,8 @@ extern char **environ;
 struct agent {
     uv_loop_t loop;
     struct trackd_config cfg;
-    struct writer writer;
+    struct writer writers[CONFIG_MAX_WRITERS]; /* [postgres] writer_connections of them */
+    unsigned nwriters;
     struct ingest ingest;
     struct conn_server conns;
     struct journaler journal;
@@ -62,6 +63,7 @@ struct agent {
     bool replaying;       /* the journal is being replayed; nobody is served yet */
     bool replay_complete; /* every journaled record went through ingest */
     bool stopping;
+    bool closing; /* close_modules ran: what writers hand back is not committed */
 };
 
 /* ---- callbacks wiring the modules together -------------------------------- */
@@ -70,10 +72,13 @@ static void on_reject(void *ctx, const struct batch *b, const struct ev *ev, uin
                       const char *message)
 {
     struct agent *a = ctx;
+    /* A copy's fate is its original's to report (ingest.c). */
+    if (ev->flags & EV_SHADOW)
+        return;
     /* Not written at shutdown is not rejected: those events stay in the journal. */
     if (code != PROTO_ERR_SHUTDOWN)
         deadletter_event(&a->dead, b, ev, code,
-                         code == PROTO_ERR_DATABASE ? a->writer.fail_state : "", message);
+                         code == PROTO_ERR_DATABASE ? a->writers[b->part].fail_state : "", message);
     struct conn *c = conn_find(&a->conns, ev->conn_id);
     if (c)
         conn_send_error(c, ev->seq, code, message);
@@ -160,6 +165,20 @@ static void on_artifact_recorded(void *ctx, const char *id)
     uploader_recorded(&a->up, id);
 }
 
+/*
+ * A writer is set up for the first time: the next one may start. One at a time, so that two
+ * connections never create trackd's tables and views at once (CREATE OR REPLACE VIEW in two
+ * sessions fails with "tuple concurrently updated").
+ */
+static void on_writer_ready(void *ctx, struct writer *w)
+{
+    struct agent *a = ctx;
+    size_t k = (size_t)(w - a->writers);
+    /* Also when stopping: its events are to be written within the grace period too. */
+    if (k + 1 < a->nwriters && !a->closing)
+        writer_start(&a->writers[k + 1]);
+}
+
 static void on_batch_done(void *ctx, struct batch *b)
 {
     struct agent *a = ctx;
@@ -195,6 +214,10 @@ static void on_error(void *ctx, uint32_t conn_id, uint64_t seq, uint32_t code, c
 static void on_released(void *ctx, uint64_t lsn)
 {
     struct agent *a = ctx;
+    /* Closing writers hand back what they did not write: that is not a release, and a journal
+     * close still waiting for its worker would act on it. */
+    if (a->closing)
+        return;
     journaler_release(&a->journal, lsn); /* segments go on a worker: on_journal_room follows */
 }
 
@@ -215,7 +238,8 @@ static void on_durable(void *ctx, uint64_t lsn)
 {
     struct agent *a = ctx;
     conn_journal_durable(&a->conns, lsn);
-    writer_journal_durable(&a->writer);
+    for (unsigned k = 0; k < a->nwriters; k++)
+        writer_journal_durable(&a->writers[k]);
 }
 
 static void on_stalled(void *ctx, bool stalled)
@@ -264,7 +288,7 @@ static int replay_pace(void *ctx)
             log_info("[journal] replay: %llu frames so far, %zu bytes waiting for PostgreSQL "
                      "(writer %s); clients are served once the journal is through",
                      (unsigned long long)stats.replayed_frames, ingest_pending_bytes(&a->ingest),
-                     writer_state_name(a->writer.state));
+                     writer_state_name(a->writers[0].state));
         }
         uv_run(&a->loop, UV_RUN_ONCE);
     }
@@ -286,11 +310,13 @@ static void journal_closed(struct journaler *jr)
 /* Closes every module and handle; the loop then runs out. */
 static void close_modules(struct agent *a)
 {
+    a->closing = true;
     uploader_close(&a->up, NULL);
     journaler_close(&a->journal, journal_closed);
     ingest_cut(&a->ingest);
     conn_close_all(&a->conns);
-    writer_close(&a->writer, writer_closed);
+    for (unsigned k = 0; k < a->nwriters; k++)
+        writer_close(&a->writers[k], writer_closed);
     ingest_close(&a->ingest);
     uv_timer_stop(&a->tick);
     uv_timer_stop(&a->shutdown);
@@ -444,7 +470,7 @@ int agent_check_dsn(const struct trackd_config *cfg, const char *config_path)
 static int start_modules(struct agent *a, char *msg, size_t msglen)
 {
     static const struct writer_cbs wcbs = {on_reject, on_batch_done, on_artifact_ready,
-                                           on_artifact_recorded};
+                                           on_artifact_recorded, on_writer_ready};
     static const struct uploader_cbs ucbs = {on_artifact_ledger, on_artifact_record,
                                              on_artifact_hold, on_artifact_taken,
                                              on_artifact_failed};
@@ -459,11 +485,15 @@ static int start_modules(struct agent *a, char *msg, size_t msglen)
     setenv("UV_THREADPOOL_SIZE", AGENT_THREADPOOL_SIZE, 0);
     uv_loop_init(&a->loop);
     a->started_ms = uv_now(&a->loop);
-    int rc = writer_init(&a->writer, &a->loop, &a->cfg, &wcbs, a);
-    if (rc != 0)
-        return util_errorf(msg, msglen, rc, "cannot set up the writer");
-    writer_start(&a->writer);
-    ingest_init(&a->ingest, &a->loop, &a->cfg, &a->writer, &icbs, a);
+    a->nwriters = a->cfg.pg_writers;
+    for (unsigned k = 0; k < a->nwriters; k++) {
+        int rc = writer_init(&a->writers[k], k, &a->loop, &a->cfg, &wcbs, a);
+        if (rc != 0)
+            return util_errorf(msg, msglen, rc, "cannot set up the writer");
+    }
+    writer_start(&a->writers[0]); /* the others follow it (on_writer_ready) */
+    ingest_init(&a->ingest, &a->loop, &a->cfg, a->writers, a->nwriters, &icbs, a);
+    int rc;
     journaler_init(&a->journal, &a->loop, &a->cfg, &jcbs, a);
     if ((rc = conn_server_init(&a->conns, &a->loop, &a->cfg, &a->ingest, msg, msglen)) != 0)
         return rc;
@@ -488,7 +518,17 @@ static int start_modules(struct agent *a, char *msg, size_t msglen)
     if ((rc = journaldir_lock(a->cfg.journal_dir, msg, msglen)) < 0 ||
         (rc = journaldir_identity(a->cfg.journal_dir, a->journal_id, msg, msglen)) != 0)
         return rc;
-    writer_set_journal(&a->writer, a->journal_id, &a->journal.durable_lsn);
+    for (unsigned k = 0; k < a->nwriters; k++) {
+        /* Each writer's own progress row. The key names the count, so rows written with
+         * another one are not read: those events are then written again, idempotently, rather
+         * than skipped on another writer's word. */
+        char key[64];
+        if (a->nwriters == 1)
+            snprintf(key, sizeof key, "%s", a->journal_id);
+        else
+            snprintf(key, sizeof key, "%s/%u/%u", a->journal_id, k, a->nwriters);
+        writer_set_journal(&a->writers[k], key, &a->journal.durable_lsn);
+    }
     /* Replay may reject events, so the dead-letter file must be open before it. */
     deadletter_open(&a->dead, a->cfg.journal_dir);
     static struct s3_config s3;
@@ -514,7 +554,8 @@ static int replay_journal(struct agent *a, char *msg, size_t msglen)
     if (rc < 0)
         return rc;
     a->replay_complete = rc == 0;
-    writer_replay_end(&a->writer, a->journal.durable_lsn);
+    for (unsigned k = 0; k < a->nwriters; k++)
+        writer_replay_end(&a->writers[k], a->journal.durable_lsn);
     if (rs.records || rs.quarantined || rs.torn_tail_bytes)
         log_info("[journal] replayed %llu frames from %llu segments (%llu quarantined, %llu torn "
                  "bytes skipped)%s%s",

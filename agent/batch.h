@@ -48,7 +48,9 @@ enum ev_flag {
     EV_REJECTED = 1,    /* resolved (an error, or EV_COMMITTED_BEFORE); skipped by later attempts */
     EV_KEEP_STATUS = 2, /* EV_END_RUN leaves the status as stored */
     EV_KEEP_END = 4,    /* EV_END_RUN leaves the end time as stored */
-    EV_COMMITTED_BEFORE = 8 /* replayed, and the journal's progress row says it is committed */
+    EV_COMMITTED_BEFORE = 8, /* replayed, and the journal's progress row says it is committed */
+    EV_SHADOW = 16 /* a copy of an EV_EXPERIMENT for another writer (ingest.c): not counted, and
+                      its errors are the original's to report */
 };
 
 enum run_status { RUN_RUNNING, RUN_SCHEDULED, RUN_FINISHED, RUN_FAILED, RUN_KILLED };
@@ -128,6 +130,7 @@ struct batch {
     size_t acap;
     size_t n_metrics;
     uint64_t opened_ms;
+    unsigned part;      /* the writer it goes to (ingest.c) */
     struct batch *next; /* writer queue link */
 };
 

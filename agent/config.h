@@ -24,6 +24,9 @@ enum config_fsync { CONFIG_FSYNC_ALWAYS, CONFIG_FSYNC_INTERVAL, CONFIG_FSYNC_NEV
  * Every char * field is owned by the struct: malloc'd by config_init() or a successful load, and
  * released by config_free(). Callers read the fields and must not free or replace them.
  */
+/* The most [postgres] writer_connections may be. */
+#define CONFIG_MAX_WRITERS 16
+
 struct trackd_config {
     /* [agent] */
     char *socket_path;                /* Unix socket the agent listens on */
@@ -49,7 +52,8 @@ struct trackd_config {
     char *pg_dsn;           /* libpq keyword string or URI; may hold a password */
     char *pg_password_file; /* "" = none; first line is the password */
     uint32_t pg_connect_timeout_ms;
-    bool seed_views; /* create the mlflow_* views; `trackd views drop` removes them */
+    uint32_t pg_writers; /* writer connections; runs are spread over them by id */
+    bool seed_views;     /* create the mlflow_* views; `trackd views drop` removes them */
     /* [mlflow] */
     char *artifact_root;     /* experiment artifact_location = root + "/" + experiment_id */
     char *allowed_revisions; /* comma-separated extra alembic revisions; "" = none */

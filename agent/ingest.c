@@ -1,6 +1,13 @@
 /*
  * Batch cutting, the pending-memory bound and flush barriers, around events.c, which turns
- * each message into validated events in the open batch.
+ * each message into validated events in the open batch of the message's writer.
+ *
+ * With several writers, each run's events go through one of them (ingest_partition), so a
+ * run's order holds while runs commit in parallel. An experiment goes to every writer: the
+ * original to writer 0, a copy (EV_SHADOW) to each other, in the same place of its stream, so
+ * a run start after it finds the experiment whichever writer takes the run. An event is done
+ * when it is done on its writer; the flush barrier and the journal's release follow the
+ * slowest writer (refresh_done).
  */
 #include "ingest.h"
 
@@ -21,12 +28,14 @@
 static void age_cb(uv_timer_t *t);
 
 int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *cfg,
-                struct writer *writer, const struct ingest_cbs *cbs, void *ctx)
+                struct writer *writers, unsigned nwriters, const struct ingest_cbs *cbs, void *ctx)
 {
     memset(in, 0, sizeof *in);
     in->loop = loop;
     in->cfg = cfg;
-    in->writer = writer;
+    in->nparts = nwriters;
+    for (unsigned p = 0; p < nwriters; p++)
+        in->parts[p].writer = &writers[p];
     in->cbs = *cbs;
     in->ctx = ctx;
     in->next_serial = 1;
@@ -35,14 +44,79 @@ int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *
     return 0;
 }
 
+unsigned ingest_partition(const char *run_id, size_t len, unsigned n)
+{
+    if (n <= 1)
+        return 0;
+    uint64_t h = UINT64_C(14695981039346656037); /* FNV-1a */
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (uint8_t)run_id[i]) * UINT64_C(1099511628211);
+    return (unsigned)(h % n);
+}
+
 size_t ingest_pending_bytes(const struct ingest *in)
 {
-    return in->queued_bytes + (in->open ? batch_bytes(in->open) : 0);
+    size_t bytes = in->queued_bytes;
+    for (unsigned p = 0; p < in->nparts; p++)
+        bytes += in->parts[p].open ? batch_bytes(in->parts[p].open) : 0;
+    return bytes;
 }
 
 bool ingest_drained(const struct ingest *in)
 {
-    return (in->open == NULL || in->open->n == 0) && writer_idle(in->writer);
+    for (unsigned p = 0; p < in->nparts; p++) {
+        const struct ingest_part *pt = &in->parts[p];
+        if ((pt->open && pt->open->n > 0) || !writer_idle(pt->writer))
+            return false;
+    }
+    return true;
+}
+
+/* The first event of pt not yet finished (with the writer, or open), or NULL. */
+static const struct ev *first_pending(const struct ingest_part *pt)
+{
+    if (pt->writer->head)
+        return &pt->writer->head->evs[0];
+    return pt->open && pt->open->n ? &pt->open->evs[0] : NULL;
+}
+
+/* The journal record of pt's first unfinished journaled event; 0 when none. */
+static uint64_t first_pending_lsn(const struct ingest_part *pt)
+{
+    for (const struct batch *b = pt->writer->head; b; b = b->next)
+        for (size_t i = 0; i < b->n; i++)
+            if (b->evs[i].lsn)
+                return b->evs[i].lsn;
+    if (pt->open)
+        for (size_t i = 0; i < pt->open->n; i++)
+            if (pt->open->evs[i].lsn)
+                return pt->open->evs[i].lsn;
+    return 0;
+}
+
+/*
+ * done_serial and the journal's release from every writer: an event is finished when its
+ * writer is past it, and a record when every writer is. Events reach each writer in serial
+ * (and journal) order, so the slowest writer's first unfinished event bounds both.
+ */
+static void refresh_done(struct ingest *in)
+{
+    uint64_t done = in->next_serial - 1, release = in->last_lsn;
+    for (unsigned p = 0; p < in->nparts; p++) {
+        const struct ev *ev = first_pending(&in->parts[p]);
+        if (ev && ev->serial - 1 < done)
+            done = ev->serial - 1;
+        uint64_t lsn = first_pending_lsn(&in->parts[p]);
+        if (lsn && lsn - 1 < release)
+            release = lsn - 1;
+    }
+    if (done > in->done_serial)
+        in->done_serial = done;
+    if (release > in->released) {
+        in->released = release;
+        if (in->cbs.released)
+            in->cbs.released(in->ctx, release);
+    }
 }
 
 static void update_gauges(struct ingest *in)
@@ -50,7 +124,10 @@ static void update_gauges(struct ingest *in)
     stats.queue_bytes = ingest_pending_bytes(in);
     if (stats.queue_bytes > stats.queue_bytes_peak)
         stats.queue_bytes_peak = stats.queue_bytes;
-    stats.queue_events = in->next_serial - 1 - in->done_serial;
+    uint64_t events = in->queued_events;
+    for (unsigned p = 0; p < in->nparts; p++)
+        events += in->parts[p].open ? in->parts[p].open->n : 0;
+    stats.queue_events = events;
 }
 
 static void check_pressure(struct ingest *in)
@@ -72,26 +149,47 @@ static void check_pressure(struct ingest *in)
     }
 }
 
+/* True when some open batch holds events. */
+static bool any_open(const struct ingest *in)
+{
+    for (unsigned p = 0; p < in->nparts; p++)
+        if (in->parts[p].open && in->parts[p].open->n)
+            return true;
+    return false;
+}
+
+/* Hands partition p's open batch to its writer. */
+static void cut(struct ingest *in, unsigned p)
+{
+    struct ingest_part *pt = &in->parts[p];
+    pt->age_due = false;
+    struct batch *b = pt->open;
+    if (b == NULL || b->n == 0)
+        return;
+    pt->open = NULL;
+    in->queued_bytes += batch_bytes(b);
+    in->queued_events += b->n;
+    writer_submit(pt->writer, b);
+}
+
 void ingest_cut(struct ingest *in)
 {
     uv_timer_stop(&in->age_timer);
-    in->age_due = false;
-    struct batch *b = in->open;
-    if (b == NULL || b->n == 0)
-        return;
-    in->open = NULL;
-    in->queued_bytes += batch_bytes(b);
-    writer_submit(in->writer, b);
+    for (unsigned p = 0; p < in->nparts; p++)
+        cut(in, p);
 }
 
 static void age_cb(uv_timer_t *t)
 {
     struct ingest *in = t->data;
-    /* While the writer is busy, let the batch grow: larger transactions drain faster. */
-    if (writer_idle(in->writer))
-        ingest_cut(in);
-    else
-        in->age_due = true;
+    /* While a writer is busy, let its batch grow: larger transactions drain faster. */
+    for (unsigned p = 0; p < in->nparts; p++) {
+        struct ingest_part *pt = &in->parts[p];
+        if (writer_idle(pt->writer))
+            cut(in, p);
+        else if (pt->open && pt->open->n)
+            pt->age_due = true;
+    }
 }
 
 /* True when every event up to serial is finished and no upload at or below it runs. */
@@ -142,17 +240,16 @@ void ingest_unhold(struct ingest *in, uint64_t serial)
 void ingest_batch_done(struct ingest *in, struct batch *b)
 {
     size_t bytes = batch_bytes(b);
+    unsigned p = b->part < in->nparts ? b->part : 0;
     in->queued_bytes -= bytes < in->queued_bytes ? bytes : in->queued_bytes;
-    if (b->n > 0 && b->evs[b->n - 1].serial > in->done_serial)
-        in->done_serial = b->evs[b->n - 1].serial;
-    /* Events arrive in journal order, so the last one's record bounds what is finished. */
-    if (b->n > 0 && b->evs[b->n - 1].lsn && in->cbs.released)
-        in->cbs.released(in->ctx, b->evs[b->n - 1].lsn);
+    in->queued_events -= b->n < in->queued_events ? b->n : in->queued_events;
     batch_free(b);
     free(b);
+    refresh_done(in);
     answer_waiters(in);
-    if (writer_idle(in->writer) && (in->age_due || in->nwaiters > 0))
-        ingest_cut(in);
+    struct ingest_part *pt = &in->parts[p];
+    if (writer_idle(pt->writer) && (pt->age_due || in->nwaiters > 0))
+        cut(in, p);
     check_pressure(in);
 }
 
@@ -160,6 +257,7 @@ int ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq)
 {
     stats.flushes++;
     uint64_t target = in->next_serial - 1;
+    refresh_done(in);
     if (barrier_passed(in, target)) {
         in->cbs.flushed(in->ctx, conn_id, flush_seq);
         return 0;
@@ -194,10 +292,13 @@ void ingest_close(struct ingest *in)
     free(in->holds);
     in->holds = NULL;
     in->nholds = in->capholds = 0;
-    if (in->open) {
-        batch_free(in->open);
-        free(in->open);
-        in->open = NULL;
+    for (unsigned p = 0; p < in->nparts; p++) {
+        struct ingest_part *pt = &in->parts[p];
+        if (pt->open) {
+            batch_free(pt->open);
+            free(pt->open);
+            pt->open = NULL;
+        }
     }
     free(in->waiters);
     in->waiters = NULL;
@@ -206,49 +307,114 @@ void ingest_close(struct ingest *in)
     uv_close((uv_handle_t *)&in->age_timer, NULL);
 }
 
-static struct batch *open_batch(struct ingest *in)
+/* Partition p's open batch (made if needed); NULL when out of memory. The age timer runs
+ * while any open batch holds events. */
+static struct batch *open_batch(struct ingest *in, unsigned p)
 {
-    if (in->open == NULL) {
-        in->open = malloc(sizeof *in->open);
-        if (in->open == NULL)
+    struct ingest_part *pt = &in->parts[p];
+    if (pt->open == NULL) {
+        pt->open = malloc(sizeof *pt->open);
+        if (pt->open == NULL)
             return NULL;
-        batch_init(in->open);
+        batch_init(pt->open);
+        pt->open->part = p;
     }
-    if (in->open->n == 0) {
-        in->open->opened_ms = (uint64_t)util_clock_ms(CLOCK_MONOTONIC);
-        uv_timer_start(&in->age_timer, age_cb, in->cfg->batch_max_age_ms, 0);
+    if (pt->open->n == 0) {
+        pt->open->opened_ms = (uint64_t)util_clock_ms(CLOCK_MONOTONIC);
+        if (!uv_is_active((uv_handle_t *)&in->age_timer))
+            uv_timer_start(&in->age_timer, age_cb, in->cfg->batch_max_age_ms, 0);
     }
-    return in->open;
+    return pt->open;
 }
 
-/* Cuts a full batch, or stops the age timer of an empty one, and applies the memory bound. */
-static void after_message(struct ingest *in)
+/* Cuts partition p's batch when full, stops the age timer when nothing is open, and applies
+ * the memory bound. */
+static void after_message(struct ingest *in, unsigned p)
 {
-    struct batch *b = in->open;
-    if (b->n >= in->cfg->batch_max_rows || batch_bytes(b) >= in->cfg->batch_max_bytes)
-        ingest_cut(in);
-    else if (b->n == 0)
+    struct batch *b = in->parts[p].open;
+    if (b && (b->n >= in->cfg->batch_max_rows || batch_bytes(b) >= in->cfg->batch_max_bytes))
+        cut(in, p);
+    if (!any_open(in))
         uv_timer_stop(&in->age_timer);
     check_pressure(in);
 }
 
 /*
- * Where one message's events go: the open batch, with the sender's entry in its peers (a batch
- * that holds BATCH_PEERS_MAX of them is cut first). s->b is NULL when out of memory.
+ * Where one message's events go: partition p's open batch, with the sender's entry in its peers
+ * (a batch that holds BATCH_PEERS_MAX of them is cut first). s->b is NULL when out of memory.
  */
-static void begin_message(struct ingest *in, const struct events_origin *o, struct events_sink *s)
+static void begin_message(struct ingest *in, unsigned p, const struct events_origin *o,
+                          struct events_sink *s)
 {
-    *s = (struct events_sink){in->cfg, open_batch(in), 0, &in->next_serial, in->cbs.error, in->ctx};
+    *s = (struct events_sink){in->cfg,          open_batch(in, p), 0,
+                              &in->next_serial, in->cbs.error,     in->ctx};
+    if (o->lsn > in->last_lsn)
+        in->last_lsn = o->lsn;
     if (s->b == NULL || o->peer == NULL)
         return;
     s->peer = batch_peer(s->b, o->peer, o->user);
     if (s->peer == 0 && s->b->npeers >= BATCH_PEERS_MAX) {
-        ingest_cut(in);
-        s->b = open_batch(in);
+        cut(in, p);
+        s->b = open_batch(in, p);
         s->peer = s->b ? batch_peer(s->b, o->peer, o->user) : 0;
     }
     if (s->peer == 0)
         s->b = NULL;
+}
+
+/* The run a message is about, or NULL (experiments, and kinds clients may not send). */
+static const struct proto_str *message_run(const struct proto_msg *m)
+{
+    switch (m->kind) {
+    case PROTO_DELETE_TAG: return &m->u.delete_tag.run_id;
+    case PROTO_UPDATE_RUN: return &m->u.update_run.run_id;
+    case PROTO_START_RUN: return &m->u.start_run.run_id;
+    case PROTO_METRIC: return &m->u.metric.run_id;
+    case PROTO_METRICS: return &m->u.metrics.run_id;
+    case PROTO_PARAMS:
+    case PROTO_TAGS: return &m->u.kvs.run_id;
+    case PROTO_END_RUN: return &m->u.end_run.run_id;
+    default: return NULL;
+    }
+}
+
+/*
+ * Copies the experiments among events [from, n) of partition 0's open batch to every other
+ * partition, as EV_SHADOW events with the original's serial, frame and record. Out of memory,
+ * a copy is missing: a run start on that writer may then not find the experiment yet.
+ */
+static void shadow_experiments(struct ingest *in, size_t from)
+{
+    for (unsigned p = 1; p < in->nparts; p++) {
+        const struct batch *src = in->parts[0].open;
+        for (size_t i = from; src && i < src->n; i++) {
+            const struct ev *ev = &src->evs[i];
+            if (ev->kind != EV_EXPERIMENT || (ev->flags & EV_REJECTED))
+                continue;
+            struct batch *b = open_batch(in, p);
+            struct sref name, loc;
+            struct ev *copy;
+            if (b == NULL ||
+                batch_str(b, batch_sptr(src, ev->experiment.name), ev->experiment.name.len,
+                          &name) != 0 ||
+                batch_str(b, batch_sptr(src, ev->experiment.location), ev->experiment.location.len,
+                          &loc) != 0 ||
+                (copy = batch_push(b, EV_EXPERIMENT)) == NULL) {
+                log_limited(LOG_ERROR,
+                            "[ingest] out of memory copying an experiment for "
+                            "writer %u",
+                            p);
+                continue;
+            }
+            copy->flags = EV_SHADOW;
+            copy->seq = ev->seq;
+            copy->serial = ev->serial;
+            copy->lsn = ev->lsn;
+            copy->experiment.name = name;
+            copy->experiment.location = loc;
+        }
+        after_message(in, p);
+    }
 }
 
 uint64_t ingest_artifact(struct ingest *in, const struct events_origin *o, uint64_t seq,
@@ -256,12 +422,13 @@ uint64_t ingest_artifact(struct ingest *in, const struct events_origin *o, uint6
                          const char *sha256)
 {
     struct events_sink s;
-    begin_message(in, o, &s);
+    unsigned p = ingest_partition(run_id, strlen(run_id), in->nparts);
+    begin_message(in, p, o, &s);
     if (s.b == NULL)
         return 0;
     uint64_t serial = events_artifact(&s, o, seq, run_id, path, id, size, sha256);
     if (serial != 0)
-        after_message(in);
+        after_message(in, p);
     return serial;
 }
 
@@ -269,22 +436,28 @@ int ingest_artifact_done(struct ingest *in, const char *id, const char *status, 
 {
     static const struct events_origin internal = {0, "", "", "", false, 0, NULL};
     struct events_sink s;
-    begin_message(in, &internal, &s);
+    /* Any writer will do: the ledger row it updates was committed before the upload began. */
+    begin_message(in, 0, &internal, &s);
     if (s.b == NULL || events_artifact_done(&s, id, status, error) != 0)
         return -ENOMEM;
-    after_message(in);
+    after_message(in, 0);
     return 0;
 }
 
 int ingest_message(struct ingest *in, const struct events_origin *o, const struct proto_msg *msg)
 {
     struct events_sink s;
-    begin_message(in, o, &s);
+    const struct proto_str *run = message_run(msg);
+    unsigned p = run ? ingest_partition(run->ptr, run->len, in->nparts) : 0;
+    begin_message(in, p, o, &s);
     if (s.b == NULL) {
         events_reject(&s, o, msg->seq, PROTO_ERR_SHUTDOWN, "agent out of memory");
         return -ENOMEM;
     }
+    size_t from = s.b->n;
     int rc = events_from_message(&s, o, msg);
-    after_message(in);
+    if (msg->kind == PROTO_EXPERIMENT && in->nparts > 1)
+        shadow_experiments(in, from);
+    after_message(in, p);
     return rc;
 }

@@ -1,9 +1,10 @@
 /*
  * Ingest: turns decoded client messages into validated events in the open
- * batch, cuts batches (by rows, bytes, age, or a flush) and hands them to the
- * writer, and answers flush barriers once everything accepted before them is
- * committed or rejected. It also owns the pending-memory bound: above it,
- * clients are paused (their sockets are not read) until the writer catches up.
+ * batches, one per writer connection (a run's events always go to the same one,
+ * ingest_partition), cuts batches (by rows, bytes, age, or a flush) and hands them
+ * to the writers, and answers flush barriers once everything accepted before them
+ * is committed or rejected, on every writer. It also owns the pending-memory bound:
+ * above it, clients are paused (their sockets are not read) until the writers catch up.
  */
 #ifndef TRACKD_INGEST_H
 #define TRACKD_INGEST_H
@@ -14,6 +15,7 @@
 #include <uv.h>
 
 #include "batch.h"
+#include "config.h"
 #include "events.h"
 #include "trackd_proto.h"
 
@@ -37,19 +39,28 @@ struct flush_waiter {
     uint64_t serial; /* done when done_serial reaches it */
 };
 
+/* One writer connection's share of the events. */
+struct ingest_part {
+    struct writer *writer;
+    struct batch *open; /* events not yet handed to the writer; owned */
+    bool age_due;       /* the open batch is old enough; cut when the writer is free */
+};
+
 struct ingest {
     uv_loop_t *loop;
     const struct trackd_config *cfg;
-    struct writer *writer;
+    struct ingest_part parts[CONFIG_MAX_WRITERS];
+    unsigned nparts;
     struct ingest_cbs cbs;
     void *ctx;
 
-    struct batch *open; /* events not yet handed to the writer; owned */
-    uv_timer_t age_timer;
-    bool age_due;         /* the open batch is old enough; cut when the writer is free */
+    uv_timer_t age_timer; /* the oldest open batch's age */
     uint64_t next_serial; /* serial of the next accepted event */
     uint64_t done_serial; /* every event with a serial <= this is finished */
-    size_t queued_bytes;  /* batches with the writer */
+    uint64_t last_lsn;    /* the latest journal record ingested */
+    uint64_t released;    /* every record up to here is finished (cbs.released) */
+    size_t queued_bytes;  /* batches with the writers */
+    size_t queued_events; /* their events */
     bool paused;
 
     struct flush_waiter *waiters;
@@ -60,8 +71,15 @@ struct ingest {
     size_t nholds, capholds;
 };
 
+/* writers: nwriters (1..CONFIG_MAX_WRITERS) writers, not owned. */
 int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *cfg,
-                struct writer *writer, const struct ingest_cbs *cbs, void *ctx);
+                struct writer *writers, unsigned nwriters, const struct ingest_cbs *cbs, void *ctx);
+/*
+ * Which of n writers takes the events of run run_id (len bytes, as the client sent it): a hash
+ * of the id, so the same run always goes to the same writer, also when the journal is replayed
+ * after a restart. 0 when n is 1.
+ */
+unsigned ingest_partition(const char *run_id, size_t len, unsigned n);
 /*
  * Validates msg and appends its events to the open batch (events_from_message). Invalid parts
  * are reported through cbs.error and counted; the rest is kept. Returns 0, or -ENOMEM when the
@@ -86,9 +104,10 @@ int ingest_artifact_done(struct ingest *in, const char *id, const char *status, 
 /* Flush barriers covering serial wait until ingest_unhold(serial): an upload in progress. */
 int ingest_hold(struct ingest *in, uint64_t serial);
 void ingest_unhold(struct ingest *in, uint64_t serial);
-/* Hands the open batch to the writer now. */
+/* Hands every open batch to its writer now. */
 void ingest_cut(struct ingest *in);
-/* Writer callback: b is finished; frees it and answers satisfied barriers. */
+/* Writer callback: b is finished; frees it, answers satisfied barriers and releases the
+ * journal records every writer is through with. */
 void ingest_batch_done(struct ingest *in, struct batch *b);
 size_t ingest_pending_bytes(const struct ingest *in);
 bool ingest_drained(const struct ingest *in);

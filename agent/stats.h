@@ -67,7 +67,8 @@
     X(db_errors_class_XX)                                                                          \
     X(db_errors_other)                                                                             \
     X(db_connects)                                                                                 \
-    X(db_connected)                                                                                \
+    X(db_connected)   /* 1 when any writer connection is up */                                     \
+    X(db_connections) /* writer connections up */                                                  \
     X(db_schema_errors)                                                                            \
     X(db_rtt_us_last)                                                                              \
     X(db_rtt_us_max)                                                                               \

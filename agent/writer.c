@@ -2,8 +2,8 @@
  * Writer state machine. All libpq calls are non-blocking: the socket is
  * watched with uv_poll and every state reads what has arrived, sends what it
  * can, and returns to the loop. One range of one batch is in flight at a
- * time, so commits happen in arrival order and a flush barrier only needs
- * the position of the last finished batch.
+ * time, so a writer commits its events in arrival order, and ingest can tell
+ * what is finished from the first event it still holds (ingest.c refresh_done).
  */
 #include "writer.h"
 
@@ -68,10 +68,23 @@ const char *writer_state_name(enum writer_state s)
     return names[s];
 }
 
+/* Keeps stats.db_connections (and db_connected: any connection up) in step with w. */
+static void note_up(struct writer *w, bool up)
+{
+    if (w->up == up)
+        return;
+    w->up = up;
+    if (up)
+        stats.db_connections++;
+    else
+        stats.db_connections--;
+    stats.db_connected = stats.db_connections > 0;
+}
+
 static void set_state(struct writer *w, enum writer_state s)
 {
     if (w->state != s)
-        log_debug("[writer] %s -> %s", writer_state_name(w->state), writer_state_name(s));
+        log_debug("[%s] %s -> %s", w->name, writer_state_name(w->state), writer_state_name(s));
     w->state = s;
 }
 
@@ -104,7 +117,7 @@ static void poll_watch(struct writer *w, int fd, int events)
         if (w->poll == NULL || uv_poll_init(w->loop, w->poll, fd) != 0) {
             free(w->poll);
             w->poll = NULL;
-            log_error("[writer] cannot watch the PostgreSQL socket");
+            log_error("[%s] cannot watch the PostgreSQL socket", w->name);
             return;
         }
         w->poll->data = w;
@@ -173,21 +186,22 @@ static void requeue_current(struct writer *w)
     if (w->head && w->cur.hi > w->cur.lo) {
         /* Popped from the stack, so a slot is free. */
         if (push_range(w, w->cur) != 0)
-            log_error("[writer] out of memory re-queueing a range");
+            log_error("[%s] out of memory re-queueing a range", w->name);
         w->cur.lo = w->cur.hi = 0;
     }
 }
 
-static void count_retry(const char *sqlstate, const char *what, const char *msg);
+static void count_retry(const struct writer *w, const char *sqlstate, const char *what,
+                        const char *msg);
 
 static void conn_lost(struct writer *w, const char *what)
 {
     /* A terminated backend says why (57P01, 57P02, ...) before the socket closes. */
     if (w->failed && w->fail_state[0])
-        count_retry(w->fail_state, what, w->fail_msg);
+        count_retry(w, w->fail_state, what, w->fail_msg);
     else
-        count_retry(NULL, what, w->pg ? PQerrorMessage(w->pg) : "");
-    stats.db_connected = 0;
+        count_retry(w, NULL, what, w->pg ? PQerrorMessage(w->pg) : "");
+    note_up(w, false);
     requeue_current(w);
     clear_check(w);
     if (w->pg)
@@ -215,7 +229,7 @@ static void connect_failed(struct writer *w, const char *why)
     char where[sizeof w->addr_text + 300];
     describe_attempt(w, where, sizeof where);
     int wl = (int)strcspn(why, "\n");
-    log_debug("[writer] cannot connect to PostgreSQL at %s: %.*s", where, wl, why);
+    log_debug("[%s] cannot connect to PostgreSQL at %s: %.*s", w->name, where, wl, why);
     size_t used = strlen(w->cycle_errors);
     snprintf(w->cycle_errors + used, sizeof w->cycle_errors - used, "%s%s: %.*s", used ? "; " : "",
              where, wl, why);
@@ -239,10 +253,11 @@ static void connect_failed(struct writer *w, const char *why)
         return;
     }
     /* Every address failed: the cycle starts again after a back-off. */
-    log_limited(LOG_WARN, "[writer] cannot connect to PostgreSQL (%s); retrying", w->cycle_errors);
+    log_limited(LOG_WARN, "[%s] cannot connect to PostgreSQL (%s); retrying", w->name,
+                w->cycle_errors);
     stats.db_retries++;
     stats.db_errors_class_08++;
-    stats.db_connected = 0;
+    note_up(w, false);
     backoff(w);
 }
 
@@ -263,8 +278,8 @@ static void connect_poll(struct writer *w)
             conn_lost(w, "connect");
             return;
         }
-        log_info("[writer] connected to PostgreSQL %s on %s port %s (server %d)%s%s", PQdb(w->pg),
-                 PQhost(w->pg), PQport(w->pg), PQserverVersion(w->pg),
+        log_info("[%s] connected to PostgreSQL %s on %s port %s (server %d)%s%s", w->name,
+                 PQdb(w->pg), PQhost(w->pg), PQport(w->pg), PQserverVersion(w->pg),
                  w->cycle_errors[0] ? "; failed before it: " : "", w->cycle_errors);
         /* Every new server is checked: after an offline start or a failover it is new to us. */
         set_state(w, W_CHECKING);
@@ -823,7 +838,7 @@ static void start_next(struct writer *w)
             continue;
         int lookup = plan_owners(w);
         if (lookup < 0) {
-            log_error("[writer] out of memory checking run owners; retrying");
+            log_error("[%s] out of memory checking run owners; retrying", w->name);
             requeue_current(w);
             backoff(w);
             return;
@@ -858,7 +873,7 @@ static void owner_refused(void *ctx, size_t i, const char *msg)
 {
     struct writer *w = ctx;
     stats.rejected_not_owner++;
-    log_limited(LOG_WARN, "[writer] conn %u: %s", w->head->evs[i].conn_id, msg);
+    log_limited(LOG_WARN, "[%s] conn %u: %s", w->name, w->head->evs[i].conn_id, msg);
     reject_ev(w, i, PROTO_ERR_FORBIDDEN, msg);
 }
 
@@ -870,7 +885,7 @@ static bool range_ready(struct writer *w)
 {
     owners_check(&w->owners, w->head, w->cur.lo, w->cur.hi, owner_refused, w);
     if (batch_sql_build(w->head, w->cur.lo, w->cur.hi, w->schema.tag_value_max, &w->sql) != 0) {
-        log_error("[writer] out of memory building statements; retrying");
+        log_error("[%s] out of memory building statements; retrying", w->name);
         requeue_current(w);
         backoff(w);
         return true;
@@ -904,9 +919,9 @@ static void owners_result(struct writer *w, PGresult *res)
         if (owners_learn(&w->owners, run, uid, PQgetvalue(res, r, 2), PQgetvalue(res, r, 3),
                          w->owners_ok) == -EINVAL)
             log_limited(LOG_ERROR,
-                        "[writer] trackd_run_owners has an unreadable row for run %s "
+                        "[%s] trackd_run_owners has an unreadable row for run %s "
                         "(shared_gids %s); nobody may write to that run until it is fixed",
-                        run, PQgetvalue(res, r, 2));
+                        w->name, run, PQgetvalue(res, r, 2));
     }
 }
 
@@ -929,7 +944,7 @@ static void count_committed(struct writer *w)
     const struct batch *b = w->head;
     for (size_t i = w->cur.lo; i < w->cur.hi; i++) {
         const struct ev *ev = &b->evs[i];
-        if (ev->flags & EV_REJECTED)
+        if (ev->flags & (EV_REJECTED | EV_SHADOW))
             continue;
         stats.events_committed++;
         switch (ev->kind) {
@@ -968,18 +983,19 @@ static void range_committed(struct writer *w)
  * A transaction that failed for a reason that is not its data: counted by SQLSTATE class and
  * logged with what the operator should look at (rate-limited). what is "" or the step.
  */
-static void count_retry(const char *sqlstate, const char *what, const char *msg)
+static void count_retry(const struct writer *w, const char *sqlstate, const char *what,
+                        const char *msg)
 {
     const struct pgconn_error_class *c = pgconn_error_class(sqlstate);
     (*c->counter)++;
     stats.db_retries++;
     if (sqlstate && sqlstate[0])
         log_limited(LOG_WARN,
-                    "[writer] transaction failed with SQLSTATE %s (class %s, %s): %s; %s; "
+                    "[%s] transaction failed with SQLSTATE %s (class %s, %s): %s; %s; "
                     "the events stay queued and are retried",
-                    sqlstate, c->code, c->name, msg, c->advice);
+                    w->name, sqlstate, c->code, c->name, msg, c->advice);
     else
-        log_limited(LOG_WARN, "[writer] PostgreSQL connection lost%s%s: %.*s; %s; retrying",
+        log_limited(LOG_WARN, "[%s] PostgreSQL connection lost%s%s: %.*s; %s; retrying", w->name,
                     what[0] ? " during " : "", what, (int)strcspn(msg, "\n"), msg, c->advice);
 }
 
@@ -993,16 +1009,16 @@ static void range_failed(struct writer *w)
          * worth retrying. The range keeps that path from now on, so it cannot go round. */
         stats.direct_fallbacks++;
         if (w->direct_refused)
-            log_debug("[writer] events %zu-%zu name a run that is missing or not active; "
+            log_debug("[%s] events %zu-%zu name a run that is missing or not active; "
                       "through the staging table instead",
-                      w->cur.lo, w->cur.hi);
+                      w->name, w->cur.lo, w->cur.hi);
         else
             log_limited(strcmp(w->fail_state, "23505") == 0 || strcmp(w->fail_state, "23503") == 0
                             ? LOG_DEBUG
                             : LOG_INFO,
-                        "[writer] the direct COPY of events %zu-%zu failed (SQLSTATE %s: %s); "
+                        "[%s] the direct COPY of events %zu-%zu failed (SQLSTATE %s: %s); "
                         "through the staging table instead",
-                        w->cur.lo, w->cur.hi, w->fail_state, w->fail_msg);
+                        w->name, w->cur.lo, w->cur.hi, w->fail_state, w->fail_msg);
         w->cur.staging = true;
         requeue_current(w);
         set_state(w, W_IDLE);
@@ -1011,18 +1027,21 @@ static void range_failed(struct writer *w)
     }
     stats.batches_failed++;
     if (pgconn_classify(w->fail_state) == PGCONN_RETRY) {
-        count_retry(w->fail_state, "", w->fail_msg);
+        count_retry(w, w->fail_state, "", w->fail_msg);
         requeue_current(w);
         backoff(w);
         return;
     }
     size_t lo = w->cur.lo, hi = w->cur.hi;
     w->cur.lo = w->cur.hi = 0;
-    if (hi - lo == 1) {
+    if (hi - lo == 1 && (w->head->evs[lo].flags & EV_SHADOW)) {
+        /* The original, on writer 0, meets the same fate and reports it. */
+        w->head->evs[lo].flags |= EV_REJECTED;
+    } else if (hi - lo == 1) {
         char msg[700];
         snprintf(msg, sizeof msg, "PostgreSQL rejected the event (SQLSTATE %s): %s", w->fail_state,
                  w->fail_msg);
-        log_limited(LOG_WARN, "[writer] %s", msg);
+        log_limited(LOG_WARN, "[%s] %s", w->name, msg);
         stats.rejected_database++;
         reject_ev(w, lo, PROTO_ERR_DATABASE, msg);
     } else {
@@ -1148,16 +1167,28 @@ static void setup_failed(struct writer *w, enum writer_state st, const PGresult 
     const char *e = PQresultErrorMessage(res);
     if (st == W_LEDGER)
         log_limited(LOG_ERROR,
-                    "[writer] cannot create trackd's table trackd_artifacts (or the mlflow_* "
+                    "[%s] cannot create trackd's table trackd_artifacts (or the mlflow_* "
                     "views): %.*s; artifacts are rejected until it exists",
-                    (int)strcspn(e, "\n"), e);
+                    w->name, (int)strcspn(e, "\n"), e);
     else
         log_limited(LOG_ERROR,
-                    "[writer] cannot create trackd's table trackd_run_owners: %.*s; runs are "
+                    "[%s] cannot create trackd's table trackd_run_owners: %.*s; runs are "
                     "created without an owner, and every run follows the user_id rule%s. Grant "
                     "trackd's role CREATE on the schema (or create the table as its owner)",
-                    (int)strcspn(e, "\n"), e,
+                    w->name, (int)strcspn(e, "\n"), e,
                     w->cfg->open_unowned_runs ? " (open_unowned_runs: anyone writes any run)" : "");
+}
+
+/* The connection is set up: write, and tell the agent the first time. */
+static void setup_done(struct writer *w)
+{
+    set_state(w, W_IDLE);
+    if (!w->announced) {
+        w->announced = true;
+        if (w->cbs.ready)
+            w->cbs.ready(w->ctx, w);
+    }
+    start_next(w);
 }
 
 /* The connection is checked: make what is not known to exist (setup_steps), read the
@@ -1186,8 +1217,7 @@ static void setup_next(struct writer *w)
             conn_lost(w, "journal progress");
         return;
     }
-    set_state(w, W_IDLE);
-    start_next(w);
+    setup_done(w);
 }
 
 /* One result of the progress query: the CREATE, then the row (if any). */
@@ -1202,10 +1232,11 @@ static void progress_result(struct writer *w, PGresult *res)
             w->progress_ok = false;
             return;
         }
-        log_error("[writer] cannot use trackd's table trackd_journal_progress: %.*s; events "
+        log_error("[%s] cannot use trackd's table trackd_journal_progress: %.*s; events "
                   "committed just before a crash may be written again at replay. Grant trackd's "
                   "role CREATE on the schema (or create the table as its owner)",
-                  (int)strcspn(PQresultErrorMessage(res), "\n"), PQresultErrorMessage(res));
+                  w->name, (int)strcspn(PQresultErrorMessage(res), "\n"),
+                  PQresultErrorMessage(res));
         w->progress_loaded = true; /* do without, rather than never write */
         w->progress_ok = false;
         return;
@@ -1216,9 +1247,8 @@ static void progress_result(struct writer *w, PGresult *res)
     if (PQntuples(res) == 1) {
         w->progress_lsn = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
         w->progress_events = strtoull(PQgetvalue(res, 0, 1), NULL, 10);
-        log_info("[writer] journal %s is committed up to record %" PRIu64 " (%" PRIu64
-                 " events of it)",
-                 w->journal_id, w->progress_lsn, w->progress_events);
+        log_info("[%s] journal %s is committed up to record %" PRIu64 " (%" PRIu64 " events of it)",
+                 w->name, w->journal_id, w->progress_lsn, w->progress_events);
     }
 }
 
@@ -1237,7 +1267,7 @@ static void check_done(struct writer *w)
     if (rc != 0) {
         /* Events stay queued (and journaled) until an operator fixes the database. */
         stats.db_schema_errors++;
-        log_limited(LOG_ERROR, "[writer] %s; not writing, checking again in %u s", msg,
+        log_limited(LOG_ERROR, "[%s] %s; not writing, checking again in %u s", w->name, msg,
                     BACKOFF_MAX_MS / 1000);
         PQfinish(w->pg);
         w->pg = NULL;
@@ -1248,7 +1278,7 @@ static void check_done(struct writer *w)
     }
     w->schema_ok = true;
     w->attempts = 0;
-    stats.db_connected = 1;
+    note_up(w, true);
     /* What the cache knows came from the last server; this may be another one (a failover). */
     owners_clear(&w->owners);
     w->setup_step = 0;
@@ -1316,8 +1346,7 @@ static void drive(struct writer *w)
                     conn_lost(w, "journal progress");
                     return;
                 }
-                set_state(w, W_IDLE);
-                start_next(w);
+                setup_done(w);
                 continue;
             }
             progress_result(w, res);
@@ -1385,8 +1414,9 @@ static void drive(struct writer *w)
                     send_rollback(w);
                 } else {
                     if (w->exit_after_commits && --w->exit_after_commits == 0) {
-                        log_error("[writer] TRACKD_TEST_EXIT_AFTER_COMMITS: exiting after a "
-                                  "COMMIT, before anything else learns of it");
+                        log_error("[%s] TRACKD_TEST_EXIT_AFTER_COMMITS: exiting after a "
+                                  "COMMIT, before anything else learns of it",
+                                  w->name);
                         _exit(86);
                     }
                     range_committed(w);
@@ -1492,10 +1522,14 @@ void writer_replay_end(struct writer *w, uint64_t lsn)
     w->replay_end = lsn;
 }
 
-int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *cfg,
+int writer_init(struct writer *w, unsigned index, uv_loop_t *loop, const struct trackd_config *cfg,
                 const struct writer_cbs *cbs, void *ctx)
 {
     memset(w, 0, sizeof *w);
+    if (index == 0)
+        snprintf(w->name, sizeof w->name, "writer");
+    else
+        snprintf(w->name, sizeof w->name, "writer %u", index);
     w->loop = loop;
     w->cfg = cfg;
     w->cbs = *cbs;
@@ -1525,7 +1559,7 @@ int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *c
     char msg[512];
     if (pgconn_params_init(&w->params, cfg, msg, sizeof msg) != 0 ||
         pgconn_targets_parse(cfg->pg_dsn, &w->targets, msg, sizeof msg) != 0) {
-        log_error("[writer] [postgres] dsn: %s", msg);
+        log_error("[%s] [postgres] dsn: %s", w->name, msg);
         pgconn_params_clear(&w->params);
         return -EINVAL;
     }

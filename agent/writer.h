@@ -18,6 +18,7 @@
 #include "pgconn.h"
 
 struct trackd_config;
+struct writer;
 
 struct writer_cbs {
     /* An event will not be written; code is a proto_error_code. */
@@ -31,6 +32,8 @@ struct writer_cbs {
                            const char *store_uri, const char *status);
     /* An EV_ARTIFACT_DONE's ledger update is committed. */
     void (*artifact_recorded)(void *ctx, const char *upload_id);
+    /* w is set up (trackd's tables made) for the first time, and about to write; may be NULL. */
+    void (*ready)(void *ctx, struct writer *w);
 };
 
 enum writer_state {
@@ -59,6 +62,7 @@ struct range {
 };
 
 struct writer {
+    char name[24]; /* in log lines: "writer", "writer 1", ... */
     uv_loop_t *loop;
     const struct trackd_config *cfg;
     struct writer_cbs cbs;
@@ -111,7 +115,7 @@ struct writer {
     /* Exactly once across crashes: each transaction records, in trackd_journal_progress, how
      * far the journal is committed: every record below lsn, and the first `events` events
      * of record lsn. Read once before the first write; events it covers are not written again. */
-    char journal_id[33];         /* "" = no journal: nothing recorded */
+    char journal_id[64];         /* the progress row's key; "" = no journal: nothing recorded */
     const uint64_t *durable_lsn; /* the journal's; progress never passes it */
     bool progress_loaded;
     bool progress_ok;                       /* the table exists and answered */
@@ -122,6 +126,8 @@ struct writer {
     PGresult *check[PGCONN_CHECK_RESULTS]; /* schema check results so far */
     size_t ncheck;
     bool schema_ok;              /* a check passed since the agent started */
+    bool up;                     /* counted in stats.db_connections */
+    bool announced;              /* cbs.ready was called */
     struct pgconn_schema schema; /* what the last passed check found */
     enum batch_schema variant;   /* the statements that fit it */
     unsigned attempts;           /* consecutive failures, for backoff */
@@ -132,14 +138,16 @@ struct writer {
 
 /*
  * Sets w up without touching the network: the DSN is parsed (-EINVAL, logged, when libpq cannot
- * take it), nothing is connected. Returns 0, -EINVAL or -ENOMEM.
+ * take it), nothing is connected. index names it in the log: "[writer]" for 0, "[writer 2]"
+ * for 2. Returns 0, -EINVAL or -ENOMEM.
  */
-int writer_init(struct writer *w, uv_loop_t *loop, const struct trackd_config *cfg,
+int writer_init(struct writer *w, unsigned index, uv_loop_t *loop, const struct trackd_config *cfg,
                 const struct writer_cbs *cbs, void *ctx);
 /* Starts connecting (resolving the host off the loop first); batches may be submitted before. */
 void writer_start(struct writer *w);
 /*
- * Names the journal whose progress this writer records (id: 32 hex digits) and where its
+ * Names the row of trackd_journal_progress this writer records its journal's progress in (key:
+ * the journal's id, or the id and the writer's share, at most 63 bytes) and where the journal's
  * durable LSN is kept. Call before the first connection completes. Until writer_replay_end,
  * every journaled event counts as replayed (it may be stored already).
  */

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import BUILD, Agent, Streamer, count, report, wait_for
+from harness import BUILD, Agent, Streamer, count, report, run_ids_for_writers, wait_for
 
 TS0 = 1_700_000_000_000
 
@@ -109,6 +109,76 @@ def test_crash_between_commit_and_marker_applies_nothing_twice(pg, db, tmp_path)
         assert progress == (1,)
     finally:
         assert a.stop() == 0
+
+
+def test_changing_the_writer_count_loses_nothing(pg, db, tmp_path):
+    """Each writer connection records its own journal progress, keyed by the count. An agent
+    that dies after one of two writers committed, restarted with one writer, then killed with
+    nothing committed and restarted with three, writes every point of both runs: a count change
+    only ever writes events again (idempotently), never skips one another writer had not
+    committed."""
+    a = Agent(pg, db, tmp_path / "a").start()
+    s = Streamer(a.socket)
+    ids = run_ids_for_writers(2)
+    for k, run_id in enumerate(ids):
+        s.send("runid", f"r{k}", run_id, "writer-count-exp", f"w{k}", "now")
+        s.read("run")
+    s.send("flush", 30000)
+    assert s.read("flush") == ["flush", "0"]
+    assert a.stop() == 0
+
+    # Two writers; the process exits right after the first COMMIT, which is writer 0's: writer 1
+    # waits for a lock another session holds on its run, so its events stay uncommitted, below
+    # the record writer 0's progress row names.
+    a.command = ["env", "TRACKD_TEST_EXIT_AFTER_COMMITS=1", str(BUILD / "trackd")]
+    a.start()
+    points = 0
+    with pg.connect(db) as lock:
+        lock.execute("BEGIN")
+        lock.execute("SELECT 1 FROM runs WHERE run_uuid = %s FOR UPDATE", (ids[1],))
+        for step in range(300):
+            for k in (1, 0):
+                s.send("metric", f"r{k}", "loss", step, step, TS0 + step)
+            points += 1
+        s.send("flush", 5000)
+        assert a.proc.wait(60) == 86
+    assert count(pg, db, ids[1]) == (0, 0)
+
+    # One writer: its progress row (the journal id alone) is not the two writers' rows.
+    a.command = ["env", "TRACKD_POSTGRES_WRITER_CONNECTIONS=1", str(BUILD / "trackd")]
+    a.start()
+    s.send("flush", 60000)
+    assert s.read("flush")[:2] in (["flush", "0"], ["flush", "-110"])  # the one sent before
+    s.send("flush", 60000)
+    assert s.read("flush") == ["flush", "0"]
+    for run_id in ids:
+        assert count(pg, db, run_id) == (points, points)
+    assert "[writer 1]" not in a.log().split("[agent] ready")[-1]
+
+    # Killed with points journaled and none committed, restarted with three writers.
+    pg.pause()
+    try:
+        for step in range(300, 600):
+            for k in range(2):
+                s.send("metric", f"r{k}", "loss", step, step, TS0 + step)
+            points += 1
+        wait_for(lambda: a.stats()["events_received"] >= 600, 30, "the points to reach the agent")
+        a.kill()
+    finally:
+        pg.resume()
+    a.command = ["env", "TRACKD_POSTGRES_WRITER_CONNECTIONS=3", str(BUILD / "trackd")]
+    a.start()
+    s.send("flush", 60000)
+    assert s.read("flush") == ["flush", "0"]
+    counters = s.finish()
+    for run_id in ids:
+        assert count(pg, db, run_id) == (points, points)
+    assert "[writer 2] connected to PostgreSQL" in a.log()
+    keys = {k for (k,) in pg.query(db, "SELECT journal_id FROM trackd_journal_progress")}
+    assert any(k.endswith("/1/3") or k.endswith("/0/3") or k.endswith("/2/3") for k in keys), keys
+    report("writer-count-change", 2 * points, 2 * points, 0,
+           dropped=int(counters["dropped"]) + int(counters["lost"]))
+    assert a.stop() == 0
 
 
 def cpu_seconds(pid):

@@ -5,7 +5,7 @@ import random
 import subprocess
 
 import pytest
-from harness import BUILD, Agent, driver_errors, driver_runs, run_driver
+from harness import BUILD, Agent, driver_errors, driver_runs, run_driver, run_ids_for_writers
 
 DBL_MAX = 1.7976931348623157e308
 TS0 = 1_700_000_000_000
@@ -282,6 +282,46 @@ def test_direct_copy_and_every_way_it_falls_back(pg, db, agent):
     stats2 = agent.stats()
     assert stats2["ranges_direct"] - stats["ranges_direct"] == 1
     assert stats2["direct_fallbacks"] - stats["direct_fallbacks"] == 1
+
+
+def test_runs_spread_over_writer_connections(pg, db, agent, artifact_root):
+    """With the default two writer connections, each run's events go through one of them: an
+    experiment made just before is found by runs on either, every row lands once, a flush
+    waits for both, and each connection keeps its own journal progress row."""
+    ids = run_ids_for_writers(2)
+    loc = f"{artifact_root}/spread"
+    before = agent.stats()
+    lines = [["experiment", "spread-exp", loc]]
+    # Started by name right after the experiment, no flush between: writer 1 must see it too.
+    lines += [["runid", f"r{k}", run_id, "spread-exp", f"run-{k}", "now"] for k, run_id in enumerate(ids)]
+    for k in range(2):
+        lines += [["param", f"r{k}", "lr", f"0.{k + 1}"], ["tag", f"r{k}", "writer", str(k)]]
+    for s in range(1500):
+        lines += [["metric", f"r{k}", "loss", str(s * 0.5 + k), str(s), str(TS0 + s)] for k in range(2)]
+    lines += [["flush", "60000"], ["errors"]]
+    out, _ = run_driver(agent.socket, lines)
+    assert [f for f in out if f[0] == "flush"] == [["flush", "0"]], out[-5:]
+    assert driver_errors(out) == []
+    assert pg.query(db, "SELECT count(*), min(artifact_location) FROM experiments"
+                        " WHERE name = 'spread-exp'") == [(1, loc)]
+    for k, run_id in enumerate(ids):
+        assert pg.query(db, "SELECT name, artifact_uri FROM runs WHERE run_uuid = %s",
+                        (run_id,)) == [(f"run-{k}", f"{loc}/{run_id}/artifacts")]
+        assert pg.query(db, "SELECT count(*), count(DISTINCT step), max(step) FROM metrics"
+                            " WHERE run_uuid = %s", (run_id,)) == [(1500, 1500, 1499)]
+        assert pg.query(db, "SELECT value, step FROM latest_metrics WHERE run_uuid = %s",
+                        (run_id,)) == [(1499 * 0.5 + k, 1499)]
+        assert pg.query(db, "SELECT value FROM params WHERE run_uuid = %s", (run_id,)) == [(f"0.{k + 1}",)]
+    st = agent.stats()
+    assert st["db_connections"] == 2 and st["db_connected"] == 1, st
+    # The experiment's copy for writer 1 is neither received nor committed twice.
+    received = st["events_received"] - before["events_received"]
+    assert st["events_committed"] - before["events_committed"] == received, st
+    assert st["runs_committed"] - before["runs_committed"] == 2
+    keys = sorted(k for (k,) in pg.query(db, "SELECT journal_id FROM trackd_journal_progress"))
+    assert len(keys) == 2 and keys[0].endswith("/0/2") and keys[1].endswith("/1/2"), keys
+    assert keys[0][:-4] == keys[1][:-4] and len(keys[0][:-4]) == 32, keys
+    assert "[writer 1] connected to PostgreSQL" in agent.log()
 
 
 def test_agent_refuses_database_without_mlflow_schema(pg, tmp_path):

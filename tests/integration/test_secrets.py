@@ -163,9 +163,11 @@ def test_sslmode_prefer_retries_in_the_clear_on_a_new_socket(tls, tmp_path, arti
         assert ["flush", "0"] in out
         assert tls.query(db, "SELECT value FROM metrics WHERE run_uuid = %s",
                          (driver_runs(out)["r"],)) == [(0.5,)]
+        # Both writer connections (the default two), each in the clear.
+        wait_for(lambda: a.stats()["db_connections"] == 2, 30, "the second writer connection")
         rows = tls.query(db, "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)"
                              " WHERE a.application_name = 'trackd' AND a.datname = %s", (db,))
-        assert rows == [(False,)], rows
+        assert rows == [(False,), (False,)], rows
         assert a.stats()["db_retries"] == 0
     finally:
         assert a.stop() == 0
