@@ -38,9 +38,13 @@ void batch_init(struct batch *b)
     memset(b, 0, sizeof *b);
 }
 
+_Static_assert(sizeof(struct ev) == 64, "an event is 64 bytes: the pending bound holds twice the "
+                                        "points it did at 120");
+
 void batch_free(struct batch *b)
 {
     free(b->evs);
+    free(b->frames);
     free(b->peers);
     free(b->arena);
     batch_init(b);
@@ -48,8 +52,8 @@ void batch_free(struct batch *b)
 
 size_t batch_bytes(const struct batch *b)
 {
-    return b->cap * sizeof(struct ev) + b->cappeers * sizeof(struct batch_peer) + b->acap +
-           sizeof *b;
+    return b->cap * sizeof(struct ev) + b->capframes * sizeof(struct ev_frame) +
+           b->cappeers * sizeof(struct batch_peer) + b->acap + sizeof *b;
 }
 
 static bool same_peer(const struct batch *b, const struct batch_peer *e, const struct peer *p,
@@ -80,15 +84,41 @@ uint16_t batch_peer(struct batch *b, const struct peer *p, const char *user)
     return (uint16_t)++b->npeers;
 }
 
+int batch_frame(struct batch *b, uint32_t conn_id, uint64_t seq, uint64_t lsn, uint16_t peer,
+                const char *run_id)
+{
+    struct ev_frame *f = util_grow(b->frames, &b->capframes, b->nframes, sizeof *f, 64);
+    if (f == NULL || b->nframes >= UINT32_MAX)
+        return -ENOMEM;
+    b->frames = f;
+    f = &b->frames[b->nframes++];
+    *f = (struct ev_frame){seq, lsn, conn_id, peer, {0}};
+    if (run_id)
+        memcpy(f->run_id, run_id, PROTO_RUN_ID_LEN);
+    return 0;
+}
+
 struct ev *batch_push(struct batch *b, int kind)
 {
-    struct ev *evs = util_grow(b->evs, &b->cap, b->n, sizeof *evs, 256);
-    if (evs == NULL)
+    if (b->nframes == 0 && batch_frame(b, 0, 0, 0, 0, NULL) != 0)
         return NULL;
-    b->evs = evs;
+    if (b->n == b->cap) {
+        /* Doubling, but never past max_rows: a full batch's array has no empty tail. */
+        size_t cap = b->cap ? b->cap * 2 : 256;
+        if (b->max_rows && cap > b->max_rows && b->n < b->max_rows)
+            cap = b->max_rows;
+        if (cap > SIZE_MAX / sizeof *b->evs)
+            return NULL;
+        struct ev *evs = realloc(b->evs, cap * sizeof *evs);
+        if (evs == NULL)
+            return NULL;
+        b->evs = evs;
+        b->cap = cap;
+    }
     struct ev *ev = &b->evs[b->n++];
     memset(ev, 0, sizeof *ev);
     ev->kind = (uint8_t)kind;
+    ev->frame = (uint32_t)(b->nframes - 1);
     if (kind == EV_METRIC)
         b->n_metrics++;
     return ev;
@@ -420,7 +450,7 @@ static int copy_row(struct proto_buf *c, const struct batch *b, const struct ev 
     util_put_be32(p, 8), util_put_be64(p + 4, bits), p += 12;
     util_put_be32(p, 8), util_put_be64(p + 4, (uint64_t)ev->point.ts), p += 12;
     util_put_be32(p, PROTO_RUN_ID_LEN), p += 4;
-    memcpy(p, ev->run_id, PROTO_RUN_ID_LEN), p += PROTO_RUN_ID_LEN;
+    memcpy(p, ev_run(b, ev), PROTO_RUN_ID_LEN), p += PROTO_RUN_ID_LEN;
     util_put_be32(p, 8), util_put_be64(p + 4, (uint64_t)ev->point.step), p += 12;
     util_put_be32(p, 1), p[4] = ev->is_nan ? 1 : 0, p += 5;
     c->len = (size_t)(p - c->data);
@@ -477,7 +507,7 @@ static uint64_t point_value_bits(const struct ev *ev)
 static bool same_identity(const struct batch *b, const struct ev *x, const struct ev *y,
                           enum dedup_by by)
 {
-    if (by != BY_NAME && memcmp(x->run_id, y->run_id, PROTO_RUN_ID_LEN) != 0)
+    if (by != BY_NAME && memcmp(ev_run(b, x), ev_run(b, y), PROTO_RUN_ID_LEN) != 0)
         return false;
     if (by == BY_RUN)
         return true;
@@ -500,7 +530,7 @@ static size_t *dedup_find(struct dedup *d, const struct batch *b, size_t i, enum
     const struct ev *ev = &b->evs[i];
     uint64_t h = 0xcbf29ce484222325ull;
     if (by != BY_NAME)
-        h = hash_bytes(h, ev->run_id, PROTO_RUN_ID_LEN);
+        h = hash_bytes(h, ev_run(b, ev), PROTO_RUN_ID_LEN);
     if (by != BY_RUN)
         h = hash_bytes(h, batch_sptr(b, ev->str[0]), ev->str[0].len);
     if (by == BY_POINT) {
@@ -550,6 +580,22 @@ void batch_sql_free(struct batch_sql *s)
     batch_sql_init(s);
 }
 
+/* Empties s for the next range, keeping its buffers' memory: a writer builds one range after
+ * another of about the same size. */
+static void batch_sql_reset(struct batch_sql *s)
+{
+    struct proto_buf *bufs[] = {SQL_BUFS(s)};
+    struct proto_buf keep[sizeof bufs / sizeof bufs[0]];
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        keep[i] = *bufs[i];
+        keep[i].len = 0;
+    }
+    free(s->rejected);
+    memset(s, 0, sizeof *s);
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        *bufs[i] = keep[i];
+}
+
 static int reject(struct batch_sql *s, struct batch *b, size_t i)
 {
     size_t *r = realloc(s->rejected, (s->n_rejected + 1) * sizeof *r);
@@ -575,9 +621,9 @@ static int append_sref(struct proto_buf *arr, const struct batch *b, struct sref
     return batch_array_append(arr, batch_sptr(b, r), r.len);
 }
 
-static int append_run(struct proto_buf *arr, const struct ev *ev)
+static int append_run(struct proto_buf *arr, const struct batch *b, const struct ev *ev)
 {
-    return batch_array_append(arr, ev->run_id, PROTO_RUN_ID_LEN);
+    return batch_array_append(arr, ev_run(b, ev), PROTO_RUN_ID_LEN);
 }
 
 /* An experiment id + 1 as an array element: 0 (by name) is NULL. */
@@ -647,7 +693,7 @@ static int emit_run_state(struct build *bd, size_t i)
         return 0;
     *slot = i + 1;
     bool start = ev->kind == EV_START_RUN;
-    if (append_run(&s->state_runs, ev) ||
+    if (append_run(&s->state_runs, bd->b, ev) ||
         (start ? append_sref(&s->state_exps, bd->b, ev->run.experiment)
                : batch_array_append_null(&s->state_exps)) ||
         append_exp_id(&s->state_exp_ids, start ? ev->start.experiment_id : 0))
@@ -676,14 +722,14 @@ static int emit_start(struct build *bd, size_t i)
     }
     if (!is_start)
         return 0;
-    if (append_run(&s->run_ids, ev) || append_sref(&s->run_names, b, ev->run.name) ||
+    if (append_run(&s->run_ids, bd->b, ev) || append_sref(&s->run_names, b, ev->run.name) ||
         append_sref(&s->run_users, b, ev->run.user) || array_int(&s->run_starts, ev->start.ms) ||
         append_sref(&s->run_exps, b, ev->run.experiment) ||
         append_exp_id(&s->run_exp_ids, ev->start.experiment_id))
         return -ENOMEM;
     s->n_runs++;
     const struct batch_peer *who = batch_ev_peer(b, ev);
-    return who ? append_owner(s, ev->run_id, &who->id) : 0;
+    return who ? append_owner(s, ev_run(b, ev), &who->id) : 0;
 }
 
 /* The winning set of a tag; mlflow.runName renames the run too. Values are cut to the
@@ -695,12 +741,12 @@ static int emit_tag(struct build *bd, size_t i)
     const char *v = batch_sptr(bd->b, ev->kv.value);
     size_t vlen = validate_utf8_prefix(v, ev->kv.value.len, bd->tag_value_max);
     if (append_sref(&s->tag_keys, bd->b, ev->kv.key) ||
-        batch_array_append(&s->tag_values, v, vlen) || append_run(&s->tag_runs, ev))
+        batch_array_append(&s->tag_values, v, vlen) || append_run(&s->tag_runs, bd->b, ev))
         return -ENOMEM;
     s->n_tags++;
     if (!is_run_name_tag(bd->b, ev))
         return 0;
-    if (append_run(&s->rename_runs, ev) || batch_array_append(&s->rename_values, v, vlen))
+    if (append_run(&s->rename_runs, bd->b, ev) || batch_array_append(&s->rename_values, v, vlen))
         return -ENOMEM;
     s->n_renames++;
     return 0;
@@ -721,7 +767,7 @@ static int emit_param(struct build *bd, size_t i)
     }
     *slot = i + 1;
     if (append_sref(&s->param_keys, b, ev->kv.key) ||
-        append_sref(&s->param_values, b, ev->kv.value) || append_run(&s->param_runs, ev) ||
+        append_sref(&s->param_values, b, ev->kv.value) || append_run(&s->param_runs, bd->b, ev) ||
         array_int(&s->param_ords, (int64_t)i))
         return -ENOMEM;
     s->n_params++;
@@ -732,7 +778,7 @@ static int emit_end(struct build *bd, const struct ev *ev)
 {
     struct batch_sql *s = bd->s;
     const char *st = run_status_name(ev->status);
-    if (append_run(&s->end_runs, ev) ||
+    if (append_run(&s->end_runs, bd->b, ev) ||
         ((ev->flags & EV_KEEP_STATUS) ? batch_array_append_null(&s->end_statuses)
                                       : batch_array_append(&s->end_statuses, st, strlen(st))) ||
         ((ev->flags & EV_KEEP_END) ? batch_array_append_null(&s->end_times)
@@ -754,8 +800,8 @@ static int emit_artifact(struct build *bd, const struct ev *ev)
         s->n_dones++;
         return 0;
     }
-    if (append_sref(&s->art_ids, b, ev->artifact.upload_id) || append_run(&s->art_runs, ev) ||
-        append_sref(&s->art_paths, b, ev->artifact.path) ||
+    if (append_sref(&s->art_ids, b, ev->artifact.upload_id) ||
+        append_run(&s->art_runs, bd->b, ev) || append_sref(&s->art_paths, b, ev->artifact.path) ||
         array_int(&s->art_sizes, (int64_t)ev->size) ||
         append_sref(&s->art_shas, b, ev->artifact.sha256))
         return -ENOMEM;
@@ -815,7 +861,7 @@ static int emit_latest(struct build *bd)
             array_double(&s->latest_values, ev->point.value) ||
             array_int(&s->latest_ts, ev->point.ts) || array_int(&s->latest_steps, ev->point.step) ||
             batch_array_append(&s->latest_nans, ev->is_nan ? "t" : "f", 1) ||
-            append_run(&s->latest_runs, ev))
+            append_run(&s->latest_runs, bd->b, ev))
             return -ENOMEM;
         s->n_latest++;
     }
@@ -840,7 +886,7 @@ static int emit(struct build *bd, size_t i)
     case EV_DELETE_TAG:
         if (!bd->tag_win[k])
             return 0;
-        if (append_run(&s->del_runs, ev) || append_sref(&s->del_keys, bd->b, ev->kv.key))
+        if (append_run(&s->del_runs, bd->b, ev) || append_sref(&s->del_keys, bd->b, ev->kv.key))
             return -ENOMEM;
         s->n_dels++;
         return 0;
@@ -855,7 +901,7 @@ int batch_sql_build(struct batch *b, size_t lo, size_t hi, unsigned tag_value_ma
 {
     struct build bd = {.b = b, .s = s, .lo = lo, .tag_value_max = tag_value_max};
     int rc = -ENOMEM;
-    batch_sql_free(s);
+    batch_sql_reset(s);
     size_t n = hi - lo;
     if (dedup_init(&bd.tags, n) || dedup_init(&bd.params, n) || dedup_init(&bd.ends, n) ||
         dedup_init(&bd.exps, n) || dedup_init(&bd.runs, n) || dedup_init(&bd.latest, n) ||

@@ -58,20 +58,29 @@ enum run_status { RUN_RUNNING, RUN_SCHEDULED, RUN_FINISHED, RUN_FAILED, RUN_KILL
 const char *run_status_name(int status);
 
 /*
- * One event. Its strings live in the batch's arena and its numbers in the event, each named by
- * kind; str[] is the same strings in order, for code that treats every kind alike.
+ * Where a frame's events came from, kept once for all of them (a frame of points is one run's,
+ * from one client, in one journal record).
+ */
+struct ev_frame {
+    uint64_t seq;     /* the frame's number in its connection */
+    uint64_t lsn;     /* journal record it came from (0: none) */
+    uint32_t conn_id; /* origin, for errors */
+    uint16_t peer;    /* who sent it: 1 + index into the batch's peers; 0 = not checked */
+    char run_id[PROTO_RUN_ID_LEN]; /* zeroes when the frame names no run */
+};
+
+/*
+ * One event, 64 bytes. Its strings live in the batch's arena, its origin in the batch's frames
+ * and its numbers in the event, each named by kind; str[] is the same strings in order, for
+ * code that treats every kind alike.
  */
 struct ev {
     uint8_t kind;
     uint8_t flags;
-    uint8_t is_nan;   /* EV_METRIC */
-    uint8_t status;   /* EV_END_RUN: enum run_status */
-    uint16_t peer;    /* who sent it: 1 + index into the batch's peers; 0 = not checked */
-    uint32_t conn_id; /* origin, for errors; 0 once the client is gone */
-    uint64_t seq;     /* origin frame */
-    uint64_t serial;  /* agent-wide arrival order */
-    uint64_t lsn;     /* journal record it came from (0: none) */
-    char run_id[PROTO_RUN_ID_LEN];
+    uint8_t is_nan;  /* EV_METRIC */
+    uint8_t status;  /* EV_END_RUN: enum run_status */
+    uint32_t frame;  /* index into the batch's frames */
+    uint64_t serial; /* agent-wide arrival order */
     union {
         struct sref str[3];
         struct {
@@ -123,6 +132,9 @@ struct batch {
     struct ev *evs;
     size_t n;
     size_t cap;
+    size_t max_rows; /* evs never grows past this many (0: no limit): a full batch has no slack */
+    struct ev_frame *frames;
+    size_t nframes, capframes;
     struct batch_peer *peers;
     size_t npeers, cappeers;
     char *arena;
@@ -138,8 +150,26 @@ void batch_init(struct batch *b);
 void batch_free(struct batch *b);
 /* Memory the batch holds, for the pending-bytes bound. */
 size_t batch_bytes(const struct batch *b);
-/* Appends a zeroed event and returns it, or NULL when out of memory. */
+/*
+ * Starts a frame: the events pushed after it came from frame seq of connection conn_id (journal
+ * record lsn; 0: none), sent by peer (batch_peer; 0: not checked), about run_id
+ * (PROTO_RUN_ID_LEN bytes; NULL: no run). Returns 0 or -ENOMEM.
+ */
+int batch_frame(struct batch *b, uint32_t conn_id, uint64_t seq, uint64_t lsn, uint16_t peer,
+                const char *run_id);
+/* Appends a zeroed event of the current frame (batch_frame; an empty one if none was started)
+ * and returns it, or NULL when out of memory. */
 struct ev *batch_push(struct batch *b, int kind);
+/* Where ev came from. */
+static inline const struct ev_frame *ev_frame(const struct batch *b, const struct ev *ev)
+{
+    return &b->frames[ev->frame];
+}
+/* The run ev names (PROTO_RUN_ID_LEN bytes, not NUL-terminated). */
+static inline const char *ev_run(const struct batch *b, const struct ev *ev)
+{
+    return b->frames[ev->frame].run_id;
+}
 /* Copies s into the arena; returns -ENOMEM. The event pointer may move: call before batch_push. */
 int batch_str(struct batch *b, const char *s, size_t len, struct sref *out);
 /* The bytes of s; an empty string when the batch holds no strings yet (arena NULL). */
@@ -148,15 +178,16 @@ static inline const char *batch_sptr(const struct batch *b, struct sref s)
     return b->arena ? b->arena + s.off : "";
 }
 /*
- * The ev.peer value for peer p named user: an existing entry with the same identity and name,
- * else a new one. Returns 1.., or 0 when out of memory or at BATCH_PEERS_MAX (the caller cuts
- * the batch and tries again).
+ * The frame peer value (batch_frame) for peer p named user: an existing entry with the same
+ * identity and name, else a new one. Returns 1.., or 0 when out of memory or at BATCH_PEERS_MAX
+ * (the caller cuts the batch and tries again).
  */
 uint16_t batch_peer(struct batch *b, const struct peer *p, const char *user);
-/* The peer of ev, or NULL when ev.peer is 0. */
+/* The peer of ev, or NULL when its frame's peer is 0. */
 static inline const struct batch_peer *batch_ev_peer(const struct batch *b, const struct ev *ev)
 {
-    return ev->peer ? &b->peers[ev->peer - 1] : NULL;
+    uint16_t peer = b->frames[ev->frame].peer;
+    return peer ? &b->peers[peer - 1] : NULL;
 }
 
 /*

@@ -126,11 +126,11 @@ void deadletter_event(struct deadletter *d, const struct batch *b, const struct 
     putz(&l, ",\"sqlstate\":");
     put_json(&l, sqlstate, strlen(sqlstate));
     put_num(&l, ",\"client\":{\"conn\":%" PRIu32 ",\"seq\":%" PRIu64 "},\"event\":{\"kind\":",
-            ev->conn_id, ev->seq);
+            ev_frame(b, ev)->conn_id, ev_frame(b, ev)->seq);
     put_json(&l, ev_kind_name(ev->kind), strlen(ev_kind_name(ev->kind)));
     if (ev->kind != EV_EXPERIMENT) {
         putz(&l, ",\"run_id\":");
-        put_json(&l, ev->run_id, PROTO_RUN_ID_LEN);
+        put_json(&l, ev_run(b, ev), PROTO_RUN_ID_LEN);
     }
     if (ev->kind != EV_END_RUN) {
         putz(&l, ev->kind == EV_EXPERIMENT || ev->kind == EV_START_RUN ? ",\"experiment\":"

@@ -42,6 +42,7 @@ struct mctx {
     uint64_t seq;
     struct batch *b;
     int rc;
+    bool framed; /* the message's frame is started in b (add_ev) */
 };
 
 static void fail(struct mctx *m, uint32_t code, const char *message)
@@ -55,7 +56,7 @@ static void fail(struct mctx *m, uint32_t code, const char *message)
 void events_reject(const struct events_sink *s, const struct events_origin *o, uint64_t seq,
                    uint32_t code, const char *message)
 {
-    struct mctx m = {s, o, seq, s->b, 0};
+    struct mctx m = {s, o, seq, s->b, 0, false};
     fail(&m, code, message);
 }
 
@@ -87,18 +88,21 @@ static struct ev *add_ev(struct mctx *m, int kind, const char *run_id, struct pr
         m->rc = -ENOMEM;
         return NULL;
     }
+    /* One frame per message, and per run (a message names one run, or none). */
+    const struct ev_frame *f = bt->nframes ? &bt->frames[bt->nframes - 1] : NULL;
+    static const char no_run[PROTO_RUN_ID_LEN];
+    if ((!m->framed || memcmp(f->run_id, run_id ? run_id : no_run, PROTO_RUN_ID_LEN) != 0) &&
+        batch_frame(bt, m->o->conn_id, m->seq, m->o->lsn, m->s->peer, run_id) != 0) {
+        m->rc = -ENOMEM;
+        return NULL;
+    }
+    m->framed = true;
     struct ev *ev = batch_push(bt, kind);
     if (ev == NULL) {
         m->rc = -ENOMEM;
         return NULL;
     }
-    ev->peer = m->s->peer;
-    ev->conn_id = m->o->conn_id;
-    ev->seq = m->seq;
-    ev->lsn = m->o->lsn;
     ev->serial = (*m->s->next_serial)++;
-    if (run_id)
-        memcpy(ev->run_id, run_id, PROTO_RUN_ID_LEN);
     ev->str[0] = sa;
     ev->str[1] = sb;
     ev->str[2] = sc;
@@ -393,7 +397,7 @@ static void do_update_run(struct mctx *m, const struct proto_msg *msg)
 static void begin(struct mctx *m, const struct events_sink *s, const struct events_origin *o,
                   uint64_t seq)
 {
-    *m = (struct mctx){s, o, seq, s->b, 0};
+    *m = (struct mctx){s, o, seq, s->b, 0, false};
 }
 
 uint64_t events_artifact(const struct events_sink *s, const struct events_origin *o, uint64_t seq,

@@ -84,13 +84,13 @@ static const struct ev *first_pending(const struct ingest_part *pt)
 static uint64_t first_pending_lsn(const struct ingest_part *pt)
 {
     for (const struct batch *b = pt->writer->head; b; b = b->next)
-        for (size_t i = 0; i < b->n; i++)
-            if (b->evs[i].lsn)
-                return b->evs[i].lsn;
+        for (size_t f = 0; f < b->nframes; f++)
+            if (b->frames[f].lsn)
+                return b->frames[f].lsn;
     if (pt->open)
-        for (size_t i = 0; i < pt->open->n; i++)
-            if (pt->open->evs[i].lsn)
-                return pt->open->evs[i].lsn;
+        for (size_t f = 0; f < pt->open->nframes; f++)
+            if (pt->open->frames[f].lsn)
+                return pt->open->frames[f].lsn;
     return 0;
 }
 
@@ -318,6 +318,7 @@ static struct batch *open_batch(struct ingest *in, unsigned p)
             return NULL;
         batch_init(pt->open);
         pt->open->part = p;
+        pt->open->max_rows = in->cfg->batch_max_rows;
     }
     if (pt->open->n == 0) {
         pt->open->opened_ms = (uint64_t)util_clock_ms(CLOCK_MONOTONIC);
@@ -392,9 +393,10 @@ static void shadow_experiments(struct ingest *in, size_t from)
             if (ev->kind != EV_EXPERIMENT || (ev->flags & EV_REJECTED))
                 continue;
             struct batch *b = open_batch(in, p);
+            const struct ev_frame *f = ev_frame(src, ev);
             struct sref name, loc;
             struct ev *copy;
-            if (b == NULL ||
+            if (b == NULL || batch_frame(b, 0, f->seq, f->lsn, 0, NULL) != 0 ||
                 batch_str(b, batch_sptr(src, ev->experiment.name), ev->experiment.name.len,
                           &name) != 0 ||
                 batch_str(b, batch_sptr(src, ev->experiment.location), ev->experiment.location.len,
@@ -407,9 +409,7 @@ static void shadow_experiments(struct ingest *in, size_t from)
                 continue;
             }
             copy->flags = EV_SHADOW;
-            copy->seq = ev->seq;
             copy->serial = ev->serial;
-            copy->lsn = ev->lsn;
             copy->experiment.name = name;
             copy->experiment.location = loc;
         }

@@ -94,9 +94,9 @@ static int set_add(struct owner_set *s, const struct run_owner *e)
 }
 
 /* Events the rule applies to: a client's, about a run. */
-static bool checked(const struct ev *ev)
+static bool checked(const struct batch *b, const struct ev *ev)
 {
-    return ev->peer != 0 && !(ev->flags & EV_REJECTED) && ev->kind != EV_EXPERIMENT &&
+    return ev_frame(b, ev)->peer != 0 && !(ev->flags & EV_REJECTED) && ev->kind != EV_EXPERIMENT &&
            ev->kind != EV_ARTIFACT_DONE;
 }
 
@@ -108,11 +108,11 @@ int owners_plan(struct owners *o, const struct batch *b, size_t lo, size_t hi,
     /* Every run once: consecutive events are mostly one run's, the sort finds the rest. */
     for (size_t i = lo; i < hi; i++) {
         const struct ev *ev = &b->evs[i];
-        if (!checked(ev) ||
-            (s->n && memcmp(s->v[s->n - 1].run_id, ev->run_id, PROTO_RUN_ID_LEN) == 0))
+        if (!checked(b, ev) ||
+            (s->n && memcmp(s->v[s->n - 1].run_id, ev_run(b, ev), PROTO_RUN_ID_LEN) == 0))
             continue;
         struct run_owner e = {.kind = OWNER_NONE};
-        memcpy(e.run_id, ev->run_id, PROTO_RUN_ID_LEN);
+        memcpy(e.run_id, ev_run(b, ev), PROTO_RUN_ID_LEN);
         if (set_add(s, &e) != 0)
             return -ENOMEM;
     }
@@ -191,7 +191,7 @@ size_t owners_check(struct owners *o, const struct batch *b, size_t lo, size_t h
         const struct ev *ev = &b->evs[i];
         if (ev->kind != EV_START_RUN || (ev->flags & EV_REJECTED))
             continue;
-        struct run_owner *e = set_find(s, ev->run_id);
+        struct run_owner *e = set_find(s, ev_run(b, ev));
         if (e == NULL || e->kind != OWNER_NONE)
             continue;
         const struct batch_peer *who = batch_ev_peer(b, ev);
@@ -211,9 +211,9 @@ size_t owners_check(struct owners *o, const struct batch *b, size_t lo, size_t h
     size_t n = 0;
     for (size_t i = lo; i < hi; i++) {
         const struct ev *ev = &b->evs[i];
-        if (!checked(ev))
+        if (!checked(b, ev))
             continue;
-        const struct run_owner *e = set_find(s, ev->run_id);
+        const struct run_owner *e = set_find(s, ev_run(b, ev));
         if (e == NULL || e->kind == OWNER_NONE)
             continue; /* an unknown run: the run-state check says so */
         const struct batch_peer *who = batch_ev_peer(b, ev);

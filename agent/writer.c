@@ -629,6 +629,12 @@ static void send_copy(struct writer *w)
         conn_lost(w, "copy");
 }
 
+/* The journal record event i of b came from (0: none). */
+static uint64_t lsn_of(const struct batch *b, size_t i)
+{
+    return ev_frame(b, &b->evs[i])->lsn;
+}
+
 /*
  * How many events of the same journal record come before event i. A frame's events are
  * contiguous in one batch, so this is its distance from the record's first event.
@@ -636,7 +642,7 @@ static void send_copy(struct writer *w)
 static size_t frame_offset(const struct batch *b, size_t i)
 {
     size_t first = i;
-    while (first > 0 && b->evs[first - 1].lsn == b->evs[i].lsn)
+    while (first > 0 && lsn_of(b, first - 1) == lsn_of(b, i))
         first--;
     return i - first;
 }
@@ -654,11 +660,11 @@ static void range_progress(struct writer *w)
     if (!w->progress_ok)
         return;
     size_t k = w->cur.hi;
-    while (k > w->cur.lo && (b->evs[k - 1].lsn == 0 || b->evs[k - 1].lsn > durable))
+    while (k > w->cur.lo && (lsn_of(b, k - 1) == 0 || lsn_of(b, k - 1) > durable))
         k--;
     if (k == w->cur.lo)
         return;
-    uint64_t lsn = b->evs[k - 1].lsn;
+    uint64_t lsn = lsn_of(b, k - 1);
     uint64_t events = frame_offset(b, k - 1) + 1;
     if (lsn < w->progress_lsn || (lsn == w->progress_lsn && events <= w->progress_events))
         return;
@@ -674,9 +680,10 @@ static void skip_committed(struct writer *w)
         return;
     for (size_t i = w->cur.lo; i < w->cur.hi; i++) {
         struct ev *ev = &b->evs[i];
-        if (ev->lsn == 0 || ev->lsn > w->progress_lsn || (ev->flags & EV_REJECTED))
+        uint64_t lsn = lsn_of(b, i);
+        if (lsn == 0 || lsn > w->progress_lsn || (ev->flags & EV_REJECTED))
             continue;
-        if (ev->lsn == w->progress_lsn && frame_offset(b, i) >= w->progress_events)
+        if (lsn == w->progress_lsn && frame_offset(b, i) >= w->progress_events)
             continue;
         ev->flags |= EV_REJECTED | EV_COMMITTED_BEFORE;
         stats.replay_skipped_committed++;
@@ -687,7 +694,7 @@ static void skip_committed(struct writer *w)
 static bool range_replayed(const struct writer *w)
 {
     for (size_t i = w->cur.lo; i < w->cur.hi; i++)
-        if (w->head->evs[i].lsn && w->head->evs[i].lsn <= w->replay_end)
+        if (lsn_of(w->head, i) && lsn_of(w->head, i) <= w->replay_end)
             return true;
     return false;
 }
@@ -743,8 +750,9 @@ static void param_changed_message(struct writer *w, size_t i, const char *old, c
     snprintf(out, n,
              "Changing param values is not allowed. Param with key='%.*s' was already logged "
              "with value='%.*s' for run ID='%.*s'. Attempted logging new value '%.*s'.",
-             (int)ev->kv.key.len, batch_sptr(b, ev->kv.key), 200, old, PROTO_RUN_ID_LEN, ev->run_id,
-             (int)(ev->kv.value.len > 200 ? 200 : ev->kv.value.len), batch_sptr(b, ev->kv.value));
+             (int)ev->kv.key.len, batch_sptr(b, ev->kv.key), 200, old, PROTO_RUN_ID_LEN,
+             ev_run(b, ev), (int)(ev->kv.value.len > 200 ? 200 : ev->kv.value.len),
+             batch_sptr(b, ev->kv.value));
 }
 
 /* Rejections the range build found (same param twice with different values). */
@@ -760,7 +768,7 @@ static void report_build_rejects(struct writer *w)
         for (size_t j = w->cur.lo; j < i; j++) {
             const struct ev *o = &b->evs[j];
             if (o->kind == EV_PARAM && o->kv.key.len == ev->kv.key.len &&
-                memcmp(o->run_id, ev->run_id, PROTO_RUN_ID_LEN) == 0 &&
+                memcmp(ev_run(b, o), ev_run(b, ev), PROTO_RUN_ID_LEN) == 0 &&
                 memcmp(batch_sptr(b, o->kv.key), batch_sptr(b, ev->kv.key), ev->kv.key.len) == 0) {
                 old = batch_sptr(b, o->kv.value);
                 oldlen = o->kv.value.len;
@@ -806,8 +814,8 @@ static int push_range(struct writer *w, struct range r)
 static uint64_t batch_last_lsn(const struct batch *b)
 {
     for (size_t i = b->n; i > 0; i--)
-        if (b->evs[i - 1].lsn)
-            return b->evs[i - 1].lsn;
+        if (lsn_of(b, i - 1))
+            return lsn_of(b, i - 1);
     return 0;
 }
 
@@ -873,7 +881,8 @@ static void owner_refused(void *ctx, size_t i, const char *msg)
 {
     struct writer *w = ctx;
     stats.rejected_not_owner++;
-    log_limited(LOG_WARN, "[%s] conn %u: %s", w->name, w->head->evs[i].conn_id, msg);
+    log_limited(LOG_WARN, "[%s] conn %u: %s", w->name, ev_frame(w->head, &w->head->evs[i])->conn_id,
+                msg);
     reject_ev(w, i, PROTO_ERR_FORBIDDEN, msg);
 }
 
@@ -1088,7 +1097,7 @@ static void report_run_states(struct writer *w)
         if ((ev->flags & EV_REJECTED) || ev->kind == EV_EXPERIMENT || ev->kind == EV_ARTIFACT_DONE)
             continue;
         int row = 0, rows = PQntuples(res);
-        while (row < rows && memcmp(PQgetvalue(res, row, 0), ev->run_id, PROTO_RUN_ID_LEN) != 0)
+        while (row < rows && memcmp(PQgetvalue(res, row, 0), ev_run(b, ev), PROTO_RUN_ID_LEN) != 0)
             row++;
         if (row == rows)
             continue;
@@ -1108,9 +1117,10 @@ static void report_run_states(struct writer *w)
         else if (!PQgetisnull(res, row, 1))
             snprintf(msg, sizeof msg,
                      "The run %.*s must be in the 'active' state. Current state is %s.",
-                     PROTO_RUN_ID_LEN, ev->run_id, PQgetvalue(res, row, 1));
+                     PROTO_RUN_ID_LEN, ev_run(b, ev), PQgetvalue(res, row, 1));
         else {
-            snprintf(msg, sizeof msg, "Run with id=%.*s not found", PROTO_RUN_ID_LEN, ev->run_id);
+            snprintf(msg, sizeof msg, "Run with id=%.*s not found", PROTO_RUN_ID_LEN,
+                     ev_run(b, ev));
             code = PROTO_ERR_RUN_NOT_FOUND;
         }
         stats.rejected_run_state++;
@@ -1327,7 +1337,7 @@ static void report_artifacts(struct writer *w)
         } else {
             char msg[128];
             snprintf(msg, sizeof msg, "run '%.*s' does not exist: artifact not uploaded",
-                     PROTO_RUN_ID_LEN, ev->run_id);
+                     PROTO_RUN_ID_LEN, ev_run(b, ev));
             stats.rejected_database++;
             reject_ev(w, i, PROTO_ERR_DATABASE, msg);
         }

@@ -40,18 +40,17 @@ static size_t add(struct batch *b, int kind, const char *run, const char *a, con
         assert_int_equal(batch_str(b, bstr, strlen(bstr), &rb), 0);
     if (c)
         assert_int_equal(batch_str(b, c, strlen(c), &rc), 0);
+    if (run)
+        assert_int_equal(strlen(run), PROTO_RUN_ID_LEN);
+    assert_int_equal(batch_frame(b, 1, b->n + 1, 0, 0, run), 0);
     struct ev *ev = batch_push(b, kind);
     assert_non_null(ev);
     assert_int_equal(ev->kind, kind);
     assert_int_equal(ev->flags, 0);
-    if (run) {
-        assert_int_equal(strlen(run), PROTO_RUN_ID_LEN);
-        memcpy(ev->run_id, run, PROTO_RUN_ID_LEN);
-    }
+    assert_int_equal(ev->frame, b->nframes - 1);
     ev->str[0] = ra;
     ev->str[1] = rb;
     ev->str[2] = rc;
-    ev->seq = b->n;
     ev->serial = b->n;
     return b->n - 1;
 }
@@ -793,11 +792,26 @@ static void test_batch_storage(void **state)
     assert_int_equal(b.n, 600);
     assert_int_equal(b.n_metrics, 300);
     assert_true(b.cap >= 600);
-    assert_int_equal(batch_bytes(&b), b.cap * sizeof(struct ev) + b.acap + sizeof b);
+    /* Pushed without batch_frame: one empty frame holds them all. */
+    assert_int_equal(b.nframes, 1);
+    assert_int_equal(b.evs[599].frame, 0);
+    assert_int_equal(batch_bytes(&b), b.cap * sizeof(struct ev) +
+                                          b.capframes * sizeof(struct ev_frame) + b.acap +
+                                          sizeof b);
     batch_free(&b);
     assert_int_equal(b.n, 0);
     assert_null(b.evs);
+    assert_null(b.frames);
     assert_null(b.arena);
+
+    /* A batch cut at max_rows never holds room for more: 256, 512, then 700, not 1024. */
+    b.max_rows = 700;
+    for (int i = 0; i < 700; i++)
+        assert_non_null(batch_push(&b, EV_METRIC));
+    assert_int_equal(b.cap, 700);
+    assert_non_null(batch_push(&b, EV_METRIC)); /* a frame may take it past: then it doubles */
+    assert_int_equal(b.cap, 1400);
+    batch_free(&b);
 }
 
 /* An empty string before anything else: the arena does not exist yet. */

@@ -114,13 +114,16 @@ static void test_start_run_expands_as_mlflow(void **state)
     assert_int_equal(f.b.n, 6);
     const struct ev *run = &f.b.evs[0];
     assert_int_equal(run->kind, EV_START_RUN);
-    assert_memory_equal(run->run_id, RUN, 32);
+    assert_memory_equal(ev_run(&f.b, run), RUN, 32);
+    /* One frame for the message's six events. */
+    assert_int_equal(f.b.nframes, 1);
+    assert_int_equal(f.b.evs[5].frame, 0);
     assert_str(&f.b, run->run.experiment, "mnist");
     assert_str(&f.b, run->run.name, "baseline");
     assert_str(&f.b, run->run.user, "ana");
     assert_int_equal(run->start.ms, 1700000000000);
     assert_int_equal(run->start.experiment_id, 0); /* by name */
-    assert_int_equal(run->seq, 7);
+    assert_int_equal(ev_frame(&f.b, run)->seq, 7);
     assert_int_equal(run->serial, 100);
     assert_str(&f.b, tag(&f.b, "team")->kv.value, "vision");
     assert_str(&f.b, tag(&f.b, "mlflow.runName")->kv.value, "baseline");

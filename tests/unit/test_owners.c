@@ -33,10 +33,9 @@ static size_t add(struct batch *b, int kind, const char *run, const struct peer 
     uint16_t who = p ? batch_peer(b, p, user) : 0;
     if (p)
         assert_int_not_equal(who, 0);
+    assert_int_equal(batch_frame(b, 1, b->n + 1, 0, who, run), 0);
     struct ev *ev = batch_push(b, kind);
     assert_non_null(ev);
-    memcpy(ev->run_id, run, PROTO_RUN_ID_LEN);
-    ev->peer = who;
     return b->n - 1;
 }
 
