@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 sys.path.insert(0, str(ROOT / "bench"))
 import report  # noqa: E402
-from harness import BUILD, Agent, Postgres  # noqa: E402
+from harness import BUILD, Agent, Postgres, writer_of  # noqa: E402
 
 PY = sys.executable
 LOADGEN = BUILD / "trackd-loadgen"
@@ -329,6 +329,7 @@ class Bench:
             poller.start()
         side = extra(agents) if extra else None
         t_wall = time.monotonic()
+        started_ms = int(time.time() * 1000) - 1000  # runs this contender starts (not W4's prefill)
         log(f"{mode.upper()} {contender}: {len(cmds)} processes"
             + (f", {steps:,} steps x 50 keys each" if steps else f", {runs_per_proc} runs each")
             + (f", paced at {rate} points/s each" if rate else "")
@@ -361,6 +362,16 @@ class Bench:
         for a in agents:
             st = a.stats()
             res.setdefault("stats", []).append(st)
+            if mode == "w1" and n_agents == 1 and st.get("db_connections", 0) > 1:
+                # Each run goes through one writer connection, by a hash of its id: how W1's
+                # runs fell bounds what the connections can do in parallel.
+                n = st["db_connections"]
+                split = [0] * n
+                for (run_id,) in self.pg.query(db, "SELECT run_uuid FROM runs WHERE start_time >= %s",
+                                               (started_ms,)):
+                    split[writer_of(run_id, n)] += 1
+                res["split"] = sorted(split, reverse=True)
+                log(f"{contender} {mode}: runs per writer connection {'/'.join(map(str, res['split']))}")
             log(f"{contender} {mode}: the agent committed {st['batches_committed']:,} transactions,"
                 f" {st['ranges_direct']:,} of them tried straight into metrics,"
                 f" {st['direct_fallbacks']:,} fell back to the staging table")
@@ -704,6 +715,10 @@ def write_report(b, args, started):
               "per-call latencies here include waiting for buffer space (see PACED for the cost "
               "of a call in a loop PostgreSQL keeps up with).", ""]
         L += table(w1, W1_ORDER, "points", lim1) + [""]
+        splits = [f"{r['contender']} {'/'.join(map(str, r['split']))}" for r in w1 if r.get("split")]
+        if splits:
+            L += ["Runs per writer connection (each run goes through one, by a hash of its id; "
+                  "the busiest bounds the parallel gain): " + ", ".join(splits) + ".", ""]
     if w2:
         L += ["## W2: many runs", "",
               f"Runs x (start, 20 params, 10 tags, 5 keys x 100 steps, end) over {PROCS} processes; "
