@@ -432,6 +432,8 @@ static void on_tick(uv_timer_t *t)
     struct agent *a = t->data;
     stats.rows_per_sec = stats.events_committed - a->last_committed;
     a->last_committed = stats.events_committed;
+    /* Artifact copies give way while events are being written (spool.h). */
+    atomic_store(&a->up.spool.busy, stats.rows_per_sec > 0 || stats.queue_events > 0);
     stats.uptime_s = (uv_now(&a->loop) - a->started_ms) / 1000;
 }
 

@@ -11,6 +11,7 @@
 #ifndef TRACKD_SPOOL_H
 #define TRACKD_SPOOL_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -25,7 +26,13 @@
 
 struct spool {
     char dir[4096];
+    /* Set on the loop while the agent is writing events; copies on worker threads then keep to
+     * SPOOL_PACED_BYTES_PER_S, so a large artifact leaves the disk and the cores to them. */
+    atomic_bool busy;
 };
+
+/* How fast a spool or store copy goes while spool.busy is set: bytes per second. */
+#define SPOOL_PACED_BYTES_PER_S (64ull << 20)
 
 /* What the spool keeps of one artifact: its .meta record, and the size and hash of its .data. */
 struct spool_entry {
