@@ -45,15 +45,14 @@ void spool_file(const struct spool *s, const char *id, const char *ext, char *ou
 
 /* A copy's pace since spool.busy was last seen set. */
 struct pace {
-    uint64_t t0_ns; /* 0: not pacing */
+    int64_t t0_us; /* 0: not pacing */
     uint64_t bytes;
 };
 
-static uint64_t now_ns(void)
+int64_t spool_pace_wait_us(uint64_t bytes, int64_t elapsed_us)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    int64_t due = (int64_t)(bytes / (SPOOL_PACED_BYTES_PER_S / 1000000u));
+    return due > elapsed_us ? due - elapsed_us : 0;
 }
 
 /*
@@ -64,19 +63,18 @@ static uint64_t now_ns(void)
 static void pace(const struct spool *s, struct pace *p, uint64_t n)
 {
     if (!atomic_load_explicit(&s->busy, memory_order_relaxed)) {
-        p->t0_ns = 0;
+        p->t0_us = 0;
         return;
     }
-    uint64_t now = now_ns();
-    if (p->t0_ns == 0) {
-        p->t0_ns = now;
+    int64_t now = util_clock_us(CLOCK_MONOTONIC);
+    if (p->t0_us == 0) {
+        p->t0_us = now;
         p->bytes = 0;
     }
     p->bytes += n;
-    uint64_t due = p->t0_ns + p->bytes / (SPOOL_PACED_BYTES_PER_S / 1000000u) * 1000u;
-    if (due > now) {
-        uint64_t ns = due - now;
-        struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
+    int64_t us = spool_pace_wait_us(p->bytes, now - p->t0_us);
+    if (us > 0) {
+        struct timespec ts = {(time_t)(us / 1000000), (long)(us % 1000000) * 1000};
         nanosleep(&ts, NULL);
     }
 }

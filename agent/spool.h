@@ -34,6 +34,10 @@ struct spool {
 /* How fast a spool or store copy goes while spool.busy is set: bytes per second. */
 #define SPOOL_PACED_BYTES_PER_S (64ull << 20)
 
+/* How long a paced copy that has moved bytes in elapsed_us waits before going on, in
+ * microseconds (0: it is behind SPOOL_PACED_BYTES_PER_S). */
+int64_t spool_pace_wait_us(uint64_t bytes, int64_t elapsed_us);
+
 /* What the spool keeps of one artifact: its .meta record, and the size and hash of its .data. */
 struct spool_entry {
     char id[40]; /* "<session hex>-<seq hex>": unique per client frame */
