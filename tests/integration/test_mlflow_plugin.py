@@ -157,44 +157,68 @@ def test_unchanged_mlflow_script_under_trackd(pg, tmp_path):
 FAST_SCRIPT = textwrap.dedent('''
     import json
     import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import fluent
     from trackd.mlflow_store import TrackdStore
 
-    slow = []
-    original = TrackdStore.log_metric
-    def counted(self, run_id, metric):
-        slow.append(metric.key)
-        return original(self, run_id, metric)
-    TrackdStore.log_metric = counted
-    batches = []
+    slow = []  # the store's single-entity calls: [method, key]
+    batches = []  # the store's log_batch calls: [metric keys, param keys, tag keys]
+
+    def count(name):
+        original = getattr(TrackdStore, name)
+        def counted(self, run_id, entity):
+            slow.append([name, entity.key])
+            return original(self, run_id, entity)
+        setattr(TrackdStore, name, counted)
+    for name in ("log_metric", "log_param", "set_tag"):
+        count(name)
     original_batch = TrackdStore.log_batch
     def counted_batch(self, run_id, metrics, params, tags):
-        batches.append(sorted(m.key for m in metrics))
+        batches.append([sorted(m.key for m in metrics), sorted(p.key for p in params),
+                        sorted(t.key for t in tags)])
         return original_batch(self, run_id, metrics, params, tags)
     TrackdStore.log_batch = counted_batch
 
+    TS0 = 1_700_000_000_000
     mlflow.set_experiment("fast-path")
     with mlflow.start_run(run_name="f") as r:
+        rid = r.info.run_id
         for i in range(1000):
-            mlflow.log_metric("loss", 1.0 / (i + 1), step=i, timestamp=1_700_000_000_000 + i)
+            mlflow.log_metric("loss", 1.0 / (i + 1), step=i, timestamp=TS0 + i)
         mlflow.log_metric("flag", True, step=0)  # a bool: MLflow's own path converts it
         for i in range(10):
-            mlflow.log_metrics({"x": i * 1.5, "y": i}, step=i, timestamp=1_700_000_000_000)
+            mlflow.log_metrics({"x": i * 1.5, "y": i}, step=i, timestamp=TS0)
         mlflow.log_metrics({"x": 0.0, "z": True}, step=10)  # MLflow's path again
         # More keys than one frame holds: still one timestamp for the call, as MLflow's.
         mlflow.log_metrics({f"wide{i}": 1.0 for i in range(2500)}, step=0)
+        returned = [mlflow.log_param("lr", 0.1), mlflow.log_param("lr", 0.1),
+                    mlflow.log_params({"a": 1, "b": "x"}), mlflow.set_tag("t", 1),
+                    mlflow.set_tags({"u": "v", "w": 2.5})]
+        mlflow.set_tag("mlflow.note.content", "n")  # a system tag: MLflow's path
+        mlflow.log_param("long", "p" * 6001)  # truncated by MLflow, on its path
+        c = MlflowClient()
+        for i in range(100):
+            returned.append(c.log_metric(rid, "c", i, timestamp=TS0 + i, step=i))
+        c.log_metric(rid, "c0", 1.0, timestamp=0)  # MlflowClient keeps 0: MLflow's path
+        returned.append(c.log_batch(rid, metrics=[Metric("lb", i * 0.5, TS0, i)
+                                                  for i in range(50)]))
+        c.log_batch(rid, metrics=[Metric("lb2", 1.0, TS0, 0)], params=[Param("q", "1")])
     wrapped = getattr(mlflow.log_metric, "__trackd_original__", None) is not None
-    print(json.dumps({"run": r.info.run_id, "slow": slow, "batches": batches, "wrapped": wrapped,
-                      "fluent_wrapped": fluent.log_metric is mlflow.log_metric}))
+    print(json.dumps({"run": rid, "slow": slow, "batches": batches, "wrapped": wrapped,
+                      "fluent_wrapped": fluent.log_metric is mlflow.log_metric,
+                      "returned": returned}))
 ''')
 
 
 @pytest.mark.parametrize("switch", [None, "0"])
-def test_fluent_log_metric_fast_path_and_its_switch(pg, db, tmp_path, switch):
-    """Under trackd:, mlflow.log_metric(s) on the active run go straight to the agent once a
-    store exists (set_experiment made it): the store's log_metric and log_batch see only the
-    calls MLflow must convert (a bool), and the rows are the same; TRACKD_MLFLOW_FAST_PATH=0
-    leaves every call on MLflow's path."""
+def test_mlflow_fast_paths_and_their_switch(pg, db, tmp_path, switch):
+    """Under trackd:, mlflow.log_metric(s), log_param(s) and set_tag(s) on the active run and
+    MlflowClient.log_metric/log_batch go straight to the agent once a store exists
+    (set_experiment made it): the store sees only the calls MLflow must convert or check itself
+    (a bool, a system tag, a value MLflow truncates, a timestamp of 0 on the client, a batch with
+    params), with the same rows and return values; TRACKD_MLFLOW_FAST_PATH=0 leaves every call
+    on MLflow's path."""
     pytest.importorskip("trackd._trackd")
     agent = Agent(pg, db, tmp_path / "agent").start()
     try:
@@ -207,22 +231,42 @@ def test_fluent_log_metric_fast_path_and_its_switch(pg, db, tmp_path, switch):
         out = json.loads(_run(["fast.py"], env, tmp_path))
     finally:
         assert agent.stop() == 0
+    assert out["returned"] == [0.1, 0.1, None, None, None] + [None] * 101
     if switch is None:
         assert out["wrapped"] and out["fluent_wrapped"]
-        assert out["slow"] == ["flag"], out["slow"]
-        assert out["batches"] == [["x", "z"]], out["batches"]
+        assert out["slow"] == [["log_metric", "flag"], ["set_tag", "mlflow.note.content"],
+                               ["log_param", "long"], ["log_metric", "c0"]], out["slow"]
+        assert out["batches"] == [[["x", "z"], [], []], [["lb2"], ["q"], []]], out["batches"]
     else:
         assert not out["wrapped"]
-        assert out["slow"] == ["loss"] * 1000 + ["flag"]
-        assert out["batches"][:11] == [["x", "y"]] * 10 + [["x", "z"]]
-        assert len(out["batches"]) == 14  # the 2,500 keys in MLflow's chunks of 1,000
+        assert out["slow"] == ([["log_metric", "loss"]] * 1000 + [["log_metric", "flag"]]
+                               + [["log_param", "lr"]] * 2 + [["set_tag", "t"]]
+                               + [["set_tag", "mlflow.note.content"], ["log_param", "long"]]
+                               + [["log_metric", "c"]] * 100 + [["log_metric", "c0"]])
+        metric_batches = [b[0] for b in out["batches"] if b[0]]
+        assert metric_batches[:11] == [["x", "y"]] * 10 + [["x", "z"]]
+        assert len(metric_batches) == 11 + 3 + 2  # 2,500 keys in chunks of 1,000; lb; lb2
+        assert [b[1:] for b in out["batches"] if not b[0]] == [[["a", "b"], []], [[], ["u", "w"]]]
+    run = (out["run"],)
     rows = pg.query(db, "SELECT count(*), min(step), max(step), min(value) FROM metrics"
-                        " WHERE run_uuid = %s AND key = 'loss'", (out["run"],))
+                        " WHERE run_uuid = %s AND key = 'loss'", run)
     assert rows == [(1000, 0, 999, 1.0 / 1000)]
     assert pg.query(db, "SELECT key, value, step FROM latest_metrics WHERE run_uuid = %s"
-                        " AND key NOT LIKE 'wide%%' ORDER BY key", (out["run"],)) == [
-        ("flag", 1.0, 0), ("loss", 1.0 / 1000, 999), ("x", 0.0, 10), ("y", 9.0, 9), ("z", 1.0, 10)]
+                        " AND key NOT LIKE 'wide%%' ORDER BY key", run) == [
+        ("c", 99.0, 99), ("c0", 1.0, 0), ("flag", 1.0, 0), ("lb", 24.5, 49), ("lb2", 1.0, 0),
+        ("loss", 1.0 / 1000, 999), ("x", 0.0, 10), ("y", 9.0, 9), ("z", 1.0, 10)]
     assert pg.query(db, "SELECT count(*) FROM metrics WHERE run_uuid = %s AND key IN ('x', 'y')",
-                    (out["run"],)) == [(21,)]
+                    run) == [(21,)]
     assert pg.query(db, "SELECT count(*), count(DISTINCT timestamp) FROM metrics"
-                        " WHERE run_uuid = %s AND key LIKE 'wide%%'", (out["run"],)) == [(2500, 1)]
+                        " WHERE run_uuid = %s AND key LIKE 'wide%%'", run) == [(2500, 1)]
+    assert pg.query(db, "SELECT timestamp FROM metrics WHERE run_uuid = %s AND key = 'c0'",
+                    run) == [(0,)]
+    assert pg.query(db, "SELECT count(*), sum(step), min(timestamp) FROM metrics"
+                        " WHERE run_uuid = %s AND key IN ('c', 'lb')", run) == [
+        (150, sum(range(100)) + sum(range(50)), 1_700_000_000_000)]
+    assert pg.query(db, "SELECT key, length(value), left(value, 3) FROM params"
+                        " WHERE run_uuid = %s ORDER BY key", run) == [
+        ("a", 1, "1"), ("b", 1, "x"), ("long", 6000, "ppp"), ("lr", 3, "0.1"), ("q", 1, "1")]
+    assert pg.query(db, "SELECT key, value FROM tags WHERE run_uuid = %s AND key IN"
+                        " ('t', 'u', 'w', 'mlflow.note.content') ORDER BY key", run) == [
+        ("mlflow.note.content", "n"), ("t", "1"), ("u", "v"), ("w", "2.5")]

@@ -438,7 +438,6 @@ CASES = {
             step("unknown_id", synced, c.create_run, "987654")
         step("script", body)
     ''',
-    # A block that raises: FAILED, the exception propagates unchanged.
     # mlflow.log_metric(s)' forms around trackd's fast path (trackd/mlflow_fast.py): the calls it
     # takes and those it leaves to MLflow, in one script, so that the two ways meet: an
     # auto-started run, nested runs, a thread, bad keys met twice, values MLflow converts,
@@ -525,7 +524,7 @@ CASES = {
                 mlflow.set_tracking_uri(uri)
                 step("back", synced, mlflow.log_metric, "m", 9.0, step=12, timestamp=TS0 + 10)
             c = MlflowClient()
-            read("history", sorted((m.value, m.step, m.timestamp)
+            read("history", sorted((m.step, m.timestamp, m.value)  # NaN never compared
                                    for m in c.get_metric_history(outer.info.run_id, "m")))
         step("script", body)
     ''',
@@ -548,6 +547,146 @@ CASES = {
                                  for m in c.get_metric_history(r.info.run_id, k)])
         step("script", body)
     ''',
+    # mlflow.log_param(s) and set_tag(s) around trackd's fast path (trackd/mlflow_fast.py): the
+    # calls it takes and those it leaves to MLflow (a changed param, values MLflow truncates,
+    # system tags, bad keys met twice, more params than one MLflow batch, async logging, another
+    # store), in one script, so that the two ways meet.
+    "fluent_param_tag_forms": '''
+        import threading
+        import numpy as np
+        def body():
+            mlflow.set_experiment("param-forms")
+            read("auto_returns", repr(mlflow.log_param("auto", 1)))
+            note("auto", mlflow.active_run().info.run_id)
+            mlflow.end_run()
+            with mlflow.start_run(run_name="outer") as outer:
+                note("outer", outer.info.run_id)
+                read("param_returns", repr(mlflow.log_param("lr", 0.1)))
+                read("param_same", repr(mlflow.log_param("lr", 0.1)))
+                step("param_changed", mlflow.log_param, "lr", 0.2)
+                read("param_sync", repr(mlflow.log_param("s", "x", True)))
+                step("param_types", mlflow.log_params, {"i": 1, "f": 0.5, "n": None, "l": [1, 2],
+                                                        "np": np.float32(0.5), "b": True})
+                read("params_returns", repr(mlflow.log_params({"p1": "a", "p2": "b"})))
+                step("params_changed", mlflow.log_params, {"p1": "a", "p2": "c", "p3": "d"})
+                step("params_empty", mlflow.log_params, {})
+                step("params_many", mlflow.log_params, {f"m{i}": i for i in range(150)})
+                for attempt in range(2):
+                    step(f"bad_key_{attempt}", synced, mlflow.log_param, "bad key!", 1)
+                    step(f"long_key_{attempt}", synced, mlflow.log_param, "k" * 251, 1)
+                    step(f"bad_tag_{attempt}", synced, mlflow.set_tag, "bad key!", 1)
+                    step(f"bad_keys_{attempt}", synced, mlflow.log_params, {"ok": 1, "bad key!": 2})
+                step("long_value", synced, mlflow.log_param, "long", "v" * 6001)
+                step("edge_value", mlflow.log_param, "edge", "v" * 6000)
+                read("tag_returns", repr(mlflow.set_tag("t", 1)))
+                step("tag_changed", mlflow.set_tag, "t", 2)
+                read("tags_returns", repr(mlflow.set_tags({"u": "v", "w": 2.5})))
+                step("tags_empty", mlflow.set_tags, {})
+                step("tag_long", synced, mlflow.set_tag, "long", "t" * 8001)
+                step("note_tag", mlflow.set_tag, "mlflow.note.content", "a note")
+                step("params_run_id", mlflow.log_params, {"given": 1}, run_id=outer.info.run_id)
+                ops = mlflow.log_param("async", 1, synchronous=False)
+                read("async_returns", type(ops).__name__)
+                ops.wait()
+                ops = mlflow.set_tags({"async_t": 1}, synchronous=False)
+                read("async_tags_returns", type(ops).__name__)
+                ops.wait()
+                with mlflow.start_run(run_name="inner", nested=True) as inner:
+                    note("inner", inner.info.run_id)
+                    step("nested", mlflow.log_param, "depth", 2)
+                    step("nested_tag", mlflow.set_tag, "level", "inner")
+                step("after_nested", mlflow.set_tags, {"level": "outer"})
+
+                def worker():
+                    started = mlflow.active_run() is None
+                    step("thread", mlflow.log_params, {"thread": 1})
+                    if started:
+                        note("thread", mlflow.active_run().info.run_id)
+                        mlflow.end_run()
+                t = threading.Thread(target=worker)
+                t.start()
+                t.join()
+
+                os.environ["MLFLOW_ENABLE_ASYNC_LOGGING"] = "true"
+                read("env_async_returns", type(mlflow.set_tag("env_async", 1)).__name__)
+                mlflow.flush_async_logging()
+                del os.environ["MLFLOW_ENABLE_ASYNC_LOGGING"]
+
+                uri = mlflow.get_tracking_uri()
+                mlflow.set_tracking_uri("sqlite:///other.db")
+                step("other_store", mlflow.log_param, "elsewhere", 1)
+                mlflow.set_tracking_uri(uri)
+                step("back", synced, mlflow.set_tag, "back", "yes")
+            run = MlflowClient().get_run(outer.info.run_id)
+            read("params", sorted((k, v[:20]) for k, v in run.data.params.items()))
+            read("tags", sorted((k, v[:20]) for k, v in run.data.tags.items()
+                                if k not in ("mlflow.runName", "mlflow.user")))
+        step("script", body)
+    ''',
+    # MlflowClient.log_metric and log_batch (PyTorch Lightning's logger calls the latter) around
+    # trackd's fast path: the forms it takes, those it leaves to MLflow (a timestamp of 0, which
+    # the client keeps, bools, numpy, tuples, params in the batch, bad keys and run ids met
+    # twice, async logging), and a client of another store beside it.
+    "client_log_forms": '''
+        import numpy as np
+        def body():
+            c = MlflowClient()
+            exp = c.create_experiment("client-forms")
+            rid = c.create_run(exp, run_name="c").info.run_id
+            note("r", rid)
+            read("metric_returns", repr(c.log_metric(rid, "m", 0.5, timestamp=TS0, step=1)))
+            step("no_step", c.log_metric, rid, "m", 1, timestamp=TS0 + 1)
+            step("ts_zero", c.log_metric, rid, "zero", 1.0, timestamp=0, step=2)
+            step("positional", c.log_metric, rid, "m", 2.0, TS0 + 2, 3, True)
+            step("big_int", c.log_metric, rid, "m", 10**20, timestamp=TS0 + 3, step=4)
+            step("huge_int", synced, c.log_metric, rid, "m", 2**1100, timestamp=TS0, step=5)
+            step("nan", c.log_metric, rid, "m", float("nan"), timestamp=TS0 + 4, step=6)
+            step("bool", c.log_metric, rid, "m", True, timestamp=TS0 + 5, step=7)
+            step("np", c.log_metric, rid, "m", np.float64(0.25), timestamp=TS0 + 6, step=8)
+            step("neg_ts", synced, c.log_metric, rid, "m", 1.0, timestamp=-1, step=9)
+            step("neg_step", c.log_metric, rid, "m", 1.0, timestamp=TS0 + 7, step=-3)
+            for attempt in range(2):
+                step(f"bad_key_{attempt}", synced, c.log_metric, rid, "bad key!", 1.0,
+                     timestamp=TS0)
+                step(f"bad_run_{attempt}", synced, c.log_metric, "not a run id!", "m", 1.0,
+                     timestamp=TS0)
+                step(f"unknown_run_{attempt}", synced, c.log_metric,
+                     "0123456789abcdef0123456789abcdef", "m", 1.0, timestamp=TS0)
+                step(f"batch_bad_key_{attempt}", synced, c.log_batch, rid,
+                     metrics=[Metric("ok", 1.0, TS0, 0), Metric("bad key!", 1.0, TS0, 0)])
+            read("batch_returns", repr(c.log_batch(rid, metrics=[Metric("b", i * 0.5, TS0 + i, i)
+                                                                 for i in range(20)])))
+            step("batch_ints", c.log_batch, rid,
+                 metrics=[Metric("bi", 3, TS0, 0), Metric("bi", -7, TS0, 1)])
+            step("batch_same_point", c.log_batch, rid,
+                 metrics=[Metric("d", 1.0, TS0, 0), Metric("d", 1.0, TS0, 0)])
+            step("batch_empty", c.log_batch, rid, metrics=[])
+            step("batch_big", c.log_batch, rid,
+                 metrics=[Metric("big", float(i), TS0, i) for i in range(2500)])
+            step("batch_bool", c.log_batch, rid, metrics=[Metric("bb", True, TS0, 0)])
+            step("batch_neg_ts", synced, c.log_batch, rid, metrics=[Metric("bt", 1.0, -5, 0)])
+            step("batch_zero_ts", c.log_batch, rid, metrics=[Metric("bz", 1.0, 0, 0)])
+            step("batch_tuple", c.log_batch, rid, metrics=(Metric("tu", 1.0, TS0, 0),))
+            step("batch_params", c.log_batch, rid, metrics=[Metric("bp", 1.0, TS0, 0)],
+                 params=[Param("q", 1)], tags=[RunTag("t", "x")])
+            step("batch_nan", c.log_batch, rid, metrics=[Metric("bn", float("nan"), TS0, 0),
+                                                         Metric("bn", float("-inf"), TS0, 1)])
+            step("batch_positional", c.log_batch, rid, [Metric("pos", 1.0, TS0, 0)], [], [], True)
+            ops = c.log_metric(rid, "async", 1.0, timestamp=TS0, synchronous=False)
+            read("async_returns", type(ops).__name__)
+            ops.wait()
+            other = MlflowClient("sqlite:///other.db")
+            orid = other.create_run(other.create_experiment("elsewhere")).info.run_id
+            step("other_client", other.log_metric, orid, "m", 1.0, timestamp=TS0)
+            step("other_batch", other.log_batch, orid, metrics=[Metric("m", 2.0, TS0, 1)])
+            read("other_history", sorted((m.value, m.step) for m in
+                                         other.get_metric_history(orid, "m")))
+            c.set_terminated(rid, end_time=TS0 + 10)
+            read("history", sorted((m.step, m.timestamp, m.value)  # NaN never compared
+                                   for m in c.get_metric_history(rid, "m")))
+        step("script", body)
+    ''',
+    # A block that raises: FAILED, the exception propagates unchanged.
     "block_raises": '''
         def body():
             mlflow.set_experiment("raises")

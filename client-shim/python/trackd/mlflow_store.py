@@ -97,6 +97,18 @@ def _as_int(x) -> int:
     return int(round(float(x)))
 
 
+def _check_run_id(run_id):
+    """Raises MLflow's "Run with id=... not found" (RESOURCE_DOES_NOT_EXIST) for a run id of a
+    form MLflow never makes, as SqlAlchemyStore's single-entity writes (log_metric, log_param,
+    set_tag, delete_tag, update_run_info), which look the run up without checking the form;
+    only log_batch checks it (_validate_run_id) and says so."""
+    try:
+        compat._validate_run_id(run_id)
+    except Exception:  # pylint: disable=broad-except -- a TypeError for a non-str too
+        raise MlflowException(f"Run with id={run_id} not found",
+                              RESOURCE_DOES_NOT_EXIST) from None
+
+
 def backend_uri(store_uri: str | None) -> str:
     """The database MLflow's reads are served from: TRACKD_BACKEND_URI, else what the agent
     behind store_uri announces."""
@@ -285,7 +297,7 @@ class TrackdStore(SqlAlchemyStore):
         so no run is left RUNNING. When the agent has rejected events of this process that
         were not raised yet, a FINISHED run ends FAILED instead, as it would have under
         MLflow, where the rejected call raised inside the run; then the rejection is raised."""
-        compat._validate_run_id(run_id)
+        _check_run_id(run_id)
         client = self._client()
         flushed = True
         if run_status == RunStatus.FINISHED and self._dirty:
@@ -360,7 +372,7 @@ class TrackdStore(SqlAlchemyStore):
     # One entity: MLflow's single-entity validation (SqlAlchemyStore.log_metric, log_param,
     # set_tag), whose messages name the field without a batch path.
     def log_metric(self, run_id, metric):
-        compat._validate_run_id(run_id)
+        _check_run_id(run_id)
         compat._validate_metric(metric.key, metric.value, metric.timestamp, metric.step)
         self._send(run_id, [metric], [], [])
 
@@ -378,19 +390,51 @@ class TrackdStore(SqlAlchemyStore):
         if not self._client().log_metrics(run_id, metrics, step, timestamp):
             _log.warning("trackd: buffer full, %d events dropped (see trackd stats)", len(metrics))
 
+    def _log_batch_fast(self, run_id, rows):
+        """MlflowClient.log_batch's fast path: rows a non-empty list of (key, value, timestamp,
+        step) that MLflow would accept as they are (valid keys, float values, int64 steps and
+        timestamps), on a run id MLflow accepts; no params, tags, model ids or datasets."""
+        self._dirty = True
+        if not self._client().log_batch(run_id, rows, [], []):
+            _log.warning("trackd: buffer full, %d events dropped (see trackd stats)", len(rows))
+
+    def _log_params_fast(self, run_id, params):
+        """mlflow.log_param(s)' fast path: params a non-empty list of (key, value) with keys
+        MLflow accepted and values already str and within MLflow's length limit. Returns False,
+        sending nothing, when this process logged another value for one of the keys on run_id
+        (MLflow's path then raises its error, as _check_params)."""
+        seen = self._params.setdefault(run_id, {})
+        for key, value in params:
+            old = seen.get(key)
+            if old is not None and old != value:
+                return False
+        for key, value in params:
+            seen[key] = value
+        self._dirty = True
+        if not self._client().log_params(run_id, params):
+            _log.warning("trackd: buffer full, %d events dropped (see trackd stats)", len(params))
+        return True
+
+    def _set_tags_fast(self, run_id, tags):
+        """mlflow.set_tag(s)' fast path: tags a non-empty list of (key, value) with keys MLflow
+        accepted, no ``mlflow.`` system tag, values already str and within MLflow's limit."""
+        self._dirty = True
+        if not self._client().set_tags(run_id, tags):
+            _log.warning("trackd: buffer full, %d events dropped (see trackd stats)", len(tags))
+
     def log_param(self, run_id, param):
-        compat._validate_run_id(run_id)
+        _check_run_id(run_id)
         param = compat._validate_param(param.key, param.value)
         self._check_params(run_id, [param], single=True)
         self._send(run_id, [], [param], [])
 
     def set_tag(self, run_id, tag):
-        compat._validate_run_id(run_id)
+        _check_run_id(run_id)
         tag = compat._validate_tag(tag.key, tag.value)
         self._send(run_id, [], [], [tag])
 
     def delete_tag(self, run_id, key):
-        compat._validate_run_id(run_id)
+        _check_run_id(run_id)
         compat._validate_tag_name(key)
         self._dirty = True
         self._client().delete_tag(run_id, key)
