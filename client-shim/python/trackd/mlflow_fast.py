@@ -57,6 +57,31 @@ _TAG_MAX = getattr(validation, "MAX_TAG_VAL_LENGTH", None)
 _BATCH_MAX = min(getattr(validation, "MAX_PARAMS_TAGS_PER_BATCH", 0),
                  getattr(validation, "MAX_METRICS_PER_BATCH", 0))
 
+def _env_reader(name):
+    """A function returning os.environ.get(name), reading os.environ's own mapping when it is
+    the plain dict of bytes CPython keeps on POSIX (what os.environ.get reads, without encoding
+    the key each call: MLflow reads these variables at every call, and so must we)."""
+    data = getattr(os.environ, "_data", None)
+    encode = getattr(os.environ, "encodekey", None)
+    decode = getattr(os.environ, "decodevalue", None)
+    if os.name != "posix" or type(data) is not dict or encode is None or decode is None:  # noqa
+        return lambda: os.environ.get(name)
+    key = encode(name)
+    last = [None, None]  # the raw value last seen and its decoding
+
+    def read():
+        raw = data.get(key)
+        if raw is None:
+            return None
+        if raw is not last[0]:
+            last[0], last[1] = raw, decode(raw)
+        return last[1]
+    return read
+
+
+_uri_env = _env_reader(_URI_ENV)
+_async_env = _env_reader(_ASYNC_ENV)
+
 # The active run stack: one list for every thread before MLflow 2.22, a ThreadLocalVariable
 # (one list per thread) from 2.22 on.
 _stack = fluent._active_run_stack  # pylint: disable=protected-access
@@ -154,7 +179,7 @@ def _synchronous(synchronous, rest, kwargs, names) -> bool:
     if kwargs and any(v is not None or k not in names for k, v in kwargs.items()):
         return False
     if synchronous is None:
-        a = os.environ.get(_ASYNC_ENV)
+        a = _async_env()
         if a is not None and a.lower() not in ("false", "0"):
             return False
     return True
@@ -164,7 +189,7 @@ def _target(synchronous, run_id, rest, kwargs, names):
     """(store, run id) when a fluent call may take the fast path as far as its context goes:
     the tracking URI names a trackd store; no run_id; synchronous as _synchronous; and a run
     active on this thread with no logged model outputs and no active model. Else None."""
-    uri = tracking_utils._tracking_uri or os.environ.get(_URI_ENV)  # as get_tracking_uri
+    uri = tracking_utils._tracking_uri or _uri_env()  # as get_tracking_uri
     store = _stores.store_for(uri) if uri else None
     if store is None or run_id is not None or not _synchronous(synchronous, rest, kwargs, names):
         return None
