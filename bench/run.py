@@ -6,7 +6,8 @@
 Workloads (at --scale 1; --scale multiplies steps and runs):
   W1  high-frequency scalars: 8 processes x 50 keys x 20,000 steps, one run each (8,000,000 points)
   W2  many runs: 2,000 runs x (20 params, 10 tags, 5 keys x 100 steps), over 8 processes
-  W3  a 512 MiB artifact logged by another process while W1 runs through trackd
+  W3  a 512 MiB artifact logged by another process while W1 runs through trackd (from 35%
+      of W1's points on; compared with the same stream just before it)
   W4  W1 through L and T-C again, into a database whose metrics table already holds
       --w4-rows rows (10,000,000) of 100 other runs: the cost as the table grows
 Contenders, on one PostgreSQL 15 (default settings, fsync on), each into a fresh copy of the
@@ -55,6 +56,10 @@ PROCS = 8
 PACED_RATE = 500  # points/s per process
 M3_PACED_RATE = 10  # MLflow's async logging cannot keep up with more here (see the W1 table)
 PACED_SECONDS = 20
+# W3: the upload starts once this share of W1's points is committed; the stream while it runs
+# and just before it are compared over windows of at most this many seconds.
+W3_START_SHARE = 0.35
+W3_WINDOW_S = 4.0
 
 
 def log(msg):
@@ -513,7 +518,10 @@ class Bench:
                 "seconds": secs, "procs": 1, "dropped": 0, "runs": nruns}
 
     # -- W3 -------------------------------------------------------------------------------------
-    def artifact_side(self, mib):
+    def artifact_side(self, mib, start_at_points):
+        """W3's other process: a mib MiB artifact logged through the same agent once the agent
+        has committed start_at_points of W1's points (the stream is steady by then); the agent's
+        counters sampled every 0.1 s meanwhile."""
         path = self.work / "artifact.bin"
         with open(path, "wb") as f:
             for _ in range(mib):
@@ -523,41 +531,58 @@ class Bench:
             a = agents[0]
             samples = []
             halt = threading.Event()
+            upload = {}
+
+            def launch():
+                upload["t_call"] = time.monotonic()
+                upload["proc"] = subprocess.Popen(
+                    [str(LOADGEN), "artifact", str(path), "--socket", a.socket,
+                     "--name", "w3-artifact"], stdout=subprocess.PIPE, text=True)
 
             def sample():
                 while not halt.is_set():
                     s = a.stats()
                     samples.append((time.monotonic(), s["metrics_committed"], s["artifacts_uploaded"]))
+                    if "proc" not in upload and s["metrics_committed"] >= start_at_points:
+                        launch()
                     halt.wait(0.1)
             th = threading.Thread(target=sample, daemon=True)
             th.start()
-            p = subprocess.Popen([str(LOADGEN), "artifact", str(path), "--socket", a.socket,
-                                  "--name", "w3-artifact"], stdout=subprocess.PIPE, text=True)
-            t_call = time.monotonic()
 
             def finish():
-                out = json.loads(p.communicate(timeout=3600)[0])
                 halt.set()
                 th.join()
+                if "proc" not in upload:  # W1 ended first: nothing to compare
+                    launch()
+                out = json.loads(upload["proc"].communicate(timeout=3600)[0])
                 st = a.stats()  # the artifact's flush returned: it is uploaded
                 samples.append((time.monotonic(), st["metrics_committed"], st["artifacts_uploaded"]))
                 up = next((t for t, _, n in samples if n >= 1), None)
-                return {"t_call": t_call, "t_uploaded": up, "samples": samples, "artifact": out}
+                return {"t_call": upload["t_call"], "t_uploaded": up, "samples": samples,
+                        "artifact": out}
             return finish
         return start
 
     def run_w3(self, alone):
-        res = self.run_contender("T-C", "w1", extra=self.artifact_side(self.args.artifact_mib))
+        res = self.run_contender("T-C", "w1", extra=self.artifact_side(
+            self.args.artifact_mib, int(alone["points"] * W3_START_SHARE)))
         side = res["side"]
         (self.work / "artifact.bin").unlink()
         if side["t_uploaded"] is None:
             raise RuntimeError("W3: the artifact was not uploaded during W1")
-        s = side["samples"]
-        inside = [x for x in s if side["t_call"] <= x[0] <= side["t_uploaded"]]
-        rate_during = ((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
-                       if len(inside) >= 2 else float("nan"))
-        self.w3 = {"alone": alone, "with": res, "rate_during": rate_during,
-                   "upload_s": side["t_uploaded"] - side["t_call"]}
+        s, t0 = side["samples"], side["t_call"]
+        # The same stream just before the upload and while it runs, in windows of one length.
+        window = min(W3_WINDOW_S, side["t_uploaded"] - t0, t0 - s[0][0])
+
+        def committed_rate(a, b):
+            inside = [x for x in s if a <= x[0] <= b]
+            if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+                return float("nan")
+            return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+        self.w3 = {"alone": alone, "with": res, "window_s": window,
+                   "rate_before": committed_rate(t0 - window, t0),
+                   "rate_during": committed_rate(t0, t0 + window),
+                   "upload_s": side["t_uploaded"] - t0}
 
 
 # trackd's metric statements (batch.c), on a staging table "stage" that psql \\copy filled:
@@ -748,13 +773,19 @@ def write_report(b, args, started):
         w = b.w3
         a, x = w["alone"], w["with"]
         L += ["## W3: a 512 MiB artifact during W1", "",
-              f"T-C W1 again while another process logs a {args.artifact_mib} MiB artifact through the "
-              "same agent (spool copy with fsync, then a copy into the local artifact store).", "",
-              "| W1 | seconds | points/s | vs alone |", "|---|---:|---:|---:|",
-              f"| alone | {a['seconds']:.2f} | {rate(a):,.0f} | 1.00 |",
+              f"T-C W1 again; once the agent has committed {W3_START_SHARE:.0%} of its points, "
+              f"another process logs a {args.artifact_mib} MiB artifact through the same agent "
+              "(spool copy with fsync, then a copy into the local artifact store). The stream "
+              f"while the upload runs is compared with the same stream in the {w['window_s']:.1f} s "
+              "just before it (same runs on the same writer connections; agent counters every "
+              "0.1 s), and the whole run with a W1 run alone.", "",
+              "| W1 | seconds | points/s | vs before / alone |", "|---|---:|---:|---:|",
+              f"| the {w['window_s']:.1f} s before the upload | | {w['rate_before']:,.0f} | 1.00 |",
+              f"| the first {w['window_s']:.1f} s of the upload ({w['upload_s']:.1f} s in all) | | "
+              f"{w['rate_during']:,.0f} | {w['rate_during'] / w['rate_before']:.2f} |",
+              f"| alone, whole run (another W1 run) | {a['seconds']:.2f} | {rate(a):,.0f} | 1.00 |",
               f"| with the upload, whole run | {x['seconds']:.2f} | {rate(x):,.0f} | {rate(x) / rate(a):.2f} |",
-              f"| only while the upload ran ({w['upload_s']:.1f} s, agent counters every 0.1 s) | | "
-              f"{w['rate_during']:,.0f} | {w['rate_during'] / rate(a):.2f} |", ""]
+              ""]
     if b.w4:
         empty = {r["contender"]: r for r in w1}
         L += ["## W4: W1 into a metrics table that already holds rows", "",
@@ -839,8 +870,8 @@ def targets(b):
         v = quantile(paced["T-C"]["visible"], 99)
         row("log-to-visible p99 <= 1 s at default settings (PACED, T-C)", f"{v * 1e3:.0f} ms", v <= 1)
     if b.w3:
-        x = b.w3["rate_during"] / rate(b.w3["alone"])
-        row("W1 during the W3 upload >= 0.95 x alone", f"{x:.2f} x alone", x >= 0.95)
+        x = b.w3["rate_during"] / b.w3["rate_before"]
+        row("W1 during the W3 upload >= 0.95 x without it", f"{x:.2f} x just before", x >= 0.95)
     return out + [""]
 
 
