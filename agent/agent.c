@@ -432,8 +432,10 @@ static void on_tick(uv_timer_t *t)
     struct agent *a = t->data;
     stats.rows_per_sec = stats.events_committed - a->last_committed;
     a->last_committed = stats.events_committed;
-    /* Artifact copies give way while events are being written (spool.h). */
-    atomic_store(&a->up.spool.busy, stats.rows_per_sec > 0 || stats.queue_events > 0);
+    /* Artifact copies give way while events are being written, more while they back up. */
+    atomic_store(&a->up.spool.pace_bytes_per_s,
+                 spool_pace_rate(stats.rows_per_sec, stats.queue_events, stats.queue_bytes,
+                                 a->cfg.max_pending_bytes));
     stats.uptime_s = (uv_now(&a->loop) - a->started_ms) / 1000;
 }
 

@@ -43,36 +43,48 @@ void spool_file(const struct spool *s, const char *id, const char *ext, char *ou
     snprintf(out, n, "%s/%s%s", s->dir, id, ext);
 }
 
-/* A copy's pace since spool.busy was last seen set. */
+/* A copy's pace since its rate was last set. */
 struct pace {
     int64_t t0_us; /* 0: not pacing */
     uint64_t bytes;
+    uint64_t rate;
 };
 
-int64_t spool_pace_wait_us(uint64_t bytes, int64_t elapsed_us)
+uint64_t spool_pace_rate(uint64_t rows_per_sec, uint64_t queue_events, uint64_t queue_bytes,
+                         uint64_t max_pending_bytes)
 {
-    int64_t due = (int64_t)(bytes / (SPOOL_PACED_BYTES_PER_S / 1000000u));
+    if (max_pending_bytes && queue_bytes >= max_pending_bytes / 4)
+        return SPOOL_PACE_BACKLOG;
+    return rows_per_sec > 0 || queue_events > 0 ? SPOOL_PACE_STREAMING : 0;
+}
+
+int64_t spool_pace_wait_us(uint64_t bytes, int64_t elapsed_us, uint64_t bytes_per_s)
+{
+    uint64_t per_us = bytes_per_s / 1000000u;
+    int64_t due = (int64_t)(bytes / (per_us ? per_us : 1));
     return due > elapsed_us ? due - elapsed_us : 0;
 }
 
 /*
- * n more bytes were copied: while the agent is busy, sleeps as long as it takes to keep the
- * copy at SPOOL_PACED_BYTES_PER_S on average (the bench's W3: a 512 MiB artifact during a
- * stream of metrics); otherwise goes at full speed.
+ * n more bytes were copied: sleeps as long as it takes to keep the copy at the spool's pace
+ * on average since that pace was set (the bench's W3: a 512 MiB artifact during a stream of
+ * metrics); with no pace, goes at full speed.
  */
 static void pace(const struct spool *s, struct pace *p, uint64_t n)
 {
-    if (!atomic_load_explicit(&s->busy, memory_order_relaxed)) {
+    uint64_t rate = atomic_load_explicit(&s->pace_bytes_per_s, memory_order_relaxed);
+    if (rate == 0) {
         p->t0_us = 0;
         return;
     }
     int64_t now = util_clock_us(CLOCK_MONOTONIC);
-    if (p->t0_us == 0) {
+    if (p->t0_us == 0 || p->rate != rate) {
         p->t0_us = now;
         p->bytes = 0;
+        p->rate = rate;
     }
     p->bytes += n;
-    int64_t us = spool_pace_wait_us(p->bytes, now - p->t0_us);
+    int64_t us = spool_pace_wait_us(p->bytes, now - p->t0_us, rate);
     if (us > 0) {
         struct timespec ts = {(time_t)(us / 1000000), (long)(us % 1000000) * 1000};
         nanosleep(&ts, NULL);
@@ -153,7 +165,7 @@ static int copy_and_hash(const struct spool *s, struct spool_entry *e, int in, i
         return util_errorf(msg, msglen, -ENOMEM, "cannot start SHA-256");
     }
     uint64_t off = 0, started = 0;
-    struct pace pc = {0, 0};
+    struct pace pc = {0, 0, 0};
     int rc = 0;
     for (;;) {
         ssize_t n = pread(in, buf, COPY_BUF, (off_t)off);
@@ -340,7 +352,7 @@ int spool_copy_out(const struct spool *s, const char *id, int out, uint64_t size
     if (in < 0)
         return util_errorf(msg, msglen, -errno, "cannot open the spool copy %s", data);
     uint64_t done = 0, started = 0;
-    struct pace pc = {0, 0};
+    struct pace pc = {0, 0, 0};
     bool plain = false;
     int rc = 0;
     while (done < size && !plain) {

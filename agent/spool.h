@@ -26,17 +26,25 @@
 
 struct spool {
     char dir[4096];
-    /* Set on the loop while the agent is writing events; copies on worker threads then keep to
-     * SPOOL_PACED_BYTES_PER_S, so a large artifact leaves the disk and the cores to them. */
-    atomic_bool busy;
+    /* How fast copies on worker threads may go, in bytes per second (0: as fast as the disk);
+     * set on the loop every second from what the event stream needs (spool_pace_rate), so a
+     * large artifact leaves the disk and the cores to it. */
+    _Atomic uint64_t pace_bytes_per_s;
 };
 
-/* How fast a spool or store copy goes while spool.busy is set: bytes per second. */
-#define SPOOL_PACED_BYTES_PER_S (64ull << 20)
+/* The copy rates, in bytes per second: while events are being written, and while they back
+ * up (the writers are behind by a quarter of batch.max_pending_bytes or more). */
+#define SPOOL_PACE_STREAMING (64ull << 20)
+#define SPOOL_PACE_BACKLOG (16ull << 20)
 
-/* How long a paced copy that has moved bytes in elapsed_us waits before going on, in
- * microseconds (0: it is behind SPOOL_PACED_BYTES_PER_S). */
-int64_t spool_pace_wait_us(uint64_t bytes, int64_t elapsed_us);
+/* The pace for copies given the event stream: rows committed in the last second, events not
+ * yet committed and their bytes, against the pending bound (batch.max_pending_bytes). */
+uint64_t spool_pace_rate(uint64_t rows_per_sec, uint64_t queue_events, uint64_t queue_bytes,
+                         uint64_t max_pending_bytes);
+
+/* How long a copy that has moved bytes in elapsed_us at bytes_per_s (> 0) waits before going
+ * on, in microseconds (0: it is behind that rate). */
+int64_t spool_pace_wait_us(uint64_t bytes, int64_t elapsed_us, uint64_t bytes_per_s);
 
 /* What the spool keeps of one artifact: its .meta record, and the size and hash of its .data. */
 struct spool_entry {

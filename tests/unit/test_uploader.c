@@ -485,19 +485,37 @@ static void test_stores_that_cannot_be_used(void **state)
 }
 
 /* AWS's published example: "GET Object" in the S3 Signature Version 4 documentation. */
-/* The pacing rule, without a clock: SPOOL_PACED_BYTES_PER_S (64 MiB/s) on average. */
+/* The pacing rule, without a clock: bytes / (rate per microsecond), less the time spent. */
 static void test_pace_wait(void **state)
 {
     (void)state;
-    const uint64_t mib = 1u << 20;
-    /* 16 MiB at once: a quarter of a second (bytes / 67 per microsecond, rounded down). */
-    assert_int_equal(spool_pace_wait_us(16 * mib, 0), 16 * mib / 67);
-    assert_int_equal(spool_pace_wait_us(16 * mib, 100000), 16 * mib / 67 - 100000);
+    const uint64_t mib = 1u << 20, fast = SPOOL_PACE_STREAMING, slow = SPOOL_PACE_BACKLOG;
+    /* 16 MiB at once at 64 MiB/s: a quarter of a second (67 bytes per microsecond). */
+    assert_int_equal(spool_pace_wait_us(16 * mib, 0, fast), 16 * mib / 67);
+    assert_int_equal(spool_pace_wait_us(16 * mib, 100000, fast), 16 * mib / 67 - 100000);
+    /* At 16 MiB/s (16 bytes per microsecond), a whole second. */
+    assert_int_equal(spool_pace_wait_us(16 * mib, 0, slow), 16 * mib / 16);
     /* Behind the rate (the disk was slower): no wait. */
-    assert_int_equal(spool_pace_wait_us(16 * mib, 300000), 0);
-    assert_int_equal(spool_pace_wait_us(0, 0), 0);
-    /* 512 MiB (the bench's W3) take about 8 s. */
-    assert_int_equal(spool_pace_wait_us(512 * mib, 0) / 1000000, 8);
+    assert_int_equal(spool_pace_wait_us(16 * mib, 300000, fast), 0);
+    assert_int_equal(spool_pace_wait_us(0, 0, fast), 0);
+    /* 512 MiB (the bench's W3) take about 8 s while events stream, 32 s while they back up. */
+    assert_int_equal(spool_pace_wait_us(512 * mib, 0, fast) / 1000000, 8);
+    assert_int_equal(spool_pace_wait_us(512 * mib, 0, slow) / 1000000, 33);
+    /* A rate below a byte per microsecond still paces (at one). */
+    assert_int_equal(spool_pace_wait_us(1000, 0, 1000), 1000);
+}
+
+/* Which pace the event stream asks for. */
+static void test_pace_rate(void **state)
+{
+    (void)state;
+    const uint64_t bound = 24u << 20;
+    assert_int_equal(spool_pace_rate(0, 0, 0, bound), 0); /* nothing to write: full speed */
+    assert_int_equal(spool_pace_rate(5000, 0, 0, bound), SPOOL_PACE_STREAMING);
+    assert_int_equal(spool_pace_rate(0, 10, 640, bound), SPOOL_PACE_STREAMING);
+    assert_int_equal(spool_pace_rate(5000, 1000, bound / 4 - 1, bound), SPOOL_PACE_STREAMING);
+    assert_int_equal(spool_pace_rate(5000, 1000, bound / 4, bound), SPOOL_PACE_BACKLOG);
+    assert_int_equal(spool_pace_rate(0, 1000, bound, bound), SPOOL_PACE_BACKLOG);
 }
 
 static void test_sigv4_matches_aws_example(void **state)
@@ -538,6 +556,7 @@ int main(void)
         cmocka_unit_test(test_stores_that_cannot_be_used),
         cmocka_unit_test(test_sigv4_matches_aws_example),
         cmocka_unit_test(test_pace_wait),
+        cmocka_unit_test(test_pace_rate),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     curl_global_cleanup();
