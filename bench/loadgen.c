@@ -95,7 +95,9 @@ static void usage(FILE *f)
 {
     fputs("usage: trackd-loadgen w1|w2|artifact [PATH] [--keys N] [--steps N] [--runs N]\n"
           "         [--params N] [--tags N] [--rate POINTS_PER_S] [--socket PATH]\n"
-          "         [--experiment NAME] [--name RUN_NAME] [--block] [--buffer BYTES]\n",
+          "         [--experiment NAME] [--name RUN_NAME] [--run-id ID] [--block]\n"
+          "         [--buffer BYTES]\n"
+          "  --run-id ID: the run's id (w1 and artifact log one run), instead of a new one\n",
           f);
 }
 
@@ -106,7 +108,7 @@ int main(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     const char *mode = argv[1], *socket = NULL, *experiment = "bench", *name = "loadgen";
-    const char *path = NULL;
+    const char *path = NULL, *given_id = NULL;
     long keys = -1, steps = -1, runs = 2000, nparams = 20, ntags = 10;
     double rate = 0;
     struct trackd_options o = {0};
@@ -143,6 +145,8 @@ int main(int argc, char **argv)
             experiment = v;
         else if (strcmp(a, "--name") == 0)
             name = v;
+        else if (strcmp(a, "--run-id") == 0)
+            given_id = v;
         else if (strcmp(a, "--buffer") == 0)
             o.buffer_bytes = (size_t)atoll(v);
         else {
@@ -161,6 +165,10 @@ int main(int argc, char **argv)
         steps = w1 ? 20000 : 100;
     if (!w2)
         runs = 1;
+    if (given_id && (w2 || strlen(given_id) >= TRACKD_RUN_ID_SIZE)) {
+        fputs("trackd-loadgen: --run-id takes an id of at most 32 characters, not in w2\n", stderr);
+        return 2;
+    }
     if (keys < 1 || keys > 1000 || steps < 1 || runs < 1 || nparams < 0 || ntags < 0 ||
         nparams > 1000 || ntags > 1000) {
         fputs("trackd-loadgen: counts out of range\n", stderr);
@@ -204,7 +212,10 @@ int main(int argc, char **argv)
     for (long r = 0; r < runs; r++) {
         char rname[96];
         snprintf(rname, sizeof rname, runs > 1 ? "%s-%ld" : "%s", name, r);
-        trackd_new_run_id(run_id);
+        if (given_id)
+            snprintf(run_id, sizeof run_id, "%s", given_id);
+        else
+            trackd_new_run_id(run_id);
         TIMED(dropped, trackd_start_run(c, run_id, experiment, rname, TRACKD_NOW, NULL, 0));
         events++;
         if (path) {
