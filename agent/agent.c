@@ -126,12 +126,12 @@ static int on_artifact_record(void *ctx, const struct artifact *art, const char 
     return ingest_artifact_done(&a->ingest, art->e.id, status, error);
 }
 
-static void on_artifact_hold(void *ctx, uint64_t serial, bool hold)
+static void on_artifact_hold(void *ctx, uint32_t conn_id, uint64_t serial, bool hold)
 {
     struct agent *a = ctx;
     if (!hold)
         ingest_unhold(&a->ingest, serial);
-    else if (ingest_hold(&a->ingest, serial) != 0)
+    else if (ingest_hold(&a->ingest, conn_id, serial) != 0)
         log_warn("[artifacts] out of memory: a flush may return before serial %llu is uploaded",
                  (unsigned long long)serial);
 }

@@ -192,13 +192,14 @@ static void age_cb(uv_timer_t *t)
     }
 }
 
-/* True when every event up to serial is finished and no upload at or below it runs. */
-static bool barrier_passed(const struct ingest *in, uint64_t serial)
+/* True when every event up to serial is finished and no upload of conn_id's at or below it
+ * runs. */
+static bool barrier_passed(const struct ingest *in, uint32_t conn_id, uint64_t serial)
 {
     if (serial > in->done_serial)
         return false;
     for (size_t i = 0; i < in->nholds; i++)
-        if (in->holds[i] <= serial)
+        if (in->holds[i].conn_id == conn_id && in->holds[i].serial <= serial)
             return false;
     return true;
 }
@@ -208,7 +209,7 @@ static void answer_waiters(struct ingest *in)
     size_t keep = 0;
     for (size_t i = 0; i < in->nwaiters; i++) {
         struct flush_waiter *fw = &in->waiters[i];
-        if (barrier_passed(in, fw->serial))
+        if (barrier_passed(in, fw->conn_id, fw->serial))
             in->cbs.flushed(in->ctx, fw->conn_id, fw->flush_seq);
         else
             in->waiters[keep++] = *fw;
@@ -216,20 +217,27 @@ static void answer_waiters(struct ingest *in)
     in->nwaiters = keep;
 }
 
-int ingest_hold(struct ingest *in, uint64_t serial)
+int ingest_hold(struct ingest *in, uint32_t conn_id, uint64_t serial)
 {
-    uint64_t *h = util_grow(in->holds, &in->capholds, in->nholds, sizeof *h, 16);
+    for (size_t i = 0; i < in->nholds; i++) {
+        if (in->holds[i].serial == serial) {
+            in->holds[i].conn_id = conn_id;
+            answer_waiters(in); /* its former client's barriers may pass now */
+            return 0;
+        }
+    }
+    struct ingest_hold *h = util_grow(in->holds, &in->capholds, in->nholds, sizeof *h, 16);
     if (h == NULL)
         return -ENOMEM;
     in->holds = h;
-    in->holds[in->nholds++] = serial;
+    in->holds[in->nholds++] = (struct ingest_hold){conn_id, serial};
     return 0;
 }
 
 void ingest_unhold(struct ingest *in, uint64_t serial)
 {
     for (size_t i = 0; i < in->nholds; i++) {
-        if (in->holds[i] == serial) {
+        if (in->holds[i].serial == serial) {
             in->holds[i] = in->holds[--in->nholds];
             answer_waiters(in);
             return;
@@ -258,7 +266,7 @@ int ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq)
     stats.flushes++;
     uint64_t target = in->next_serial - 1;
     refresh_done(in);
-    if (barrier_passed(in, target)) {
+    if (barrier_passed(in, conn_id, target)) {
         in->cbs.flushed(in->ctx, conn_id, flush_seq);
         return 0;
     }

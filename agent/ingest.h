@@ -33,6 +33,12 @@ struct ingest_cbs {
     void (*released)(void *ctx, uint64_t lsn);
 };
 
+/* An artifact still uploading: a flush of its client (conn_id; 0 none) covering serial waits. */
+struct ingest_hold {
+    uint32_t conn_id;
+    uint64_t serial;
+};
+
 struct flush_waiter {
     uint32_t conn_id;
     uint64_t flush_seq;
@@ -67,7 +73,7 @@ struct ingest {
     size_t nwaiters;
     size_t capwaiters;
 
-    uint64_t *holds; /* serials of artifacts still uploading: barriers wait for them */
+    struct ingest_hold *holds; /* artifacts still uploading: their client's barriers wait */
     size_t nholds, capholds;
 };
 
@@ -101,8 +107,10 @@ uint64_t ingest_artifact(struct ingest *in, const struct events_origin *o, uint6
                          const char *sha256);
 /* The upload of artifact id ended: status "done" or "failed" (error says why). */
 int ingest_artifact_done(struct ingest *in, const char *id, const char *status, const char *error);
-/* Flush barriers covering serial wait until ingest_unhold(serial): an upload in progress. */
-int ingest_hold(struct ingest *in, uint64_t serial);
+/* Flush barriers of conn_id covering serial wait until ingest_unhold(serial): an upload in
+ * progress. Another client's barrier does not wait for it (a flush covers what its own client
+ * logged). Holding a held serial again gives it to conn_id. */
+int ingest_hold(struct ingest *in, uint32_t conn_id, uint64_t serial);
 void ingest_unhold(struct ingest *in, uint64_t serial);
 /* Hands every open batch to its writer now. */
 void ingest_cut(struct ingest *in);

@@ -230,7 +230,7 @@ static void to_ledger(struct uploader *up, struct artifact *a)
         log_error("[artifacts] out of memory queueing %s; it is retried at the next start",
                   a->e.id);
     else
-        up->cbs.hold(up->ctx, a->serial, true);
+        up->cbs.hold(up->ctx, a->conn_id, a->serial, true);
 }
 
 /* The snapshot failed or was refused: the frame is answered, the artifact freed. */
@@ -353,7 +353,7 @@ static void finish(struct uploader *up, struct artifact *a, int rc, const char *
         up->cbs.failed(up->ctx, a, text, true);
     }
     set_state(a, ARTIFACT_RECORD);
-    up->cbs.hold(up->ctx, a->serial, false);
+    up->cbs.hold(up->ctx, a->conn_id, a->serial, false);
     if (up->cbs.record(up->ctx, a, rc == 0 ? "done" : "failed", rc == 0 ? NULL : msg) != 0)
         log_error("[artifacts] out of memory recording %s; it is uploaded again at the next "
                   "start",
@@ -501,9 +501,18 @@ int uploader_snapshot(struct uploader *up, const struct artifact_origin *o, cons
     char id[40];
     snprintf(id, sizeof id, "%016" PRIx64 "-%016" PRIx64, o->session, o->seq);
     int rc = 0;
-    if (uploader_find(up, id) != NULL)
+    struct artifact *held = uploader_find(up, id);
+    if (held != NULL) {
         rc = -EEXIST;
-    else if (up->closing || up->nlive >= UPLOADER_MAX_LIVE)
+        /* Resent by its client after a restart of the agent (or of the client's connection):
+         * that client's flush barriers wait for the upload, not those of the one it came by. */
+        if (held->serial != 0 &&
+            (held->state == ARTIFACT_LEDGER || held->state == ARTIFACT_QUEUED ||
+             held->state == ARTIFACT_UPLOAD || held->state == ARTIFACT_RETRY_WAIT)) {
+            held->conn_id = o->conn_id;
+            up->cbs.hold(up->ctx, held->conn_id, held->serial, true);
+        }
+    } else if (up->closing || up->nlive >= UPLOADER_MAX_LIVE)
         rc = -ENOBUFS;
     else if (o->peer && live_of_uid(up, o->peer->uid) >= UPLOADER_MAX_LIVE_PER_UID)
         rc = -EDQUOT;
@@ -567,7 +576,7 @@ void uploader_committed(struct uploader *up, const char *id, const char *store_u
         return; /* recorded twice (a replay): the first one is at work */
     if (strcmp(status, "pending") != 0) {
         /* Uploaded (or given up on) before a restart: only the spool copy is left to delete. */
-        up->cbs.hold(up->ctx, a->serial, false);
+        up->cbs.hold(up->ctx, a->conn_id, a->serial, false);
         start_forget(up, a);
         return;
     }
@@ -603,7 +612,7 @@ void uploader_rejected(struct uploader *up, const char *id)
     if (a == NULL)
         return;
     /* Only now may a flush barrier waiting for this artifact answer: after its error. */
-    up->cbs.hold(up->ctx, a->serial, false);
+    up->cbs.hold(up->ctx, a->conn_id, a->serial, false);
     start_forget(up, a);
 }
 

@@ -94,8 +94,9 @@ struct uploader_cbs {
     uint64_t (*ledger)(void *ctx, const struct artifact *a);
     /* Queues a's final row: status "done" or "failed" with error. 0 or -ENOMEM. */
     int (*record)(void *ctx, const struct artifact *a, const char *status, const char *error);
-    /* Flush barriers covering serial wait for it (hold) or may answer again. */
-    void (*hold)(void *ctx, uint64_t serial, bool hold);
+    /* Flush barriers of its client (conn_id) covering serial wait for it (hold; again: for
+     * another client) or may answer again. */
+    void (*hold)(void *ctx, uint32_t conn_id, uint64_t serial, bool hold);
     /* a's frame is answered: 0 taken into the spool, else -errno with the client's sentence. */
     void (*taken)(void *ctx, const struct artifact *a, int rc, const char *msg);
     /* Accepted work failed for good: msg goes to the dead-letter file, and also to a's client

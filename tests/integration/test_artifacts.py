@@ -2,6 +2,7 @@
 artifact store and recorded in trackd_artifacts; MLflow lists and downloads them."""
 import hashlib
 import os
+import select
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,14 @@ def test_mlflow_artifacts_store_down_30s(pg, db, tmp_path):
             p.stdin.write(f"artifact\tr\t{src / 'during.bin'}\tm\nflush\t120000\n")
             assert p.stdout.readline().strip() == "artifact\t0"
             wait_for(lambda: a.stats()["artifact_retries"] > 0, 30, "the agent to retry")
+            # Another client's flush covers only what that client logged: it does not wait
+            # for this upload (it did, for the whole outage, when barriers waited for any).
+            out, _ = run_driver(a.socket, [["run", "o", "store-exp", "other", "now"],
+                                           ["metric", "o", "m", "1", "0", "1700000000000"],
+                                           ["flush", "20000"]], timeout=60)
+            assert ["flush", "0"] in out, out
+            assert time.monotonic() - down_at < 30, "the other flush outlasted the outage"
+            assert select.select([p.stdout], [], [], 0)[0] == [], "the upload's flush returned"
             wait_for(lambda: time.monotonic() - down_at >= 30, 40, "the 30 s outage")
             server.restart()
             assert p.stdout.readline().strip() == "flush\t0"

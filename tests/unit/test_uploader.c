@@ -55,9 +55,10 @@ static int on_record(void *ctx, const struct artifact *a, const char *status, co
     return 0;
 }
 
-static void on_hold(void *ctx, uint64_t serial, bool hold)
+static void on_hold(void *ctx, uint32_t conn_id, uint64_t serial, bool hold)
 {
     struct seen *s = ctx;
+    (void)conn_id;
     assert_true(serial > 0);
     if (hold)
         s->holds++;
