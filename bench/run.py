@@ -684,6 +684,11 @@ def rate(r, what="points"):
     return r[what] / r["seconds"]
 
 
+def ratio(a, b):
+    """a / b, or NaN when b is 0 (a run too short to measure, as in --smoke)."""
+    return a / b if b else float("nan")
+
+
 def versions():
     import mlflow
     pgv = subprocess.run(["psql", "--version"], capture_output=True, text=True).stdout.strip()
@@ -779,10 +784,10 @@ def write_report(b, args, started):
               f"| alone, first {w['window_s']:.1f} s | | {w['rate_alone']:,.0f} | 1.00 |",
               f"| with the upload, first {w['window_s']:.1f} s (the upload took "
               f"{w['upload_s']:.1f} s) | | {w['rate_during']:,.0f} | "
-              f"{w['rate_during'] / w['rate_alone']:.2f} |",
+              f"{ratio(w['rate_during'], w['rate_alone']):.2f} |",
               f"| alone, whole run | {a['seconds']:.2f} | {rate(a):,.0f} | 1.00 |",
               f"| with the upload, whole run | {x['seconds']:.2f} | {rate(x):,.0f} | "
-              f"{rate(x) / rate(a):.2f} |", ""]
+              f"{ratio(rate(x), rate(a)):.2f} |", ""]
     if b.w4:
         empty = {r["contender"]: r for r in w1}
         L += ["## W4: W1 into a metrics table that already holds rows", "",
@@ -867,7 +872,7 @@ def targets(b):
         v = quantile(paced["T-C"]["visible"], 99)
         row("log-to-visible p99 <= 1 s at default settings (PACED, T-C)", f"{v * 1e3:.0f} ms", v <= 1)
     if b.w3:
-        x = b.w3["rate_during"] / b.w3["rate_alone"]
+        x = ratio(b.w3["rate_during"], b.w3["rate_alone"])
         row("W1 during the W3 upload >= 0.95 x alone", f"{x:.2f} x alone", x >= 0.95)
     return out + [""]
 
