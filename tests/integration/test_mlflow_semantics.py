@@ -41,7 +41,7 @@ DRIVER_DEPENDENT = {"input_types": ({"step_np_i32", "ts_np_i64"},
 TS0 = 1_700_000_000_000
 
 PRELUDE = textwrap.dedent('''
-    import json, os, re, subprocess, sys
+    import json, os, re, subprocess, sys, threading
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
@@ -63,6 +63,19 @@ PRELUDE = textwrap.dedent('''
 
     def read(name, value):
         RESULT["read"][name] = value
+
+    def step_in_thread(name, fn, *args, **kwargs):
+        """step() on a thread of its own; a run the call started there is noted as "thread"
+        and ended."""
+        def worker():
+            started = mlflow.active_run() is None
+            step(name, fn, *args, **kwargs)
+            if started:
+                note("thread", mlflow.active_run().info.run_id)
+                mlflow.end_run()
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
 
     def synced(fn, *args, **kwargs):
         """fn, then a read: under trackd: a read is the barrier where the agent's answer to
@@ -443,7 +456,6 @@ CASES = {
     # auto-started run, nested runs, a thread, bad keys met twice, values MLflow converts,
     # async logging, and a tracking URI changed between calls.
     "fluent_log_metric_forms": '''
-        import threading
         import numpy as np
         def body():
             mlflow.set_experiment("fluent-forms")
@@ -502,15 +514,7 @@ CASES = {
                     step("nested", mlflow.log_metric, "n", 1.0, step=0, timestamp=TS0)
                 step("after_nested", mlflow.log_metric, "n", 2.0, step=1, timestamp=TS0)
 
-                def worker():
-                    started = mlflow.active_run() is None
-                    step("thread", mlflow.log_metric, "thread", 1.0, step=0, timestamp=TS0)
-                    if started:
-                        note("thread", mlflow.active_run().info.run_id)
-                        mlflow.end_run()
-                t = threading.Thread(target=worker)
-                t.start()
-                t.join()
+                step_in_thread("thread", mlflow.log_metric, "thread", 1.0, step=0, timestamp=TS0)
 
                 os.environ["MLFLOW_ENABLE_ASYNC_LOGGING"] = "true"
                 read("env_async_returns",
@@ -552,7 +556,6 @@ CASES = {
     # system tags, bad keys met twice, more params than one MLflow batch, async logging, another
     # store), in one script, so that the two ways meet.
     "fluent_param_tag_forms": '''
-        import threading
         import numpy as np
         def body():
             mlflow.set_experiment("param-forms")
@@ -597,15 +600,7 @@ CASES = {
                     step("nested_tag", mlflow.set_tag, "level", "inner")
                 step("after_nested", mlflow.set_tags, {"level": "outer"})
 
-                def worker():
-                    started = mlflow.active_run() is None
-                    step("thread", mlflow.log_params, {"thread": 1})
-                    if started:
-                        note("thread", mlflow.active_run().info.run_id)
-                        mlflow.end_run()
-                t = threading.Thread(target=worker)
-                t.start()
-                t.join()
+                step_in_thread("thread", mlflow.log_params, {"thread": 1})
 
                 os.environ["MLFLOW_ENABLE_ASYNC_LOGGING"] = "true"
                 read("env_async_returns", type(mlflow.set_tag("env_async", 1)).__name__)

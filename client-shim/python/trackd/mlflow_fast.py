@@ -278,33 +278,8 @@ def _fast_log_metrics(original):
     return log_metrics
 
 
-def _fast_log_param(original):
-    names = _keywords(original)
-
-    @functools.wraps(original)
-    def log_param(key, value, synchronous=None, *rest, **kwargs):
-        target = _target(synchronous, None, rest, kwargs, names)
-        pairs = _pairs({key: value}, _param_keys, _PARAM_MAX) if target is not None else None
-        if pairs is None or not target[0]._log_params_fast(target[1], pairs):
-            return original(key, value, synchronous, *rest, **kwargs)
-        return value  # as MLflow's synchronous log_param
-
-    return log_param
-
-
-def _fast_log_params(original):
-    names = _keywords(original)
-
-    # MLflow 3 adds run_id after synchronous; MLflow 2.17 has none.
-    @functools.wraps(original)
-    def log_params(params, synchronous=None, *rest, **kwargs):
-        target = _target(synchronous, None, rest, kwargs, names)
-        pairs = _pairs(params, _param_keys, _PARAM_MAX) if target is not None else None
-        if pairs is None or not target[0]._log_params_fast(target[1], pairs):
-            return original(params, synchronous, *rest, **kwargs)
-        return None
-
-    return log_params
+def _param_pairs(params):
+    return _pairs(params, _param_keys, _PARAM_MAX)
 
 
 def _tag_pairs(tags):
@@ -315,34 +290,51 @@ def _tag_pairs(tags):
     return pairs
 
 
-def _fast_set_tag(original):
-    names = _keywords(original)
-
-    @functools.wraps(original)
-    def set_tag(key, value, synchronous=None, *rest, **kwargs):
-        target = _target(synchronous, None, rest, kwargs, names)
-        pairs = _tag_pairs({key: value}) if target is not None else None
-        if pairs is None:
-            return original(key, value, synchronous, *rest, **kwargs)
-        target[0]._set_tags_fast(target[1], pairs)
-        return None
-
-    return set_tag
+def _send_params(store, run_id, pairs):
+    return store._log_params_fast(run_id, pairs)
 
 
-def _fast_set_tags(original):
-    names = _keywords(original)
+def _send_tags(store, run_id, pairs):
+    store._set_tags_fast(run_id, pairs)
+    return True
 
-    @functools.wraps(original)
-    def set_tags(tags, synchronous=None, *rest, **kwargs):
-        target = _target(synchronous, None, rest, kwargs, names)
-        pairs = _tag_pairs(tags) if target is not None else None
-        if pairs is None:
-            return original(tags, synchronous, *rest, **kwargs)
-        target[0]._set_tags_fast(target[1], pairs)
-        return None
 
-    return set_tags
+def _fast_one(pairs_of, send, returns_value):
+    """A wrapper maker for log_param and set_tag (key, value, synchronous=None): the call is
+    taken as the dict {key: value}; pairs_of gives its pairs or None (MLflow's path), send
+    hands them to the store or returns False (MLflow's path). MLflow's synchronous log_param
+    returns the value, set_tag None (returns_value)."""
+    def make(original):
+        names = _keywords(original)
+
+        @functools.wraps(original)
+        def one(key, value, synchronous=None, *rest, **kwargs):
+            target = _target(synchronous, None, rest, kwargs, names)
+            pairs = pairs_of({key: value}) if target is not None else None
+            if pairs is None or not send(target[0], target[1], pairs):
+                return original(key, value, synchronous, *rest, **kwargs)
+            return value if returns_value else None
+
+        return one
+    return make
+
+
+def _fast_many(pairs_of, send):
+    """The same for log_params and set_tags (a dict, synchronous=None; MLflow 2.17 to 3.17 add
+    run_id after synchronous to log_params), which return None."""
+    def make(original):
+        names = _keywords(original)
+
+        @functools.wraps(original)
+        def many(mapping, synchronous=None, *rest, **kwargs):
+            target = _target(synchronous, None, rest, kwargs, names)
+            pairs = pairs_of(mapping) if target is not None else None
+            if pairs is None or not send(target[0], target[1], pairs):
+                return original(mapping, synchronous, *rest, **kwargs)
+            return None
+
+        return many
+    return make
 
 
 def _fast_client_log_metric(original):
@@ -417,10 +409,10 @@ def _fast_client_log_batch(original):
 _WRAPPERS = [
     (fluent, "log_metric", _fast_log_metric),
     (fluent, "log_metrics", _fast_log_metrics),
-    (fluent, "log_param", _fast_log_param),
-    (fluent, "log_params", _fast_log_params),
-    (fluent, "set_tag", _fast_set_tag),
-    (fluent, "set_tags", _fast_set_tags),
+    (fluent, "log_param", _fast_one(_param_pairs, _send_params, True)),
+    (fluent, "log_params", _fast_many(_param_pairs, _send_params)),
+    (fluent, "set_tag", _fast_one(_tag_pairs, _send_tags, False)),
+    (fluent, "set_tags", _fast_many(_tag_pairs, _send_tags)),
     (MlflowClient, "log_metric", _fast_client_log_metric),
     (MlflowClient, "log_batch", _fast_client_log_batch),
 ]
