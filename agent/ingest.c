@@ -192,14 +192,15 @@ static void age_cb(uv_timer_t *t)
     }
 }
 
-/* True when every event up to serial is finished and no upload of conn_id's at or below it
- * runs. */
+/* True when every event up to serial is finished and no upload at or below it runs of
+ * conn_id's, or of a client that is gone (0): that client may come back with the flush. */
 static bool barrier_passed(const struct ingest *in, uint32_t conn_id, uint64_t serial)
 {
     if (serial > in->done_serial)
         return false;
     for (size_t i = 0; i < in->nholds; i++)
-        if (in->holds[i].conn_id == conn_id && in->holds[i].serial <= serial)
+        if ((in->holds[i].conn_id == conn_id || in->holds[i].conn_id == 0) &&
+            in->holds[i].serial <= serial)
             return false;
     return true;
 }
@@ -288,6 +289,9 @@ int ingest_flush(struct ingest *in, uint32_t conn_id, uint64_t flush_seq)
 
 void ingest_forget_conn(struct ingest *in, uint32_t conn_id)
 {
+    for (size_t i = 0; i < in->nholds; i++)
+        if (in->holds[i].conn_id == conn_id)
+            in->holds[i].conn_id = 0;
     size_t keep = 0;
     for (size_t i = 0; i < in->nwaiters; i++)
         if (in->waiters[i].conn_id != conn_id)

@@ -109,7 +109,9 @@ uint64_t ingest_artifact(struct ingest *in, const struct events_origin *o, uint6
 int ingest_artifact_done(struct ingest *in, const char *id, const char *status, const char *error);
 /* Flush barriers of conn_id covering serial wait until ingest_unhold(serial): an upload in
  * progress. Another client's barrier does not wait for it (a flush covers what its own client
- * logged). Holding a held serial again gives it to conn_id. */
+ * logged), unless its client is gone (conn_id 0: recovered from the spool after a restart, or
+ * its connection closed), since that client may reconnect and flush again. Holding a held
+ * serial again gives it to conn_id. */
 int ingest_hold(struct ingest *in, uint32_t conn_id, uint64_t serial);
 void ingest_unhold(struct ingest *in, uint64_t serial);
 /* Hands every open batch to its writer now. */
@@ -119,7 +121,7 @@ void ingest_cut(struct ingest *in);
 void ingest_batch_done(struct ingest *in, struct batch *b);
 size_t ingest_pending_bytes(const struct ingest *in);
 bool ingest_drained(const struct ingest *in);
-/* Drops barriers of a closed connection. */
+/* Drops barriers of a closed connection; its uploads then hold every barrier (ingest_hold). */
 void ingest_forget_conn(struct ingest *in, uint32_t conn_id);
 void ingest_close(struct ingest *in);
 
