@@ -274,7 +274,13 @@ static void on_replayed(void *ctx, const struct frame_origin *o, const struct pr
     session_note(&a->conns.sessions, o->session, h->seq, uv_now(&a->loop));
     struct events_origin io = {0,   o->user, o->source_name, o->source_type, o->context_tags,
                                lsn, o->peer};
-    ingest_message(&a->ingest, &io, &m);
+    /* The writer the record went to, so that writer's progress row decides whether it is
+     * committed. Under another writer count those rows are not read and any writer will do;
+     * records from before writers were journaled went by a hash of the run id. */
+    int given = o->writers == a->nwriters ? (int)o->writer
+                : o->writers              ? INGEST_ROUTE_NEW
+                                          : INGEST_ROUTE_HASH;
+    ingest_message(&a->ingest, &io, &m, ingest_route(&a->ingest, &m, given));
     stats.replayed_frames++;
 }
 
@@ -437,6 +443,7 @@ static void on_tick(uv_timer_t *t)
                  spool_pace_rate(stats.rows_per_sec, stats.queue_events, stats.queue_bytes,
                                  a->cfg.max_pending_bytes));
     stats.uptime_s = (uv_now(&a->loop) - a->started_ms) / 1000;
+    ingest_tick(&a->ingest);
 }
 
 int agent_load_config(struct trackd_config *cfg, const char *path)
@@ -506,8 +513,9 @@ static int start_modules(struct agent *a, char *msg, size_t msglen)
             return util_errorf(msg, msglen, rc, "cannot set up the writer");
     }
     writer_start(&a->writers[0]); /* the others follow it (on_writer_ready) */
-    ingest_init(&a->ingest, &a->loop, &a->cfg, a->writers, a->nwriters, &icbs, a);
-    int rc;
+    int rc = ingest_init(&a->ingest, &a->loop, &a->cfg, a->writers, a->nwriters, &icbs, a);
+    if (rc != 0)
+        return util_errorf(msg, msglen, rc, "cannot set up ingest");
     journaler_init(&a->journal, &a->loop, &a->cfg, &jcbs, a);
     if ((rc = conn_server_init(&a->conns, &a->loop, &a->cfg, &a->ingest, msg, msglen)) != 0)
         return rc;

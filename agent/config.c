@@ -122,7 +122,7 @@ static const struct config_key keys[] = {
     NUM("postgres", "connect_timeout_ms", KEY_U32, pg_connect_timeout_ms, 10000, 100, 600000,
         "Timeout for one connection attempt to one address; a connect_timeout in the DSN wins"),
     NUM("postgres", "writer_connections", KEY_U32, pg_writers, 2, 1, CONFIG_MAX_WRITERS,
-        "Connections that write events; each run's events go through one of them, by run id"),
+        "Connections that write events; a run's events go through one of them at a time"),
     NUM("postgres", "seed_views", KEY_BOOL, seed_views, 0, 0, 1,
         "Create the mlflow_* convenience views (they block MLflow column-type migrations)"),
     STR("mlflow", "default_artifact_root", artifact_root, "/var/lib/trackd/artifacts", 1,

@@ -426,9 +426,18 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
         }
         struct events_origin o = {c->id,           c->user, c->source_name, c->source_type,
                                   c->context_tags, 0,       &c->peer};
+        /* The writer is chosen first and journaled with the frame: a replay uses it again. */
+        unsigned writer = ingest_route(c->srv->ingest, &m, INGEST_ROUTE_NEW);
         if (c->srv->journal) {
-            struct frame_origin fo = {c->session,     c->context_tags, c->user,
-                                      c->source_name, c->source_type,  &c->peer};
+            unsigned writers = c->srv->ingest->nparts;
+            struct frame_origin fo = {c->session,
+                                      c->context_tags,
+                                      c->user,
+                                      c->source_name,
+                                      c->source_type,
+                                      &c->peer,
+                                      (uint8_t)(writers > 1 ? writers : 0),
+                                      (uint8_t)writer};
             int jrc = journaler_append(c->srv->journal, &fo, h, body, &o.lsn);
             if (jrc != 0) {
                 journal_full(c, jrc);
@@ -436,7 +445,7 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
             }
             c->last_lsn = o.lsn;
         }
-        ingest_message(c->srv->ingest, &o, &m);
+        ingest_message(c->srv->ingest, &o, &m, writer);
         c->last_seq = m.seq;
         /* At once, not at the ack: a reconnect may come before the journal write does. */
         session_note(&c->srv->sessions, c->session, m.seq, uv_now(c->srv->loop));

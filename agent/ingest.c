@@ -2,8 +2,9 @@
  * Batch cutting, the pending-memory bound and flush barriers, around events.c, which turns
  * each message into validated events in the open batch of the message's writer.
  *
- * With several writers, each run's events go through one of them (ingest_partition), so a
- * run's order holds while runs commit in parallel. An experiment goes to every writer: the
+ * With several writers, each run's events go through one of them at a time (its route,
+ * routes.h: the least-loaded writer when the run has none), so a run's order holds while runs
+ * commit in parallel. An experiment goes to every writer: the
  * original to writer 0, a copy (EV_SHADOW) to each other, in the same place of its stream, so
  * a run start after it finds the experiment whichever writer takes the run. An event is done
  * when it is done on its writer; the flush barrier and the journal's release follow the
@@ -19,6 +20,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "routes.h"
 #include "stats.h"
 #include "util.h"
 #include "writer.h"
@@ -41,17 +43,7 @@ int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *
     in->next_serial = 1;
     uv_timer_init(loop, &in->age_timer);
     in->age_timer.data = in;
-    return 0;
-}
-
-unsigned ingest_partition(const char *run_id, size_t len, unsigned n)
-{
-    if (n <= 1)
-        return 0;
-    uint64_t h = UINT64_C(14695981039346656037); /* FNV-1a */
-    for (size_t i = 0; i < len; i++)
-        h = (h ^ (uint8_t)run_id[i]) * UINT64_C(1099511628211);
-    return (unsigned)(h % n);
+    return routes_init(&in->routes, nwriters);
 }
 
 size_t ingest_pending_bytes(const struct ingest *in)
@@ -92,6 +84,115 @@ static uint64_t first_pending_lsn(const struct ingest_part *pt)
             if (pt->open->frames[f].lsn)
                 return pt->open->frames[f].lsn;
     return 0;
+}
+
+/* The serial of pt's first unfinished event, or next_serial when it has none. */
+static uint64_t first_pending_serial(const struct ingest *in, const struct ingest_part *pt)
+{
+    const struct ev *ev = first_pending(pt);
+    return ev ? ev->serial : in->next_serial;
+}
+
+/* Events pt holds unfinished: its open batch and the writer's queue. */
+static size_t pending_events(const struct ingest_part *pt)
+{
+    size_t n = pt->open ? pt->open->n : 0;
+    for (const struct batch *b = pt->writer->head; b; b = b->next)
+        n += b->n;
+    return n;
+}
+
+/* The run a message is about, or NULL (experiments, and kinds clients may not send). */
+static const struct proto_str *message_run(const struct proto_msg *m)
+{
+    switch (m->kind) {
+    case PROTO_DELETE_TAG: return &m->u.delete_tag.run_id;
+    case PROTO_UPDATE_RUN: return &m->u.update_run.run_id;
+    case PROTO_START_RUN: return &m->u.start_run.run_id;
+    case PROTO_METRIC: return &m->u.metric.run_id;
+    case PROTO_METRICS: return &m->u.metrics.run_id;
+    case PROTO_PARAMS:
+    case PROTO_TAGS: return &m->u.kvs.run_id;
+    case PROTO_END_RUN: return &m->u.end_run.run_id;
+    default: return NULL;
+    }
+}
+
+/* The rule before routes were journaled: a hash of the run id (FNV-1a), modulo n. */
+static unsigned hash_part(const char *run_id, size_t len, unsigned n)
+{
+    uint64_t h = UINT64_C(14695981039346656037);
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (uint8_t)run_id[i]) * UINT64_C(1099511628211);
+    return (unsigned)(h % n);
+}
+
+static void count_route(struct ingest *in, size_t known)
+{
+    if (in->routes.used == known)
+        return;
+    stats.runs_routed++;
+    stats.runs_on_writers = in->routes.used;
+    size_t busiest = routes_busiest(&in->routes);
+    if (busiest > stats.runs_on_busiest_writer_peak)
+        stats.runs_on_busiest_writer_peak = busiest;
+}
+
+/*
+ * The writer of run (len bytes; NULL: a message about no run). An id of the wrong length is
+ * rejected by events.c whatever the writer; out of memory, the run goes to writer 0 unrouted.
+ */
+static unsigned route_run(struct ingest *in, const char *run, size_t len, int given)
+{
+    if (in->nparts == 1 || run == NULL || len != PROTO_RUN_ID_LEN)
+        return 0;
+    if (given == INGEST_ROUTE_HASH)
+        given = (int)hash_part(run, len, in->nparts);
+    size_t known = in->routes.used;
+    struct route *r;
+    if (given >= 0) {
+        r = routes_set(&in->routes, run, (unsigned)given < in->nparts ? (unsigned)given : 0);
+    } else {
+        size_t pending[CONFIG_MAX_WRITERS];
+        for (unsigned p = 0; p < in->nparts; p++)
+            pending[p] = pending_events(&in->parts[p]);
+        r = routes_get(&in->routes, run, pending);
+    }
+    if (r == NULL) {
+        log_limited(LOG_ERROR, "[ingest] out of memory routing a run; it goes to writer 0");
+        return 0;
+    }
+    count_route(in, known);
+    return r->part;
+}
+
+unsigned ingest_route(struct ingest *in, const struct proto_msg *msg, int given)
+{
+    const struct proto_str *run = message_run(msg);
+    return route_run(in, run ? run->ptr : NULL, run ? run->len : 0, given);
+}
+
+/* The run's message is in, on writer p: its route stays while these events are unfinished. */
+static void route_done(struct ingest *in, const char *run, size_t len, unsigned p)
+{
+    if (in->nparts == 1 || run == NULL || len != PROTO_RUN_ID_LEN)
+        return;
+    size_t known = in->routes.used;
+    struct route *r = routes_set(&in->routes, run, p);
+    if (r)
+        r->mark = in->next_serial;
+    count_route(in, known);
+}
+
+void ingest_tick(struct ingest *in)
+{
+    if (in->nparts == 1)
+        return;
+    uint64_t first[CONFIG_MAX_WRITERS];
+    for (unsigned p = 0; p < in->nparts; p++)
+        first[p] = first_pending_serial(in, &in->parts[p]);
+    routes_sweep(&in->routes, first, in->next_serial);
+    stats.runs_on_writers = in->routes.used;
 }
 
 /*
@@ -301,6 +402,7 @@ void ingest_forget_conn(struct ingest *in, uint32_t conn_id)
 
 void ingest_close(struct ingest *in)
 {
+    routes_free(&in->routes);
     free(in->holds);
     in->holds = NULL;
     in->nholds = in->capholds = 0;
@@ -375,22 +477,6 @@ static void begin_message(struct ingest *in, unsigned p, const struct events_ori
         s->b = NULL;
 }
 
-/* The run a message is about, or NULL (experiments, and kinds clients may not send). */
-static const struct proto_str *message_run(const struct proto_msg *m)
-{
-    switch (m->kind) {
-    case PROTO_DELETE_TAG: return &m->u.delete_tag.run_id;
-    case PROTO_UPDATE_RUN: return &m->u.update_run.run_id;
-    case PROTO_START_RUN: return &m->u.start_run.run_id;
-    case PROTO_METRIC: return &m->u.metric.run_id;
-    case PROTO_METRICS: return &m->u.metrics.run_id;
-    case PROTO_PARAMS:
-    case PROTO_TAGS: return &m->u.kvs.run_id;
-    case PROTO_END_RUN: return &m->u.end_run.run_id;
-    default: return NULL;
-    }
-}
-
 /*
  * Copies the experiments among events [from, n) of partition 0's open batch to every other
  * partition, as EV_SHADOW events with the original's serial, frame and record. Out of memory,
@@ -434,11 +520,13 @@ uint64_t ingest_artifact(struct ingest *in, const struct events_origin *o, uint6
                          const char *sha256)
 {
     struct events_sink s;
-    unsigned p = ingest_partition(run_id, strlen(run_id), in->nparts);
+    size_t len = strlen(run_id);
+    unsigned p = route_run(in, run_id, len, INGEST_ROUTE_NEW);
     begin_message(in, p, o, &s);
     if (s.b == NULL)
         return 0;
     uint64_t serial = events_artifact(&s, o, seq, run_id, path, id, size, sha256);
+    route_done(in, run_id, len, p);
     if (serial != 0)
         after_message(in, p);
     return serial;
@@ -456,11 +544,13 @@ int ingest_artifact_done(struct ingest *in, const char *id, const char *status, 
     return 0;
 }
 
-int ingest_message(struct ingest *in, const struct events_origin *o, const struct proto_msg *msg)
+int ingest_message(struct ingest *in, const struct events_origin *o, const struct proto_msg *msg,
+                   unsigned p)
 {
     struct events_sink s;
     const struct proto_str *run = message_run(msg);
-    unsigned p = run ? ingest_partition(run->ptr, run->len, in->nparts) : 0;
+    if (p >= in->nparts)
+        p = 0;
     begin_message(in, p, o, &s);
     if (s.b == NULL) {
         events_reject(&s, o, msg->seq, PROTO_ERR_SHUTDOWN, "agent out of memory");
@@ -468,6 +558,8 @@ int ingest_message(struct ingest *in, const struct events_origin *o, const struc
     }
     size_t from = s.b->n;
     int rc = events_from_message(&s, o, msg);
+    if (run)
+        route_done(in, run->ptr, run->len, p);
     if (msg->kind == PROTO_EXPERIMENT && in->nparts > 1)
         shadow_experiments(in, from);
     after_message(in, p);

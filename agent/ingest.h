@@ -1,7 +1,7 @@
 /*
  * Ingest: turns decoded client messages into validated events in the open
- * batches, one per writer connection (a run's events always go to the same one,
- * ingest_partition), cuts batches (by rows, bytes, age, or a flush) and hands them
+ * batches, one per writer connection (a run's events go to one at a time, its route:
+ * routes.h), cuts batches (by rows, bytes, age, or a flush) and hands them
  * to the writers, and answers flush barriers once everything accepted before them
  * is committed or rejected, on every writer. It also owns the pending-memory bound:
  * above it, clients are paused (their sockets are not read) until the writers catch up.
@@ -17,6 +17,7 @@
 #include "batch.h"
 #include "config.h"
 #include "events.h"
+#include "routes.h"
 #include "trackd_proto.h"
 
 struct trackd_config;
@@ -73,25 +74,30 @@ struct ingest {
     size_t nwaiters;
     size_t capwaiters;
 
+    struct routes routes; /* which writer takes each run's events */
+
     struct ingest_hold *holds; /* artifacts still uploading: their client's barriers wait */
     size_t nholds, capholds;
 };
 
-/* writers: nwriters (1..CONFIG_MAX_WRITERS) writers, not owned. */
+/* writers: nwriters (1..CONFIG_MAX_WRITERS) writers, not owned. Returns 0 or -ENOMEM. */
 int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *cfg,
                 struct writer *writers, unsigned nwriters, const struct ingest_cbs *cbs, void *ctx);
+#define INGEST_ROUTE_NEW -1  /* route the run here: its route, or the least-loaded writer */
+#define INGEST_ROUTE_HASH -2 /* a record journaled before routes were: a hash of the run id */
 /*
- * Which of n writers takes the events of run run_id (len bytes, as the client sent it): a hash
- * of the id, so the same run always goes to the same writer, also when the journal is replayed
- * after a restart. 0 when n is 1.
+ * Which writer takes msg's events (0..nwriters-1), before it is journaled (the record keeps
+ * it): given >= 0 is the writer a replayed record names, made the run's route; otherwise
+ * INGEST_ROUTE_NEW or INGEST_ROUTE_HASH. A message about no run goes to writer 0.
  */
-unsigned ingest_partition(const char *run_id, size_t len, unsigned n);
+unsigned ingest_route(struct ingest *in, const struct proto_msg *msg, int given);
 /*
- * Validates msg and appends its events to the open batch (events_from_message). Invalid parts
- * are reported through cbs.error and counted; the rest is kept. Returns 0, or -ENOMEM when the
- * event could not be stored (also reported).
+ * Validates msg and appends its events to writer p's open batch (p from ingest_route), via
+ * events_from_message. Invalid parts are reported through cbs.error and counted; the rest is
+ * kept. Returns 0, or -ENOMEM when the event could not be stored (also reported).
  */
-int ingest_message(struct ingest *in, const struct events_origin *o, const struct proto_msg *msg);
+int ingest_message(struct ingest *in, const struct events_origin *o, const struct proto_msg *msg,
+                   unsigned p);
 /*
  * Registers a barrier for everything accepted so far; cbs.flushed answers it (maybe at once).
  * Returns 0, or -ENOBUFS when the agent-wide bound on waiting barriers is reached (reported
@@ -114,6 +120,8 @@ int ingest_artifact_done(struct ingest *in, const char *id, const char *status, 
  * serial again gives it to conn_id. */
 int ingest_hold(struct ingest *in, uint32_t conn_id, uint64_t serial);
 void ingest_unhold(struct ingest *in, uint64_t serial);
+/* Once a second: routes no longer in use are dropped (routes_sweep). */
+void ingest_tick(struct ingest *in);
 /* Hands every open batch to its writer now. */
 void ingest_cut(struct ingest *in);
 /* Writer callback: b is finished; frees it, answers satisfied barriers and releases the

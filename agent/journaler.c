@@ -18,10 +18,12 @@
 
 /*
  * Frame record (agent/JOURNAL.md, "Frame records"): session u64 BE | flags u8 |
- * [REC_PEER: uid u32 BE | n u8 | n x gid u32 BE] | 3 x (len u16 BE | bytes) | frame.
+ * [REC_PEER: uid u32 BE | n u8 | n x gid u32 BE] | [REC_WRITER: writer u8 | writers u8] |
+ * 3 x (len u16 BE | bytes) | frame.
  */
 #define REC_CONTEXT_TAGS 1
 #define REC_PEER 2
+#define REC_WRITER 4
 #define RELEASED_FILE "committed.lsn"
 
 /* [journal] fsync is handed to the journal as it is. */
@@ -58,7 +60,7 @@ static int replay_record(void *arg, uint8_t type, const void *payload, size_t le
     struct peer peer;
     o.session = util_get_be64(p);
     o.context_tags = (p[8] & REC_CONTEXT_TAGS) != 0;
-    bool has_peer = (p[8] & REC_PEER) != 0;
+    bool has_peer = (p[8] & REC_PEER) != 0, has_writer = (p[8] & REC_WRITER) != 0;
     p += 9;
     if (has_peer) {
         memset(&peer, 0, sizeof peer);
@@ -72,6 +74,15 @@ static int replay_record(void *arg, uint8_t type, const void *payload, size_t le
         for (int i = 0; i < peer.nshared; i++, p += 4)
             peer.shared[i] = util_get_be32(p);
         o.peer = &peer;
+    }
+    if (has_writer) {
+        if (end - p < 2 || p[0] >= p[1]) {
+            rc->bad_records++;
+            return 0;
+        }
+        o.writer = p[0];
+        o.writers = p[1];
+        p += 2;
     }
     for (int i = 0; i < 3; i++) {
         if (end - p < 2 || end - p - 2 < util_get_be16(p) || util_get_be16(p) >= sizeof strs[i]) {
@@ -377,6 +388,8 @@ int journaler_append(struct journaler *jr, const struct frame_origin *o,
     size_t lens[3], n = 9 + PROTO_HEADER_LEN + h->body_len;
     if (o->peer)
         n += 5 + 4 * (size_t)o->peer->nshared;
+    if (o->writers)
+        n += 2;
     for (int i = 0; i < 3; i++) {
         lens[i] = strlen(strs[i]);
         if (lens[i] > 255)
@@ -390,13 +403,19 @@ int journaler_append(struct journaler *jr, const struct frame_origin *o,
     uint8_t *p = rec;
     util_put_be64(p, o->session);
     p += 8;
-    *p++ = (uint8_t)((o->context_tags ? REC_CONTEXT_TAGS : 0) | (o->peer ? REC_PEER : 0));
+    *p++ = (uint8_t)((o->context_tags ? REC_CONTEXT_TAGS : 0) | (o->peer ? REC_PEER : 0) |
+                     (o->writers ? REC_WRITER : 0));
     if (o->peer) {
         util_put_be32(p, o->peer->uid);
         p[4] = o->peer->nshared;
         p += 5;
         for (int i = 0; i < o->peer->nshared; i++, p += 4)
             util_put_be32(p, o->peer->shared[i]);
+    }
+    if (o->writers) {
+        p[0] = o->writer;
+        p[1] = o->writers;
+        p += 2;
     }
     for (int i = 0; i < 3; i++) {
         util_put_be16(p, (uint16_t)lens[i]);

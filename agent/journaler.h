@@ -30,6 +30,8 @@ struct frame_origin {
     const char *source_name;
     const char *source_type;
     const struct peer *peer; /* NULL in records written before peers were kept */
+    uint8_t writers;         /* the writer count when journaled; 0: not recorded */
+    uint8_t writer;          /* the writer that took the frame's events (ingest_route) */
 };
 
 struct journaler_cbs {

@@ -75,6 +75,9 @@
     X(queue_events)                                                                                \
     X(queue_bytes)                                                                                 \
     X(queue_bytes_peak)                                                                            \
+    X(runs_routed)                                                                                 \
+    X(runs_on_writers)                                                                             \
+    X(runs_on_busiest_writer_peak)                                                                 \
     X(backpressure_pauses)                                                                         \
     X(duplicates_dropped)                                                                          \
     X(dead_lettered)                                                                               \

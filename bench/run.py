@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 sys.path.insert(0, str(ROOT / "bench"))
 import report  # noqa: E402
-from harness import BUILD, Agent, Postgres, writer_of  # noqa: E402
+from harness import BUILD, Agent, Postgres  # noqa: E402
 
 PY = sys.executable
 LOADGEN = BUILD / "trackd-loadgen"
@@ -368,15 +368,12 @@ class Bench:
             st = a.stats()
             res.setdefault("stats", []).append(st)
             if mode == "w1" and n_agents == 1 and st.get("db_connections", 0) > 1:
-                # Each run goes through one writer connection, by a hash of its id: how W1's
-                # runs fell bounds what the connections can do in parallel.
-                n = st["db_connections"]
-                split = [0] * n
-                for (run_id,) in self.pg.query(db, "SELECT run_uuid FROM runs WHERE start_time >= %s",
-                                               (started_ms,)):
-                    split[writer_of(run_id, n)] += 1
-                res["split"] = sorted(split, reverse=True)
-                log(f"{contender} {mode}: runs per writer connection {'/'.join(map(str, res['split']))}")
+                # A run goes through one writer connection at a time, the one with the fewest
+                # runs: the busiest connection bounds what they do in parallel.
+                res["busiest"] = st["runs_on_busiest_writer_peak"]
+                res["connections"] = st["db_connections"]
+                log(f"{contender} {mode}: at most {res['busiest']} of {PROCS} runs on one of "
+                    f"{res['connections']} writer connections")
             log(f"{contender} {mode}: the agent committed {st['batches_committed']:,} transactions,"
                 f" {st['ranges_direct']:,} of them tried straight into metrics,"
                 f" {st['direct_fallbacks']:,} fell back to the staging table")
@@ -558,8 +555,8 @@ class Bench:
         return start
 
     def run_w3(self):
-        """W1 alone, then W1 again with the same run ids (so the same split over the writer
-        connections) while the artifact uploads; both sampled from their start."""
+        """W1 alone, then W1 again with the same run ids while the artifact uploads; both
+        sampled from their start."""
         alone = self.run_contender("T-C", "w1", extra=self.artifact_side(0))
         res = self.run_contender("T-C", "w1", extra=self.artifact_side(self.args.artifact_mib),
                                  run_ids=alone["run_ids"])
@@ -741,10 +738,11 @@ def write_report(b, args, started):
               "per-call latencies here include waiting for buffer space (see PACED for the cost "
               "of a call in a loop PostgreSQL keeps up with).", ""]
         L += table(w1, W1_ORDER, "points", lim1) + [""]
-        splits = [f"{r['contender']} {'/'.join(map(str, r['split']))}" for r in w1 if r.get("split")]
-        if splits:
-            L += ["Runs per writer connection (each run goes through one, by a hash of its id; "
-                  "the busiest bounds the parallel gain): " + ", ".join(splits) + ".", ""]
+        busiest = [f"{r['contender']} {r['busiest']}" for r in w1 if r.get("busiest")]
+        if busiest:
+            L += [f"The most of the {PROCS} runs one writer connection held at once (a run goes to "
+                  "the connection with the fewest; the busiest bounds the parallel gain): "
+                  + ", ".join(busiest) + ".", ""]
     if w2:
         L += ["## W2: many runs", "",
               f"Runs x (start, 20 params, 10 tags, 5 keys x 100 steps, end) over {PROCS} processes; "
@@ -774,8 +772,7 @@ def write_report(b, args, started):
         w = b.w3
         a, x = w["alone"], w["with"]
         L += ["## W3: a 512 MiB artifact during W1", "",
-              "T-C W1 twice with the same run ids (so the same split over the writer "
-              f"connections): alone, then while another process logs a {args.artifact_mib} MiB "
+              "T-C W1 twice with the same run ids: alone, then while another process logs a {args.artifact_mib} MiB "
               "artifact through the same agent from the start (spool copy with fsync, then a copy "
               "into the local artifact store). Points committed in the first "
               f"{w['window_s']:.1f} s of each run (as long as the upload took, within both runs; "

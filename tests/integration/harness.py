@@ -290,25 +290,6 @@ class Streamer:
         return dict(f.split("=") for f in counters[1:])
 
 
-def writer_of(run_id, n):
-    """Which of n writer connections takes run_id's events: the agent's ingest_partition
-    (FNV-1a of the id's bytes, modulo n)."""
-    h = 14695981039346656037
-    for b in run_id.encode():
-        h = ((h ^ b) * 1099511628211) % 2**64
-    return h % n if n > 1 else 0
-
-
-def run_ids_for_writers(n):
-    """n new run ids, the k-th taken by writer k of n."""
-    ids = [None] * n
-    while None in ids:
-        run_id = uuid.uuid4().hex
-        if ids[writer_of(run_id, n)] is None:
-            ids[writer_of(run_id, n)] = run_id
-    return ids
-
-
 def count(pg, db, run_id):
     return pg.query(db, "SELECT count(*), count(DISTINCT (key, step)) FROM metrics"
                         " WHERE run_uuid = %s", (run_id,))[0]

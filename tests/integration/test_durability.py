@@ -4,11 +4,12 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from harness import BUILD, Agent, Streamer, count, report, run_ids_for_writers, wait_for
+from harness import BUILD, Agent, Streamer, count, report, wait_for
 
 TS0 = 1_700_000_000_000
 
@@ -111,6 +112,17 @@ def test_crash_between_commit_and_marker_applies_nothing_twice(pg, db, tmp_path)
         assert a.stop() == 0
 
 
+def start_runs(s, n, experiment):
+    """Starts n runs with new ids as aliases r0 .. r<n-1> of Streamer s, committed; their ids."""
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    for k, run_id in enumerate(ids):
+        s.send("runid", f"r{k}", run_id, experiment, f"r{k}", "now")
+        s.read("run")
+    s.send("flush", 30000)
+    assert s.read("flush") == ["flush", "0"]
+    return ids
+
+
 def test_changing_the_writer_count_loses_nothing(pg, db, tmp_path):
     """Each writer connection records its own journal progress, keyed by the count. An agent
     that dies after one of two writers committed, restarted with one writer, then killed with
@@ -119,17 +131,13 @@ def test_changing_the_writer_count_loses_nothing(pg, db, tmp_path):
     committed."""
     a = Agent(pg, db, tmp_path / "a").start()
     s = Streamer(a.socket)
-    ids = run_ids_for_writers(2)
-    for k, run_id in enumerate(ids):
-        s.send("runid", f"r{k}", run_id, "writer-count-exp", f"w{k}", "now")
-        s.read("run")
-    s.send("flush", 30000)
-    assert s.read("flush") == ["flush", "0"]
+    ids = start_runs(s, 2, "writer-count-exp")
     assert a.stop() == 0
 
-    # Two writers; the process exits right after the first COMMIT, which is writer 0's: writer 1
-    # waits for a lock another session holds on its run, so its events stay uncommitted, below
-    # the record writer 0's progress row names.
+    # Two writers; the process exits right after the first COMMIT, which is writer 1's: r1's
+    # first point reaches the new agent first, so r1 goes to writer 0, which waits for a lock
+    # another session holds on r1, so its events stay uncommitted, below the record writer 1's
+    # progress row names.
     a.command = ["env", "TRACKD_TEST_EXIT_AFTER_COMMITS=1", str(BUILD / "trackd")]
     a.start()
     points = 0
@@ -179,6 +187,55 @@ def test_changing_the_writer_count_loses_nothing(pg, db, tmp_path):
     report("writer-count-change", 2 * points, 2 * points, 0,
            dropped=int(counters["dropped"]) + int(counters["lost"]))
     assert a.stop() == 0
+
+
+def test_replay_sends_each_record_to_its_writer(pg, db, tmp_path):
+    """Runs go to the least-loaded writer connection, so which one a run takes depends on what
+    else is going on. A replay must send each record to the writer it went to before the crash:
+    that writer's progress row is what says whether the record is committed. Here r1's points
+    went to writer 1 (writer 0 had r0) and wait there for a lock; r2's went to writer 0 and
+    commit, moving writer 0's row past r1's points. Routed afresh at replay, r1 would go to
+    writer 0 (r1's records are the first left) and be skipped as committed."""
+    a = Agent(pg, db, tmp_path / "a").start()
+    s = Streamer(a.socket)
+    ids = start_runs(s, 3, "replay-route-exp")
+    wait_for(lambda: a.stats()["runs_on_writers"] == 0, 30, "the runs' routes to be dropped")
+
+    points = 300
+    try:
+        with pg.connect(db) as lock:
+            lock.execute("BEGIN")
+            lock.execute("SELECT 1 FROM runs WHERE run_uuid = %s FOR UPDATE", (ids[1],))
+            # r0 takes writer 0 (and is committed at once), r1 then writer 1, r2 writer 0 again
+            # (one run each, and writer 0 has fewer events waiting).
+            s.send("metric", "r0", "loss", 0, 0, TS0)
+            for k in (1, 2):
+                for step in range(points):
+                    s.send("metric", f"r{k}", "loss", step, step, TS0 + step)
+            wait_for(lambda: count(pg, db, ids[2]) == (points, points) and
+                     count(pg, db, ids[0]) == (1, 1), 60, "r0's and r2's points to commit")
+            a.kill()
+    finally:
+        a.kill()
+    assert count(pg, db, ids[1]) == (0, 0)
+
+    a.start()
+    try:
+        s.send("flush", 60000)
+        assert s.read("flush") == ["flush", "0"]
+        counters = s.finish()
+        st = a.stats()
+        rows = count(pg, db, ids[1])
+        report("replay-to-the-same-writer", points, rows[0], rows[0] - rows[1],
+               dropped=int(counters["dropped"]) + int(counters["lost"]),
+               skipped_at_replay=st["replay_skipped_committed"])
+        assert rows == (points, points)
+        assert count(pg, db, ids[2]) == (points, points)
+        assert count(pg, db, ids[0]) == (1, 1)
+        # r2's points were replayed too, and skipped: writer 0's row covers them.
+        assert st["replay_skipped_committed"] >= points, st
+    finally:
+        assert a.stop() == 0
 
 
 def cpu_seconds(pid):

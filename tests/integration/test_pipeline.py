@@ -3,9 +3,10 @@ rejections, and that one bad event never costs the others."""
 import math
 import random
 import subprocess
+import uuid
 
 import pytest
-from harness import BUILD, Agent, driver_errors, driver_runs, run_driver, run_ids_for_writers
+from harness import BUILD, Agent, driver_errors, driver_runs, run_driver
 
 DBL_MAX = 1.7976931348623157e308
 TS0 = 1_700_000_000_000
@@ -285,10 +286,11 @@ def test_direct_copy_and_every_way_it_falls_back(pg, db, agent):
 
 
 def test_runs_spread_over_writer_connections(pg, db, agent, artifact_root):
-    """With the default two writer connections, each run's events go through one of them: an
-    experiment made just before is found by runs on either, every row lands once, a flush
-    waits for both, and each connection keeps its own journal progress row."""
-    ids = run_ids_for_writers(2)
+    """With the default two writer connections, each run's events go through one of them, two
+    runs started together one on each whatever their ids: an experiment made just before is
+    found by runs on either, every row lands once, a flush waits for both, and each connection
+    keeps its own journal progress row."""
+    ids = [uuid.uuid4().hex for _ in range(2)]
     loc = f"{artifact_root}/spread"
     before = agent.stats()
     lines = [["experiment", "spread-exp", loc]]
@@ -318,6 +320,8 @@ def test_runs_spread_over_writer_connections(pg, db, agent, artifact_root):
     received = st["events_received"] - before["events_received"]
     assert st["events_committed"] - before["events_committed"] == received, st
     assert st["runs_committed"] - before["runs_committed"] == 2
+    assert st["runs_routed"] - before["runs_routed"] == 2, st
+    assert st["runs_on_busiest_writer_peak"] == 1, st
     keys = sorted(k for (k,) in pg.query(db, "SELECT journal_id FROM trackd_journal_progress"))
     assert len(keys) == 2 and keys[0].endswith("/0/2") and keys[1].endswith("/1/2"), keys
     assert keys[0][:-4] == keys[1][:-4] and len(keys[0][:-4]) == 32, keys
