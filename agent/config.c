@@ -162,7 +162,7 @@ static const struct config_key keys[] = {
         "Bytes per database transaction"),
     NUM("batch", "max_age_ms", KEY_U32, batch_max_age_ms, 100, 1, 60000,
         "The oldest buffered event waits at most this long before a batch is cut"),
-    NUM("batch", "max_pending_bytes", KEY_U64, max_pending_bytes, 25165824, 1048576,
+    NUM("batch", "max_pending_bytes", KEY_U64, max_pending_bytes, 20971520, 1048576,
         UINT64_C(17179869184), "Memory for buffered events; above it client reads pause"),
 };
 

@@ -85,7 +85,7 @@ static void test_defaults(void **state)
     assert_int_equal(c.batch_max_rows, 20000);
     assert_int_equal(c.batch_max_bytes, 8388608);
     assert_int_equal(c.batch_max_age_ms, 100);
-    assert_int_equal(c.max_pending_bytes, 25165824);
+    assert_int_equal(c.max_pending_bytes, 20971520);
     config_free(&c);
     config_free(&c); /* documented as safe */
 }
