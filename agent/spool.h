@@ -34,8 +34,8 @@ struct spool {
 
 /* The copy rates, in bytes per second: while events are being written, and while they back
  * up (the writers are behind by a quarter of batch.max_pending_bytes or more). */
-#define SPOOL_PACE_STREAMING (64ull << 20)
-#define SPOOL_PACE_BACKLOG (16ull << 20)
+#define SPOOL_PACE_STREAMING (16ull << 20)
+#define SPOOL_PACE_BACKLOG (8ull << 20)
 
 /* The pace for copies given the event stream: rows committed in the last second, events not
  * yet committed and their bytes, against the pending bound (batch.max_pending_bytes). */
