@@ -772,7 +772,8 @@ def write_report(b, args, started):
         w = b.w3
         a, x = w["alone"], w["with"]
         L += ["## W3: a 512 MiB artifact during W1", "",
-              "T-C W1 twice with the same run ids: alone, then while another process logs a {args.artifact_mib} MiB "
+              "T-C W1 twice with the same run ids: alone, then while another process logs a "
+              f"{args.artifact_mib} MiB "
               "artifact through the same agent from the start (spool copy with fsync, then a copy "
               "into the local artifact store). Points committed in the first "
               f"{w['window_s']:.1f} s of each run (as long as the upload took, within both runs; "
