@@ -601,6 +601,18 @@ static void send_copy(struct writer *w)
 {
     struct proto_buf *c = &w->sql.copy;
     while (w->copy_sent < c->len) {
+        /* A chunk only once libpq has sent the last one: in nonblocking mode it never refuses
+         * data, it grows its output buffer to the whole COPY and keeps that size for the
+         * connection's life (megabytes per writer). */
+        int f = PQflush(w->pg);
+        if (f < 0) {
+            conn_lost(w, "copy");
+            return;
+        }
+        if (f > 0) {
+            poll_watch(w, PQsocket(w->pg), UV_READABLE | UV_WRITABLE);
+            return;
+        }
         size_t n = c->len - w->copy_sent;
         if (n > COPY_CHUNK)
             n = COPY_CHUNK;
