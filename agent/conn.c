@@ -446,6 +446,8 @@ static void dispatch(struct conn *c, const struct proto_header *h, const uint8_t
             c->last_lsn = o.lsn;
         }
         ingest_message(c->srv->ingest, &o, &m, writer);
+        if (c->srv->uploader)
+            spool_pace_events(&c->srv->uploader->spool);
         c->last_seq = m.seq;
         /* At once, not at the ack: a reconnect may come before the journal write does. */
         session_note(&c->srv->sessions, c->session, m.seq, uv_now(c->srv->loop));

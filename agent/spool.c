@@ -58,6 +58,12 @@ uint64_t spool_pace_rate(uint64_t rows_per_sec, uint64_t queue_events, uint64_t 
     return rows_per_sec > 0 || queue_events > 0 ? SPOOL_PACE_STREAMING : 0;
 }
 
+void spool_pace_events(struct spool *s)
+{
+    if (atomic_load_explicit(&s->pace_bytes_per_s, memory_order_relaxed) == 0)
+        atomic_store_explicit(&s->pace_bytes_per_s, SPOOL_PACE_STREAMING, memory_order_relaxed);
+}
+
 int64_t spool_pace_wait_us(uint64_t bytes, int64_t elapsed_us, uint64_t bytes_per_s)
 {
     uint64_t per_us = bytes_per_s / 1000000u;

@@ -42,6 +42,11 @@ struct spool {
 uint64_t spool_pace_rate(uint64_t rows_per_sec, uint64_t queue_events, uint64_t queue_bytes,
                          uint64_t max_pending_bytes);
 
+/* Events came in: copies go at no more than the streaming pace until the next second's
+ * spool_pace_rate, so a stream's first second (before the agent has counted any of it) does
+ * not meet a copy at full speed. Called on the loop, for every message. */
+void spool_pace_events(struct spool *s);
+
 /* How long a copy that has moved bytes in elapsed_us at bytes_per_s (> 0) waits before going
  * on, in microseconds (0: it is behind that rate). */
 int64_t spool_pace_wait_us(uint64_t bytes, int64_t elapsed_us, uint64_t bytes_per_s);

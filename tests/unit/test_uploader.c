@@ -517,6 +517,14 @@ static void test_pace_rate(void **state)
     assert_int_equal(spool_pace_rate(5000, 1000, bound / 4 - 1, bound), SPOOL_PACE_STREAMING);
     assert_int_equal(spool_pace_rate(5000, 1000, bound / 4, bound), SPOOL_PACE_BACKLOG);
     assert_int_equal(spool_pace_rate(0, 1000, bound, bound), SPOOL_PACE_BACKLOG);
+    /* Events before the first tick: no longer full speed; a slower pace set is kept. */
+    static struct spool sp;
+    atomic_store(&sp.pace_bytes_per_s, 0);
+    spool_pace_events(&sp);
+    assert_int_equal(atomic_load(&sp.pace_bytes_per_s), SPOOL_PACE_STREAMING);
+    atomic_store(&sp.pace_bytes_per_s, SPOOL_PACE_BACKLOG);
+    spool_pace_events(&sp);
+    assert_int_equal(atomic_load(&sp.pace_bytes_per_s), SPOOL_PACE_BACKLOG);
 }
 
 static void test_sigv4_matches_aws_example(void **state)
