@@ -16,6 +16,7 @@ at the last call's return for the synchronous M1 and M2.
 """
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -61,6 +62,8 @@ def main():
     ap.add_argument("--rate", type=float, default=0)
     ap.add_argument("--experiment", default="bench")
     ap.add_argument("--name", default="worker")
+    ap.add_argument("--go", action="store_true",
+                    help="once imported, print 'ready' and start on a line from stdin")
     a = ap.parse_args()
     if a.mode == "w1":
         a.runs = 1
@@ -83,6 +86,9 @@ def main():
         api = mlflow
         exp = mlflow.set_experiment(a.experiment)
         client = MlflowClient()
+    if a.go:
+        print("ready", flush=True)
+        sys.stdin.readline()
     t0 = time.monotonic()
     for r in range(a.runs):
         name = f"{a.name}-{r}" if a.runs > 1 else a.name

@@ -135,9 +135,22 @@ class Proc:
 
 
 def run_all(cmds, env, cwd):
-    """Starts every command at once; returns their JSON outputs (each must exit 0)."""
+    """Starts every command at once; returns their JSON outputs (each must exit 0). Python
+    workers (--go) first import their libraries and say "ready", and all start logging together
+    once every one has: importing MLflow takes seconds of CPU per process, which is not the
+    logging path, and would otherwise fall inside the first worker's window."""
     ps = [subprocess.Popen(c, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True) for c in cmds]
+                           stdin=subprocess.PIPE if "--go" in c else subprocess.DEVNULL, text=True)
+          for c in cmds]
+    waiting = [p for c, p in zip(cmds, ps) if "--go" in c]
+    for p in waiting:
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            p.kill()
+            raise RuntimeError(f"a worker did not get ready: {line!r} {p.stderr.read()[-3000:]}")
+    for p in waiting:
+        p.stdin.write("go\n")
+        p.stdin.flush()  # communicate() closes it
     out, errs = [], []
     for c, p in zip(cmds, ps):
         so, se = p.communicate(timeout=7200)
@@ -287,7 +300,8 @@ class Bench:
                             + ([] if rate else ["--block"])
                             + (["--run-id", run_ids[i]] if run_ids else []))
             else:
-                cmds.append([PY, str(PYWORKER), contender.replace("-buf", ""), mode, *shape, *name])
+                cmds.append([PY, str(PYWORKER), contender.replace("-buf", ""), mode, *shape, *name,
+                             "--go"])
         return cmds
 
     def env_for(self, contender, db, agent_socket, block):
