@@ -275,11 +275,10 @@ static void on_replayed(void *ctx, const struct frame_origin *o, const struct pr
     struct events_origin io = {0,   o->user, o->source_name, o->source_type, o->context_tags,
                                lsn, o->peer};
     /* The writer the record went to, so that writer's progress row decides whether it is
-     * committed. Under another writer count those rows are not read and any writer will do;
-     * records from before writers were journaled went by a hash of the run id. */
-    int given = o->writers == a->nwriters ? (int)o->writer
-                : o->writers              ? INGEST_ROUTE_NEW
-                                          : INGEST_ROUTE_HASH;
+     * committed. A record of another writer count (or from before writers were journaled)
+     * goes by a hash of the run id under this count: the same writer at every replay, as
+     * this count's rows are written while the replay commits. */
+    int given = o->writers == a->nwriters ? (int)o->writer : INGEST_ROUTE_HASH;
     ingest_message(&a->ingest, &io, &m, ingest_route(&a->ingest, &m, given));
     stats.replayed_frames++;
 }

@@ -118,7 +118,8 @@ static const struct proto_str *message_run(const struct proto_msg *m)
     }
 }
 
-/* The rule before routes were journaled: a hash of the run id (FNV-1a), modulo n. */
+/* A replayed record of another writer count (or from before writers were journaled, when
+ * this was the rule): a hash of the run id (FNV-1a), modulo n, the same at every replay. */
 static unsigned hash_part(const char *run_id, size_t len, unsigned n)
 {
     uint64_t h = UINT64_C(14695981039346656037);

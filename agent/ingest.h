@@ -84,7 +84,7 @@ struct ingest {
 int ingest_init(struct ingest *in, uv_loop_t *loop, const struct trackd_config *cfg,
                 struct writer *writers, unsigned nwriters, const struct ingest_cbs *cbs, void *ctx);
 #define INGEST_ROUTE_NEW -1  /* route the run here: its route, or the least-loaded writer */
-#define INGEST_ROUTE_HASH -2 /* a record journaled before routes were: a hash of the run id */
+#define INGEST_ROUTE_HASH -2 /* a record of another writer count: a hash of the run id */
 /*
  * Which writer takes msg's events (0..nwriters-1), before it is journaled (the record keeps
  * it): given >= 0 is the writer a replayed record names, made the run's route; otherwise
