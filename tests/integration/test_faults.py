@@ -334,7 +334,9 @@ def test_replay_larger_than_memory_bound(pg, db, tmp_path):
     """b') A journal holding far more than [batch] max_pending_bytes (the agent was killed
     during an outage, then restarted with a smaller bound) replays in bounded memory: the
     replay waits for the database instead of loading everything, then all of it lands."""
-    a = Agent(pg, db, tmp_path / "a").start()
+    # The first agent takes all 200,000 points while the database is down: its bound must
+    # hold them (the default's 20 MiB, counted by array capacity, may not).
+    a = Agent(pg, db, tmp_path / "a", extra="[batch]\nmax_pending_bytes = 67108864\n").start()
     b = None
     s = Streamer(a.socket)
     resumed = False
