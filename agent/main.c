@@ -1,7 +1,7 @@
 /*
  * The trackd binary's command line: the agent (agent.c) and the one-shot tools around it:
- * --check-config, the `trackd stats` client, `journal verify|status`, `artifacts RUN_ID` and
- * `views drop`.
+ * --check-config, the `trackd stats` client, `journal verify|status`, `artifacts RUN_ID`,
+ * `views drop` and `import SOURCE`.
  */
 #include <errno.h>
 #include <poll.h>
@@ -20,6 +20,7 @@
 #include "dbobjects.h"
 #include "identity.h"
 #include "journal.h"
+#include "pgconn.h"
 #include "trackd_proto.h"
 
 static void usage(FILE *out)
@@ -34,6 +35,10 @@ static void usage(FILE *out)
             "       trackd artifacts RUN_ID [--config FILE]\n"
             "                                           list a run's uploads (trackd_artifacts)\n"
             "       trackd views drop [--config FILE]   drop the mlflow_* views\n"
+            "       trackd import SOURCE [--config FILE] [--dry-run] [--experiment NAME]...\n"
+            "                                           import an MLflow file store (mlruns/) or\n"
+            "                                           sqlite:///mlflow.db into [postgres] dsn\n"
+            "                                           (trackd import --help for more)\n"
             "       trackd --help | --version\n"
             "\n"
             "Every configuration key can be overridden by TRACKD_<SECTION>_<KEY>, e.g.\n"
@@ -110,8 +115,36 @@ struct cli {
     const char *config_path, *socket_path;
     const char *journal_cmd, *journal_dir; /* trackd journal verify|status [DIR] */
     const char *artifacts_run;             /* trackd artifacts RUN_ID */
-    bool check, stats, views_drop;
+    char **import_args;                    /* trackd import ARGS: NULL-terminated, for Python */
+    bool check, stats, views_drop, import_help;
 };
+
+/* `trackd import ARGS`: --config FILE is the agent's; every other argument is the importer's
+ * (trackd/importer/__main__.py), passed on in order. */
+static int parse_import(int argc, char **argv, struct cli *cli, bool *done)
+{
+    cli->import_args = calloc((size_t)argc + 1, sizeof *cli->import_args);
+    if (cli->import_args == NULL) {
+        fprintf(stderr, "trackd: out of memory\n");
+        return 1;
+    }
+    size_t n = 0;
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--config") == 0 || strcmp(argv[i], "-c") == 0) {
+            if (++i >= argc) {
+                fprintf(stderr, "trackd import: --config needs a file\n");
+                return 2;
+            }
+            cli->config_path = argv[i];
+            continue;
+        }
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
+            cli->import_help = true;
+        cli->import_args[n++] = argv[i];
+    }
+    *done = false;
+    return 0;
+}
 
 /* Fills cli from argv. 0 to go on; else the exit status (0 after --help or --version, 2 for a
  * usage error, with a message on stderr). */
@@ -160,6 +193,8 @@ static int parse_args(int argc, char **argv, struct cli *cli, bool *done)
                 return 2;
             }
             cli->views_drop = true;
+        } else if (strcmp(arg, "import") == 0) {
+            return parse_import(argc - i - 1, argv + i + 1, cli, done);
         } else if (cli->journal_cmd && arg[0] != '-' && cli->journal_dir == NULL) {
             cli->journal_dir = arg;
         } else {
@@ -229,6 +264,81 @@ static int run_tool(const struct cli *cli)
     return rc;
 }
 
+/* The importer's Python: imports trackd.importer, or says how to install it. */
+static const char import_boot[] =
+    "import sys\n"
+    "try:\n"
+    "    from trackd.importer.__main__ import main\n"
+    "except ImportError as e:\n"
+    "    sys.exit(f'trackd import: {sys.executable} cannot load the importer ({e}). Install it: '\n"
+    "             f\"{sys.executable} -m pip install 'trackd[import]', or set TRACKD_PYTHON to \"\n"
+    "             'the Python that has it')\n"
+    "sys.exit(main(sys.argv[1:]))\n";
+
+/*
+ * trackd import: the agent's configuration and schema check, then the importer (a Python
+ * module of the trackd package: YAML, SQLite and COPY are the work of libraries there). The
+ * DSN goes in TRACKD_IMPORT_DSN, a [postgres] password_file's password in PGPASSWORD, so
+ * neither shows in the process list. TRACKD_PYTHON names the interpreter (default python3
+ * on PATH). Returns only on failure.
+ */
+static int run_import(const struct cli *cli)
+{
+    const char *python = getenv("TRACKD_PYTHON");
+    if (python == NULL || python[0] == '\0')
+        python = "python3";
+    size_t n = 0;
+    while (cli->import_args[n])
+        n++;
+    char **args = calloc(n + 4, sizeof *args);
+    if (args == NULL) {
+        fprintf(stderr, "trackd: out of memory\n");
+        return 1;
+    }
+    args[0] = (char *)python;
+    args[1] = "-c";
+    args[2] = (char *)import_boot;
+    memcpy(args + 3, cli->import_args, n * sizeof *args);
+
+    if (!cli->import_help) {
+        struct trackd_config cfg;
+        if (agent_load_config(&cfg, cli->config_path) != 0) {
+            free(args);
+            return 1;
+        }
+        char msg[1024];
+        struct pgconn_params p;
+        int rc = pgconn_check_schema(&cfg, msg, sizeof msg);
+        if (rc == PGCONN_CHECK_OK)
+            rc = pgconn_params_init(&p, &cfg, msg, sizeof msg);
+        if (rc != 0) {
+            fprintf(stderr, "trackd import: %s\n", msg);
+            config_free(&cfg);
+            free(args);
+            return 1;
+        }
+        rc = setenv("TRACKD_IMPORT_DSN", cfg.pg_dsn, 1);
+        if (rc == 0 && p.password[0])
+            rc = setenv("PGPASSWORD", p.password, 1);
+        pgconn_params_clear(&p);
+        config_free(&cfg);
+        if (rc != 0) {
+            fprintf(stderr, "trackd import: cannot set the environment: %s\n", strerror(errno));
+            free(args);
+            return 1;
+        }
+    }
+    fflush(NULL);
+    execvp(python, args);
+    fprintf(stderr,
+            "trackd import: cannot run %s: %s. The importer is Python: install the trackd "
+            "package with its import extra (pip install 'trackd[import]') and set TRACKD_PYTHON "
+            "to that Python if it is not python3 on PATH\n",
+            python, strerror(errno));
+    free(args);
+    return 1;
+}
+
 int main(int argc, char **argv)
 {
     struct cli cli = {0};
@@ -240,6 +350,8 @@ int main(int argc, char **argv)
         return run_check(&cli);
     if (cli.journal_cmd)
         return run_journal(&cli);
+    if (cli.import_args)
+        return run_import(&cli);
     if (cli.artifacts_run || cli.views_drop || cli.stats)
         return run_tool(&cli);
     return agent_run(cli.config_path);

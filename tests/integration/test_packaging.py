@@ -1,7 +1,7 @@
 """The Python package builds like one: `python -m build` makes an sdist and a wheel from the root
 project (pyproject.toml, scikit-build-core); each installs into a new virtual environment, away
 from the source tree, and the package there has one version (the CMake project's), its C
-extension, the MLflow plugin's entry points and the [mlflow] extra."""
+extension, the MLflow plugin's entry points, the importer and the [mlflow] and [import] extras."""
 import json
 import os
 import re
@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
-import json, importlib.metadata as md, trackd, trackd._trackd
+import json, importlib.metadata as md, importlib.util, trackd, trackd._trackd
 print(json.dumps({
     "version": trackd.__version__, "extension": trackd._trackd.__version__,
     "dist": md.version("trackd"), "file": trackd._trackd.__file__,
@@ -24,6 +24,7 @@ print(json.dumps({
     "extras": md.metadata("trackd").get_all("Provides-Extra"),
     "requires": md.requires("trackd"),
     "run_id": len(trackd.new_run_id()),
+    "importer": importlib.util.find_spec("trackd.importer") is not None,
 }))
 """
 
@@ -61,6 +62,10 @@ def test_sdist_and_wheel_install_without_the_source_tree(tmp_path):
         assert got["version"] == got["extension"] == got["dist"] == version
         assert got["file"].startswith(str(env)), got["file"]
         assert got["stores"] == ["trackd.mlflow_plugin:tracking_store"]
-        assert got["extras"] == ["mlflow"]
-        assert got["requires"] == ['mlflow<3.18,>=2.17; extra == "mlflow"']
+        assert got["extras"] == ["mlflow", "import"]
+        assert got["requires"] == ['mlflow<3.18,>=2.17; extra == "mlflow"',
+                                   'psycopg[binary]>=3.1; extra == "import"',
+                                   'PyYAML>=5.4; extra == "import"',
+                                   'tqdm>=4.60; extra == "import"']
+        assert got["importer"]
         assert got["run_id"] == 32

@@ -1,0 +1,93 @@
+"""python -m trackd.importer SOURCE [--dsn DSN] [--dry-run] [--experiment NAME ...]
+
+What `trackd import` runs once it has read the agent's configuration and checked the target's
+schema; it passes the DSN in TRACKD_IMPORT_DSN (and a password file's password in PGPASSWORD).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import psycopg
+
+from . import SourceError, import_store, open_source, summary
+from .entities import Report
+from .progress import Progress
+
+EPILOG = """\
+SOURCE is an MLflow file store directory (mlruns/, or a directory holding one) or a SQLite
+store, sqlite:///path/to/mlflow.db, made by the MLflow release that made the target database.
+
+Experiments merge by name into the target. Runs, logged models and registered models already
+there are compared and skipped: after an interruption, run the same command again.
+Artifacts are not copied: runs keep their artifact URIs as recorded.
+
+Exit status: 0 when everything was imported or was already there; 1 when something was
+refused or already in the target with other data (each one is named on stderr), or the
+import could not start; 130 when interrupted.
+"""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="trackd import", description="Import an MLflow file store or SQLite store into "
+        "the MLflow PostgreSQL database trackd writes to.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--dsn", default=os.environ.get("TRACKD_IMPORT_DSN"),
+                   help="libpq connection string of the target (default: TRACKD_IMPORT_DSN, "
+                   "which `trackd import` sets from [postgres] dsn)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read and check everything, report what would be imported, write nothing")
+    p.add_argument("--experiment", metavar="NAME", action="append",
+                   help="import only this experiment (repeat for more); the model registry is "
+                   "then left out")
+    p.add_argument("--jobs", type=int, default=2, metavar="N",
+                   help="writer connections that COPY batches of runs at once (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.dsn:
+        print("trackd import: no target: give --dsn, or run it as `trackd import` with a "
+              "configuration whose [postgres] dsn names the database", file=sys.stderr)
+        return 1
+
+    def warn(msg: str) -> None:
+        print(f"trackd import: {msg}", file=sys.stderr, flush=True)
+
+    report = Report(warn)
+    t0 = time.monotonic()
+    try:
+        reader = open_source(args.source, report)
+        import_store(reader, args.dsn, report, experiments=args.experiment,
+                     dry_run=args.dry_run, jobs=args.jobs,
+                     progress=Progress(0, not args.no_progress), say=warn)
+    except SourceError as e:
+        warn(str(e))
+        return 1
+    except psycopg.OperationalError as e:
+        warn(f"cannot use the target database: {str(e).strip()}")
+        return 1
+    except psycopg.Error as e:
+        warn(f"the target database refused the import: {str(e).strip()}. What was committed "
+             "before stays; run the same command again once the cause is fixed")
+        return 1
+    except KeyboardInterrupt:
+        warn("interrupted. What was committed stays; run the same command again to finish "
+             "(what is already there is skipped).")
+        return 130
+    print(summary(report, time.monotonic() - t0), flush=True)
+    if report.problems:
+        warn(f"{report.problems} entities were refused or differ from the target's; see the "
+             "messages above")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

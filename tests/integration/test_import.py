@@ -1,0 +1,350 @@
+"""`trackd import`: an MLflow file store and a SQLite store, each made by the pinned MLflow
+with a realistic history (mlflow_history.py), moved into PostgreSQL and read back with
+MLflow's own client. What MLflow's client reads from PostgreSQL must be what it reads from
+the source, apart from the rules of MLflow's SQL store, each named where it applies.
+
+The command is the user's: build/trackd import with a configuration that names only the
+database, and the Python of the test's environment first on PATH, as an activated venv puts it.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import BUILD, wait_for
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(autouse=True)
+def scratch_cwd(tmp_path, monkeypatch):
+    """MLflow's client opens ./mlflow.db, its default store, for some reads: not in the tree."""
+    monkeypatch.chdir(tmp_path)
+
+MAX = 1.7976931348623157e308
+HISTORY = Path(__file__).with_name("mlflow_history.py")
+# The tables the import writes, in an order that makes every dump comparable.
+TABLES = {
+    "experiments": "name, artifact_location, lifecycle_stage, creation_time, last_update_time",
+    "experiment_tags": "(SELECT name FROM experiments e WHERE e.experiment_id = t.experiment_id),"
+                       " key, value",
+    "runs": "run_uuid, name, source_type, user_id, status, start_time, end_time, deleted_time,"
+            " lifecycle_stage, artifact_uri,"
+            " (SELECT name FROM experiments e WHERE e.experiment_id = t.experiment_id)",
+    "params": "run_uuid, key, value",
+    "tags": "run_uuid, key, value",
+    "metrics": "run_uuid, key, timestamp, step, value, is_nan",
+    "latest_metrics": "run_uuid, key, timestamp, step, value, is_nan",
+    "datasets": "name, digest, dataset_source_type",
+    "inputs": "source_type, destination_type, step",
+    "logged_models": "model_id, name, status, lifecycle_stage, source_run_id",
+    "logged_model_metrics": "model_id, metric_name, metric_timestamp_ms, metric_step,"
+                            " metric_value, run_id, dataset_name",
+    "registered_models": "name, description",
+    "model_versions": "name, version, current_stage, source, run_id",
+    "registered_model_aliases": "name, alias, version",
+}
+
+
+def dump(pg, db):
+    """Every imported table's rows, experiment ids replaced by names, sorted."""
+    return {t: sorted(pg.query(db, f"SELECT {cols} FROM {t} t"), key=repr)
+            for t, cols in TABLES.items()}
+
+
+def make_store(where: Path, uri: str) -> dict:
+    where.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run([sys.executable, str(HISTORY), uri], cwd=where, check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    base = tmp_path_factory.mktemp("stores")
+    fs = make_store(base / "fs", f"file://{base}/fs/mlruns")
+    sq = make_store(base / "sq", f"sqlite:///{base}/sq/mlflow.db")
+    return {"file": (str(base / "fs" / "mlruns"), fs),
+            "sqlite": (f"sqlite:///{base}/sq/mlflow.db", sq), "base": base}
+
+
+def trackd_import(pg, db, tmp_path, *args, env=None, config=True, **popen):
+    """Runs `trackd import ARGS` as a user would, with a configuration naming db."""
+    cfg = tmp_path / "import.toml"
+    cfg.write_text(f'[postgres]\ndsn = "{pg.dsn(db)}"\n')
+    e = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+         **(env or {})}
+    cmd = [str(BUILD / "trackd"), "import", *map(str, args)]
+    if config:
+        cmd += ["--config", str(cfg)]
+    if popen:
+        return subprocess.Popen(cmd, env=e, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, **popen)
+    return subprocess.run(cmd, env=e, text=True, capture_output=True, timeout=600)
+
+
+def counted(out: str, what: str) -> int:
+    """A count from the final summary; 0 when the summary does not list it."""
+    for line in out.splitlines():
+        head, _, n = line.strip().rpartition(" ")
+        if head.strip() == what:
+            return int(n.replace(",", ""))
+    return 0
+
+
+def norm(v):
+    """A metric value as MLflow's SQL store gives it back: NaN is NaN, +-Inf is +-MAX."""
+    if math.isnan(v):
+        return "nan"
+    return MAX if v == math.inf else -MAX if v == -math.inf else v
+
+
+def snapshot(uri: str, skip_history=()) -> dict:
+    """What MLflow's client reads from a store: experiments, runs with every field a user
+    sees, metric histories, inputs, artifact listings, logged models and the registry."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    out = {"experiments": {}, "runs": {}, "models": {}, "registry": {}}
+    for e in c.search_experiments(view_type=ViewType.ALL):
+        rec = {"stage": e.lifecycle_stage, "tags": dict(e.tags)}
+        if e.name != "Default":  # merged into the target's own Default experiment
+            rec.update(location=e.artifact_location, created=e.creation_time,
+                       updated=e.last_update_time)
+        out["experiments"][e.name] = rec
+        for r in c.search_runs([e.experiment_id], run_view_type=ViewType.ALL, max_results=1000):
+            i = r.info
+            hist = {k: sorted({(m.step, m.timestamp, norm(m.value))
+                               for m in c.get_metric_history(i.run_id, k)}, key=repr)
+                    for k in r.data.metrics if k not in skip_history}
+            out["runs"][i.run_id] = {
+                "experiment": e.name, "name": i.run_name, "status": i.status,
+                "start": i.start_time, "end": i.end_time, "stage": i.lifecycle_stage,
+                "artifact_uri": i.artifact_uri, "user": i.user_id, "params": r.data.params,
+                "tags": r.data.tags, "history": hist,
+                "latest": {k: norm(v) for k, v in r.data.metrics.items()},
+                "inputs": sorted((d.dataset.name, d.dataset.digest, d.dataset.source_type,
+                                  sorted((t.key, t.value) for t in d.tags))
+                                 for d in r.inputs.dataset_inputs),
+                "artifacts": sorted((f.path, f.is_dir, f.file_size)
+                                    for f in c.list_artifacts(i.run_id))}
+        for m in c.search_logged_models(experiment_ids=[e.experiment_id]):
+            out["models"][m.model_id] = {
+                "experiment": e.name, "name": m.name, "status": str(m.status),
+                "run": m.source_run_id, "params": m.params, "tags": m.tags,
+                "metrics": sorted((x.key, norm(x.value), x.timestamp, x.run_id)
+                                  for x in m.metrics or [])}
+    for rm in c.search_registered_models():
+        versions = c.search_model_versions(f"name = '{rm.name}'")
+        out["registry"][rm.name] = {
+            "description": rm.description, "tags": rm.tags,
+            "aliases": sorted((a, str(v)) for a, v in rm.aliases.items()),
+            "versions": sorted((v.version, v.current_stage, v.source, v.run_id, v.status,
+                                v.description, sorted(v.tags.items())) for v in versions)}
+    return out
+
+
+def test_file_store_reads_back_as_mlflow_reads_it(pg, db, tmp_path, stores, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    source, ids = stores["file"]
+    r = trackd_import(pg, db, tmp_path, source, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    # MLflow's file store reads a point logged with a dataset back at step 0 (its reader
+    # takes the step only from 3-field lines); the step logged, and imported, is 7.
+    want = snapshot("file://" + source, skip_history={"acc"})
+    got = snapshot(pg.url(db), skip_history={"acc"})
+    assert got == want
+    assert pg.query(db, "SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'acc' "
+                    "ORDER BY step", [ids["parent"]]) == [(7, 0.9), (8, 0.95)]
+    # MLflow's SQL rules: the same point logged twice is one row; NaN is 0 with is_nan.
+    assert pg.query(db, "SELECT timestamp, step, value, is_nan FROM metrics WHERE run_uuid = %s"
+                    " AND key = 'odd' ORDER BY step, timestamp", [ids["parent"]]) == [
+        (1000, 0, 1.5, False), (1001, 1, 0.0, True), (1002, 2, MAX, False),
+        (999, 3, 2.0, False), (1003, 3, -MAX, False)]
+    assert pg.query(db, "SELECT timestamp, step, value, is_nan FROM latest_metrics "
+                    "WHERE run_uuid = %s AND key IN ('odd', 'only_nan') ORDER BY key",
+                    [ids["parent"]]) == [(1003, 3, -MAX, False), (1005, 0, 0.0, True)]
+    # The deleted run and the deleted experiment keep their lifecycle, as MLflow keeps them.
+    assert pg.query(db, "SELECT lifecycle_stage, deleted_time IS NOT NULL FROM runs "
+                    "WHERE run_uuid = %s", [ids["deleted"]]) == [("deleted", True)]
+    assert got["experiments"]["abandoned"]["stage"] == "deleted"
+    assert counted(r.stdout, "runs imported") == 7
+    assert counted(r.stdout, "metric points duplicated in the source, kept once") == 1
+    assert counted(r.stdout, "traces not imported") == 1
+    assert counted(r.stdout, "model versions imported") == 3
+    # File-store experiment ids are 18 digits: every one is re-assigned, references follow.
+    assert max(e for (e,) in pg.query(db, "SELECT experiment_id FROM experiments")) < 10
+    assert pg.query(db, "SELECT count(*) FROM runs r JOIN experiments e USING (experiment_id)"
+                    " WHERE e.name = 'vision'") == [(5,)]
+
+
+def test_sqlite_store_reads_back_as_mlflow_reads_it(pg, db, tmp_path, stores):
+    source, ids = stores["sqlite"]
+    r = trackd_import(pg, db, tmp_path, source, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert snapshot(pg.url(db)) == snapshot(source)
+    assert counted(r.stdout, "runs imported") == 7
+    assert counted(r.stdout, "traces not imported") == 1
+    # Free ids that fit are kept; the sequence moves past them for MLflow's next experiment.
+    assert pg.query(db, "SELECT experiment_id, name FROM experiments ORDER BY 1") == [
+        (0, "Default"), (1, "vision"), (2, "abandoned")]
+    from mlflow import MlflowClient
+    assert MlflowClient(tracking_uri=pg.url(db)).create_experiment("next") == "3"
+
+
+def test_import_again_changes_nothing(pg, db, tmp_path, stores):
+    source, _ = stores["file"]
+    first = trackd_import(pg, db, tmp_path, source)
+    assert first.returncode == 0, first.stderr
+    before = dump(pg, db)
+    again = trackd_import(pg, db, tmp_path, source)
+    assert again.returncode == 0, again.stderr
+    assert dump(pg, db) == before
+    assert counted(again.stdout, "runs already present") == 7
+    assert counted(again.stdout, "runs imported") == 0
+    assert counted(again.stdout, "logged models already present") == 1
+    assert counted(again.stdout, "registered models already present") == 1
+
+
+def test_taken_experiment_ids_are_reassigned_and_references_follow(pg, db, tmp_path, stores):
+    from mlflow import MlflowClient
+    c = MlflowClient(tracking_uri=pg.url(db))
+    assert c.create_experiment("someone else's") == "1"
+    mine = c.create_experiment("vision")  # the same name as the source's: merged into it
+    source, ids = stores["sqlite"]
+    r = trackd_import(pg, db, tmp_path, source, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert counted(r.stdout, "experiments merged into an existing one") == 2  # Default, vision
+    # "abandoned" was id 2 in the source: taken by "vision" here, so it gets the next id.
+    (abandoned,), = pg.query(db, "SELECT experiment_id FROM experiments WHERE name = "
+                             "'abandoned'")
+    assert abandoned not in (0, 1, int(mine))
+    assert pg.query(db, "SELECT experiment_id FROM runs WHERE run_uuid = %s",
+                    [ids["parent"]]) == [(int(mine),)]
+    for table in ("datasets", "logged_models", "logged_model_metrics", "logged_model_params"):
+        assert pg.query(db, f"SELECT DISTINCT experiment_id FROM {table}") == [(int(mine),)]
+    assert [r.info.run_id for r in c.search_runs([mine], filter_string="attributes.run_name = "
+                                                 "'sweep'")] == [ids["parent"]]
+
+
+def test_a_run_that_differs_is_reported_and_left(pg, db, tmp_path, stores):
+    source, ids = stores["file"]
+    assert trackd_import(pg, db, tmp_path, source).returncode == 0
+    pg.query(db, "UPDATE params SET value = 'sgd' WHERE run_uuid = %s AND key = 'optimizer' "
+             "RETURNING 1", [ids["parent"]])
+    r = trackd_import(pg, db, tmp_path, source)
+    assert r.returncode == 1
+    assert f"run {ids['parent']}" in r.stderr and "other data (params)" in r.stderr
+    assert counted(r.stdout, "runs already present") == 6
+    assert pg.query(db, "SELECT value FROM params WHERE run_uuid = %s AND key = 'optimizer'",
+                    [ids["parent"]]) == [("sgd",)]
+
+
+def test_bad_input_is_reported_and_the_rest_imported(pg, db, tmp_path, stores):
+    src = tmp_path / "mlruns"
+    shutil.copytree(stores["file"][0], src)
+    _, ids = stores["file"]
+    run_dir = next(src.glob(f"*/{ids['parent']}"))
+    with open(run_dir / "metrics" / "odd", "a") as f:
+        # What MLflow's client writes for step=1.0 (taken, as MLflow meant it), a fractional
+        # timestamp and a line cut short by a crash (both skipped and counted).
+        f.write("1010 4.0 4.0\n1000.5 4.0 5\n1011")
+    failed_dir = next(src.glob(f"*/{ids['failed']}"))
+    meta = yaml.safe_load((failed_dir / "meta.yaml").read_text())
+    meta["artifact_uri"] = "file:///" + "x" * 250
+    (failed_dir / "meta.yaml").write_text(yaml.safe_dump(meta))
+    r = trackd_import(pg, db, tmp_path, src, "--no-progress")
+    assert r.returncode == 1
+    assert (f"refused run {ids['failed']}" in r.stderr
+            and "runs.artifact_uri is 258 characters long; PostgreSQL's column holds 200"
+            in r.stderr), r.stderr
+    assert "skipped unreadable metric line" in r.stderr and "'1000.5 4.0 5'" in r.stderr
+    assert counted(r.stdout, "metric lines unreadable") == 2
+    assert counted(r.stdout, "runs refused") == 1
+    assert counted(r.stdout, "runs imported") == 6
+    assert pg.query(db, "SELECT count(*) FROM runs WHERE run_uuid = %s", [ids["failed"]]) == [(0,)]
+    assert pg.query(db, "SELECT value FROM metrics WHERE run_uuid = %s AND key = 'odd' AND "
+                    "step = 4", [ids["parent"]]) == [(4.0,)]
+
+
+def test_sqlite_store_of_another_revision_is_refused(pg, db, tmp_path, stores):
+    import sqlite3
+    copy = tmp_path / "old.db"
+    shutil.copy(stores["sqlite"][0].removeprefix("sqlite:///"), copy)
+    with sqlite3.connect(copy) as c:
+        c.execute("UPDATE alembic_version SET version_num = '0584bdc529eb'")
+    before = dump(pg, db)
+    r = trackd_import(pg, db, tmp_path, f"sqlite:///{copy}")
+    assert r.returncode == 1
+    assert "schema revision 0584bdc529eb, the target database at dc11669786a5" in r.stderr
+    assert "mlflow db upgrade sqlite:///" in r.stderr
+    assert dump(pg, db) == before
+
+
+def test_dry_run_writes_nothing_and_tells_what_it_would(pg, db, tmp_path, stores):
+    before = dump(pg, db)
+    r = trackd_import(pg, db, tmp_path, stores["file"][0], "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "dry run: nothing is written" in r.stderr
+    assert counted(r.stdout, "runs imported") == 7
+    assert dump(pg, db) == before
+
+
+def test_interrupted_import_finishes_on_the_second_run(pg, db, tmp_path, stores):
+    """kill -9 after the first batches commit; the same command again completes the import,
+    and the database is the one a single uninterrupted import makes."""
+    src = tmp_path / "big" / "mlruns"
+    shutil.copytree(stores["file"][0], src)
+    _, ids = stores["file"]
+    child = next(d for d in next(src.glob(f"*/{ids['parent']}")).parent.iterdir()
+                 if (d / "meta.yaml").exists()
+                 and yaml.safe_load((d / "meta.yaml").read_text()).get("run_name") == "lr=0.1")
+    lines = "".join(f"{1_700_000_000_000 + s} {1.0 / (s + 1)} {s}\n" for s in range(2000))
+    for n in range(150):  # 150 more runs of 2,000 points: several transactions
+        rid = f"{n:032x}"
+        d = child.parent / rid
+        shutil.copytree(child, d)
+        meta = yaml.safe_load((d / "meta.yaml").read_text())
+        meta.update(run_id=rid, run_uuid=rid, artifact_uri=meta["artifact_uri"].replace(
+            child.name, rid))
+        (d / "meta.yaml").write_text(yaml.safe_dump(meta))
+        (d / "metrics" / "loss").write_text(lines)
+    p = trackd_import(pg, db, tmp_path, src, "--no-progress", "--jobs", "1", bufsize=1)
+    total = 157
+    n = wait_for(lambda: p.poll() is not None or
+                 (pg.query(db, "SELECT count(*) FROM runs")[0][0] or None), 120,
+                 "the first batch to commit")
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    committed = pg.query(db, "SELECT count(*) FROM runs")[0][0]
+    assert 0 < committed < total, f"killed after {committed} of {total} runs ({n})"
+    r = trackd_import(pg, db, tmp_path, src, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert counted(r.stdout, "runs already present") == committed
+    assert counted(r.stdout, "runs imported") == total - committed
+    whole = pg.mlflow_db(db[:40] + "_whole")
+    assert trackd_import(pg, whole, tmp_path, src, "--no-progress").returncode == 0
+    assert dump(pg, db) == dump(pg, whole)
+    # Each copy has its template's 2,000 "loss" points and its one "val/loss" point.
+    assert pg.query(db, "SELECT count(*) FROM metrics")[0][0] == 413 + 150 * (2000 + 1)
+
+
+def test_help_and_a_python_without_the_importer(pg, db, tmp_path):
+    r = trackd_import(pg, db, tmp_path, "--help", config=False)
+    assert r.returncode == 0 and "SOURCE is an MLflow file store" in r.stdout
+    # A Python without the trackd package: the message says what to install.
+    r = trackd_import(pg, db, tmp_path, "mlruns", env={"TRACKD_PYTHON": "/usr/bin/python3"})
+    assert r.returncode == 1
+    assert "cannot load the importer" in r.stderr
+    assert "pip install 'trackd[import]'" in r.stderr
+    r = trackd_import(pg, db, tmp_path, tmp_path / "nothing-here")
+    assert r.returncode == 1 and "not an MLflow file store" in r.stderr
