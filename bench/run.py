@@ -1,6 +1,6 @@
 """The trackd bench: every contender, every workload, side by side in one run on this machine.
 
-    ./trackd-dev bench [--scale 1.0] [--only W1,W2,PACED,W3,W4,SCALE] [--w4-rows 10000000]
+    ./trackd-dev bench [--scale 1.0] [--only W1,W2,PACED,W3,W4,SCALE,IMPORT] [--w4-rows 10000000]
     .venv/bin/python bench/run.py [same options]      (after ./trackd-dev build)
 
 Workloads (at --scale 1; --scale multiplies steps and runs):
@@ -10,6 +10,8 @@ Workloads (at --scale 1; --scale multiplies steps and runs):
       alone with the same run ids
   W4  W1 through L and T-C again, into a database whose metrics table already holds
       --w4-rows rows (10,000,000) of 100 other runs: the cost as the table grows
+  IMPORT  an MLflow file store of 1,000 runs x 1,000 points moved by `trackd import`, by
+      `mlflow migrate-filestore` (into SQLite) and by an MlflowClient replay (bench/importing.py)
 Contenders, on one PostgreSQL 15 (default settings, fsync on), each into a fresh copy of the
 same MLflow schema:
   L     the limit: psql \\copy of the same rows into a staging table, then the statements
@@ -46,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 sys.path.insert(0, str(ROOT / "bench"))
+import importing  # noqa: E402
 import report  # noqa: E402
 from harness import BUILD, Agent, Postgres  # noqa: E402
 
@@ -228,6 +231,7 @@ class Bench:
         self.paced = []     # paced rows
         self.scale_rows = []
         self.w3 = None
+        self.imports = None  # IMPORT's result (importing.py)
         self.w4 = []        # W4 rows: W1 into a full metrics table
         self.prefill = 0    # rows W4 puts into every new database's metrics first
         self.baseline = {}  # db -> {table: rows the prefill left}
@@ -738,7 +742,7 @@ def table(rows, order, what, limit):
     return out
 
 
-ONLY_ALL = "W1,W2,PACED,W3,W4,SCALE"
+ONLY_ALL = "W1,W2,PACED,W3,W4,SCALE,IMPORT"
 W4_ROWS = 10_000_000
 
 
@@ -836,6 +840,8 @@ def write_report(b, args, started):
             L.append(f"| {r['agents']} | {r['procs']} | {r['points']:,} | {r['seconds']:.2f} | "
                      f"{rate(r):,.0f} | {r['max_conns']} |")
         L.append("")
+    if b.imports:
+        L += importing.section(b.imports)
     L += targets(b)
     if b.failures:
         L += ["## Parts that failed", ""] + [f"- {w}: {e}" for w, e in b.failures] + [""]
@@ -1011,6 +1017,10 @@ def main():
             for n in (1, 4, 16):
                 attempt(b, f"SCALE {n} agents", lambda: b.scale_rows.append(
                     b.run_contender("T-C", "w1", n_agents=n, poll="connections", same_total=True)))
+        if "IMPORT" in parts:
+            def import_part():
+                b.imports = importing.run(b, args.scale, log)
+            attempt(b, "IMPORT", import_part)
         path = write_report(b, args, started)
         log(f"results: {path}")
     finally:

@@ -299,6 +299,16 @@ def test_dry_run_writes_nothing_and_tells_what_it_would(pg, db, tmp_path, stores
     assert dump(pg, db) == before
 
 
+def test_one_experiment_only(pg, db, tmp_path, stores):
+    r = trackd_import(pg, db, tmp_path, stores["file"][0], "--experiment", "abandoned")
+    assert r.returncode == 0, r.stderr
+    assert pg.query(db, "SELECT e.name, r.name FROM runs r JOIN experiments e "
+                    "USING (experiment_id)") == [("abandoned", "before-deletion")]
+    assert pg.query(db, "SELECT count(*) FROM registered_models") == [(0,)]
+    r = trackd_import(pg, db, tmp_path, stores["file"][0], "--experiment", "nope")
+    assert r.returncode == 1 and "has no experiment named 'nope'" in r.stderr
+
+
 def test_interrupted_import_finishes_on_the_second_run(pg, db, tmp_path, stores):
     """kill -9 after the first batches commit; the same command again completes the import,
     and the database is the one a single uninterrupted import makes."""

@@ -82,6 +82,9 @@ def _import(reader, conn, dsn, report, experiments, dry_run, jobs, progress, say
     say(f"{reader.describe()}: {len(exps)} experiments, {total} runs"
         + (" (dry run: nothing is written)" if dry_run else ""))
     target.experiments(exps, reader.datasets)
+    for e in exps:
+        if e.source_id not in target.exp_map:
+            report.add("runs not imported (their experiment was refused)", reader.count_runs(e))
     exps = [e for e in exps if e.source_id in target.exp_map]
     progress.start(total)
     writers = None if dry_run else Writers(dsn, jobs, progress)

@@ -30,6 +30,9 @@ from .entities import (RUN_STATUS, SOURCE_TYPE, Dataset, Experiment, Input, Logg
 RESERVED = {"tags", "datasets", "traces", "models"}
 _NUMERIC = re.compile(r"^[0-9]+$")
 _MAX = 1.7976931348623157e308
+#: libyaml's safe loader when PyYAML was built with it (its wheels are): several times faster
+#: on a store's thousands of meta.yaml files, and the same safe subset of YAML.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def resolve_root(source: str) -> Optional[Path]:
@@ -61,7 +64,7 @@ def _yaml(path: Path) -> Optional[dict]:
     except FileNotFoundError:
         return None
     try:
-        meta = yaml.safe_load(data)
+        meta = yaml.load(data, Loader=_SAFE_LOADER)
     except yaml.YAMLError as e:
         raise Refused(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if meta is None:
