@@ -846,8 +846,11 @@ def write_report(b, args, started):
     if b.failures:
         L += ["## Parts that failed", ""] + [f"- {w}: {e}" for w, e in b.failures] + [""]
     text = "\n".join(L) + "\n"
-    path = report.write(args.out, None, text)
-    plots(b, args.out, path.with_suffix(""))
+    # A run of IMPORT alone gets its own file, beside the day's full run rather than over it.
+    only_import = {p.strip().upper() for p in args.only.split(",")} == {"IMPORT"}
+    path = report.write(args.out, "import" if only_import else None, text)
+    if b.rows or b.paced:
+        plots(b, args.out, path.with_suffix(""))
     return path
 
 
@@ -904,7 +907,9 @@ def targets(b):
         x = b.w3["ratio"]
         row("W1 during the W3 upload >= 0.95 x alone (median of pairs)", f"{x:.2f} x alone",
             x >= 0.95)
-    return out + [""]
+    for name, value, ok in importing.targets(b.imports) if b.imports else ():
+        row(name, value, ok)
+    return out + [""] if len(out) > 4 else []
 
 
 def plots(b, out_dir, stem):

@@ -10,7 +10,6 @@ Needs the `import` extra: `pip install 'trackd[import]'` (psycopg, PyYAML, tqdm)
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Optional
 
 import psycopg
@@ -145,7 +144,3 @@ def summary(report: Report, seconds: float) -> str:
     if seconds > 0 and points:
         lines.append(f"  {'metric points per second':<52} {points / seconds:>12,.0f}")
     return "\n".join(lines)
-
-
-def now() -> float:
-    return time.monotonic()

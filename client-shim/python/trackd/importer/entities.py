@@ -31,12 +31,9 @@ def sanitize(value: float) -> tuple[float, bool]:
     return value, False
 
 
-#: One metric point as both readers give it: (timestamp ms, step, stored value, is_nan).
-Point = tuple
-
-
-def dedupe(points: Iterable[Point]) -> tuple[list[Point], Optional[Point], int]:
-    """(distinct points in first-seen order, the latest point, duplicates dropped).
+def dedupe(points: Iterable[tuple]) -> tuple[list[Point], Optional[Point], int]:
+    """(distinct points in first-seen order, the latest point, duplicates dropped), for
+    points (timestamp ms, step, stored value, is_nan) as both readers give them.
 
     Points are identical when their whole `metrics` primary key is, MLflow's
     `_log_metrics_once` rule. The latest is the first point in log order with the largest

@@ -36,10 +36,6 @@ def _int(v) -> Optional[int]:
     raise ValueError(f"{v!r} is not an integer")
 
 
-class SqliteError(Exception):
-    pass
-
-
 class SqliteReader:
     kind = "SQLite store"
 
