@@ -299,6 +299,30 @@ def test_dry_run_writes_nothing_and_tells_what_it_would(pg, db, tmp_path, stores
     assert dump(pg, db) == before
 
 
+def test_a_run_larger_than_a_batch_streams_whole(pg, db, tmp_path, stores):
+    """A run of more points than one transaction holds (100,000) is read key by key into
+    its own transaction: all of it lands, or none."""
+    src = tmp_path / "mlruns"
+    shutil.copytree(stores["file"][0], src)
+    _, ids = stores["file"]
+    metrics = next(src.glob(f"*/{ids['failed']}")) / "metrics"
+    for k in range(3):
+        (metrics / f"big{k}").write_text("".join(
+            f"{1_700_000_000_000 + s} {s * 0.5} {s}\n" for s in range(60_000)) + "5 1.0 0\n" * 3)
+    dry = trackd_import(pg, db, tmp_path, src, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert counted(dry.stdout, "metric points imported") == 413 + 3 * 60_001
+    assert pg.query(db, "SELECT count(*) FROM metrics") == [(0,)]
+    r = trackd_import(pg, db, tmp_path, src)
+    assert r.returncode == 0, r.stderr
+    assert counted(r.stdout, "metric points duplicated in the source, kept once") == 1 + 3 * 2
+    assert pg.query(db, "SELECT key, count(*) FROM metrics WHERE run_uuid = %s GROUP BY key "
+                    "ORDER BY key", [ids["failed"]]) == [
+        ("big0", 60_001), ("big1", 60_001), ("big2", 60_001), ("loss", 1)]
+    assert pg.query(db, "SELECT step, value FROM latest_metrics WHERE run_uuid = %s AND "
+                    "key = 'big1'", [ids["failed"]]) == [(59_999, 29_999.5)]
+
+
 def test_one_experiment_only(pg, db, tmp_path, stores):
     r = trackd_import(pg, db, tmp_path, stores["file"][0], "--experiment", "abandoned")
     assert r.returncode == 0, r.stderr

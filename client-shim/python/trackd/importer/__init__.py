@@ -96,6 +96,13 @@ def _import(reader, conn, dsn, report, experiments, dry_run, jobs, progress, say
         else:
             progress.advance(runs=b.runs + b.skipped, points=b.points)
 
+    def write_large(run):
+        # Larger than a batch: its points stream from the source into COPY on this thread,
+        # one key at a time, while the writers finish what they hold.
+        b = target.prepare_runs([run], lazy=True)
+        target.write_now(b)
+        progress.advance(runs=b.runs + b.skipped, points=b.points)
+
     try:
         for e in exps:
             batch, points = [], 0
@@ -105,6 +112,9 @@ def _import(reader, conn, dsn, report, experiments, dry_run, jobs, progress, say
                                   "with this id in the source")
                     continue
                 seen.add(run.run_uuid)
+                if run.size_hint > BATCH_POINTS:
+                    write_large(run)
+                    continue
                 batch.append(run)
                 points += run.size_hint
                 if len(batch) >= BATCH_RUNS or points >= BATCH_POINTS:

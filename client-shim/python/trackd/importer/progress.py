@@ -3,6 +3,7 @@ every few seconds otherwise (a log file, CI)."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -18,6 +19,7 @@ class Progress:
         self.total = total
         self.runs = self.points = 0
         self.bar = None
+        self.lock = threading.Lock()  # writer threads and the main thread both advance
 
     def start(self, total: int) -> None:
         self.total = total
@@ -28,6 +30,10 @@ class Progress:
                             smoothing=0.1)
 
     def advance(self, runs: int = 0, points: int = 0) -> None:
+        with self.lock:
+            self._advance(runs, points)
+
+    def _advance(self, runs: int, points: int) -> None:
         self.runs += runs
         self.points += points
         if not self.enabled:

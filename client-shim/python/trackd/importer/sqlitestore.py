@@ -156,19 +156,11 @@ class SqliteReader:
             yield run
 
     def _metrics(self, run: Run) -> None:
-        points = defaultdict(list)
-        bad = 0
-        for key, ts, step, value, is_nan in self.db.execute(
-                "SELECT key, timestamp, step, value, is_nan FROM metrics WHERE run_uuid = ?",
-                [run.run_uuid]):
-            try:
-                points[key].append((_int(ts), _int(step), float(value), bool(is_nan)))
-            except (TypeError, ValueError):
-                bad += 1
-        if bad:
-            self.report.add("metric points unreadable", bad)
-            self.report.warn(f"skipped {bad} metric points of run {run.run_uuid} whose "
-                             "timestamp or step is not an integer", "unreadable metric point")
+        """Metric keys with a reader for each: a run's points are read one key at a time."""
+        for key, n in self.db.execute("SELECT key, count(*) FROM metrics WHERE run_uuid = ? "
+                                      "GROUP BY key", [run.run_uuid]).fetchall():
+            run.metrics[key] = (lambda key=key: self._points(run, key))
+            run.size_hint += n
         run.latest = {}
         for key, ts, step, value, is_nan in self.db.execute(
                 "SELECT key, timestamp, step, value, is_nan FROM latest_metrics "
@@ -177,9 +169,22 @@ class SqliteReader:
                 run.latest[key] = (_int(ts), _int(step), float(value), bool(is_nan))
             except (TypeError, ValueError):
                 pass  # recomputed from the points
-        for key, pts in points.items():
-            run.metrics[key] = (lambda pts=pts: pts)
-            run.size_hint += len(pts)
+
+    def _points(self, run: Run, key: str) -> list:
+        out, bad = [], 0
+        for ts, step, value, is_nan in self.db.execute(
+                "SELECT timestamp, step, value, is_nan FROM metrics WHERE run_uuid = ? AND "
+                "key = ?", [run.run_uuid, key]):
+            try:
+                out.append((_int(ts), _int(step), float(value), bool(is_nan)))
+            except (TypeError, ValueError):
+                bad += 1
+        if bad:
+            self.report.add("metric points unreadable", bad)
+            self.report.warn(f"skipped {bad} points of metric {key!r} of run {run.run_uuid} "
+                             "whose timestamp or step is not an integer",
+                             "unreadable metric point")
+        return out
 
     def _inputs(self, run: Run) -> None:
         rid = run.run_uuid

@@ -9,7 +9,7 @@ interruption finishes it without duplicates.
 from __future__ import annotations
 
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
 import psycopg
 
@@ -246,11 +246,12 @@ class Target:
             latest = run.latest.get(key, latest)
         return distinct, latest
 
-    def prepare_runs(self, runs: list) -> Optional["Batch"]:
+    def prepare_runs(self, runs: list, lazy: bool = False) -> "Batch":
         """The COPY data of one transaction for runs: runs, params, tags, every metric point,
         latest_metrics, inputs. Runs already in the target are compared instead, and left
-        out; None when none is left. Reads the source's metric files here, in the caller's
-        thread, while writer threads COPY earlier batches."""
+        out. Reads the source's metric files here, in the caller's thread, while writer
+        threads COPY earlier batches; lazy=True leaves that to Batch.write, key by key, so a
+        run larger than memory streams (the caller then writes the batch itself)."""
         ids = [r.run_uuid for r in runs]
         existing = {rid for (rid,) in self.conn.execute(
             "SELECT run_uuid FROM runs WHERE run_uuid = ANY(%s)", [ids])}
@@ -274,32 +275,46 @@ class Target:
             rows = [r for _, rr in ready for r in rr[table]]
             batch.add(table, rows)
             self.report.add(f"{table} imported", len(rows))
-        latest_rows = []
-        parts = []
-        for run, _ in ready:
+        latest_rows: list = []
+        metrics = self._metric_text([run for run, _ in ready], batch, latest_rows)
+        batch.copies.append(("COPY metrics (key, value, timestamp, run_uuid, step, is_nan) "
+                             "FROM STDIN", metrics if lazy else "".join(metrics)))
+        batch.copies.append((f"COPY latest_metrics ({', '.join(LATEST)}) FROM STDIN",
+                             lambda: rows_text(latest_rows, LATEST)))
+        for table in ("inputs", "input_tags"):
+            batch.add(table, [r for _, rr in ready for r in rr[table]])
+        batch.runs = len(ready)
+        self.report.add("run inputs and outputs imported",
+                        sum(len(rr["inputs"]) for _, rr in ready))
+        self.runs_present.update(r.run_uuid for r, _ in ready)
+        return batch
+
+    def _metric_text(self, runs: list, batch: "Batch", latest_rows: list) -> Iterator[str]:
+        """COPY text of every metric point of runs, one key at a time; fills latest_rows and
+        counts the points into batch and the report once it is through."""
+        for run in runs:
             rid = run.run_uuid
             for key in run.metrics:
                 distinct, latest = self._history(run, key)
                 k = key.translate(_ESC)
-                parts.append("".join([f"{k}\t{v!r}\t{ts}\t{rid}\t{step}\t{'t' if n else 'f'}\n"
-                                      for ts, step, v, n in distinct]))
+                yield "".join([f"{k}\t{v!r}\t{ts}\t{rid}\t{step}\t{'t' if n else 'f'}\n"
+                               for ts, step, v, n in distinct])
                 batch.points += len(distinct)
                 if latest is not None:
                     latest_rows.append({"key": key, "value": latest[2], "timestamp": latest[0],
                                         "step": latest[1], "is_nan": bool(latest[3]),
                                         "run_uuid": rid})
-        batch.copies.append(("COPY metrics (key, value, timestamp, run_uuid, step, is_nan) "
-                             "FROM STDIN", "".join(parts)))
-        batch.add("latest_metrics", latest_rows)
-        for table in ("inputs", "input_tags"):
-            batch.add(table, [r for _, rr in ready for r in rr[table]])
-        batch.runs = len(ready)
         self.report.add("metric points imported", batch.points)
         self.report.add("latest_metrics imported", len(latest_rows))
-        self.report.add("run inputs and outputs imported",
-                        sum(len(rr["inputs"]) for _, rr in ready))
-        self.runs_present.update(r.run_uuid for r, _ in ready)
-        return batch
+
+    def write_now(self, batch: "Batch") -> None:
+        """Writes and commits a batch on this thread's connection (a lazy one, above)."""
+        with self.conn.cursor() as cur:
+            if self.dry_run:
+                batch.drain()
+            else:
+                batch.write(cur)
+        self.conn.commit()
 
     def _compare_run(self, run: Run) -> None:
         """A run already in the target: identical (an earlier import of the same source) is
@@ -441,11 +456,22 @@ class Target:
         self.report.add("model versions imported", len(versions))
 
 
+#: latest_metrics' columns, in the order of the rows prepare_runs makes.
+LATEST = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")
+
+
+def rows_text(rows: list, cols) -> str:
+    """COPY text of rows (dicts) for the columns cols."""
+    return "".join("\t".join(_copy_value(r[c]) for c in cols) + "\n" for r in rows)
+
+
 class Batch:
-    """The COPY statements of one transaction, in foreign-key order, with what they carry."""
+    """The COPY statements of one transaction, in foreign-key order, with what they carry:
+    text, a callable giving text (made once the COPYs before it ran), or an iterator of
+    text chunks (read from the source while PostgreSQL takes them)."""
 
     def __init__(self, skipped: int = 0):
-        self.copies: list = []  # (COPY statement, its text data)
+        self.copies: list = []  # (COPY statement, its data)
         self.runs = 0
         self.points = 0
         self.skipped = skipped  # runs of the batch left out (present, refused): progress only
@@ -454,10 +480,25 @@ class Batch:
         """Rows: dicts of one table with the same columns."""
         if rows:
             cols = list(rows[0])
-            self.copies.append((f"COPY {table} ({', '.join(cols)}) FROM STDIN", "".join(
-                "\t".join(_copy_value(r[c]) for c in cols) + "\n" for r in rows)))
+            self.copies.append((f"COPY {table} ({', '.join(cols)}) FROM STDIN",
+                                rows_text(rows, cols)))
 
     def write(self, cur: psycopg.Cursor) -> None:
         for statement, data in self.copies:
+            if callable(data):
+                data = data()
+            if not data:
+                continue
             with cur.copy(statement) as cp:
-                cp.write(data)
+                if isinstance(data, str):
+                    cp.write(data)
+                else:
+                    for chunk in data:
+                        cp.write(chunk)
+
+    def drain(self) -> None:
+        """Reads what write would send, and sends nothing: a dry run of a lazy batch."""
+        for _, data in self.copies:
+            if not isinstance(data, str) and not callable(data):
+                for _ in data:
+                    pass

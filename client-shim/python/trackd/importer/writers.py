@@ -16,7 +16,6 @@ class Writers:
 
     def __init__(self, dsn: str, jobs: int, progress):
         self.progress = progress
-        self.lock = threading.Lock()
         self.queue: queue.Queue = queue.Queue(maxsize=jobs)
         self.error: Optional[BaseException] = None
         self.conns = [psycopg.connect(dsn, application_name="trackd import")
@@ -37,9 +36,8 @@ class Writers:
                     with conn.cursor() as cur:
                         batch.write(cur)
                     conn.commit()
-                    with self.lock:
-                        self.progress.advance(runs=batch.runs + batch.skipped,
-                                              points=batch.points)
+                    self.progress.advance(runs=batch.runs + batch.skipped,
+                                          points=batch.points)
                 except BaseException as e:  # noqa: BLE001 - handed to the main thread
                     self.error = e
 
@@ -47,8 +45,7 @@ class Writers:
         if self.error is not None:
             raise self.error
         if not batch.copies:
-            with self.lock:
-                self.progress.advance(runs=batch.skipped)
+            self.progress.advance(runs=batch.skipped)
             return
         self.queue.put(batch)
 
