@@ -138,6 +138,10 @@ static int parse_import(int argc, char **argv, struct cli *cli, bool *done)
             cli->config_path = argv[i];
             continue;
         }
+        if (strncmp(argv[i], "--config=", 9) == 0) {
+            cli->config_path = argv[i] + 9;
+            continue;
+        }
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
             cli->import_help = true;
         cli->import_args[n++] = argv[i];
@@ -312,7 +316,10 @@ static int run_import(const struct cli *cli)
         if (rc == PGCONN_CHECK_OK)
             rc = pgconn_params_init(&p, &cfg, msg, sizeof msg);
         if (rc != 0) {
-            fprintf(stderr, "trackd import: %s\n", msg);
+            fprintf(stderr, "trackd import: %s (the target is [postgres] dsn of %s)\n", msg,
+                    cli->config_path ? cli->config_path
+                                     : "the built-in defaults and TRACKD_* variables: no "
+                                       "--config FILE was given");
             config_free(&cfg);
             free(args);
             return 1;

@@ -206,7 +206,9 @@ def test_import_again_changes_nothing(pg, db, tmp_path, stores):
     first = trackd_import(pg, db, tmp_path, source)
     assert first.returncode == 0, first.stderr
     before = dump(pg, db)
-    again = trackd_import(pg, db, tmp_path, source)
+    # The form of the source a tracking URI has, and --config=FILE.
+    again = trackd_import(pg, db, tmp_path, "file://" + source,
+                          f"--config={tmp_path / 'import.toml'}", config=False)
     assert again.returncode == 0, again.stderr
     assert dump(pg, db) == before
     assert counted(again.stdout, "runs already present") == 7
@@ -241,12 +243,43 @@ def test_a_run_that_differs_is_reported_and_left(pg, db, tmp_path, stores):
     assert trackd_import(pg, db, tmp_path, source).returncode == 0
     pg.query(db, "UPDATE params SET value = 'sgd' WHERE run_uuid = %s AND key = 'optimizer' "
              "RETURNING 1", [ids["parent"]])
+    pg.query(db, "UPDATE model_versions SET source = 'elsewhere' WHERE version = 2 "
+             "RETURNING 1")
     r = trackd_import(pg, db, tmp_path, source)
     assert r.returncode == 1
     assert f"run {ids['parent']}" in r.stderr and "other data (params)" in r.stderr
+    assert ("registered model 'classifier'" in r.stderr
+            and "other data (model_versions); left as it is" in r.stderr), r.stderr
+    assert "2 entities need a look" in r.stderr
     assert counted(r.stdout, "runs already present") == 6
     assert pg.query(db, "SELECT value FROM params WHERE run_uuid = %s AND key = 'optimizer'",
                     [ids["parent"]]) == [("sgd",)]
+    assert pg.query(db, "SELECT source FROM model_versions WHERE version = 2") == [
+        ("elsewhere",)]
+
+
+def test_an_experiment_deleted_in_the_target_is_named(pg, db, tmp_path, stores):
+    from mlflow import MlflowClient
+    c = MlflowClient(tracking_uri=pg.url(db))
+    eid = c.create_experiment("vision")
+    c.delete_experiment(eid)
+    r = trackd_import(pg, db, tmp_path, stores["sqlite"][0])
+    assert r.returncode == 1
+    assert ("the target's experiment of that name (id 1) is deleted" in r.stderr
+            and "mlflow experiments restore --experiment-id 1" in r.stderr), r.stderr
+    assert pg.query(db, "SELECT count(*) FROM runs WHERE experiment_id = 1") == [(5,)]
+
+
+def test_usage_errors_say_what_to_do(pg, db, tmp_path, stores):
+    r = trackd_import(pg, db, tmp_path, stores["file"][0], "--jobs", "0")
+    assert r.returncode == 2 and "--jobs: must be at least 1, not 0" in r.stderr
+    # MLflow >= 3.7 logs into ./mlflow.db and keeps only artifacts in ./mlruns.
+    artifacts_only = stores["base"] / "sq" / "mlruns"
+    r = trackd_import(pg, db, tmp_path, artifacts_only)
+    assert r.returncode == 1
+    assert ("looks like the artifact directory of a SQLite store" in r.stderr and
+            f"trackd import sqlite:///{stores['base'] / 'sq' / 'mlflow.db'}" in r.stderr), r.stderr
+    assert pg.query(db, "SELECT count(*) FROM experiments") == [(1,)]
 
 
 def test_bad_input_is_reported_and_the_rest_imported(pg, db, tmp_path, stores):

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import psycopg
 
-from .entities import Report
+from .entities import Report, SourceError
 from .filestore import FileStoreReader, resolve_root
 from .progress import Progress
 from .target import Target
@@ -26,10 +26,6 @@ __all__ = ["import_store", "open_source", "SourceError"]
 #: interruption loses little work, large enough that COPY runs at full speed.
 BATCH_RUNS = 200
 BATCH_POINTS = 100_000
-
-
-class SourceError(Exception):
-    """SOURCE cannot be imported at all (not a store, another schema revision...)."""
 
 
 def open_source(source: str, report: Report):
@@ -143,14 +139,18 @@ def _import(reader, conn, dsn, report, experiments, dry_run, jobs, progress, say
         report.add(f"{table} rows not imported", n)
 
 
-def summary(report: Report, seconds: float) -> str:
-    """The final summary: every count, imported first, then what was skipped or refused."""
-    lines = [f"trackd import: finished in {seconds:.1f} s"]
+def summary(report: Report, seconds: float, dry_run: bool = False) -> str:
+    """The final summary: every count, imported first, then what was skipped or refused.
+    The rate is over the whole command (reading the source, experiments, models included)."""
+    head = ("trackd import: dry run finished, nothing was written; \"imported\" is what would "
+            "be" if dry_run else "trackd import: finished")
+    lines = [f"{head} in {seconds:.2f} s"]
     for what, n in sorted(report.counts.items(), key=lambda kv: (not kv[0].endswith("imported"),
                                                                    kv[0])):
         if n:
             lines.append(f"  {what:<52} {n:>12,}")
     points = report.counts.get("metric points imported", 0)
     if seconds > 0 and points:
-        lines.append(f"  {'metric points per second':<52} {points / seconds:>12,.0f}")
+        lines.append(f"  {'metric points per second, start to end':<52} "
+                     f"{points / seconds:>12,.0f}")
     return "\n".join(lines)

@@ -24,10 +24,21 @@ Experiments merge by name into the target. Runs, logged models and registered mo
 there are compared and skipped: after an interruption, run the same command again.
 Artifacts are not copied: runs keep their artifact URIs as recorded.
 
-Exit status: 0 when everything was imported or was already there; 1 when something was
-refused or already in the target with other data (each one is named on stderr), or the
-import could not start; 130 when interrupted.
+Exit status: 0 when everything was imported or was already there; 1 when something needs a
+look (refused, already in the target with other data, or merged into a deleted experiment:
+each is named on stderr), or the import could not start; 130 when interrupted.
 """
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def parse_args(argv):
@@ -35,16 +46,20 @@ def parse_args(argv):
         prog="trackd import", description="Import an MLflow file store or SQLite store into "
         "the MLflow PostgreSQL database trackd writes to.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("source", metavar="SOURCE",
+                   help="mlruns/ (or file:///…/mlruns), or sqlite:///…/mlflow.db")
+    p.add_argument("--config", metavar="FILE",
+                   help="the agent's configuration: the target is its [postgres] dsn (read by "
+                   "`trackd import`; default: the agent's defaults and TRACKD_* variables)")
     p.add_argument("--dsn", default=os.environ.get("TRACKD_IMPORT_DSN"),
-                   help="libpq connection string of the target (default: TRACKD_IMPORT_DSN, "
-                   "which `trackd import` sets from [postgres] dsn)")
+                   help="the target as a libpq connection string, instead of --config (for "
+                   "`python -m trackd.importer`)")
     p.add_argument("--dry-run", action="store_true",
                    help="read and check everything, report what would be imported, write nothing")
     p.add_argument("--experiment", metavar="NAME", action="append",
                    help="import only this experiment (repeat for more); the model registry is "
                    "then left out")
-    p.add_argument("--jobs", type=int, default=2, metavar="N",
+    p.add_argument("--jobs", type=_positive, default=2, metavar="N",
                    help="writer connections that COPY batches of runs at once (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     return p.parse_args(argv)
@@ -53,20 +68,20 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.dsn:
-        print("trackd import: no target: give --dsn, or run it as `trackd import` with a "
-              "configuration whose [postgres] dsn names the database", file=sys.stderr)
+        print("trackd import: no target: run it as `trackd import … --config FILE` (the "
+              "agent's configuration), or give --dsn", file=sys.stderr)
         return 1
 
     def warn(msg: str) -> None:
         print(f"trackd import: {msg}", file=sys.stderr, flush=True)
 
     report = Report(warn)
+    progress = Progress(0, not args.no_progress)
     t0 = time.monotonic()
     try:
         reader = open_source(args.source, report)
         import_store(reader, args.dsn, report, experiments=args.experiment,
-                     dry_run=args.dry_run, jobs=args.jobs,
-                     progress=Progress(0, not args.no_progress), say=warn)
+                     dry_run=args.dry_run, jobs=args.jobs, progress=progress, say=warn)
     except SourceError as e:
         warn(str(e))
         return 1
@@ -74,16 +89,19 @@ def main(argv=None) -> int:
         warn(f"cannot use the target database: {str(e).strip()}")
         return 1
     except psycopg.Error as e:
-        warn(f"the target database refused the import: {str(e).strip()}. What was committed "
-             "before stays; run the same command again once the cause is fixed")
+        warn(f"the target database refused the import: {str(e).strip().rstrip('.')}. What was "
+             "committed before stays; run the same command again once the cause is fixed")
         return 1
     except KeyboardInterrupt:
-        warn("interrupted. What was committed stays; run the same command again to finish "
-             "(what is already there is skipped).")
+        progress.abandon()
+        warn(f"interrupted with {progress.runs:,} of {_plural(progress.total, 'run', 'runs')} "
+             "done. What was committed stays; run the same command again to finish (what is "
+             "already there is skipped).")
         return 130
-    print(summary(report, time.monotonic() - t0), flush=True)
+    print(summary(report, time.monotonic() - t0, dry_run=args.dry_run), flush=True)
     if report.problems:
-        warn(f"{report.problems} entities were refused or differ from the target's; see the "
+        warn(f"{_plural(report.problems, 'entity needs', 'entities need')} a look (refused, "
+             "different from the target's, or merged into a deleted experiment); see the "
              "messages above")
         return 1
     return 0

@@ -170,6 +170,10 @@ class RegisteredModel:
     where: str = ""
 
 
+class SourceError(Exception):
+    """SOURCE cannot be imported at all (not a store, another schema revision...)."""
+
+
 class Refused(Exception):
     """An entity that cannot go into PostgreSQL as it is; the message says why."""
 

@@ -24,7 +24,8 @@ from typing import Iterator, Optional
 import yaml
 
 from .entities import (RUN_STATUS, SOURCE_TYPE, Dataset, Experiment, Input, LoggedModel,
-                       ModelVersion, RegisteredModel, Refused, Report, Run, sanitize)
+                       ModelVersion, RegisteredModel, Refused, Report, Run, SourceError,
+                       sanitize)
 
 #: Subdirectories of an experiment that are not runs (FileStore.RESERVED_EXPERIMENT_FOLDERS).
 RESERVED = {"tags", "datasets", "traces", "models"}
@@ -36,8 +37,11 @@ _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def resolve_root(source: str) -> Optional[Path]:
-    """The mlruns directory SOURCE names: SOURCE/mlruns when it exists, else SOURCE when it
-    looks like one (a numeric experiment directory, `.trash` or `models`); else None."""
+    """The mlruns directory SOURCE names (a path or a file:// URI, as in MLFLOW_TRACKING_URI):
+    SOURCE/mlruns when it exists, else SOURCE when it looks like one (a numeric experiment
+    directory, `.trash` or `models`); else None."""
+    if source.startswith("file://"):
+        source = source[len("file://"):]
     p = Path(source)
     if (p / "mlruns").is_dir():
         p = p / "mlruns"
@@ -125,6 +129,7 @@ class FileStoreReader:
         self.root = root
         self.report = report
         self._exp_dirs: dict = {}  # source experiment id -> directory
+        self.no_meta = 0  # experiment directories without meta.yaml
 
     def describe(self) -> str:
         return f"MLflow file store {self.root}"
@@ -151,14 +156,26 @@ class FileStoreReader:
                 if e is not None:
                     self._exp_dirs[e.source_id] = d
                     out.append(e)
+        if not out and self.no_meta:
+            # MLflow >= 3.7 logs into ./mlflow.db and keeps only artifacts in ./mlruns.
+            near = [p / "mlflow.db" for p in (self.root.parent, Path.cwd())
+                    if (p / "mlflow.db").is_file()]
+            raise SourceError(
+                f"{self.root} has experiment directories but no experiment in them (no "
+                "meta.yaml): it looks like the artifact directory of a SQLite store, whose runs "
+                "are in its mlflow.db. Import that: "
+                + (f"trackd import sqlite:///{near[0].resolve()}" if near else
+                   "trackd import sqlite:///PATH/TO/mlflow.db"))
         return out
 
     def _experiment(self, d: Path) -> Optional[Experiment]:
         meta = _yaml(d / "meta.yaml")
         if meta is None:
+            self.no_meta += 1
             self.report.add("experiments skipped")
-            self.report.warn(f"skipped experiment {d}: no meta.yaml (MLflow skips it too)",
-                             "experiment without meta.yaml")
+            self.report.warn(f"skipped {d}: no meta.yaml, so MLflow's file store does not read "
+                             "it either (a SQLite store keeps only artifacts in such "
+                             "directories)", "experiment without meta.yaml")
             return None
         if str(meta.get("experiment_id")) != d.name:
             self.report.add("experiments skipped")
@@ -247,8 +264,6 @@ class FileStoreReader:
             else str(source_type)
         stage = meta.get("lifecycle_stage") or "active"
         deleted_time = _int(meta.get("deleted_time")) if "deleted_time" in meta else None
-        if experiment.lifecycle_stage == "deleted" and stage == "active":
-            stage = "deleted"  # FileStore.delete_experiment marks them; older stores may not
         run = Run(
             run_uuid=run_id, experiment=experiment.source_id,
             name=meta.get("run_name") or tags.get("mlflow.runName"),

@@ -57,6 +57,14 @@ class Progress:
         return (f"trackd import: {self.runs:,}/{self.total:,} runs, {self.points:,} points, "
                 f"{self.points / dt:,.0f} points/s{eta}")
 
+    def abandon(self) -> None:
+        """After an interruption: ends the bar's line (tqdm's close does), so what follows
+        starts on its own."""
+        with self.lock:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 from urllib.parse import quote
 
 from .entities import (Dataset, Experiment, Input, LoggedModel, ModelVersion, RegisteredModel,
-                       Report, Run)
+                       Report, Run, SourceError)
 
 #: Tables the import writes, and tables it leaves on purpose.
 HANDLED = {"experiments", "experiment_tags", "runs", "params", "tags", "metrics",
@@ -49,7 +49,6 @@ class SqliteReader:
 
     @classmethod
     def open(cls, source: str, report: Report) -> "SqliteReader":
-        from . import SourceError
         path = source
         if source.startswith("sqlite:"):
             path = source[len("sqlite:"):]

@@ -67,9 +67,10 @@ class Target:
 
     # ---- rows ----------------------------------------------------------------------------
 
-    def fit(self, table: str, row: dict, what: str) -> dict:
+    def fit(self, table: str, row: dict, what: str, quiet: bool = False) -> dict:
         """The row with only the target's columns, checked against their lengths; values in
-        TRUNCATE are cut to fit (and counted). Raises Refused naming the column otherwise."""
+        TRUNCATE are cut to fit (and counted, unless quiet). Raises Refused naming the column
+        otherwise."""
         cols = self.columns.get(table)
         if cols is None:
             raise Refused(f"{what}: the target has no table {table} (an older MLflow schema)")
@@ -87,6 +88,9 @@ class Target:
                         raise Refused(f"{what}: {table}.{col} is {len(v)} characters long; "
                                       f"PostgreSQL's column holds {limit}")
                     v = v[:limit]
+                    if quiet:
+                        out[col] = v
+                        continue
                     self.report.add("values truncated")
                     self.report.warn(f"truncated {what}: {table}.{col} from {len(row[col])} to "
                                      f"{limit} characters, as MLflow's SQL store does",
@@ -119,7 +123,11 @@ class Target:
         by_name = {name: eid for eid, name in cur.execute(
             "SELECT experiment_id, name FROM experiments"
             + (" WHERE workspace = 'default'" if ws else ""))}
-        taken = {eid for (eid,) in cur.execute("SELECT experiment_id FROM experiments")}
+        taken, deleted = set(), set()
+        for eid, stage in cur.execute("SELECT experiment_id, lifecycle_stage FROM experiments"):
+            taken.add(eid)
+            if stage == "deleted":
+                deleted.add(eid)
         next_fake = -1
         explicit = False
         for e in exps:
@@ -137,6 +145,14 @@ class Target:
             if e.name in by_name:
                 eid = by_name[e.name]
                 self.report.add("experiments merged into an existing one")
+                if e.lifecycle_stage == "active" and eid in deleted:
+                    self.report.problems += 1
+                    self.report.add("experiments merged into a deleted one")
+                    self.report.warn(
+                        f"{what}: the target's experiment of that name (id {eid}) is deleted; "
+                        "its runs go there and stay hidden until it is restored (`mlflow "
+                        f"experiments restore --experiment-id {eid}` against the database)",
+                        "merged into a deleted experiment")
             else:
                 src = int(e.source_id) if e.source_id.isdigit() else -1
                 if 0 <= src <= INT4_MAX and src not in taken:
@@ -186,6 +202,7 @@ class Target:
                 continue
             if self.dry_run:
                 self.datasets[d.key] = row["dataset_uuid"]
+                self.report.add("datasets imported")
                 continue
             cur.execute("INSERT INTO datasets (" + ", ".join(row) + ") VALUES ("
                         + ", ".join(["%s"] * len(row)) + ") ON CONFLICT DO NOTHING",
@@ -197,8 +214,9 @@ class Target:
 
     # ---- runs ----------------------------------------------------------------------------
 
-    def _run_rows(self, run: Run) -> dict:
-        """Every row of a run but its metrics, checked; raises Refused."""
+    def _run_rows(self, run: Run, quiet: bool = False) -> dict:
+        """Every row of a run but its metrics, checked; raises Refused. quiet: for a run only
+        compared, truncations are not counted again."""
         what = f"run {run.run_uuid} ({run.where})"
         rows = {"runs": [self.fit("runs", {
             "run_uuid": run.run_uuid, "name": run.name, "source_type": run.source_type,
@@ -207,10 +225,11 @@ class Target:
             "end_time": run.end_time, "deleted_time": run.deleted_time,
             "source_version": run.source_version, "lifecycle_stage": run.lifecycle_stage,
             "artifact_uri": run.artifact_uri,
-            "experiment_id": self.exp_map[run.experiment]}, what)]}
+            "experiment_id": self.exp_map[run.experiment]}, what, quiet)]}
         rows["params"] = [self.fit("params", {"key": k, "value": v, "run_uuid": run.run_uuid},
-                                   what) for k, v in run.params.items()]
-        rows["tags"] = [self.fit("tags", {"key": k, "value": v, "run_uuid": run.run_uuid}, what)
+                                   what, quiet) for k, v in run.params.items()]
+        rows["tags"] = [self.fit("tags", {"key": k, "value": v, "run_uuid": run.run_uuid},
+                                 what, quiet)
                         for k, v in run.tags.items()]
         limit = self.columns["metrics"]["key"]
         for k in run.metrics:
@@ -231,9 +250,9 @@ class Target:
             inputs.append(self.fit("inputs", {
                 "input_uuid": iid, "source_type": i.source_type, "source_id": source_id,
                 "destination_type": i.destination_type, "destination_id": i.destination_id,
-                "step": i.step}, what))
+                "step": i.step}, what, quiet))
             input_tags += [self.fit("input_tags", {"input_uuid": iid, "name": k, "value": v},
-                                    what) for k, v in i.tags.items()]
+                                    what, quiet) for k, v in i.tags.items()]
         rows["inputs"], rows["input_tags"] = inputs, input_tags
         return rows
 
@@ -321,7 +340,7 @@ class Target:
         skipped quietly; anything else is reported and left as it is."""
         self.runs_present.add(run.run_uuid)
         try:
-            rows = self._run_rows(run)
+            rows = self._run_rows(run, quiet=True)
         except Refused as err:
             self.report.refuse("runs", str(err))
             return
@@ -408,21 +427,10 @@ class Target:
     # ---- model registry ------------------------------------------------------------------
 
     def registered_model(self, rm) -> None:
+        """A registered model with its versions, tags and aliases, in one transaction. One
+        already in the target is compared, row by row: the same is skipped, another is
+        reported and left as it is."""
         what = f"registered model {rm.name!r} ({rm.where})"
-        have = self.conn.execute("SELECT version FROM model_versions WHERE name = %s",
-                                 [rm.name]).fetchall()
-        exists = self.conn.execute("SELECT 1 FROM registered_models WHERE name = %s",
-                                   [rm.name]).fetchone()
-        self.conn.commit()
-        if exists:
-            if sorted(v for (v,) in have) == sorted(v.version for v in rm.versions):
-                self.report.add("registered models already present")
-            else:
-                self.report.problems += 1
-                self.report.add("registered models already in the target with other versions")
-                self.report.warn(f"{what} is already in the target with other versions; left "
-                                 "as it is", "registered model differs")
-            return
         try:
             row = self.fit("registered_models", {
                 "name": rm.name, "creation_time": rm.creation_time,
@@ -449,11 +457,32 @@ class Target:
         except Refused as err:
             self.report.refuse("registered models", str(err))
             return
-        self._commit([("registered_models", [row]), ("model_versions", versions),
-                      ("registered_model_tags", tags), ("model_version_tags", vtags),
-                      ("registered_model_aliases", aliases)])
+        tables = [("registered_models", [row]), ("model_versions", versions),
+                  ("registered_model_tags", tags), ("model_version_tags", vtags),
+                  ("registered_model_aliases", aliases)]
+        if self.conn.execute("SELECT 1 FROM registered_models WHERE name = %s",
+                             [rm.name]).fetchone():
+            differs = [t for t, rows in tables if self._rows_differ(t, rows, rm.name)]
+            self.conn.commit()
+            if not differs:
+                self.report.add("registered models already present")
+                return
+            self.report.problems += 1
+            self.report.add("registered models already in the target with other data")
+            self.report.warn(f"{what} is already in the target with other data "
+                             f"({', '.join(differs)}); left as it is", "registered model differs")
+            return
+        self._commit(tables)
         self.report.add("registered models imported")
         self.report.add("model versions imported", len(versions))
+
+    def _rows_differ(self, table: str, rows: list, name: str) -> bool:
+        """Whether the target's rows of table for registered model name differ from rows
+        (dicts), compared on rows' columns."""
+        cols = list(rows[0]) if rows else ["name"]
+        have = self.conn.execute(f"SELECT {', '.join(cols)} FROM {table} WHERE name = %s",
+                                 [name]).fetchall()
+        return sorted(map(repr, have)) != sorted(repr(tuple(r[c] for c in cols)) for r in rows)
 
 
 #: latest_metrics' columns, in the order of the rows prepare_runs makes.
