@@ -17,7 +17,8 @@ os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import (LoggedModelInput, LoggedModelOutput, Metric, Param,  # noqa: E402
+                             RunTag)
 
 uri = sys.argv[1]
 mlflow.set_tracking_uri(uri)
@@ -56,6 +57,7 @@ with mlflow.start_run(run_name="sweep") as parent:
     mlflow.log_metric("acc", 0.95, step=8, timestamp=1_700_000_000_600, model_id=model.model_id)
     mlflow.finalize_logged_model(model.model_id, "READY")
     c.log_outputs(rid, [LoggedModelOutput(model.model_id, 8)])
+    c.log_inputs(rid, models=[LoggedModelInput(model.model_id)])
 
 failed = c.create_run(exp, run_name="crashed", start_time=1_700_000_001_000)
 c.log_metric(failed.info.run_id, "loss", 3.0, timestamp=1_700_000_001_001, step=0)

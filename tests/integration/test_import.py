@@ -123,6 +123,7 @@ def snapshot(uri: str, skip_history=()) -> dict:
         out["experiments"][e.name] = rec
         for r in c.search_runs([e.experiment_id], run_view_type=ViewType.ALL, max_results=1000):
             i = r.info
+            g = c.get_run(i.run_id)
             hist = {k: sorted({(m.step, m.timestamp, norm(m.value))
                                for m in c.get_metric_history(i.run_id, k)}, key=repr)
                     for k in r.data.metrics if k not in skip_history}
@@ -135,6 +136,10 @@ def snapshot(uri: str, skip_history=()) -> dict:
                 "inputs": sorted((d.dataset.name, d.dataset.digest, d.dataset.source_type,
                                   sorted((t.key, t.value) for t in d.tags))
                                  for d in r.inputs.dataset_inputs),
+                # MLflow's SQL store fills a run's models in get_run only, not in search_runs.
+                "model_inputs": sorted(m.model_id for m in g.inputs.model_inputs or []),
+                "model_outputs": sorted((m.model_id, m.step)
+                                        for m in (g.outputs.model_outputs if g.outputs else [])),
                 "artifacts": sorted((f.path, f.is_dir, f.file_size)
                                     for f in c.list_artifacts(i.run_id))}
         for m in c.search_logged_models(experiment_ids=[e.experiment_id]):

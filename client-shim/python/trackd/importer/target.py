@@ -193,7 +193,7 @@ class Target:
             what = f"dataset {d.name!r} of experiment {e.name!r}"
             try:
                 row = self.fit("datasets", {
-                    "dataset_uuid": d.uuid or str(uuid.uuid4()), "experiment_id": eid,
+                    "dataset_uuid": d.uuid or uuid.uuid4().hex, "experiment_id": eid,
                     "name": d.name, "digest": d.digest, "dataset_source_type": d.source_type,
                     "dataset_source": d.source, "dataset_schema": d.schema,
                     "dataset_profile": d.profile}, what)
@@ -246,7 +246,7 @@ class Target:
                 if source_id is None:
                     self.report.add("run inputs skipped (dataset not found)")
                     continue
-            iid = str(uuid.uuid4())
+            iid = uuid.uuid4().hex
             inputs.append(self.fit("inputs", {
                 "input_uuid": iid, "source_type": i.source_type, "source_id": source_id,
                 "destination_type": i.destination_type, "destination_id": i.destination_id,
