@@ -133,6 +133,8 @@ static int parse_import(int argc, char **argv, struct cli *cli, bool *done)
         if (strcmp(argv[i], "--config") == 0 || strcmp(argv[i], "-c") == 0) {
             if (++i >= argc) {
                 fprintf(stderr, "trackd import: --config needs a file\n");
+                free(cli->import_args);
+                cli->import_args = NULL;
                 return 2;
             }
             cli->config_path = argv[i];
@@ -357,8 +359,11 @@ int main(int argc, char **argv)
         return run_check(&cli);
     if (cli.journal_cmd)
         return run_journal(&cli);
-    if (cli.import_args)
-        return run_import(&cli);
+    if (cli.import_args) {
+        rc = run_import(&cli); /* returns only when the importer could not start */
+        free(cli.import_args);
+        return rc;
+    }
     if (cli.artifacts_run || cli.views_drop || cli.stats)
         return run_tool(&cli);
     return agent_run(cli.config_path);
