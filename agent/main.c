@@ -285,8 +285,10 @@ static const char import_boot[] =
  * trackd import: the agent's configuration and schema check, then the importer (a Python
  * module of the trackd package: YAML, SQLite and COPY are the work of libraries there). The
  * DSN goes in TRACKD_IMPORT_DSN, a [postgres] password_file's password in PGPASSWORD, so
- * neither shows in the process list. TRACKD_PYTHON names the interpreter (default python3
- * on PATH). Returns only on failure.
+ * neither shows in the process list; --copy-artifacts' destination follows the agent's
+ * (TRACKD_IMPORT_ARTIFACT_ROOT, TRACKD_IMPORT_MLFLOW_SERVER_URL, and the S3 endpoint and
+ * region as MLflow's own variables unless they are set). TRACKD_PYTHON names the
+ * interpreter (default python3 on PATH). Returns only on failure.
  */
 static int run_import(const struct cli *cli)
 {
@@ -329,6 +331,14 @@ static int run_import(const struct cli *cli)
         rc = setenv("TRACKD_IMPORT_DSN", cfg.pg_dsn, 1);
         if (rc == 0 && p.password[0])
             rc = setenv("PGPASSWORD", p.password, 1);
+        if (rc == 0)
+            rc = setenv("TRACKD_IMPORT_ARTIFACT_ROOT", cfg.artifact_root, 1);
+        if (rc == 0 && cfg.mlflow_server_url[0])
+            rc = setenv("TRACKD_IMPORT_MLFLOW_SERVER_URL", cfg.mlflow_server_url, 1);
+        if (rc == 0 && cfg.s3_endpoint_url[0])
+            rc = setenv("MLFLOW_S3_ENDPOINT_URL", cfg.s3_endpoint_url, 0);
+        if (rc == 0 && cfg.s3_region[0])
+            rc = setenv("AWS_DEFAULT_REGION", cfg.s3_region, 0);
         pgconn_params_clear(&p);
         config_free(&cfg);
         if (rc != 0) {

@@ -76,10 +76,11 @@ def stores(tmp_path_factory):
             "sqlite": (f"sqlite:///{base}/sq/mlflow.db", sq), "base": base}
 
 
-def trackd_import(pg, db, tmp_path, *args, env=None, config=True, **popen):
-    """Runs `trackd import ARGS` as a user would, with a configuration naming db."""
+def trackd_import(pg, db, tmp_path, *args, env=None, config=True, extra="", **popen):
+    """Runs `trackd import ARGS` as a user would, with a configuration naming db (and the
+    TOML text extra after it)."""
     cfg = tmp_path / "import.toml"
-    cfg.write_text(f'[postgres]\ndsn = "{pg.dsn(db)}"\n')
+    cfg.write_text(f'[postgres]\ndsn = "{pg.dsn(db)}"\n{extra}')
     e = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
          **(env or {})}
     cmd = [str(BUILD / "trackd"), "import", *map(str, args)]
@@ -220,6 +221,127 @@ def test_import_again_changes_nothing(pg, db, tmp_path, stores):
     assert counted(again.stdout, "runs imported") == 0
     assert counted(again.stdout, "logged models already present") == 1
     assert counted(again.stdout, "registered models already present") == 1
+
+
+def tree(root: Path) -> dict:
+    """Every file below root: relative path -> bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def local(uri: str) -> Path:
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def test_copy_artifacts_puts_them_under_the_agents_root(pg, db, tmp_path, stores,
+                                                        monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    source, ids = stores["file"]
+    root = tmp_path / "artifact-root"
+    extra = f'[mlflow]\ndefault_artifact_root = "{root}"\n'
+    want = snapshot("file://" + source, skip_history={"acc"})
+    r = trackd_import(pg, db, tmp_path, source, "--copy-artifacts", "--no-progress",
+                      extra=extra)
+    assert r.returncode == 0, r.stderr
+    got = snapshot(pg.url(db), skip_history={"acc"})
+    # Every run now lives where the agent puts a run of its experiment, with the same files.
+    exps = dict(pg.query(db, "SELECT name, artifact_location FROM experiments"))
+    for name in ("vision", "abandoned"):
+        (eid,), = pg.query(db, "SELECT experiment_id FROM experiments WHERE name = %s", [name])
+        assert exps[name] == f"{root}/{eid}"
+        assert got["experiments"][name].pop("location") == exps[name]
+        want["experiments"][name].pop("location")
+    copied = 0
+    for rid, run in got["runs"].items():
+        old = want["runs"][rid].pop("artifact_uri")
+        assert run.pop("artifact_uri") == f"{exps[run['experiment']]}/{rid}/artifacts"
+        files = tree(local(old))
+        assert tree(local(f"{exps[run['experiment']]}/{rid}/artifacts")) == files
+        copied += len(files)
+    assert got == want  # listings included: MLflow's client reads the copies
+    assert copied >= 1 and counted(r.stdout, "artifact files copied") == copied
+    assert counted(r.stdout, "artifact bytes copied") == len(b"hello")
+    # The logged model moved too, and the registry's versions name the copies.
+    (eid,), = pg.query(db, "SELECT experiment_id FROM experiments WHERE name = 'vision'")
+    assert pg.query(db, "SELECT artifact_location FROM logged_models") == [
+        (f"{root}/{eid}/models/{ids['model']}/artifacts",)]
+    locations = pg.query(db, "SELECT source, storage_location FROM model_versions "
+                         "ORDER BY version")
+    assert [s for s, _ in locations] == [f"runs:/{ids['parent']}/model{n}" for n in ("", 2, 3)]
+    # A version from runs:/ keeps it as its storage location (MLflow resolves it on reads).
+    assert [loc for _, loc in locations] == [s for s, _ in locations]
+    assert [v["versions"] for v in got["registry"].values()] == [
+        v["versions"] for v in want["registry"].values()]
+    # Again: the same rows, nothing copied, nothing reported.
+    before = dump(pg, db)
+    again = trackd_import(pg, db, tmp_path, source, "--copy-artifacts", extra=extra)
+    assert again.returncode == 0, again.stderr
+    assert dump(pg, db) == before
+    assert counted(again.stdout, "runs already present") == 7
+    assert counted(again.stdout, "artifact files copied") == 0
+
+
+def test_copy_artifacts_of_a_moved_store_and_an_unwritable_root(pg, db, tmp_path):
+    # A file store copied from another machine: its recorded URIs name paths that are gone.
+    made = make_store_small(tmp_path / "elsewhere")
+    moved = tmp_path / "here"
+    (tmp_path / "elsewhere").rename(moved)
+    root = tmp_path / "root"
+    r = trackd_import(pg, db, tmp_path, moved / "mlruns", "--copy-artifacts", "--no-progress",
+                      extra=f'[mlflow]\ndefault_artifact_root = "file://{root}"\n')
+    assert r.returncode == 0, r.stderr
+    (uri,), = pg.query(db, "SELECT artifact_uri FROM runs WHERE run_uuid = %s", [made["run"]])
+    assert uri == f"file://{root}/1/{made['run']}/artifacts"
+    assert tree(local(uri)) == {"ckpt/weights.bin": bytes(range(256)) * 64}
+    # A model version registered from the run's files by path names the copy.
+    assert pg.query(db, "SELECT source, storage_location FROM model_versions") == [
+        (f"{uri}/ckpt", f"{uri}/ckpt")]
+    # A root the import cannot write to (a file where a directory must be: so even for
+    # root): the run is refused with both locations named (the files it found in the store,
+    # where the recorded location is gone), nothing of it is written, and
+    # the same command once the root is fixed imports it.
+    db2 = pg.mlflow_db(db + "_2")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    extra = f'[mlflow]\ndefault_artifact_root = "{blocker}/root"\n'
+    bad = trackd_import(pg, db2, tmp_path, moved / "mlruns", "--copy-artifacts",
+                        "--no-progress", extra=extra)
+    assert bad.returncode == 1
+    run_dir = f"mlruns/{made['experiment']}/{made['run']}"
+    assert (f"run {made['run']} ({moved}/{run_dir}): its artifacts could not be copied from "
+            f"{moved}/{run_dir}/artifacts to "
+            f"{blocker}/root/1/{made['run']}/artifacts: ") in bad.stderr
+    assert counted(bad.stdout, "runs refused") == 1
+    assert pg.query(db2, "SELECT count(*) FROM runs") == [(0,)]
+    blocker.unlink()
+    good = trackd_import(pg, db2, tmp_path, moved / "mlruns", "--copy-artifacts",
+                         "--no-progress", extra=extra)
+    assert good.returncode == 0, good.stderr
+    assert counted(good.stdout, "runs imported") == 1
+    assert tree(blocker / "root" / "1" / made["run"] / "artifacts") == {
+        "ckpt/weights.bin": bytes(range(256)) * 64}
+
+
+def make_store_small(where: Path) -> dict:
+    """A file store with one run and one binary artifact in a subdirectory."""
+    where.mkdir(parents=True)
+    script = (
+        "import mlflow, os, sys, json\n"
+        "mlflow.set_tracking_uri(sys.argv[1])\n"
+        "e = mlflow.create_experiment('moved')\n"
+        "with mlflow.start_run(experiment_id=e) as r:\n"
+        "    mlflow.log_metric('m', 1.0)\n"
+        "    os.makedirs('w', exist_ok=True)\n"
+        "    open('w/weights.bin', 'wb').write(bytes(range(256)) * 64)\n"
+        "    mlflow.log_artifact('w/weights.bin', 'ckpt')\n"
+        "c = mlflow.MlflowClient(registry_uri=sys.argv[1])\n"
+        "c.create_registered_model('weights')\n"
+        "c.create_model_version('weights', r.info.artifact_uri + '/ckpt', r.info.run_id)\n"
+        "print(json.dumps({'run': r.info.run_id, 'experiment': e}))\n")
+    out = subprocess.run([sys.executable, "-c", script, f"file://{where}/mlruns"], cwd=where,
+                         check=True, capture_output=True, text=True,
+                         env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_taken_experiment_ids_are_reassigned_and_references_follow(pg, db, tmp_path, stores):

@@ -14,13 +14,14 @@ from typing import Callable, Optional
 
 import psycopg
 
+from .artifacts import ArtifactCopier
 from .entities import Report, SourceError
 from .filestore import FileStoreReader, resolve_root
 from .progress import Progress
 from .target import Target
 from .writers import Writers
 
-__all__ = ["import_store", "open_source", "SourceError"]
+__all__ = ["ArtifactCopier", "import_store", "open_source", "SourceError"]
 
 #: Runs per transaction, and metric bytes (file store) per transaction: small enough that an
 #: interruption loses little work, large enough that COPY runs at full speed.
@@ -43,21 +44,24 @@ def open_source(source: str, report: Report):
 
 def import_store(reader, dsn: str, report: Report, *,
                  experiments: Optional[list] = None, dry_run: bool = False, jobs: int = 2,
-                 progress: Optional[Progress] = None,
+                 copier: Optional[ArtifactCopier] = None, progress: Optional[Progress] = None,
                  say: Callable[[str], None] = lambda s: None) -> None:
     """Imports everything reader holds into the database dsn names.
 
     experiments: names to import (others are left out); None for all. dry_run: read and check
     everything, write nothing. jobs: writer connections that COPY runs' batches in parallel.
-    Counts and messages go to report. Raises SourceError when the source's schema revision
-    differs from the target's, psycopg.Error when the target fails."""
+    copier: copies artifacts into the agent's artifact root and rewrites the locations that
+    name them; None keeps every location as recorded. Counts and messages go to report.
+    Raises SourceError when the source's schema revision differs from the target's,
+    psycopg.Error when the target fails."""
     with psycopg.connect(dsn, application_name="trackd import") as conn:
-        _import(reader, conn, dsn, report, experiments, dry_run, jobs,
+        _import(reader, conn, dsn, report, experiments, dry_run, jobs, copier,
                 progress or Progress(0, enabled=False), say)
 
 
-def _import(reader, conn, dsn, report, experiments, dry_run, jobs, progress, say) -> None:
-    target = Target(conn, report, dry_run=dry_run)
+def _import(reader, conn, dsn, report, experiments, dry_run, jobs, copier, progress,
+            say) -> None:
+    target = Target(conn, report, dry_run=dry_run, copier=copier)
     theirs, ours = reader.revision(), target.revision()
     if theirs is not None and theirs != ours:
         raise SourceError(

@@ -12,7 +12,7 @@ import time
 
 import psycopg
 
-from . import SourceError, import_store, open_source, summary
+from . import ArtifactCopier, SourceError, import_store, open_source, summary
 from .entities import Report
 from .progress import Progress
 
@@ -22,7 +22,9 @@ store, sqlite:///path/to/mlflow.db, made by the MLflow release that made the tar
 
 Experiments merge by name into the target. Runs, logged models and registered models already
 there are compared and skipped: after an interruption, run the same command again.
-Artifacts are not copied: runs keep their artifact URIs as recorded.
+Artifacts stay where they are and runs keep their artifact URIs as recorded, unless
+--copy-artifacts copies them into the agent's [mlflow] default_artifact_root (through MLflow's
+own artifact repositories: needs the mlflow package) and rewrites the URIs that name them.
 
 Exit status: 0 when everything was imported or was already there; 1 when something needs a
 look (refused, already in the target with other data, or merged into a deleted experiment:
@@ -59,6 +61,13 @@ def parse_args(argv):
     p.add_argument("--experiment", metavar="NAME", action="append",
                    help="import only this experiment (repeat for more); the model registry is "
                    "then left out")
+    p.add_argument("--copy-artifacts", action="store_true",
+                   help="copy runs' and logged models' artifacts into the artifact root, "
+                   "where the agent would put them, and point the rows there")
+    p.add_argument("--artifact-root", metavar="URI",
+                   default=os.environ.get("TRACKD_IMPORT_ARTIFACT_ROOT"),
+                   help="the root --copy-artifacts copies into (default: the agent's [mlflow] "
+                   "default_artifact_root)")
     p.add_argument("--jobs", type=_positive, default=2, metavar="N",
                    help="writer connections that COPY batches of runs at once (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
@@ -80,8 +89,13 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     try:
         reader = open_source(args.source, report)
+        copier = None
+        if args.copy_artifacts:
+            copier = ArtifactCopier(args.artifact_root or "", report,
+                                    os.environ.get("TRACKD_IMPORT_MLFLOW_SERVER_URL"))
         import_store(reader, args.dsn, report, experiments=args.experiment,
-                     dry_run=args.dry_run, jobs=args.jobs, progress=progress, say=warn)
+                     dry_run=args.dry_run, jobs=args.jobs, copier=copier, progress=progress,
+                     say=warn)
     except SourceError as e:
         warn(str(e))
         return 1

@@ -9,10 +9,12 @@ interruption finishes it without duplicates.
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Iterator, Optional
 
 import psycopg
 
+from .artifacts import ArtifactCopier, rewrite
 from .entities import INT4_MAX, Experiment, Refused, Report, Run, dedupe
 
 _ESC = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -43,10 +45,15 @@ def _copy_value(v) -> str:
 class Target:
     """One PostgreSQL database with MLflow's schema, and the column lengths it enforces."""
 
-    def __init__(self, conn: psycopg.Connection, report: Report, dry_run: bool = False):
+    def __init__(self, conn: psycopg.Connection, report: Report, dry_run: bool = False,
+                 copier: Optional[ArtifactCopier] = None):
         self.conn = conn
         self.report = report
         self.dry_run = dry_run
+        #: With --copy-artifacts: copies artifacts and gives their new locations.
+        self.copier = copier
+        self.exp_location: dict = {}  # source experiment id -> target artifact_location
+        self.moved: dict = {}         # source artifact location -> its copy's (for references)
         self.columns: dict = {}  # table -> {column: character_maximum_length or None}
         for table, col, n in conn.execute(
                 "SELECT table_name, column_name, character_maximum_length"
@@ -120,9 +127,11 @@ class Target:
         if not self.dry_run:
             # Holds off other writers' nextval() until the sequence is past any id kept here.
             cur.execute("LOCK TABLE experiments IN SHARE ROW EXCLUSIVE MODE")
-        by_name = {name: eid for eid, name in cur.execute(
-            "SELECT experiment_id, name FROM experiments"
-            + (" WHERE workspace = 'default'" if ws else ""))}
+        by_name, location = {}, {}
+        for eid, name, loc in cur.execute(
+                "SELECT experiment_id, name, artifact_location FROM experiments"
+                + (" WHERE workspace = 'default'" if ws else "")):
+            by_name[name], location[eid] = eid, loc
         taken, deleted = set(), set()
         for eid, stage in cur.execute("SELECT experiment_id, lifecycle_stage FROM experiments"):
             taken.add(eid)
@@ -158,6 +167,8 @@ class Target:
                 if 0 <= src <= INT4_MAX and src not in taken:
                     eid = src
                     explicit = True
+                    if self.copier is not None:
+                        row["artifact_location"] = self.copier.experiment_location(eid)
                     if not self.dry_run:
                         cur.execute("INSERT INTO experiments (experiment_id, "
                                     + ", ".join(row) + ") VALUES (%s"
@@ -168,10 +179,17 @@ class Target:
                     eid = cur.execute("INSERT INTO experiments (" + ", ".join(row)
                                       + ") VALUES (" + ", ".join(["%s"] * len(row))
                                       + ") RETURNING experiment_id", list(row.values())).fetchone()[0]
+                    if self.copier is not None:
+                        # As the agent and MLflow's SQL store do: the location names the id.
+                        row["artifact_location"] = self.copier.experiment_location(eid)
+                        cur.execute("UPDATE experiments SET artifact_location = %s "
+                                    "WHERE experiment_id = %s", [row["artifact_location"], eid])
+                location[eid] = row["artifact_location"]
                 taken.add(eid)
                 by_name[e.name] = eid
                 self.report.add("experiments imported")
             self.exp_map[e.source_id] = eid
+            self.exp_location[e.source_id] = location.get(eid)
             if tags and not self.dry_run:
                 cur.executemany("INSERT INTO experiment_tags (key, value, experiment_id) "
                                 "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
@@ -278,12 +296,17 @@ class Target:
         ready = []
         skipped = 0
         for run in runs:
+            old = self._relocate_run(run)
             if run.run_uuid in existing:
                 self._compare_run(run)
                 skipped += 1
                 continue
             try:
-                ready.append((run, self._run_rows(run)))
+                rows = self._run_rows(run)
+                if old is not None:
+                    self.copier.copy(old, run.artifact_uri, f"run {run.run_uuid} ({run.where})",
+                                     fallback=Path(run.where) / "artifacts")
+                ready.append((run, rows))
             except Refused as err:
                 self.report.refuse("runs", str(err))
                 skipped += 1
@@ -307,6 +330,23 @@ class Target:
                         sum(len(rr["inputs"]) for _, rr in ready))
         self.runs_present.update(r.run_uuid for r, _ in ready)
         return batch
+
+    def _location(self, source_experiment: str):
+        loc = self.exp_location.get(source_experiment)
+        return loc or self.copier.experiment_location(self.exp_map[source_experiment])
+
+    def _relocate_run(self, run: Run) -> Optional[str]:
+        """With --copy-artifacts, points run at its new artifact location (recorded in
+        moved, for the registry's references) and gives the old one when there is something
+        to copy (never in a dry run); else None."""
+        if self.copier is None:
+            return None
+        old = run.artifact_uri
+        run.artifact_uri = self.copier.run_uri(self._location(run.experiment), run.run_uuid)
+        if not old or old == run.artifact_uri:
+            return None
+        self.moved[old] = run.artifact_uri
+        return None if self.dry_run else old
 
     def _metric_text(self, runs: list, batch: "Batch", latest_rows: list) -> Iterator[str]:
         """COPY text of every metric point of runs, one key at a time; fills latest_rows and
@@ -384,6 +424,13 @@ class Target:
     def logged_model(self, m) -> None:
         what = f"logged model {m.model_id} ({m.where})"
         eid = self.exp_map[m.experiment]
+        old = None
+        if self.copier is not None:
+            old = m.artifact_location
+            m.artifact_location = self.copier.model_uri(self._location(m.experiment),
+                                                        m.model_id)
+            if old:
+                self.moved[old] = m.artifact_location
         if self.conn.execute("SELECT 1 FROM logged_models WHERE model_id = %s",
                              [m.model_id]).fetchone() if self.has("logged_models") else False:
             self.conn.commit()
@@ -416,6 +463,9 @@ class Target:
                     "metric_step": step, "metric_value": value, "experiment_id": eid,
                     "run_id": run_id, "dataset_uuid": ds_uuid, "dataset_name": ds_name,
                     "dataset_digest": digest}, what))
+            if old and old != m.artifact_location and not self.dry_run:
+                self.copier.copy(old, m.artifact_location, what,
+                                 fallback=Path(m.where) / "artifacts")
         except Refused as err:
             self.report.refuse("logged models", str(err))
             return
@@ -444,9 +494,11 @@ class Target:
                 versions.append(self.fit("model_versions", {
                     "name": rm.name, "version": v.version, "creation_time": v.creation_time,
                     "last_updated_time": v.last_updated_time, "description": v.description,
-                    "user_id": v.user_id, "current_stage": v.current_stage, "source": v.source,
-                    "run_id": v.run_id, "status": v.status, "status_message": v.status_message,
-                    "run_link": v.run_link, "storage_location": v.storage_location}, what))
+                    "user_id": v.user_id, "current_stage": v.current_stage,
+                    "source": rewrite(v.source, self.moved), "run_id": v.run_id,
+                    "status": v.status, "status_message": v.status_message,
+                    "run_link": v.run_link,
+                    "storage_location": rewrite(v.storage_location, self.moved)}, what))
                 vtags += [self.fit("model_version_tags", {
                     "key": k, "value": val, "name": rm.name, "version": v.version}, what)
                     for k, val in v.tags.items()]

@@ -1,0 +1,124 @@
+"""`trackd import --copy-artifacts`: copies runs' and logged models' artifacts into the
+agent's artifact root, where the agent would have put them, and gives the new locations.
+
+The locations follow the agent's (and MLflow's SQL store's) layout: an experiment the import
+creates gets `<[mlflow] default_artifact_root>/<experiment id>`; a run gets
+`<experiment location>/<run id>/artifacts`; a logged model
+`<experiment location>/models/<model id>/artifacts`. An experiment merged into one already in
+the target keeps the target's location. Files go through MLflow's own artifact repositories
+(a local path or file:// URI, s3://, mlflow-artifacts:), so they need the `mlflow` package.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+from urllib.parse import unquote, urlparse
+
+from .entities import Refused, Report, SourceError
+
+
+def _local_path(uri: Optional[str]) -> Optional[Path]:
+    """The directory a local artifact URI names (a path or file://), else None."""
+    if not uri:
+        return None
+    u = urlparse(uri)
+    if u.scheme == "file":
+        return Path(unquote(u.path))
+    if u.scheme == "":
+        return Path(uri)
+    return None
+
+
+class ArtifactCopier:
+    """Copies artifact trees into root (the agent's `[mlflow] default_artifact_root`).
+
+    server_url: the MLflow server for `mlflow-artifacts:` URIs without a host (the agent's
+    `[artifacts] mlflow_server_url`). Raises SourceError when MLflow is not installed."""
+
+    def __init__(self, root: str, report: Report, server_url: Optional[str] = None):
+        if not root:
+            raise SourceError("--copy-artifacts needs an artifact root: set [mlflow] "
+                              "default_artifact_root in the agent's configuration")
+        try:
+            from mlflow.store.artifact.artifact_repository_registry import \
+                get_artifact_repository
+        except ImportError as e:
+            raise SourceError(f"--copy-artifacts copies through MLflow's artifact "
+                              f"repositories, and MLflow cannot be imported here ({e}): "
+                              "pip install mlflow into this Python") from None
+        if root.startswith("mlflow-artifacts:") and not urlparse(root).netloc:
+            if not server_url:
+                raise SourceError(f"the artifact root {root} names the MLflow server's "
+                                  "artifact proxy: set [artifacts] mlflow_server_url")
+            import mlflow
+            mlflow.set_tracking_uri(server_url)
+        self._repo = get_artifact_repository
+        self.root = root if root.endswith("/") else root + "/"
+        self.report = report
+
+    def experiment_location(self, experiment_id) -> str:
+        """An experiment's artifact_location, as the agent makes it."""
+        return f"{self.root}{experiment_id}"
+
+    @staticmethod
+    def run_uri(location: str, run_id: str) -> str:
+        return f"{location.rstrip('/')}/{run_id}/artifacts"
+
+    @staticmethod
+    def model_uri(location: str, model_id: str) -> str:
+        return f"{location.rstrip('/')}/models/{model_id}/artifacts"
+
+    def copy(self, source: Optional[str], dest: str, what: str,
+             fallback: Optional[Path] = None) -> None:
+        """Copies every file below source into dest; files already there are replaced, so a
+        copy interrupted and done again ends the same. A local source that does not exist is
+        looked for in fallback (where a moved file store keeps it); when neither exists
+        there is nothing to copy. Raises Refused naming both locations on any failure."""
+        local = _local_path(source)
+        if local is not None and not local.is_dir() and fallback is not None:
+            local = fallback
+        if local is not None and not local.is_dir():
+            self.report.add("artifact locations with nothing to copy")
+            return
+        if local is not None:
+            source = str(local)
+        try:
+            if local is not None:
+                self._upload(local, dest)
+                return
+            with tempfile.TemporaryDirectory(prefix="trackd-import-") as tmp:
+                got = Path(self._repo(source).download_artifacts("", dst_path=tmp))
+                self._upload(got, dest)
+        except Refused:
+            raise
+        except Exception as e:  # MLflow's repositories raise what their transport raises
+            raise Refused(f"{what}: its artifacts could not be copied from {source} to "
+                          f"{dest}: {type(e).__name__}: {str(e).strip()[:300]}") from None
+
+    def _upload(self, local: Path, dest: str) -> None:
+        files = size = 0
+        for d, _, names in os.walk(local):
+            for n in names:
+                files += 1
+                size += os.path.getsize(os.path.join(d, n))
+        if files:
+            self._repo(dest).log_artifacts(str(local))
+        self.report.add("artifact files copied", files)
+        self.report.add("artifact bytes copied", size)
+
+
+def rewrite(uri: Optional[str], moved: dict) -> Optional[str]:
+    """uri with the longest prefix found in moved (old location -> new) replaced; a prefix
+    matches whole path segments only."""
+    if not uri:
+        return uri
+    best = None
+    for old in moved:
+        if (uri == old or uri.startswith(old.rstrip("/") + "/")) and (
+                best is None or len(old) > len(best)):
+            best = old
+    if best is None:
+        return uri
+    return moved[best] + uri[len(best):]
