@@ -55,6 +55,9 @@ with mlflow.start_run(run_name="sweep") as parent:
     mlflow.log_metric("acc", 0.9, step=7, timestamp=1_700_000_000_500, model_id=model.model_id,
                       dataset=ds)
     mlflow.log_metric("acc", 0.95, step=8, timestamp=1_700_000_000_600, model_id=model.model_id)
+    with open("weights.txt", "w") as f:
+        f.write("0.5 0.25")
+    c.log_model_artifact(model.model_id, "weights.txt")
     mlflow.finalize_logged_model(model.model_id, "READY")
     c.log_outputs(rid, [LoggedModelOutput(model.model_id, 8)])
     c.log_inputs(rid, models=[LoggedModelInput(model.model_id)])

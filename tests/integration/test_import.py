@@ -259,19 +259,21 @@ def test_copy_artifacts_puts_them_under_the_agents_root(pg, db, tmp_path, stores
         assert tree(local(f"{exps[run['experiment']]}/{rid}/artifacts")) == files
         copied += len(files)
     assert got == want  # listings included: MLflow's client reads the copies
-    assert copied >= 1 and counted(r.stdout, "artifact files copied") == copied
-    assert counted(r.stdout, "artifact bytes copied") == len(b"hello")
-    # The logged model moved too, and the registry's versions name the copies.
+    # The logged model's files moved too.
     (eid,), = pg.query(db, "SELECT experiment_id FROM experiments WHERE name = 'vision'")
-    assert pg.query(db, "SELECT artifact_location FROM logged_models") == [
-        (f"{root}/{eid}/models/{ids['model']}/artifacts",)]
+    (model_at,), = pg.query(db, "SELECT artifact_location FROM logged_models")
+    assert model_at == f"{root}/{eid}/models/{ids['model']}/artifacts"
+    from mlflow import MlflowClient
+    old_model = MlflowClient(tracking_uri="file://" + source).get_logged_model(ids["model"])
+    assert tree(local(model_at)) == tree(local(old_model.artifact_location)) == {
+        "weights.txt": b"0.5 0.25"}
+    assert counted(r.stdout, "artifact files copied") == copied + 1
+    assert counted(r.stdout, "artifact bytes copied") == len(b"hello") + len(b"0.5 0.25")
+    # A version from runs:/ keeps it as its storage location (MLflow resolves it on reads).
     locations = pg.query(db, "SELECT source, storage_location FROM model_versions "
                          "ORDER BY version")
     assert [s for s, _ in locations] == [f"runs:/{ids['parent']}/model{n}" for n in ("", 2, 3)]
-    # A version from runs:/ keeps it as its storage location (MLflow resolves it on reads).
     assert [loc for _, loc in locations] == [s for s, _ in locations]
-    assert [v["versions"] for v in got["registry"].values()] == [
-        v["versions"] for v in want["registry"].values()]
     # Again: the same rows, nothing copied, nothing reported.
     before = dump(pg, db)
     again = trackd_import(pg, db, tmp_path, source, "--copy-artifacts", extra=extra)
@@ -279,15 +281,28 @@ def test_copy_artifacts_puts_them_under_the_agents_root(pg, db, tmp_path, stores
     assert dump(pg, db) == before
     assert counted(again.stdout, "runs already present") == 7
     assert counted(again.stdout, "artifact files copied") == 0
+    # A store imported before without the option: nothing can move, and the command says so.
+    db2 = pg.mlflow_db(db + "_plain")
+    assert trackd_import(pg, db2, tmp_path, source).returncode == 0
+    late = trackd_import(pg, db2, tmp_path, source, "--copy-artifacts", extra=extra)
+    assert late.returncode == 1
+    assert "experiment 'vision'" in late.stderr
+    assert "(an import without --copy-artifacts made it): its runs' files are not copied" in \
+        late.stderr
+    assert counted(late.stdout, "experiments whose runs' files stay where they are") == 2
+    assert counted(late.stdout, "artifact files copied") == 0
 
 
-def test_copy_artifacts_of_a_moved_store_and_an_unwritable_root(pg, db, tmp_path):
-    # A file store copied from another machine: its recorded URIs name paths that are gone.
-    made = make_store_small(tmp_path / "elsewhere")
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_copy_artifacts_of_a_moved_store_and_an_unwritable_root(pg, db, tmp_path, kind):
+    # A store copied from another machine: its recorded locations name paths that are gone;
+    # the files are where MLflow keeps them beside the store.
+    made = make_store_small(tmp_path / "elsewhere", kind)
     moved = tmp_path / "here"
     (tmp_path / "elsewhere").rename(moved)
+    source = moved / "mlruns" if kind == "file" else f"sqlite:///{moved}/mlflow.db"
     root = tmp_path / "root"
-    r = trackd_import(pg, db, tmp_path, moved / "mlruns", "--copy-artifacts", "--no-progress",
+    r = trackd_import(pg, db, tmp_path, source, "--copy-artifacts", "--no-progress",
                       extra=f'[mlflow]\ndefault_artifact_root = "file://{root}"\n')
     assert r.returncode == 0, r.stderr
     (uri,), = pg.query(db, "SELECT artifact_uri FROM runs WHERE run_uuid = %s", [made["run"]])
@@ -297,34 +312,39 @@ def test_copy_artifacts_of_a_moved_store_and_an_unwritable_root(pg, db, tmp_path
     assert pg.query(db, "SELECT source, storage_location FROM model_versions") == [
         (f"{uri}/ckpt", f"{uri}/ckpt")]
     # A root the import cannot write to (a file where a directory must be: so even for
-    # root): the run is refused with both locations named (the files it found in the store,
-    # where the recorded location is gone), nothing of it is written, and
-    # the same command once the root is fixed imports it.
+    # root): the run is refused with both locations named (the files it found beside the
+    # store), nothing of it is written, the registered model that names its files waits,
+    # and the same command once the root is fixed imports both.
     db2 = pg.mlflow_db(db + "_2")
     blocker = tmp_path / "blocker"
     blocker.write_text("not a directory")
     extra = f'[mlflow]\ndefault_artifact_root = "{blocker}/root"\n'
-    bad = trackd_import(pg, db2, tmp_path, moved / "mlruns", "--copy-artifacts",
-                        "--no-progress", extra=extra)
+    bad = trackd_import(pg, db2, tmp_path, source, "--copy-artifacts", "--no-progress",
+                        extra=extra)
     assert bad.returncode == 1
-    run_dir = f"mlruns/{made['experiment']}/{made['run']}"
-    assert (f"run {made['run']} ({moved}/{run_dir}): its artifacts could not be copied from "
-            f"{moved}/{run_dir}/artifacts to "
-            f"{blocker}/root/1/{made['run']}/artifacts: ") in bad.stderr
+    assert (f"its artifacts could not be copied from {moved}/mlruns/{made['experiment']}/"
+            f"{made['run']}/artifacts to {blocker}/root/1/{made['run']}/artifacts: ") in \
+        bad.stderr
+    assert "registered model 'weights'" in bad.stderr
     assert counted(bad.stdout, "runs refused") == 1
-    assert pg.query(db2, "SELECT count(*) FROM runs") == [(0,)]
+    assert counted(bad.stdout, "registered models refused") == 1
+    assert pg.query(db2, "SELECT (SELECT count(*) FROM runs), "
+                    "(SELECT count(*) FROM model_versions)") == [(0, 0)]
     blocker.unlink()
-    good = trackd_import(pg, db2, tmp_path, moved / "mlruns", "--copy-artifacts",
-                         "--no-progress", extra=extra)
+    good = trackd_import(pg, db2, tmp_path, source, "--copy-artifacts", "--no-progress",
+                         extra=extra)
     assert good.returncode == 0, good.stderr
     assert counted(good.stdout, "runs imported") == 1
-    assert tree(blocker / "root" / "1" / made["run"] / "artifacts") == {
-        "ckpt/weights.bin": bytes(range(256)) * 64}
+    copy = blocker / "root" / "1" / made["run"] / "artifacts"
+    assert tree(copy) == {"ckpt/weights.bin": bytes(range(256)) * 64}
+    assert pg.query(db2, "SELECT storage_location FROM model_versions") == [(f"{copy}/ckpt",)]
 
 
-def make_store_small(where: Path) -> dict:
-    """A file store with one run and one binary artifact in a subdirectory."""
+def make_store_small(where: Path, kind: str) -> dict:
+    """A file or SQLite store in where (its artifacts in where/mlruns) with one run, one
+    binary artifact in a subdirectory and a model version registered from it by path."""
     where.mkdir(parents=True)
+    uri = f"file://{where}/mlruns" if kind == "file" else f"sqlite:///{where}/mlflow.db"
     script = (
         "import mlflow, os, sys, json\n"
         "mlflow.set_tracking_uri(sys.argv[1])\n"
@@ -338,8 +358,8 @@ def make_store_small(where: Path) -> dict:
         "c.create_registered_model('weights')\n"
         "c.create_model_version('weights', r.info.artifact_uri + '/ckpt', r.info.run_id)\n"
         "print(json.dumps({'run': r.info.run_id, 'experiment': e}))\n")
-    out = subprocess.run([sys.executable, "-c", script, f"file://{where}/mlruns"], cwd=where,
-                         check=True, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", script, uri], cwd=where, check=True,
+                         capture_output=True, text=True,
                          env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -400,6 +420,15 @@ def test_an_experiment_deleted_in_the_target_is_named(pg, db, tmp_path, stores):
 def test_usage_errors_say_what_to_do(pg, db, tmp_path, stores):
     r = trackd_import(pg, db, tmp_path, stores["file"][0], "--jobs", "0")
     assert r.returncode == 2 and "--jobs: must be at least 1, not 0" in r.stderr
+    r = trackd_import(pg, db, tmp_path, stores["file"][0], "--artifact-root", tmp_path)
+    assert r.returncode == 2
+    assert "--artifact-root is where --copy-artifacts copies to: give both" in r.stderr
+    # mlflow-artifacts: needs the server that stores them, before anything is read.
+    r = trackd_import(pg, db, tmp_path, stores["file"][0], "--copy-artifacts",
+                      extra='[mlflow]\ndefault_artifact_root = "mlflow-artifacts:/"\n')
+    assert r.returncode == 1
+    assert ("the artifact root mlflow-artifacts:/ names an MLflow server's artifact proxy: set "
+            "[artifacts] mlflow_server_url to that server's URL") in r.stderr
     # MLflow >= 3.7 logs into ./mlflow.db and keeps only artifacts in ./mlruns.
     artifacts_only = stores["base"] / "sq" / "mlruns"
     r = trackd_import(pg, db, tmp_path, artifacts_only)

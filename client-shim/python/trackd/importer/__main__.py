@@ -65,13 +65,17 @@ def parse_args(argv):
                    help="copy runs' and logged models' artifacts into the artifact root, "
                    "where the agent would put them, and point the rows there")
     p.add_argument("--artifact-root", metavar="URI",
-                   default=os.environ.get("TRACKD_IMPORT_ARTIFACT_ROOT"),
                    help="the root --copy-artifacts copies into (default: the agent's [mlflow] "
                    "default_artifact_root)")
     p.add_argument("--jobs", type=_positive, default=2, metavar="N",
                    help="writer connections that COPY batches of runs at once (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.artifact_root is not None and not args.copy_artifacts:
+        p.error("--artifact-root is where --copy-artifacts copies to: give both")
+    if args.artifact_root is None:
+        args.artifact_root = os.environ.get("TRACKD_IMPORT_ARTIFACT_ROOT")
+    return args
 
 
 def main(argv=None) -> int:

@@ -48,13 +48,11 @@ class ArtifactCopier:
             raise SourceError(f"--copy-artifacts copies through MLflow's artifact "
                               f"repositories, and MLflow cannot be imported here ({e}): "
                               "pip install mlflow into this Python") from None
-        if root.startswith("mlflow-artifacts:") and not urlparse(root).netloc:
-            if not server_url:
-                raise SourceError(f"the artifact root {root} names the MLflow server's "
-                                  "artifact proxy: set [artifacts] mlflow_server_url")
-            import mlflow
-            mlflow.set_tracking_uri(server_url)
+        if root.startswith("mlflow-artifacts:") and not server_url:
+            raise SourceError(f"the artifact root {root} names an MLflow server's artifact "
+                              "proxy: set [artifacts] mlflow_server_url to that server's URL")
         self._repo = get_artifact_repository
+        self.server_url = server_url
         self.root = root if root.endswith("/") else root + "/"
         self.report = report
 
@@ -71,28 +69,39 @@ class ArtifactCopier:
         return f"{location.rstrip('/')}/models/{model_id}/artifacts"
 
     def copy(self, source: Optional[str], dest: str, what: str,
-             fallback: Optional[Path] = None) -> None:
+             fallback: Optional[str] = None) -> bool:
         """Copies every file below source into dest; files already there are replaced, so a
         copy interrupted and done again ends the same. A local source that does not exist is
-        looked for in fallback (where a moved file store keeps it); when neither exists
-        there is nothing to copy. Raises Refused naming both locations on any failure."""
+        looked for in fallback (the entity's directory in a store moved from another
+        machine); when neither exists there is nothing to copy. False (and a warning) when
+        the files must stay where they are: source is on an MLflow server's artifact proxy
+        that its URI does not name. Raises Refused naming both locations on any failure."""
+        if not source:
+            return True
+        u = urlparse(source)
+        if u.scheme == "mlflow-artifacts" and not u.netloc:
+            self.report.add("artifact locations left on the source's MLflow server")
+            self.report.warn(f"{what}: its artifacts are at {source}, on the MLflow server the "
+                             "source logged through, which the URI does not name: left there "
+                             "(copy them with that server's help, e.g. `mlflow artifacts "
+                             "download`)", "artifacts left")
+            return False
         local = _local_path(source)
-        if local is not None and not local.is_dir() and fallback is not None:
-            local = fallback
+        if local is not None and not local.is_dir() and fallback:
+            local = Path(fallback)
         if local is not None and not local.is_dir():
             self.report.add("artifact locations with nothing to copy")
-            return
+            return True
         if local is not None:
             source = str(local)
         try:
             if local is not None:
                 self._upload(local, dest)
-                return
+                return True
             with tempfile.TemporaryDirectory(prefix="trackd-import-") as tmp:
                 got = Path(self._repo(source).download_artifacts("", dst_path=tmp))
                 self._upload(got, dest)
-        except Refused:
-            raise
+            return True
         except Exception as e:  # MLflow's repositories raise what their transport raises
             raise Refused(f"{what}: its artifacts could not be copied from {source} to "
                           f"{dest}: {type(e).__name__}: {str(e).strip()[:300]}") from None
@@ -104,21 +113,27 @@ class ArtifactCopier:
                 files += 1
                 size += os.path.getsize(os.path.join(d, n))
         if files:
-            self._repo(dest).log_artifacts(str(local))
+            repo = (self._repo(dest, tracking_uri=self.server_url) if self.server_url
+                    else self._repo(dest))
+            repo.log_artifacts(str(local))
         self.report.add("artifact files copied", files)
         self.report.add("artifact bytes copied", size)
 
 
-def rewrite(uri: Optional[str], moved: dict) -> Optional[str]:
-    """uri with the longest prefix found in moved (old location -> new) replaced; a prefix
-    matches whole path segments only."""
-    if not uri:
-        return uri
+def under(uri: Optional[str], locations) -> Optional[str]:
+    """The longest of locations that uri is, or is below (whole path segments); None."""
     best = None
-    for old in moved:
-        if (uri == old or uri.startswith(old.rstrip("/") + "/")) and (
-                best is None or len(old) > len(best)):
-            best = old
-    if best is None:
+    for loc in locations if uri else ():
+        base = loc.rstrip("/")
+        if (uri == loc or uri == base or uri.startswith(base + "/")) and (
+                best is None or len(loc) > len(best)):
+            best = loc
+    return best
+
+
+def rewrite(uri: Optional[str], moved: dict) -> Optional[str]:
+    """uri with the longest prefix found in moved (old location -> new) replaced."""
+    old = under(uri, moved)
+    if old is None:
         return uri
-    return moved[best] + uri[len(best):]
+    return moved[old].rstrip("/") + uri[len(old.rstrip("/")):]

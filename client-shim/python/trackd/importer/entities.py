@@ -31,7 +31,7 @@ def sanitize(value: float) -> tuple[float, bool]:
     return value, False
 
 
-def dedupe(points: Iterable[tuple]) -> tuple[list[Point], Optional[Point], int]:
+def dedupe(points: Iterable[tuple]) -> tuple[list[tuple], Optional[tuple], int]:
     """(distinct points in first-seen order, the latest point, duplicates dropped), for
     points (timestamp ms, step, stored value, is_nan) as both readers give them.
 
@@ -118,6 +118,9 @@ class Run:
     latest: Optional[dict] = None
     where: str = ""
     size_hint: int = 0  # about how many metric points, to size transactions
+    #: where the source keeps the run's files when its recorded artifact_uri is gone (a store
+    #: copied from another machine): its directory in the store
+    artifact_fallback: Optional[str] = None
 
 
 @dataclass
@@ -139,6 +142,7 @@ class LoggedModel:
     #: dataset_digest), in log order
     metrics: Callable[[], Iterator[tuple]] = lambda: iter(())
     where: str = ""
+    artifact_fallback: Optional[str] = None  # as Run's
 
 
 @dataclass

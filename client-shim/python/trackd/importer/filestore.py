@@ -273,7 +273,8 @@ class FileStoreReader:
             start_time=_int(meta.get("start_time")), end_time=_int(meta.get("end_time")),
             deleted_time=deleted_time, source_version=str(meta.get("source_version") or ""),
             lifecycle_stage=stage, artifact_uri=meta.get("artifact_uri"),
-            params=_key_files(r / "params"), tags=tags, where=str(r))
+            params=_key_files(r / "params"), tags=tags, where=str(r),
+            artifact_fallback=str(r / "artifacts"))
         for key, path in _files(r / "metrics").items():
             run.metrics[key] = (lambda path=path, key=key: self._run_points(run, key, path))
             run.size_hint += path.stat().st_size // 24  # "1700000000000 0.25 12\n"
@@ -357,7 +358,7 @@ class FileStoreReader:
                 status=status, lifecycle_stage=meta.get("lifecycle_stage") or "active",
                 model_type=meta.get("model_type"), source_run_id=meta.get("source_run_id"),
                 status_message=meta.get("status_message"), params=_key_files(d / "params"),
-                tags=_key_files(d / "tags"), where=str(d))
+                tags=_key_files(d / "tags"), where=str(d), artifact_fallback=str(d / "artifacts"))
             files = _files(d / "metrics")
             model.metrics = lambda files=files: self._model_points(files)
             yield model

@@ -66,6 +66,11 @@ class SqliteReader:
             raise SourceError(f"{source}: not an MLflow SQLite store ({e})") from None
         return cls(p, db, report)
 
+    def _beside(self, *parts) -> str:
+        """A path under the database's directory: where MLflow's default artifact root
+        (./mlruns beside mlflow.db) keeps files when the store moved with it."""
+        return str(Path(self.path).resolve().parent.joinpath(*map(str, parts)))
+
     def describe(self) -> str:
         return f"MLflow SQLite store {self.path}"
 
@@ -142,6 +147,7 @@ class SqliteReader:
                 self.report.refuse("runs", f"run {rid} ({where}): {err}")
                 continue
             run = Run(run_uuid=rid, experiment=e.source_id, where=where,
+                      artifact_fallback=self._beside("mlruns", e.source_id, rid, "artifacts"),
                       **{c: r[c] for c in cols[1:]})
             run.source_name = run.source_name or ""
             run.entry_point_name = run.entry_point_name or ""
@@ -213,7 +219,9 @@ class SqliteReader:
                                    "WHERE experiment_id = ? ORDER BY model_id",
                                    [int(e.source_id)]).fetchall():
             m = LoggedModel(experiment=e.source_id, **dict(zip(cols, row)),
-                            where=f"{self.path}, logged_models.model_id {row[0]}")
+                            where=f"{self.path}, logged_models.model_id {row[0]}",
+                            artifact_fallback=self._beside("mlruns", e.source_id, "models",
+                                                           row[0], "artifacts"))
             m.lifecycle_stage = m.lifecycle_stage or "active"
             m.params = dict(self.db.execute(
                 "SELECT param_key, param_value FROM logged_model_params WHERE model_id = ?",

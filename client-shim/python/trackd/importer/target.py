@@ -9,12 +9,11 @@ interruption finishes it without duplicates.
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Iterator, Optional
 
 import psycopg
 
-from .artifacts import ArtifactCopier, rewrite
+from .artifacts import ArtifactCopier, rewrite, under
 from .entities import INT4_MAX, Experiment, Refused, Report, Run, dedupe
 
 _ESC = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -54,6 +53,7 @@ class Target:
         self.copier = copier
         self.exp_location: dict = {}  # source experiment id -> target artifact_location
         self.moved: dict = {}         # source artifact location -> its copy's (for references)
+        self.uncopied: dict = {}      # source artifact location -> what could not be copied
         self.columns: dict = {}  # table -> {column: character_maximum_length or None}
         for table, col, n in conn.execute(
                 "SELECT table_name, column_name, character_maximum_length"
@@ -154,6 +154,15 @@ class Target:
             if e.name in by_name:
                 eid = by_name[e.name]
                 self.report.add("experiments merged into an existing one")
+                if (self.copier is not None and e.artifact_location
+                        and location.get(eid) == e.artifact_location):
+                    self.report.problems += 1
+                    self.report.add("experiments whose runs' files stay where they are")
+                    self.report.warn(
+                        f"{what}: the target's experiment of that name (id {eid}) keeps its "
+                        f"artifacts where the source has them, {e.artifact_location} (an "
+                        "import without --copy-artifacts made it): its runs' files are not "
+                        "copied", "artifacts not copied")
                 if e.lifecycle_stage == "active" and eid in deleted:
                     self.report.problems += 1
                     self.report.add("experiments merged into a deleted one")
@@ -296,16 +305,20 @@ class Target:
         ready = []
         skipped = 0
         for run in runs:
-            old = self._relocate_run(run)
+            old = run.artifact_uri
+            if self.copier is not None:
+                run.artifact_uri = self.copier.run_uri(self._location(run.experiment),
+                                                       run.run_uuid)
             if run.run_uuid in existing:
-                self._compare_run(run)
+                self._compare_run(run, old)
                 skipped += 1
                 continue
+            what = f"run {run.run_uuid} ({run.where})"
             try:
                 rows = self._run_rows(run)
-                if old is not None:
-                    self.copier.copy(old, run.artifact_uri, f"run {run.run_uuid} ({run.where})",
-                                     fallback=Path(run.where) / "artifacts")
+                if self._copy(old, run.artifact_uri, what, run.artifact_fallback) is False:
+                    run.artifact_uri = old  # left where it is
+                    rows = self._run_rows(run)
                 ready.append((run, rows))
             except Refused as err:
                 self.report.refuse("runs", str(err))
@@ -335,18 +348,23 @@ class Target:
         loc = self.exp_location.get(source_experiment)
         return loc or self.copier.experiment_location(self.exp_map[source_experiment])
 
-    def _relocate_run(self, run: Run) -> Optional[str]:
-        """With --copy-artifacts, points run at its new artifact location (recorded in
-        moved, for the registry's references) and gives the old one when there is something
-        to copy (never in a dry run); else None."""
-        if self.copier is None:
+    def _copy(self, old: Optional[str], new: str, what: str,
+              fallback: Optional[str]) -> Optional[bool]:
+        """With --copy-artifacts, copies an entity's files from old to new before its rows
+        are written (not in a dry run) and records the move for the registry's references.
+        None without the option or when old is new; False when the files stay at old.
+        Raises Refused when they cannot be copied: the registry's references to them wait."""
+        if self.copier is None or not old or old == new:
             return None
-        old = run.artifact_uri
-        run.artifact_uri = self.copier.run_uri(self._location(run.experiment), run.run_uuid)
-        if not old or old == run.artifact_uri:
-            return None
-        self.moved[old] = run.artifact_uri
-        return None if self.dry_run else old
+        if not self.dry_run:
+            try:
+                if not self.copier.copy(old, new, what, fallback):
+                    return False
+            except Refused:
+                self.uncopied[old] = what
+                raise
+        self.moved[old] = new
+        return True
 
     def _metric_text(self, runs: list, batch: "Batch", latest_rows: list) -> Iterator[str]:
         """COPY text of every metric point of runs, one key at a time; fills latest_rows and
@@ -375,9 +393,11 @@ class Target:
                 batch.write(cur)
         self.conn.commit()
 
-    def _compare_run(self, run: Run) -> None:
+    def _compare_run(self, run: Run, recorded: Optional[str]) -> None:
         """A run already in the target: identical (an earlier import of the same source) is
-        skipped quietly; anything else is reported and left as it is."""
+        skipped quietly; anything else is reported and left as it is. recorded: the
+        source's artifact_uri (run's may be the copy's); references to it follow the
+        target's row."""
         self.runs_present.add(run.run_uuid)
         try:
             rows = self._run_rows(run, quiet=True)
@@ -389,6 +409,9 @@ class Target:
         have = self.conn.execute(f"SELECT {', '.join(cols)} FROM runs WHERE run_uuid = %s",
                                  [run.run_uuid]).fetchone()
         differs = [c for c, h in zip(cols, have) if want[c] != h]
+        stored = have[cols.index("artifact_uri")]
+        if recorded and stored and recorded != stored:
+            self.moved[recorded] = stored
         for table in ("params", "tags"):
             got = dict(self.conn.execute(f"SELECT key, value FROM {table} WHERE run_uuid = %s",
                                          [run.run_uuid]).fetchall())
@@ -424,16 +447,17 @@ class Target:
     def logged_model(self, m) -> None:
         what = f"logged model {m.model_id} ({m.where})"
         eid = self.exp_map[m.experiment]
-        old = None
+        old = m.artifact_location
         if self.copier is not None:
-            old = m.artifact_location
             m.artifact_location = self.copier.model_uri(self._location(m.experiment),
                                                         m.model_id)
-            if old:
-                self.moved[old] = m.artifact_location
-        if self.conn.execute("SELECT 1 FROM logged_models WHERE model_id = %s",
-                             [m.model_id]).fetchone() if self.has("logged_models") else False:
+        have = self.conn.execute("SELECT artifact_location FROM logged_models WHERE model_id "
+                                 "= %s", [m.model_id]).fetchone() \
+            if self.has("logged_models") else None
+        if have is not None:
             self.conn.commit()
+            if old and have[0] and old != have[0]:
+                self.moved[old] = have[0]
             self.report.add("logged models already present")
             return
         try:
@@ -463,9 +487,8 @@ class Target:
                     "metric_step": step, "metric_value": value, "experiment_id": eid,
                     "run_id": run_id, "dataset_uuid": ds_uuid, "dataset_name": ds_name,
                     "dataset_digest": digest}, what))
-            if old and old != m.artifact_location and not self.dry_run:
-                self.copier.copy(old, m.artifact_location, what,
-                                 fallback=Path(m.where) / "artifacts")
+            if self._copy(old, m.artifact_location, what, m.artifact_fallback) is False:
+                m.artifact_location = row["artifact_location"] = old
         except Refused as err:
             self.report.refuse("logged models", str(err))
             return
@@ -491,6 +514,12 @@ class Target:
             for v in rm.versions:
                 if not 0 < v.version <= INT4_MAX:
                     raise Refused(f"{what}: version {v.version} does not fit PostgreSQL's integer")
+                for uri in (v.source, v.storage_location):
+                    waits = under(uri, self.uncopied)
+                    if waits is not None:
+                        raise Refused(f"{what}: version {v.version} names {uri}, the files of "
+                                      f"{self.uncopied[waits]}, which could not be copied; "
+                                      "the same command imports it once they are")
                 versions.append(self.fit("model_versions", {
                     "name": rm.name, "version": v.version, "creation_time": v.creation_time,
                     "last_updated_time": v.last_updated_time, "description": v.description,
