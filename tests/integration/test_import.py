@@ -240,6 +240,10 @@ def test_copy_artifacts_puts_them_under_the_agents_root(pg, db, tmp_path, stores
     root = tmp_path / "artifact-root"
     extra = f'[mlflow]\ndefault_artifact_root = "{root}"\n'
     want = snapshot("file://" + source, skip_history={"acc"})
+    dry = trackd_import(pg, db, tmp_path, source, "--copy-artifacts", "--dry-run", extra=extra)
+    assert dry.returncode == 0, dry.stderr
+    assert counted(dry.stdout, "runs imported") == 7
+    assert not root.exists() and pg.query(db, "SELECT count(*) FROM runs") == [(0,)]
     r = trackd_import(pg, db, tmp_path, source, "--copy-artifacts", "--no-progress",
                       extra=extra)
     assert r.returncode == 0, r.stderr
@@ -294,7 +298,7 @@ def test_copy_artifacts_puts_them_under_the_agents_root(pg, db, tmp_path, stores
 
 
 @pytest.mark.parametrize("kind", ["file", "sqlite"])
-def test_copy_artifacts_of_a_moved_store_and_an_unwritable_root(pg, db, tmp_path, kind):
+def test_copy_artifacts_of_a_moved_store_and_failed_copies(pg, db, tmp_path, kind):
     # A store copied from another machine: its recorded locations name paths that are gone;
     # the files are where MLflow keeps them beside the store.
     made = make_store_small(tmp_path / "elsewhere", kind)
@@ -302,8 +306,9 @@ def test_copy_artifacts_of_a_moved_store_and_an_unwritable_root(pg, db, tmp_path
     (tmp_path / "elsewhere").rename(moved)
     source = moved / "mlruns" if kind == "file" else f"sqlite:///{moved}/mlflow.db"
     root = tmp_path / "root"
+    extra = f'[mlflow]\ndefault_artifact_root = "file://{root}"\n'
     r = trackd_import(pg, db, tmp_path, source, "--copy-artifacts", "--no-progress",
-                      extra=f'[mlflow]\ndefault_artifact_root = "file://{root}"\n')
+                      extra=extra)
     assert r.returncode == 0, r.stderr
     (uri,), = pg.query(db, "SELECT artifact_uri FROM runs WHERE run_uuid = %s", [made["run"]])
     assert uri == f"file://{root}/1/{made['run']}/artifacts"
@@ -311,38 +316,60 @@ def test_copy_artifacts_of_a_moved_store_and_an_unwritable_root(pg, db, tmp_path
     # A model version registered from the run's files by path names the copy.
     assert pg.query(db, "SELECT source, storage_location FROM model_versions") == [
         (f"{uri}/ckpt", f"{uri}/ckpt")]
-    # A root the import cannot write to (a file where a directory must be: so even for
-    # root): the run is refused with both locations named (the files it found beside the
-    # store), nothing of it is written, the registered model that names its files waits,
-    # and the same command once the root is fixed imports both.
+    # A run whose recorded location, outside the store, is not here (a share not mounted)
+    # keeps it, named and counted.
+    (kept,), = pg.query(db, "SELECT artifact_uri FROM runs WHERE run_uuid = %s",
+                        [made["empty"]])
+    assert kept == made["empty_uri"] and "/elsewhere/" in kept
+    assert f"nothing at its recorded location {kept}" in r.stderr
+    assert counted(r.stdout, "artifact locations not found here, kept as recorded") == 1
+    again = trackd_import(pg, db, tmp_path, source, "--copy-artifacts", extra=extra)
+    assert again.returncode == 0, again.stderr
+    assert counted(again.stdout, "runs already present") == 2
+
+    # One run's copy fails (a file where its directory must go: so even for root): that run
+    # is refused with both locations named (the files found beside the store), nothing of it
+    # is written, the registered model that names its files waits, and the same command once
+    # the cause is gone imports both.
     db2 = pg.mlflow_db(db + "_2")
-    blocker = tmp_path / "blocker"
-    blocker.write_text("not a directory")
-    extra = f'[mlflow]\ndefault_artifact_root = "{blocker}/root"\n'
+    root2 = tmp_path / "root2"
+    (root2 / "1").mkdir(parents=True)
+    (root2 / "1" / made["run"]).write_text("in the way")
+    extra2 = f'[mlflow]\ndefault_artifact_root = "{root2}"\n'
     bad = trackd_import(pg, db2, tmp_path, source, "--copy-artifacts", "--no-progress",
-                        extra=extra)
+                        extra=extra2)
     assert bad.returncode == 1
     assert (f"its artifacts could not be copied from {moved}/mlruns/{made['experiment']}/"
-            f"{made['run']}/artifacts to {blocker}/root/1/{made['run']}/artifacts: ") in \
-        bad.stderr
+            f"{made['run']}/artifacts to {root2}/1/{made['run']}/artifacts: ") in bad.stderr
     assert "registered model 'weights'" in bad.stderr
     assert counted(bad.stdout, "runs refused") == 1
     assert counted(bad.stdout, "registered models refused") == 1
-    assert pg.query(db2, "SELECT (SELECT count(*) FROM runs), "
-                    "(SELECT count(*) FROM model_versions)") == [(0, 0)]
-    blocker.unlink()
+    assert pg.query(db2, "SELECT (SELECT count(*) FROM runs WHERE run_uuid = %s), "
+                    "(SELECT count(*) FROM model_versions)", [made["run"]]) == [(0, 0)]
+    (root2 / "1" / made["run"]).unlink()
     good = trackd_import(pg, db2, tmp_path, source, "--copy-artifacts", "--no-progress",
-                         extra=extra)
+                         extra=extra2)
     assert good.returncode == 0, good.stderr
     assert counted(good.stdout, "runs imported") == 1
-    copy = blocker / "root" / "1" / made["run"] / "artifacts"
+    copy = root2 / "1" / made["run"] / "artifacts"
     assert tree(copy) == {"ckpt/weights.bin": bytes(range(256)) * 64}
     assert pg.query(db2, "SELECT storage_location FROM model_versions") == [(f"{copy}/ckpt",)]
 
+    # A root that cannot be written is refused before anything is written.
+    db3 = pg.mlflow_db(db + "_3")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    no = trackd_import(pg, db3, tmp_path, source, "--copy-artifacts",
+                       extra=f'[mlflow]\ndefault_artifact_root = "{blocker}/root"\n')
+    assert no.returncode == 1
+    assert f"cannot write to the artifact root {blocker}/root: Not a directory" in no.stderr
+    assert pg.query(db3, "SELECT count(*) FROM experiments") == [(1,)]
+
 
 def make_store_small(where: Path, kind: str) -> dict:
-    """A file or SQLite store in where (its artifacts in where/mlruns) with one run, one
-    binary artifact in a subdirectory and a model version registered from it by path."""
+    """A file or SQLite store in where (its artifacts in where/mlruns) with a run that has
+    one binary artifact in a subdirectory and a model version registered from it by path,
+    and a run without files in an experiment whose location is outside the store."""
     where.mkdir(parents=True)
     uri = f"file://{where}/mlruns" if kind == "file" else f"sqlite:///{where}/mlflow.db"
     script = (
@@ -354,11 +381,16 @@ def make_store_small(where: Path, kind: str) -> dict:
         "    os.makedirs('w', exist_ok=True)\n"
         "    open('w/weights.bin', 'wb').write(bytes(range(256)) * 64)\n"
         "    mlflow.log_artifact('w/weights.bin', 'ckpt')\n"
+        "share = mlflow.create_experiment('shared', artifact_location=sys.argv[2])\n"
+        "with mlflow.start_run(experiment_id=share) as empty:\n"
+        "    mlflow.log_metric('m', 2.0)\n"
         "c = mlflow.MlflowClient(registry_uri=sys.argv[1])\n"
         "c.create_registered_model('weights')\n"
         "c.create_model_version('weights', r.info.artifact_uri + '/ckpt', r.info.run_id)\n"
-        "print(json.dumps({'run': r.info.run_id, 'experiment': e}))\n")
-    out = subprocess.run([sys.executable, "-c", script, uri], cwd=where, check=True,
+        "print(json.dumps({'run': r.info.run_id, 'experiment': e, 'empty': empty.info.run_id,"
+        " 'empty_uri': empty.info.artifact_uri}))\n")
+    share = f"file://{where}/share/projects"  # its runs' files: elsewhere, on a share
+    out = subprocess.run([sys.executable, "-c", script, uri, share], cwd=where, check=True,
                          capture_output=True, text=True,
                          env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})
     return json.loads(out.stdout.strip().splitlines()[-1])

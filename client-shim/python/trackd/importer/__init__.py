@@ -62,6 +62,14 @@ def import_store(reader, dsn: str, report: Report, *,
 def _import(reader, conn, dsn, report, experiments, dry_run, jobs, copier, progress,
             say) -> None:
     target = Target(conn, report, dry_run=dry_run, copier=copier)
+    if copier is not None:
+        top = copier.experiment_location(2**31 - 1)
+        copier.probe([
+            (copier.run_uri(top, "0" * 32), "runs.artifact_uri",
+             target.columns["runs"]["artifact_uri"]),
+            (copier.model_uri(top, "m-" + "0" * 32), "logged_models.artifact_location",
+             target.columns.get("logged_models", {}).get("artifact_location"))],
+            create=not dry_run)
     theirs, ours = reader.revision(), target.revision()
     if theirs is not None and theirs != ours:
         raise SourceError(

@@ -317,10 +317,13 @@ class Target:
             try:
                 rows = self._run_rows(run)
                 if self._copy(old, run.artifact_uri, what, run.artifact_fallback) is False:
-                    run.artifact_uri = old  # left where it is
-                    rows = self._run_rows(run)
+                    run.artifact_uri = old  # kept as recorded
+                    rows["runs"][0]["artifact_uri"] = self.fit(
+                        "runs", {"artifact_uri": old}, what)["artifact_uri"]
                 ready.append((run, rows))
             except Refused as err:
+                if self.copier is not None and old and old not in self.moved:
+                    self.uncopied.setdefault(old, what)
                 self.report.refuse("runs", str(err))
                 skipped += 1
         batch = Batch(skipped)
@@ -356,13 +359,12 @@ class Target:
         Raises Refused when they cannot be copied: the registry's references to them wait."""
         if self.copier is None or not old or old == new:
             return None
-        if not self.dry_run:
-            try:
-                if not self.copier.copy(old, new, what, fallback):
-                    return False
-            except Refused:
-                self.uncopied[old] = what
-                raise
+        try:
+            if not self.copier.copy(old, new, what, fallback, write=not self.dry_run):
+                return False
+        except Refused:
+            self.uncopied[old] = what
+            raise
         self.moved[old] = new
         return True
 
@@ -412,6 +414,21 @@ class Target:
         stored = have[cols.index("artifact_uri")]
         if recorded and stored and recorded != stored:
             self.moved[recorded] = stored
+        kept = self.copier is not None and stored == recorded != want["artifact_uri"]
+        if kept:
+            # Imported before with its location as recorded: by an import without
+            # --copy-artifacts, or because its files were not here to copy.
+            differs.remove("artifact_uri")
+            try:
+                here = self.copier.locate(recorded, run.artifact_fallback)
+            except (OSError, ValueError):
+                here = None
+            if here is not None:
+                self.report.problems += 1
+                self.report.add("runs already present, their files not copied")
+                self.report.warn(f"run {run.run_uuid} ({run.where}) is already in the target "
+                                 f"with its artifacts at {recorded}, as an import without "
+                                 "--copy-artifacts left it: not copied", "run not copied")
         for table in ("params", "tags"):
             got = dict(self.conn.execute(f"SELECT key, value FROM {table} WHERE run_uuid = %s",
                                          [run.run_uuid]).fetchall())
@@ -488,8 +505,11 @@ class Target:
                     "run_id": run_id, "dataset_uuid": ds_uuid, "dataset_name": ds_name,
                     "dataset_digest": digest}, what))
             if self._copy(old, m.artifact_location, what, m.artifact_fallback) is False:
-                m.artifact_location = row["artifact_location"] = old
+                m.artifact_location = row["artifact_location"] = self.fit(
+                    "logged_models", {"artifact_location": old}, what)["artifact_location"]
         except Refused as err:
+            if self.copier is not None and old and old not in self.moved:
+                self.uncopied.setdefault(old, what)
             self.report.refuse("logged models", str(err))
             return
         self._commit([("logged_models", [row]), ("logged_model_params", params),
