@@ -310,8 +310,10 @@ def test_copy_artifacts_of_a_moved_store_and_failed_copies(pg, db, tmp_path, kin
     r = trackd_import(pg, db, tmp_path, source, "--copy-artifacts", "--no-progress",
                       extra=extra)
     assert r.returncode == 0, r.stderr
-    (uri,), = pg.query(db, "SELECT artifact_uri FROM runs WHERE run_uuid = %s", [made["run"]])
-    assert uri == f"file://{root}/1/{made['run']}/artifacts"
+    # A file store's 18-digit ids are re-assigned in the order they are read: ask.
+    (uri, eid), = pg.query(db, "SELECT artifact_uri, experiment_id FROM runs WHERE "
+                           "run_uuid = %s", [made["run"]])
+    assert uri == f"file://{root}/{eid}/{made['run']}/artifacts"
     assert tree(local(uri)) == {"ckpt/weights.bin": bytes(range(256)) * 64}
     # A model version registered from the run's files by path names the copy.
     assert pg.query(db, "SELECT source, storage_location FROM model_versions") == [
@@ -333,25 +335,28 @@ def test_copy_artifacts_of_a_moved_store_and_failed_copies(pg, db, tmp_path, kin
     # the cause is gone imports both.
     db2 = pg.mlflow_db(db + "_2")
     root2 = tmp_path / "root2"
-    (root2 / "1").mkdir(parents=True)
-    (root2 / "1" / made["run"]).write_text("in the way")
+    for n in (1, 2):  # the experiment's id to come
+        (root2 / str(n)).mkdir(parents=True)
+        (root2 / str(n) / made["run"]).write_text("in the way")
     extra2 = f'[mlflow]\ndefault_artifact_root = "{root2}"\n'
     bad = trackd_import(pg, db2, tmp_path, source, "--copy-artifacts", "--no-progress",
                         extra=extra2)
     assert bad.returncode == 1
+    (eid,), = pg.query(db2, "SELECT experiment_id FROM experiments WHERE name = 'moved'")
     assert (f"its artifacts could not be copied from {moved}/mlruns/{made['experiment']}/"
-            f"{made['run']}/artifacts to {root2}/1/{made['run']}/artifacts: ") in bad.stderr
+            f"{made['run']}/artifacts to {root2}/{eid}/{made['run']}/artifacts: ") in bad.stderr
     assert "registered model 'weights'" in bad.stderr
     assert counted(bad.stdout, "runs refused") == 1
     assert counted(bad.stdout, "registered models refused") == 1
     assert pg.query(db2, "SELECT (SELECT count(*) FROM runs WHERE run_uuid = %s), "
                     "(SELECT count(*) FROM model_versions)", [made["run"]]) == [(0, 0)]
-    (root2 / "1" / made["run"]).unlink()
+    for n in (1, 2):
+        (root2 / str(n) / made["run"]).unlink()
     good = trackd_import(pg, db2, tmp_path, source, "--copy-artifacts", "--no-progress",
                          extra=extra2)
     assert good.returncode == 0, good.stderr
     assert counted(good.stdout, "runs imported") == 1
-    copy = root2 / "1" / made["run"] / "artifacts"
+    copy = root2 / str(eid) / made["run"] / "artifacts"
     assert tree(copy) == {"ckpt/weights.bin": bytes(range(256)) * 64}
     assert pg.query(db2, "SELECT storage_location FROM model_versions") == [(f"{copy}/ckpt",)]
 
